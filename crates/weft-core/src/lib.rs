@@ -1,0 +1,24 @@
+//! weft's domain, free of IO and of any ML framework.
+//!
+//! Data flows through these types in one direction:
+//! a [`ModelState`] (the shared base) → a node trains it and sends a [`Contribution`] carrying a
+//! [`Delta`] → the coordinator checks it ([`contribution::check`]), measures its [`quality`],
+//! lets the [`Policy`] decide the weights, and folds the accepted deltas into the next base with
+//! the [`aggregate`] kernels and an [`OuterOptimizer`].
+
+pub mod aggregate;
+pub mod contribution;
+pub mod delta;
+pub mod hash;
+pub mod policy;
+pub mod quality;
+pub mod state;
+pub mod tensor;
+
+pub use aggregate::{OuterOptimizer, OuterState};
+pub use contribution::{Contribution, NodeId, Rejection};
+pub use delta::Delta;
+pub use hash::ContentHash;
+pub use policy::{Decision, Policy, PolicyError, Weighting};
+pub use state::{ModelState, StateError};
+pub use tensor::Tensor;
