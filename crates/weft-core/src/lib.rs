@@ -20,5 +20,5 @@ pub use contribution::{Contribution, NodeId, Rejection};
 pub use delta::Delta;
 pub use hash::ContentHash;
 pub use policy::{Decision, Policy, PolicyError, Weighting};
-pub use state::{ModelState, StateError};
+pub use state::{CanonicalHasher, ModelState, StateError};
 pub use tensor::Tensor;

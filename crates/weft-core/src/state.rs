@@ -89,31 +89,14 @@ impl ModelState {
         ModelState { tensors }
     }
 
-    /// BLAKE3 over the canonical form: for each tensor in sorted-name order, the name, the dtype,
-    /// the shape and the little-endian bytes, each length-prefixed so no two states collide by
-    /// re-splitting the same bytes.
+    /// BLAKE3 over the canonical form: the tensor count, then every tensor in byte-wise sorted
+    /// name order (see [`CanonicalHasher::tensor`]).
     pub fn content_hash(&self) -> ContentHash {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(HASH_DOMAIN);
-        hasher.update(&(self.tensors.len() as u64).to_le_bytes());
+        let mut hasher = CanonicalHasher::new(self.tensors.len());
         for (name, tensor) in &self.tensors {
-            hasher.update(&(name.len() as u64).to_le_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update(b"F32");
-            hasher.update(&(tensor.shape().len() as u64).to_le_bytes());
-            for &dim in tensor.shape() {
-                hasher.update(&(dim as u64).to_le_bytes());
-            }
-            hasher.update(&((tensor.len() * 4) as u64).to_le_bytes());
-            // Hash in blocks so that large tensors do not need a second full-size byte copy.
-            let mut block = Vec::with_capacity(16 * 1024);
-            for chunk in tensor.data().chunks(4096) {
-                block.clear();
-                block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-                hasher.update(&block);
-            }
+            hasher.tensor(name, tensor.shape(), tensor.data());
         }
-        ContentHash(*hasher.finalize().as_bytes())
+        hasher.finish()
     }
 
     /// Checks that `self` has exactly the names and shapes of `reference`.
@@ -182,6 +165,47 @@ impl ModelState {
     pub fn safetensors_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, StateError> {
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| StateError::Format(e.to_string()))?;
         Ok(metadata.metadata().clone().unwrap_or_default())
+    }
+}
+
+/// The canonical hash fed one tensor at a time, in sorted-name order, so that a state streamed
+/// from disk can be verified without holding it whole. [`ModelState::content_hash`] is this over
+/// every tensor.
+pub struct CanonicalHasher {
+    hasher: blake3::Hasher,
+    block: Vec<u8>,
+}
+
+impl CanonicalHasher {
+    pub fn new(tensor_count: usize) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(HASH_DOMAIN);
+        hasher.update(&(tensor_count as u64).to_le_bytes());
+        CanonicalHasher { hasher, block: Vec::with_capacity(16 * 1024) }
+    }
+
+    /// The name, the dtype, the shape and the little-endian bytes, each length-prefixed so no two
+    /// states collide by re-splitting the same bytes.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+        let h = &mut self.hasher;
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(b"F32");
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for &dim in shape {
+            h.update(&(dim as u64).to_le_bytes());
+        }
+        h.update(&((data.len() * 4) as u64).to_le_bytes());
+        // In blocks, so that a large tensor needs no second full-size byte copy.
+        for chunk in data.chunks(4096) {
+            self.block.clear();
+            self.block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            h.update(&self.block);
+        }
+    }
+
+    pub fn finish(self) -> ContentHash {
+        ContentHash(*self.hasher.finalize().as_bytes())
     }
 }
 

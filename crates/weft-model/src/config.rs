@@ -34,9 +34,12 @@ impl Default for GptConfig {
 
 impl GptConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, value, max) in
-            [("layers", self.layers, 256), ("heads", self.heads, 256), ("width", self.width, 16384), ("context", self.context, 65536)]
-        {
+        for (field, value, max) in [
+            ("layers", self.layers, 256),
+            ("heads", self.heads, 256),
+            ("width", self.width, 16384),
+            ("context", self.context, 65536),
+        ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
             }

@@ -54,12 +54,17 @@ pub fn encoder_backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens
     }
 }
 
-pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize) {
-    out.par_chunks_mut(c)
-        .zip(mean.par_iter_mut())
-        .zip(rstd.par_iter_mut())
-        .zip(inp.par_chunks(c))
-        .for_each(|(((o, m), r), x)| {
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    b: &[f32],
+    c: usize,
+) {
+    out.par_chunks_mut(c).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).zip(inp.par_chunks(c)).for_each(
+        |(((o, m), r), x)| {
             let mu = x.iter().sum::<f32>() / c as f32;
             let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
             let rs = 1.0 / (var + LN_EPS).sqrt();
@@ -68,7 +73,8 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], in
             }
             *m = mu;
             *r = rs;
-        });
+        },
+    );
 }
 
 /// Accumulates into `dinp` (it carries the residual stream's gradient), `dw` and `db`.
@@ -84,8 +90,11 @@ pub fn layernorm_backward(
     rstd: &[f32],
     c: usize,
 ) {
-    dinp.par_chunks_mut(c).zip(dout.par_chunks(c)).zip(inp.par_chunks(c)).zip(mean.par_iter().zip(rstd.par_iter())).for_each(
-        |(((di, d), x), (&mu, &rs))| {
+    dinp.par_chunks_mut(c)
+        .zip(dout.par_chunks(c))
+        .zip(inp.par_chunks(c))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .for_each(|(((di, d), x), (&mu, &rs))| {
             let mut dnorm_mean = 0.0f32;
             let mut dnorm_norm_mean = 0.0f32;
             for i in 0..c {
@@ -101,8 +110,7 @@ pub fn layernorm_backward(
                 let dnorm = w[i] * d[i];
                 di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
             }
-        },
-    );
+        });
     // Parameter gradients sum over rows: one serial pass keeps the order fixed.
     for ((d, x), (&mu, &rs)) in dout.chunks_exact(c).zip(inp.chunks_exact(c)).zip(mean.iter().zip(rstd)) {
         for i in 0..c {
@@ -160,8 +168,10 @@ pub fn matmul_backward(
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    out.par_chunks_mut(t_len * c).zip(att.par_chunks_mut(nh * t_len * t_len)).zip(qkv.par_chunks(t_len * 3 * c)).for_each(
-        |((out_b, att_b), qkv_b)| {
+    out.par_chunks_mut(t_len * c)
+        .zip(att.par_chunks_mut(nh * t_len * t_len))
+        .zip(qkv.par_chunks(t_len * 3 * c))
+        .for_each(|((out_b, att_b), qkv_b)| {
             for t in 0..t_len {
                 for h in 0..nh {
                     let q = &qkv_b[t * 3 * c + h * hs..][..hs];
@@ -189,8 +199,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: u
                     }
                 }
             }
-        },
-    );
+        });
 }
 
 /// Overwrites `dqkv`.

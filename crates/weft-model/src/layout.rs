@@ -42,7 +42,8 @@ pub enum ModelError {
 /// Every parameter tensor of a config, in storage order, with its place in the flat vector.
 pub fn entries(config: &GptConfig) -> Vec<Entry> {
     let c = config.width;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("wte".into(), vec![VOCAB, c]), ("wpe".into(), vec![config.context, c])];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("wte".into(), vec![VOCAB, c]), ("wpe".into(), vec![config.context, c])];
     for l in 0..config.layers {
         let block_shapes = [
             vec![c],

@@ -220,14 +220,25 @@ impl Gpt {
         matmul_backward(&mut acts.d_c, gwte, None, &acts.d_logits, &acts.lnf, p.wte, c, VOCAB);
         let last = acts.layers.last().map_or(&acts.encoded, |a| &a.res3);
         acts.d_res.fill(0.0);
-        layernorm_backward(&mut acts.d_res, glnf_w, glnf_b, &acts.d_c, last, p.lnf_w, &acts.lnf_mean, &acts.lnf_rstd, c);
+        layernorm_backward(
+            &mut acts.d_res,
+            glnf_w,
+            glnf_b,
+            &acts.d_c,
+            last,
+            p.lnf_w,
+            &acts.lnf_mean,
+            &acts.lnf_rstd,
+            c,
+        );
 
         for l in (0..self.config.layers).rev() {
             let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].res3 };
             let a = &acts.layers[l];
             let w = &p.blocks[l];
             let gw = &mut gblocks[l];
-            let [g_ln1w, g_ln1b, g_qkvw, g_qkvb, g_projw, g_projb, g_ln2w, g_ln2b, g_fcw, g_fcb, g_fcprojw, g_fcprojb] = gw;
+            let [g_ln1w, g_ln1b, g_qkvw, g_qkvb, g_projw, g_projb, g_ln2w, g_ln2b, g_fcw, g_fcb, g_fcprojw, g_fcprojb] =
+                gw;
             // d_res holds dL/d(res3); res3 = res2 + fcproj.
             matmul_backward(&mut acts.d_4c_gelu, g_fcprojw, Some(g_fcprojb), &acts.d_res, &a.fch_gelu, w[10], 4 * c, c);
             gelu_backward(&mut acts.d_4c, &a.fch, &acts.d_4c_gelu);
@@ -350,7 +361,10 @@ mod tests {
         let state = model.to_state();
         let mut again = Gpt::from_state(tiny(), &state).unwrap();
         assert_eq!(again.to_state().content_hash(), state.content_hash());
-        assert_eq!(again.loss_per_byte(b"The quick brown fox", 4), Gpt::from_state(tiny(), &state).unwrap().loss_per_byte(b"The quick brown fox", 4));
+        assert_eq!(
+            again.loss_per_byte(b"The quick brown fox", 4),
+            Gpt::from_state(tiny(), &state).unwrap().loss_per_byte(b"The quick brown fox", 4)
+        );
     }
 
     #[test]

@@ -67,7 +67,15 @@ pub struct AdamWSettings {
 
 impl Default for AdamWSettings {
     fn default() -> Self {
-        AdamWSettings { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, warmup_steps: 20, clip_norm: 1.0 }
+        AdamWSettings {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            warmup_steps: 20,
+            clip_norm: 1.0,
+        }
     }
 }
 
@@ -119,7 +127,11 @@ impl AdamW {
         let s = self.settings;
         let (params, grads) = model.params_and_grads();
         let norm = grads.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
-        let clip = if s.clip_norm > 0.0 && norm > f64::from(s.clip_norm) { (f64::from(s.clip_norm) / norm) as f32 } else { 1.0 };
+        let clip = if s.clip_norm > 0.0 && norm > f64::from(s.clip_norm) {
+            (f64::from(s.clip_norm) / norm) as f32
+        } else {
+            1.0
+        };
         self.step += 1;
         let warm = if s.warmup_steps == 0 { 1.0 } else { (self.step as f32 / s.warmup_steps as f32).min(1.0) };
         let lr = s.lr * warm;

@@ -1,1 +1,12 @@
+//! A weft node: it holds a corpus that never leaves it, trains the shared base on it, keeps the
+//! result as its sovereign artifact on its own disk, and emits only a [`Contribution`].
+//!
+//! [`Contribution`]: weft_core::Contribution
 
+mod artifact;
+mod corpus;
+mod node;
+
+pub use artifact::{write_atomic, ArtifactManifest, LocalMetrics, SovereignArtifact};
+pub use corpus::LocalCorpus;
+pub use node::{Cycle, Node, NodeError, NodeSettings};
