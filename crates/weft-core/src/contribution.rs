@@ -74,6 +74,8 @@ pub struct Contribution {
 /// Why a contribution did not enter the base. Every variant has a stable [`code`](Rejection::code).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Rejection {
+    #[error("no round is open")]
+    NoOpenRound,
     #[error("node is not in the roster")]
     UnknownNode,
     #[error("node already contributed in this round")]
@@ -100,6 +102,7 @@ impl Rejection {
     /// A stable machine-readable name for reports and logs.
     pub fn code(&self) -> &'static str {
         match self {
+            Rejection::NoOpenRound => "no_open_round",
             Rejection::UnknownNode => "unknown_node",
             Rejection::DuplicateNode => "duplicate_node",
             Rejection::WrongRound { .. } => "wrong_round",

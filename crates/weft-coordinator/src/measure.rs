@@ -1,0 +1,63 @@
+//! How the coordinator measures a model: held-out loss per language on text no node trains on.
+
+use std::collections::BTreeMap;
+
+use weft_core::quality::LossTable;
+use weft_core::ModelState;
+use weft_model::{Gpt, GptConfig, ModelError};
+
+/// Anything that can score a model state on the consortium's held-out sets.
+pub trait Measure {
+    /// Held-out loss per language in nats per byte.
+    fn heldout_loss(&mut self, state: &ModelState) -> Result<LossTable, MeasureError>;
+    /// The languages scored, in order.
+    fn languages(&self) -> Vec<String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    #[error("cannot evaluate the model: {0}")]
+    Model(#[from] ModelError),
+    #[error("held-out set for '{0}' is too short to score (needs at least 2 bytes)")]
+    Empty(String),
+}
+
+/// The consortium's held-out text, one set per language, scored with the built-in model.
+pub struct HeldoutSet {
+    config: GptConfig,
+    texts: BTreeMap<String, Vec<u8>>,
+    batch_rows: usize,
+    model: Option<Gpt>,
+}
+
+impl HeldoutSet {
+    pub fn new(config: GptConfig, texts: BTreeMap<String, Vec<u8>>, batch_rows: usize) -> Result<Self, MeasureError> {
+        config.validate().map_err(ModelError::from)?;
+        if let Some((language, _)) = texts.iter().find(|(_, t)| t.len() < 2) {
+            return Err(MeasureError::Empty(language.clone()));
+        }
+        Ok(HeldoutSet { config, texts, batch_rows: batch_rows.max(1), model: None })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.texts.values().map(Vec::len).sum()
+    }
+}
+
+impl Measure for HeldoutSet {
+    fn heldout_loss(&mut self, state: &ModelState) -> Result<LossTable, MeasureError> {
+        // One model buffer is reused for every evaluation: no allocation per contribution.
+        let model = match self.model.as_mut() {
+            Some(model) => {
+                model.load_state(state)?;
+                model
+            }
+            None => self.model.insert(Gpt::from_state(self.config, state)?),
+        };
+        Ok(self.texts.iter().map(|(lang, text)| (lang.clone(), model.loss_per_byte(text, self.batch_rows))).collect())
+    }
+
+    fn languages(&self) -> Vec<String> {
+        self.texts.keys().cloned().collect()
+    }
+}

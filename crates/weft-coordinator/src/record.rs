@@ -1,0 +1,70 @@
+//! What the coordinator records: one [`RoundRecord`] per round, one [`NodeManifest`] per node.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use weft_core::quality::LossTable;
+use weft_core::ContentHash;
+
+/// The decision about one contribution, with everything needed to see why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContributionRecord {
+    pub node: String,
+    /// The node's language per the roster (`null` for a node outside it).
+    pub language: Option<String>,
+    pub accepted: bool,
+    /// Stable code of the rejection (`null` when accepted).
+    pub reason: Option<String>,
+    /// Human-readable explanation of the rejection.
+    pub detail: Option<String>,
+    /// Measured quality: mean held-out loss removed, nats/byte (`null` if never measured).
+    pub quality: Option<f64>,
+    /// Share of the step given to this delta (0 when rejected).
+    pub weight: f64,
+    /// True when the cap limited this node's weight.
+    pub capped: bool,
+    /// What the node said about itself; recorded, never used.
+    pub declared: BTreeMap<String, f64>,
+    pub token_count: u64,
+    pub delta_hash: Option<ContentHash>,
+    pub delta_norm: Option<f64>,
+    /// Held-out loss of `base + Δ` alone, per language.
+    pub heldout_loss: Option<LossTable>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub previous_base_hash: ContentHash,
+    pub base_hash: ContentHash,
+    /// True when the base moved this round.
+    pub base_changed: bool,
+    /// `1 − Σ wᵢ`: the share of the step left with the previous base.
+    pub unassigned_share: f64,
+    pub quorum_required: usize,
+    pub accepted: usize,
+    pub contributions: Vec<ContributionRecord>,
+    /// Held-out loss per language of the new base.
+    pub heldout_loss: LossTable,
+}
+
+/// The coordinator's record of one node: hashes and metrics, never its sovereign weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeManifest {
+    pub node: String,
+    pub language: String,
+    pub contributions: Vec<ManifestEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub round: u64,
+    pub base_hash: ContentHash,
+    pub delta_hash: Option<ContentHash>,
+    pub token_count: u64,
+    pub quality: Option<f64>,
+    pub accepted: bool,
+    pub reason: Option<String>,
+    pub weight: f64,
+    pub declared: BTreeMap<String, f64>,
+}

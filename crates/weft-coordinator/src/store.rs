@@ -1,0 +1,175 @@
+//! A content-addressed store of deltas: `<dir>/<blake3 content hash>.safetensors`.
+//!
+//! The coordinator writes each delta here as it arrives and drops it from memory; aggregation
+//! later reads one tensor of one delta at a time through a memory map, so the coordinator's
+//! memory does not grow with the number of nodes.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use weft_core::state::decode_f32_into;
+use weft_core::{CanonicalHasher, ContentHash, Delta, StateError};
+
+pub struct DeltaStore {
+    dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("delta store {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("delta store {path}: {source}")]
+    Format { path: PathBuf, source: StateError },
+    #[error("delta store {path}: tensor '{name}' is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("delta store {path}: content hash is {actual}, the file is named for {expected}: the store was altered")]
+    Corrupt { path: PathBuf, expected: ContentHash, actual: ContentHash },
+}
+
+impl DeltaStore {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        Ok(DeltaStore { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path_of(&self, hash: &ContentHash) -> PathBuf {
+        self.dir.join(format!("{hash}.safetensors"))
+    }
+
+    /// Stores a delta under its content hash (no-op if already present) and returns the hash.
+    pub fn put(&self, delta: &Delta) -> Result<ContentHash, StoreError> {
+        let hash = delta.content_hash();
+        let path = self.path_of(&hash);
+        if !path.exists() {
+            let bytes = delta
+                .state()
+                .to_safetensors(None)
+                .map_err(|source| StoreError::Format { path: path.clone(), source })?;
+            write_atomic(&path, &bytes).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        }
+        Ok(hash)
+    }
+
+    /// Memory-maps a stored delta for streaming reads.
+    pub fn map(&self, hash: &ContentHash) -> Result<MappedDelta, StoreError> {
+        let path = self.path_of(hash);
+        let file = File::open(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        // SAFETY: the store's files are written once under a temporary name and renamed into
+        // place; nothing in weft writes to a published file, and any outside change is caught by
+        // the content hash check that streaming readers finish with.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        Ok(MappedDelta { path, expected: *hash, map })
+    }
+}
+
+/// A stored delta, mapped into memory but not read.
+pub struct MappedDelta {
+    path: PathBuf,
+    expected: ContentHash,
+    map: Mmap,
+}
+
+impl MappedDelta {
+    /// Parses the header; tensors are then read one by one with [`DeltaReader::read`].
+    pub fn reader(&self) -> Result<DeltaReader<'_>, StoreError> {
+        let file = SafeTensors::deserialize(&self.map)
+            .map_err(|e| StoreError::Format { path: self.path.clone(), source: StateError::Format(e.to_string()) })?;
+        let hasher = CanonicalHasher::new(file.len());
+        Ok(DeltaReader { source: self, file, hasher })
+    }
+}
+
+/// Reads a stored delta tensor by tensor, in sorted-name order, hashing as it goes.
+pub struct DeltaReader<'a> {
+    source: &'a MappedDelta,
+    file: SafeTensors<'a>,
+    hasher: CanonicalHasher,
+}
+
+impl DeltaReader<'_> {
+    /// Decodes tensor `name` into `out`. Call in sorted-name order over every tensor, then
+    /// [`verify`](Self::verify).
+    pub fn read(&mut self, name: &str, out: &mut Vec<f32>) -> Result<(), StoreError> {
+        let path = &self.source.path;
+        let view = self
+            .file
+            .tensor(name)
+            .map_err(|_| StoreError::MissingTensor { path: path.clone(), name: name.to_owned() })?;
+        decode_f32_into(name, &view, out).map_err(|source| StoreError::Format { path: path.clone(), source })?;
+        self.hasher.tensor(name, view.shape(), out);
+        Ok(())
+    }
+
+    /// Checks that what was read is exactly the delta the file is named for.
+    pub fn verify(self) -> Result<(), StoreError> {
+        let actual = self.hasher.finish();
+        if actual != self.source.expected {
+            return Err(StoreError::Corrupt { path: self.source.path.clone(), expected: self.source.expected, actual });
+        }
+        Ok(())
+    }
+}
+
+/// Temp file, fsync, rename: a crash leaves no half-written delta under a content name.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::{ModelState, Tensor};
+
+    fn delta() -> Delta {
+        let mut s = ModelState::new();
+        s.insert("a", Tensor::new(vec![3], vec![1.0, -2.0, 0.5]).unwrap());
+        s.insert("b", Tensor::new(vec![1], vec![4.0]).unwrap());
+        Delta::from_state(s)
+    }
+
+    #[test]
+    fn streams_back_what_was_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DeltaStore::open(tmp.path()).unwrap();
+        let hash = store.put(&delta()).unwrap();
+        assert_eq!(store.put(&delta()).unwrap(), hash);
+        let mapped = store.map(&hash).unwrap();
+        let mut reader = mapped.reader().unwrap();
+        let mut buf = Vec::new();
+        reader.read("a", &mut buf).unwrap();
+        assert_eq!(buf, [1.0, -2.0, 0.5]);
+        reader.read("b", &mut buf).unwrap();
+        reader.verify().unwrap();
+    }
+
+    #[test]
+    fn detects_a_flipped_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DeltaStore::open(tmp.path()).unwrap();
+        let hash = store.put(&delta()).unwrap();
+        let path = store.path_of(&hash);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let mapped = store.map(&hash).unwrap();
+        let mut reader = mapped.reader().unwrap();
+        let mut buf = Vec::new();
+        reader.read("a", &mut buf).unwrap();
+        reader.read("b", &mut buf).unwrap();
+        assert!(matches!(reader.verify(), Err(StoreError::Corrupt { .. })));
+    }
+}
