@@ -46,6 +46,8 @@ pub enum CoordinatorError {
     Measure(#[from] MeasureError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("probe scale must be in (0, 1], got {0}")]
+    ProbeScale(f32),
     #[error("the roster is empty")]
     EmptyRoster,
     #[error("node {0} is listed twice in the roster")]
@@ -92,6 +94,10 @@ pub struct Coordinator<M: Measure> {
     /// The last closed round (0 before the first).
     round: u64,
     measure: M,
+    /// A delta is measured as `base + probe_scale · Δ`: by default 1/N (N = roster size), the
+    /// share it would get under equal weighting, so that quality reflects the delta at the size
+    /// it can enter the base rather than a whole local model that has drifted to its own data.
+    probe_scale: f32,
     store: DeltaStore,
     open: Option<Pending>,
     manifests: BTreeMap<NodeId, NodeManifest>,
@@ -130,7 +136,9 @@ impl<M: Measure> Coordinator<M> {
                 (node.clone(), manifest)
             })
             .collect();
+        let probe_scale = 1.0 / roster.len() as f32;
         Ok(Coordinator {
+            probe_scale,
             roster_ids: roster.keys().cloned().collect(),
             roster,
             policy,
@@ -145,6 +153,19 @@ impl<M: Measure> Coordinator<M> {
             open: None,
             manifests,
         })
+    }
+
+    /// Measures deltas at `scale · Δ` instead of the default 1/N; `scale` must be in (0, 1].
+    pub fn with_probe_scale(mut self, scale: f32) -> Result<Self, CoordinatorError> {
+        if !(scale > 0.0 && scale <= 1.0) {
+            return Err(CoordinatorError::ProbeScale(scale));
+        }
+        self.probe_scale = scale;
+        Ok(self)
+    }
+
+    pub fn probe_scale(&self) -> f32 {
+        self.probe_scale
     }
 
     pub fn base(&self) -> &ModelState {
@@ -235,10 +256,11 @@ impl<M: Measure> Coordinator<M> {
             return Err(SubmitError::Rejected(reason));
         }
         pending.received.insert(contribution.node.clone());
-        // Checked above: same layout as the base and finite, so this cannot fail.
+        // Measured at its fair share of the step (see `probe_scale`). Checked above: same layout
+        // as the base and finite, so this cannot fail.
         let candidate = contribution
             .delta
-            .applied_to(&self.base, 1.0)
+            .applied_to(&self.base, self.probe_scale)
             .map_err(|e| SubmitError::Internal(CoordinatorError::Base(e)))?;
         let heldout = self.measure.heldout_loss(&candidate).map_err(CoordinatorError::from)?;
         drop(candidate);
@@ -317,6 +339,7 @@ impl<M: Measure> Coordinator<M> {
             base_changed: self.base_hash != previous_base_hash,
             unassigned_share: decision.unassigned,
             quorum_required: self.policy.required(self.roster.len()),
+            probe_scale: self.probe_scale,
             accepted: decision.weights.len(),
             contributions: pending.records,
             heldout_loss: self.base_loss.clone(),

@@ -42,6 +42,8 @@ pub struct RoundRecord {
     /// `1 − Σ wᵢ`: the share of the step left with the previous base.
     pub unassigned_share: f64,
     pub quorum_required: usize,
+    /// Each delta's quality was measured on `base + probe_scale · Δ`.
+    pub probe_scale: f32,
     pub accepted: usize,
     pub contributions: Vec<ContributionRecord>,
     /// Held-out loss per language of the new base.

@@ -1,11 +1,14 @@
 //! Measured quality: how much a contribution, applied alone, lowers the consortium's held-out loss.
 //!
-//! `quality(Δᵢ) = (1/|L|) · Σ_{ℓ ∈ L} [ loss(base, ℓ) − loss(base + Δᵢ, ℓ) ]`
+//! `quality(Δᵢ) = (1/|L|) · Σ_{ℓ ∈ L} [ loss(base, ℓ) − loss(base + s·Δᵢ, ℓ) ]`
 //!
-//! where `L` is the set of held-out languages and `loss` is the mean next-byte cross-entropy in
-//! nats per byte on the consortium's held-out text of that language (text no node trains on).
-//! Positive means the delta helps the consortium on average; it is measured by the coordinator
-//! and never taken from the node.
+//! where `L` is the set of held-out languages, `loss` is the mean next-byte cross-entropy in
+//! nats per byte on the consortium's held-out text of that language (text no node trains on),
+//! and `s` is the probe scale: by default `1/N` for a roster of N nodes, the share a delta gets
+//! under equal weighting. Measuring the whole delta (`s = 1`) would score a local model that has
+//! drifted towards its own language; at its fair share the score says whether the delta helps
+//! the base at the size it can actually enter it. Positive means it helps the consortium on
+//! average; it is measured by the coordinator and never taken from the node.
 
 use std::collections::BTreeMap;
 

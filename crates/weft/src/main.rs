@@ -1,1 +1,44 @@
-fn main() {}
+//! `weft`: governed consortium training of language models.
+
+mod data;
+mod demo;
+mod inspect;
+mod table;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Governed consortium training of language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole consortium in one process: N sovereign nodes, each on its own language, and a
+    /// coordinator that measures, governs and integrates their deltas round by round.
+    Demo(Box<demo::DemoArgs>),
+    /// Show the tensors and the canonical content hash of a safetensors file.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(*args),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! `weft demo`: a whole consortium in one process, on embedded defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, RoundRecord, SubmitError};
+use weft_core::quality::LossTable;
+use weft_core::{ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
+use weft_model::{AdamWSettings, Gpt, GptConfig};
+use weft_node::{write_atomic, LocalCorpus, Node, NodeSettings};
+
+use crate::data;
+use crate::table;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WeightingArg {
+    /// Proportional to the quality the coordinator measured.
+    Quality,
+    /// Equal for every accepted node.
+    Equal,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OuterArg {
+    /// base += lr · Σ wᵢΔᵢ (lr 1 is Tapestry's rule).
+    Plain,
+    /// Nesterov momentum on the aggregated step (DiLoCo: lr 0.7, momentum 0.9).
+    Nesterov,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Number of rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    /// Number of sovereign nodes: one per language, the first N of --languages.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Languages, one node each (available: en, de, fr, es, it, pt, ja, zh-cn, id).
+    #[arg(long, value_delimiter = ',', default_value = "en,de,fr,es,it,pt,ja,zh-cn,id")]
+    pub languages: Vec<String>,
+    /// Local optimizer steps per node per round (K).
+    #[arg(long, default_value_t = 60)]
+    pub local_steps: u64,
+    /// Sequences per local batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Local AdamW learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    /// Seed of the whole run: the same seed and inputs give bitwise-identical bases.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Quality floor: minimum measured quality (nats/byte of mean held-out loss removed).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub floor: f64,
+    /// Largest weight any one node may receive, in (0, 1]. Never exceeded.
+    #[arg(long, default_value_t = 0.5)]
+    pub cap: f64,
+    /// Share of the roster that must be accepted for the base to move, in [0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pub quorum: f64,
+    /// How accepted contributions are weighted.
+    #[arg(long, value_enum, default_value_t = WeightingArg::Quality)]
+    pub weighting: WeightingArg,
+    /// Each delta's quality is measured on base + s·Δ (default 1/N, its share under equal weighting).
+    #[arg(long)]
+    pub probe_scale: Option<f32>,
+    /// Outer optimizer applied to the aggregated step.
+    #[arg(long, value_enum, default_value_t = OuterArg::Plain)]
+    pub outer: OuterArg,
+    /// Outer learning rate (default: 1.0 for plain, 0.7 for nesterov).
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
+    /// Nesterov momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads per block.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Context length in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub context: usize,
+    /// Keep every artifact here (nodes' sovereign models, bases, deltas, manifests, records).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Data directory (udhr/ and corpora/); default: the repository's data/.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// The JSON report. Its schema is documented in the README.
+#[derive(Serialize)]
+struct Report {
+    seed: u64,
+    model: GptConfig,
+    parameters: usize,
+    policy: Policy,
+    outer_optimizer: OuterOptimizer,
+    local_steps: u64,
+    nodes: Vec<NodeInfo>,
+    initial_base_hash: ContentHash,
+    initial_heldout_loss: LossTable,
+    rounds: Vec<RoundRecord>,
+    final_base_hash: ContentHash,
+    final_heldout_loss: LossTable,
+    sovereign_heldout_loss: BTreeMap<String, LossTable>,
+    seconds: f64,
+}
+
+#[derive(Serialize)]
+struct NodeInfo {
+    node: String,
+    language: String,
+    corpus_bytes: usize,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config = GptConfig { layers: args.layers, heads: args.heads, width: args.width, context: args.context };
+    config.validate().context("--layers/--heads/--width/--context")?;
+    let weighting = match args.weighting {
+        WeightingArg::Quality => Weighting::Quality,
+        WeightingArg::Equal => Weighting::Equal,
+    };
+    let policy = Policy::new(args.floor, args.cap, args.quorum, weighting).context("--floor/--cap/--quorum")?;
+    let outer = match args.outer {
+        OuterArg::Plain => OuterOptimizer::Plain { lr: args.outer_lr.unwrap_or(1.0) },
+        OuterArg::Nesterov => OuterOptimizer::Nesterov { lr: args.outer_lr.unwrap_or(0.7), momentum: args.momentum },
+    };
+    outer.validate().context("--outer-lr/--momentum")?;
+    let languages = choose_languages(&args.languages, args.nodes)?;
+    if args.batch == 0 || args.local_steps == 0 || args.rounds == 0 {
+        bail!("--batch, --local-steps and --rounds must be at least 1");
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", args.lr);
+    }
+
+    let data_dir = data::data_dir(args.data.clone());
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let out = args.out.clone().unwrap_or_else(|| scratch.path().to_owned());
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    let settings = NodeSettings {
+        steps: args.local_steps,
+        batch_rows: args.batch,
+        adamw: AdamWSettings { lr: args.lr, ..AdamWSettings::default() },
+        seed: args.seed,
+    };
+    let mut nodes = Vec::new();
+    let mut members = Vec::new();
+    let mut heldout = BTreeMap::new();
+    let mut infos = Vec::new();
+    for language in &languages {
+        let id = NodeId::new(format!("node-{language}"))?;
+        let bytes = data::corpus(&data_dir, language)?;
+        infos.push(NodeInfo { node: id.to_string(), language: language.clone(), corpus_bytes: bytes.len() });
+        let corpus = LocalCorpus::from_bytes(bytes);
+        let dir = out.join("nodes").join(id.as_str());
+        nodes.push(Node::new(id.clone(), language.clone(), corpus, config, settings, dir)?);
+        members.push(Member { node: id, language: language.clone() });
+        heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
+    }
+
+    let base = Gpt::init(config, args.seed)?.to_state();
+    let parameters = base.num_values();
+    let measure = HeldoutSet::new(config, heldout, 32)?;
+    let store = DeltaStore::open(out.join("coordinator").join("deltas"))?;
+    let mut coordinator = Coordinator::new(base, members, policy, outer, measure, store)?;
+    if let Some(scale) = args.probe_scale {
+        coordinator = coordinator.with_probe_scale(scale)?;
+    }
+    save_base(&out, 0, &coordinator)?;
+    let initial_hash = coordinator.base_hash();
+    let initial_loss = coordinator.base_loss().clone();
+
+    println!(
+        "weft demo: {} nodes ({}), {} rounds of {} local steps, model {} layers × {} heads × width {} × context {} ({} parameters), seed {}",
+        nodes.len(),
+        languages.join(", "),
+        args.rounds,
+        args.local_steps,
+        config.layers,
+        config.heads,
+        config.width,
+        config.context,
+        parameters,
+        args.seed
+    );
+    println!(
+        "policy: floor {} · cap {} · quorum {} ({} of {}) · weighting {:?} · outer {} · quality probed at {:.3}·Δ",
+        policy.floor,
+        policy.cap,
+        policy.quorum,
+        policy.required(nodes.len()),
+        nodes.len(),
+        weighting,
+        describe_outer(&outer),
+        coordinator.probe_scale()
+    );
+    println!("round 0 base {}  held-out loss {}", initial_hash.short(), table::losses(&initial_loss));
+
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds {
+        let announcement = coordinator.open_round()?;
+        let contributions =
+            train_all(&mut nodes, announcement.round, args.local_steps, coordinator.base(), announcement.base_hash)?;
+        let mut local_losses = BTreeMap::new();
+        for contribution in contributions {
+            local_losses.insert(contribution.node.to_string(), contribution.declared.get("final_train_loss").copied());
+            match coordinator.submit(contribution) {
+                Ok(_) | Err(SubmitError::Rejected(_)) => {}
+                Err(SubmitError::Internal(e)) => return Err(e.into()),
+            }
+        }
+        let record = coordinator.close_round()?;
+        save_base(&out, record.round, &coordinator)?;
+        let json = serde_json::to_vec_pretty(&record)?;
+        let rounds_dir = out.join("coordinator").join("rounds");
+        std::fs::create_dir_all(&rounds_dir)?;
+        write_atomic(&rounds_dir.join(format!("round-{:04}.json", record.round)), &json)?;
+        table::round(&record, &local_losses);
+        rounds.push(record);
+    }
+
+    let manifests_dir = out.join("coordinator").join("nodes");
+    std::fs::create_dir_all(&manifests_dir)?;
+    for (node, manifest) in coordinator.manifests() {
+        write_atomic(&manifests_dir.join(format!("{node}.json")), &serde_json::to_vec_pretty(manifest)?)?;
+    }
+    let mut sovereign = BTreeMap::new();
+    for node in &nodes {
+        if let Some(artifact) = node.latest_artifact() {
+            let weights = artifact.load_weights()?;
+            sovereign.insert(node.id().to_string(), coordinator.measure(&weights)?);
+        }
+    }
+    let final_loss = coordinator.base_loss().clone();
+    table::summary(&initial_loss, &final_loss, &sovereign, &languages);
+    let report = Report {
+        seed: args.seed,
+        model: config,
+        parameters,
+        policy,
+        outer_optimizer: outer,
+        local_steps: args.local_steps,
+        nodes: infos,
+        initial_base_hash: initial_hash,
+        initial_heldout_loss: initial_loss,
+        rounds,
+        final_base_hash: coordinator.base_hash(),
+        final_heldout_loss: final_loss,
+        sovereign_heldout_loss: sovereign,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let json = serde_json::to_vec_pretty(&report)?;
+    if args.out.is_some() {
+        write_atomic(&out.join("report.json"), &json)?;
+        println!("artifacts kept in {}", out.display());
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    println!("final base {}  ({:.1} s)", report.final_base_hash, report.seconds);
+    Ok(())
+}
+
+fn choose_languages(requested: &[String], nodes: usize) -> anyhow::Result<Vec<String>> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let mut chosen: Vec<String> = Vec::new();
+    for language in requested {
+        if !data::LANGUAGES.contains(&language.as_str()) {
+            bail!("unknown language '{language}' in --languages (available: {})", data::LANGUAGES.join(", "));
+        }
+        if chosen.contains(language) {
+            bail!("language '{language}' is listed twice in --languages: one node per language");
+        }
+        chosen.push(language.clone());
+    }
+    if chosen.len() < nodes {
+        bail!("--nodes {nodes} needs {nodes} languages but --languages lists {}", chosen.len());
+    }
+    chosen.truncate(nodes);
+    Ok(chosen)
+}
+
+fn describe_outer(outer: &OuterOptimizer) -> String {
+    match outer {
+        OuterOptimizer::Plain { lr } => format!("plain (lr {lr})"),
+        OuterOptimizer::Nesterov { lr, momentum } => format!("nesterov (lr {lr}, momentum {momentum})"),
+    }
+}
+
+/// Trains every node on the announced base, in parallel, with one progress bar each.
+fn train_all(
+    nodes: &mut [Node],
+    round: u64,
+    steps: u64,
+    base: &weft_core::ModelState,
+    base_hash: ContentHash,
+) -> anyhow::Result<Vec<weft_core::Contribution>> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("  {prefix:<14} {bar:30} {pos:>4}/{len} steps  loss {msg}")
+        .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?;
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = nodes
+            .iter_mut()
+            .map(|node| {
+                let bar = bars.add(ProgressBar::new(steps));
+                bar.set_style(style.clone());
+                bar.set_prefix(node.id().to_string());
+                scope.spawn(move || {
+                    let result = node.run_cycle(round, base, base_hash, |step, loss| {
+                        bar.set_position(step);
+                        bar.set_message(format!("{loss:.3}"));
+                    });
+                    bar.finish_and_clear();
+                    result
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    let mut contributions = Vec::new();
+    for result in results {
+        match result {
+            Ok(cycle) => contributions.push(cycle?.contribution),
+            Err(_) => bail!("a node's training thread panicked"),
+        }
+    }
+    Ok(contributions)
+}
+
+fn save_base<M: weft_coordinator::Measure>(out: &Path, round: u64, coordinator: &Coordinator<M>) -> anyhow::Result<()> {
+    let dir = out.join("coordinator").join("bases");
+    std::fs::create_dir_all(&dir)?;
+    let bytes = coordinator.base().to_safetensors(None)?;
+    write_atomic(&dir.join(format!("round-{round:04}.safetensors")), &bytes)?;
+    Ok(())
+}

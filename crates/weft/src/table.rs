@@ -1,0 +1,75 @@
+//! Plain-text tables for the demo's output.
+
+use std::collections::BTreeMap;
+
+use weft_coordinator::RoundRecord;
+use weft_core::quality::LossTable;
+
+pub fn losses(table: &LossTable) -> String {
+    table.iter().map(|(lang, loss)| format!("{lang} {loss:.4}")).collect::<Vec<_>>().join("  ")
+}
+
+fn opt(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// One round: every contribution with its decision, then the new base.
+pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>) {
+    println!();
+    println!("round {}", record.round);
+    println!(
+        "  {:<14} {:<6} {:>10} {:>10}  {:<34} {:>7}",
+        "node", "lang", "local loss", "quality", "decision", "weight"
+    );
+    for c in &record.contributions {
+        let decision = if c.accepted {
+            if c.capped {
+                "accepted (capped)".to_owned()
+            } else {
+                "accepted".to_owned()
+            }
+        } else {
+            format!("rejected: {}", c.reason.as_deref().unwrap_or("?"))
+        };
+        println!(
+            "  {:<14} {:<6} {:>10} {:>10}  {:<34} {:>7.4}",
+            c.node,
+            c.language.as_deref().unwrap_or("-"),
+            opt(local_losses.get(&c.node).copied().flatten(), 4),
+            opt(c.quality, 5),
+            decision,
+            c.weight
+        );
+    }
+    let moved = if record.base_changed { "→" } else { "= (unchanged)" };
+    println!(
+        "  unassigned share {:.4} · accepted {} (quorum {}) · base {} {} {}",
+        record.unassigned_share,
+        record.accepted,
+        record.quorum_required,
+        record.previous_base_hash.short(),
+        moved,
+        record.base_hash.short()
+    );
+    println!("  held-out loss of the base (nats/byte): {}", losses(&record.heldout_loss));
+}
+
+/// Held-out loss per language: the base at round 0 and at the end, beside each sovereign model.
+pub fn summary(initial: &LossTable, last: &LossTable, sovereign: &BTreeMap<String, LossTable>, languages: &[String]) {
+    println!();
+    println!("held-out loss per language (nats/byte, UDHR; lower is better)");
+    let mut header = format!("  {:<8} {:>9} {:>9} {:>8}", "language", "round 0", "final", "change");
+    for node in sovereign.keys() {
+        header.push_str(&format!(" {node:>14}"));
+    }
+    println!("{header}");
+    for lang in languages {
+        let (Some(a), Some(b)) = (initial.get(lang), last.get(lang)) else { continue };
+        let mut line = format!("  {lang:<8} {a:>9.4} {b:>9.4} {:>+7.1}%", 100.0 * (b - a) / a);
+        for table in sovereign.values() {
+            line.push_str(&format!(" {:>14}", opt(table.get(lang).copied(), 4)));
+        }
+        println!("{line}");
+    }
+    println!("  (the node columns are each node's own sovereign model after the last round)");
+}

@@ -1,0 +1,120 @@
+//! The real `weft` binary, run as a user would run it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// A small consortium so that the suite stays fast on two cores.
+const SMALL: &[&str] = &["--layers", "1", "--heads", "2", "--width", "32", "--context", "32", "--batch", "8"];
+
+fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft")).args(args).output().expect("the weft binary runs")
+}
+
+fn demo_json(dir: &Path, name: &str, extra: &[&str]) -> Value {
+    let json = dir.join(name);
+    let mut args = vec!["demo", "--json", json.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    let out = weft(&args);
+    assert!(out.status.success(), "weft demo failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+#[test]
+fn demo_report_has_the_documented_schema_and_loss_falls_for_every_language() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("run");
+    let report =
+        demo_json(tmp.path(), "r.json", &["--rounds", "2", "--local-steps", "30", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(report["seed"], 0);
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for round in rounds {
+        assert!(round["round"].is_u64());
+        assert_eq!(round["base_hash"].as_str().unwrap().len(), 64);
+        assert!(round["unassigned_share"].is_f64());
+        assert_eq!(round["heldout_loss"].as_object().unwrap().len(), 4);
+        for c in round["contributions"].as_array().unwrap() {
+            for key in ["node", "language", "accepted", "reason", "quality", "weight", "declared"] {
+                assert!(c.get(key).is_some(), "contribution lacks {key}: {c}");
+            }
+            assert!(f(&c["weight"]) <= 0.5);
+        }
+    }
+    let initial = report["initial_heldout_loss"].as_object().unwrap();
+    let last = report["final_heldout_loss"].as_object().unwrap();
+    assert_eq!(initial.len(), 4);
+    for (lang, before) in initial {
+        let after = f(&last[lang]);
+        assert!(after < f(before) - 0.1, "{lang}: {before} -> {after}");
+    }
+    let sovereign = report["sovereign_heldout_loss"].as_object().unwrap();
+    assert_eq!(sovereign.len(), 4);
+    assert!(sovereign.values().all(|t| t.as_object().unwrap().len() == 4));
+    // N+1 artifacts on disk: the bases and one sovereign model per node per round.
+    assert!(out_dir.join("coordinator/bases/round-0002.safetensors").is_file());
+    for node in ["node-en", "node-de", "node-fr", "node-es"] {
+        assert!(out_dir.join(format!("nodes/{node}/round-0002/model.safetensors")).is_file());
+        assert!(out_dir.join(format!("coordinator/nodes/{node}.json")).is_file());
+    }
+    // `weft inspect` reads back the published base with the hash the report names.
+    let base = out_dir.join("coordinator/bases/round-0002.safetensors");
+    let inspect = weft(&["inspect", base.to_str().unwrap()]);
+    assert!(inspect.status.success());
+    let text = String::from_utf8(inspect.stdout).unwrap();
+    assert!(text.contains(rounds[1]["base_hash"].as_str().unwrap()), "{text}");
+}
+
+#[test]
+fn an_infeasible_cap_binds_and_leaves_a_share_with_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report =
+        demo_json(tmp.path(), "cap.json", &["--rounds", "1", "--local-steps", "10", "--nodes", "2", "--cap", "0.4"]);
+    let round = &report["rounds"][0];
+    assert!((f(&round["unassigned_share"]) - 0.2).abs() < 1e-9);
+    for c in round["contributions"].as_array().unwrap() {
+        assert_eq!(f(&c["weight"]), 0.4);
+        assert_eq!(c["capped"], true);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--rounds", "2", "--local-steps", "8", "--nodes", "2", "--outer", "nesterov"];
+    let hashes = |r: &Value| r["rounds"].as_array().unwrap().iter().map(|x| x["base_hash"].clone()).collect::<Vec<_>>();
+    let a = demo_json(tmp.path(), "a.json", &args);
+    let b = demo_json(tmp.path(), "b.json", &args);
+    assert_eq!(hashes(&a), hashes(&b));
+    let mut other = args.to_vec();
+    other.extend(["--seed", "1"]);
+    assert_ne!(hashes(&a), hashes(&demo_json(tmp.path(), "c.json", &other)));
+}
+
+#[test]
+fn bad_flags_get_a_clear_error() {
+    for (args, needle) in [
+        (&["demo", "--cap", "1.5"][..], "cap must be in (0, 1]"),
+        (&["demo", "--quorum", "2"][..], "quorum must be in [0, 1]"),
+        (&["demo", "--languages", "en,xx"][..], "unknown language 'xx'"),
+        (&["demo", "--nodes", "3", "--languages", "en,de"][..], "needs 3 languages"),
+        (&["demo", "--width", "30", "--heads", "4"][..], "not divisible by heads"),
+        (&["demo", "--outer", "nesterov", "--momentum", "1"][..], "momentum must be in [0, 1)"),
+    ] {
+        let out = weft(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let garbage = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(garbage.path(), b"not a safetensors file").unwrap();
+    let out = weft(&["inspect", garbage.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable safetensors file"));
+}
