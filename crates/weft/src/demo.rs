@@ -203,13 +203,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.seed
     );
     println!(
-        "policy: floor {} · cap {} · quorum {} ({} of {}) · weighting {:?} · outer {} · quality probed at {:.3}·Δ",
+        "policy: floor {} · cap {} · quorum {} ({} of {}) · weighting {} · outer {} · quality probed at {:.3}·Δ",
         policy.floor,
         policy.cap,
         policy.quorum,
         policy.required(nodes.len()),
         nodes.len(),
-        weighting,
+        match weighting {
+            Weighting::Quality => "by measured quality",
+            Weighting::Equal => "equal",
+        },
         describe_outer(&outer),
         coordinator.probe_scale()
     );
