@@ -129,7 +129,10 @@ impl Gpt {
 
     /// Loads a model state, checking names, shapes and that every value is finite.
     pub fn from_state(config: GptConfig, state: &ModelState) -> Result<Self, ModelError> {
-        let mut model = Gpt::init(config, 0)?;
+        config.validate()?;
+        let entries = layout::entries(&config);
+        let len = layout::total_len(&entries);
+        let mut model = Gpt { config, entries, params: vec![0.0; len], grads: vec![0.0; len], acts: None };
         model.load_state(state)?;
         Ok(model)
     }
