@@ -168,13 +168,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut infos = Vec::new();
     for language in &languages {
         let id = NodeId::new(format!("node-{language}"))?;
+        // The held-out text ships with the project; check it before fetching anything.
+        heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
         let bytes = data::corpus(&data_dir, language)?;
         infos.push(NodeInfo { node: id.to_string(), language: language.clone(), corpus_bytes: bytes.len() });
         let corpus = LocalCorpus::from_bytes(bytes);
         let dir = out.join("nodes").join(id.as_str());
         nodes.push(Node::new(id.clone(), language.clone(), corpus, config, settings, dir)?);
         members.push(Member { node: id, language: language.clone() });
-        heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
     }
 
     let base = Gpt::init(config, args.seed)?.to_state();
