@@ -2,13 +2,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weft_core::aggregate::{axpy, LengthError, OuterError};
+use weft_core::aggregate::{LengthError, OuterError};
 use weft_core::contribution::{self, OpenRound};
 use weft_core::quality::{measured_quality, LossTable};
 use weft_core::{
-    ContentHash, Contribution, ModelState, NodeId, OuterOptimizer, OuterState, Policy, PolicyError, Rejection,
-    StateError,
+    Aggregator, AggregatorError, ContentHash, Contribution, ModelState, NodeId, OuterOptimizer, OuterState, Policy,
+    PolicyError, Rejection, StateError,
 };
+
+use crate::aggregation::{self, Accepted};
 
 use crate::measure::{Measure, MeasureError};
 use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
@@ -46,6 +48,10 @@ pub enum CoordinatorError {
     Measure(#[from] MeasureError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("aggregator: {0}")]
+    Aggregator(#[from] AggregatorError),
+    #[error("aggregator {rule} needs at least {needed} accepted deltas but the roster has only {roster} nodes")]
+    RosterTooSmall { rule: String, needed: usize, roster: usize },
     #[error("probe scale must be in (0, 1], got {0}")]
     ProbeScale(f32),
     #[error("the roster is empty")]
@@ -79,7 +85,8 @@ struct Pending {
     received: BTreeSet<NodeId>,
     records: Vec<ContributionRecord>,
     measured: Vec<(NodeId, f64)>,
-    deltas: BTreeMap<NodeId, ContentHash>,
+    /// Content hash and L2 norm of each measured delta.
+    deltas: BTreeMap<NodeId, (ContentHash, f64)>,
 }
 
 pub struct Coordinator<M: Measure> {
@@ -88,6 +95,9 @@ pub struct Coordinator<M: Measure> {
     policy: Policy,
     outer: OuterOptimizer,
     outer_state: BTreeMap<String, OuterState>,
+    aggregator: Aggregator,
+    /// Centered clipping's center from the last round that moved the base.
+    center: Option<ModelState>,
     base: ModelState,
     base_hash: ContentHash,
     base_loss: LossTable,
@@ -144,6 +154,8 @@ impl<M: Measure> Coordinator<M> {
             policy,
             outer,
             outer_state: BTreeMap::new(),
+            aggregator: Aggregator::WeightedMean,
+            center: None,
             base_hash: base.content_hash(),
             base,
             base_loss,
@@ -162,6 +174,22 @@ impl<M: Measure> Coordinator<M> {
         }
         self.probe_scale = scale;
         Ok(self)
+    }
+
+    /// Combines accepted deltas with `rule` instead of the weighted mean. Refused if the roster
+    /// could never supply the inputs the rule needs.
+    pub fn with_aggregator(mut self, rule: Aggregator) -> Result<Self, CoordinatorError> {
+        rule.validate()?;
+        let needed = rule.min_inputs();
+        if self.roster.len() < needed {
+            return Err(CoordinatorError::RosterTooSmall { rule: rule.to_string(), needed, roster: self.roster.len() });
+        }
+        self.aggregator = rule;
+        Ok(self)
+    }
+
+    pub fn aggregator(&self) -> &Aggregator {
+        &self.aggregator
     }
 
     pub fn probe_scale(&self) -> f32 {
@@ -235,6 +263,7 @@ impl<M: Measure> Coordinator<M> {
             quality: None,
             weight: 0.0,
             capped: false,
+            influence: 0.0,
             declared: contribution.declared.clone(),
             token_count: contribution.token_count,
             delta_hash: None,
@@ -268,11 +297,12 @@ impl<M: Measure> Coordinator<M> {
         let delta_hash = self.store.put(&contribution.delta).map_err(CoordinatorError::from)?;
         record.quality = quality.is_finite().then_some(quality);
         record.delta_hash = Some(delta_hash);
-        record.delta_norm = Some(contribution.delta.norm());
+        let norm = contribution.delta.norm();
+        record.delta_norm = Some(norm);
         record.heldout_loss = Some(heldout);
         pending.records.push(record);
         pending.measured.push((contribution.node.clone(), quality));
-        pending.deltas.insert(contribution.node.clone(), delta_hash);
+        pending.deltas.insert(contribution.node.clone(), (delta_hash, norm));
         tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
         Ok(Receipt { node: contribution.node, quality, delta_hash })
     }
@@ -282,16 +312,38 @@ impl<M: Measure> Coordinator<M> {
     /// (or the quorum is missed) the base stays bitwise unchanged.
     pub fn close_round(&mut self) -> Result<RoundRecord, CoordinatorError> {
         let Some(mut pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
-        let decision = self.policy.decide(&pending.measured, self.roster.len());
-        let accepted: Vec<(ContentHash, f32)> =
-            decision.weights.iter().filter_map(|(node, &w)| pending.deltas.get(node).map(|h| (*h, w as f32))).collect();
-        let previous_base_hash = self.base_hash;
+        let mut decision = self.policy.decide(&pending.measured, self.roster.len());
+        // Accepted deltas in node-id order: arrival order never changes a bit of the result.
+        let accepted: Vec<Accepted> = decision
+            .weights
+            .iter()
+            .filter_map(|(node, &weight)| {
+                pending.deltas.get(node).map(|&(hash, norm)| Accepted { node: node.clone(), hash, weight, norm })
+            })
+            .collect();
         if !accepted.is_empty() {
+            if let Err(AggregatorError::TooFew { rule, needed, got }) = self.aggregator.check_inputs(accepted.len()) {
+                for a in &accepted {
+                    let reason = Rejection::TooFewForAggregator { rule: rule.clone(), accepted: got, needed };
+                    decision.rejected.insert(a.node.clone(), reason);
+                }
+                decision.weights.clear();
+                decision.capped.clear();
+                decision.unassigned = 1.0;
+            }
+        }
+        let previous_base_hash = self.base_hash;
+        let mut influence = BTreeMap::new();
+        if !decision.weights.is_empty() {
             match self.aggregate(&accepted) {
-                Ok((next, outer_state)) => {
+                Ok((next, outer_state, outcome)) => {
                     self.base_hash = next.content_hash();
                     self.base = next;
                     self.outer_state = outer_state;
+                    if outcome.center.is_some() {
+                        self.center = outcome.center;
+                    }
+                    influence = outcome.influence;
                     self.base_loss = self.measure.heldout_loss(&self.base)?;
                 }
                 Err(e) => {
@@ -309,6 +361,7 @@ impl<M: Measure> Coordinator<M> {
             if let Some(&w) = decision.weights.get(&node) {
                 record.accepted = true;
                 record.weight = w;
+                record.influence = influence.get(&node).copied().unwrap_or(0.0);
                 record.capped = decision.capped.contains(&node);
             } else if let Some(reason) = decision.rejected.get(&node) {
                 record.reason = Some(reason.code().to_owned());
@@ -340,6 +393,7 @@ impl<M: Measure> Coordinator<M> {
             unassigned_share: decision.unassigned,
             quorum_required: self.policy.required(self.roster.len()),
             probe_scale: self.probe_scale,
+            aggregator: self.aggregator.to_string(),
             accepted: decision.weights.len(),
             contributions: pending.records,
             heldout_loss: self.base_loss.clone(),
@@ -348,35 +402,30 @@ impl<M: Measure> Coordinator<M> {
         Ok(record)
     }
 
-    /// `next = base + outer(Σ wᵢ Δᵢ)`, one tensor at a time: for each tensor, each accepted delta
-    /// is read from its memory map, added into one step buffer, and dropped. Summation order is
-    /// by node id, so arrival order never changes a bit of the result.
+    /// `next = base + outer(step)`, with the step computed by the aggregator from the store
+    /// (see [`aggregation`]). Works on copies: an error leaves the coordinator untouched.
     fn aggregate(
         &self,
-        accepted: &[(ContentHash, f32)],
-    ) -> Result<(ModelState, BTreeMap<String, OuterState>), CoordinatorError> {
-        let mapped = accepted.iter().map(|(hash, _)| self.store.map(hash)).collect::<Result<Vec<_>, _>>()?;
-        let mut readers = mapped.iter().map(|m| m.reader()).collect::<Result<Vec<_>, _>>()?;
+        accepted: &[Accepted],
+    ) -> Result<(ModelState, BTreeMap<String, OuterState>, aggregation::Outcome), CoordinatorError> {
+        let outcome = aggregation::aggregate(
+            &self.aggregator,
+            accepted,
+            self.policy.cap,
+            &self.store,
+            &self.base,
+            self.center.as_ref(),
+        )?;
         let mut next = self.base.clone();
         let mut outer_state = self.outer_state.clone();
-        let (mut step, mut scratch) = (Vec::new(), Vec::new());
-        for (name, tensor) in next.iter_mut() {
-            step.clear();
-            step.resize(tensor.len(), 0.0f32);
-            for ((_, w), reader) in accepted.iter().zip(readers.iter_mut()) {
-                reader.read(name, &mut scratch)?;
-                axpy(&mut step, *w, &scratch)?;
-            }
+        for ((name, tensor), (_, step)) in next.iter_mut().zip(outcome.step.iter()) {
             let state = outer_state.entry(name.to_owned()).or_default();
-            self.outer.apply(tensor.data_mut(), &step, state)?;
-        }
-        for reader in readers {
-            reader.verify()?;
+            self.outer.apply(tensor.data_mut(), step.data(), state)?;
         }
         next.check_finite().map_err(CoordinatorError::NonFiniteResult)?;
         if !self.outer.keeps_state() {
             outer_state.clear();
         }
-        Ok((next, outer_state))
+        Ok((next, outer_state, outcome))
     }
 }

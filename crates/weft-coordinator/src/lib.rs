@@ -2,6 +2,7 @@
 //! text itself, applies the policy, and folds the accepted deltas into the next shared base
 //! tensor by tensor from a content-addressed store.
 
+mod aggregation;
 mod coordinator;
 mod measure;
 mod record;

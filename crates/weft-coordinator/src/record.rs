@@ -23,6 +23,10 @@ pub struct ContributionRecord {
     pub weight: f64,
     /// True when the cap limited this node's weight.
     pub capped: bool,
+    /// The coefficient the delta actually carried in the step after the aggregator (a norm
+    /// bound's clipping, Multi-Krum's selection, centered clipping's last iteration; for median
+    /// and trimmed mean the nominal share W/n). 0 when rejected.
+    pub influence: f64,
     /// What the node said about itself; recorded, never used.
     pub declared: BTreeMap<String, f64>,
     pub token_count: u64,
@@ -44,6 +48,8 @@ pub struct RoundRecord {
     pub quorum_required: usize,
     /// Each delta's quality was measured on `base + probe_scale · Δ`.
     pub probe_scale: f32,
+    /// The aggregation rule, e.g. `mean`, `median`, `multi-krum:1:3`.
+    pub aggregator: String,
     pub accepted: usize,
     pub contributions: Vec<ContributionRecord>,
     /// Held-out loss per language of the new base.

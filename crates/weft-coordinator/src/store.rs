@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::SafeTensors;
-use weft_core::state::decode_f32_into;
 use weft_core::{CanonicalHasher, ContentHash, Delta, StateError};
 
 pub struct DeltaStore {
@@ -82,29 +81,76 @@ impl MappedDelta {
         let file = SafeTensors::deserialize(&self.map)
             .map_err(|e| StoreError::Format { path: self.path.clone(), source: StateError::Format(e.to_string()) })?;
         let hasher = CanonicalHasher::new(file.len());
-        Ok(DeltaReader { source: self, file, hasher })
+        Ok(DeltaReader { source: self, file, hasher, current: None })
     }
 }
 
-/// Reads a stored delta tensor by tensor, in sorted-name order, hashing as it goes.
+/// Reads a stored delta tensor by tensor, in sorted-name order, hashing as it goes. A tensor may
+/// be read whole ([`read`](Self::read)) or in consecutive ranges ([`read_range`](Self::read_range)).
 pub struct DeltaReader<'a> {
     source: &'a MappedDelta,
     file: SafeTensors<'a>,
     hasher: CanonicalHasher,
+    /// The tensor being read in ranges and how far it has been read.
+    current: Option<(String, usize)>,
 }
 
-impl DeltaReader<'_> {
+impl<'a> DeltaReader<'a> {
     /// Decodes tensor `name` into `out`. Call in sorted-name order over every tensor, then
     /// [`verify`](Self::verify).
     pub fn read(&mut self, name: &str, out: &mut Vec<f32>) -> Result<(), StoreError> {
-        let path = &self.source.path;
-        let view = self
-            .file
-            .tensor(name)
-            .map_err(|_| StoreError::MissingTensor { path: path.clone(), name: name.to_owned() })?;
-        decode_f32_into(name, &view, out).map_err(|source| StoreError::Format { path: path.clone(), source })?;
-        self.hasher.tensor(name, view.shape(), out);
+        let len = self.tensor_len(name)?;
+        self.read_range(name, 0, len, out)
+    }
+
+    /// Number of values of tensor `name`.
+    pub fn tensor_len(&self, name: &str) -> Result<usize, StoreError> {
+        let view = self.view(name)?;
+        Ok(view.shape().iter().product())
+    }
+
+    /// Decodes values `start..start + len` of tensor `name` into `out`. Ranges of one tensor must
+    /// be read from 0 upwards without gaps, tensors in sorted-name order, so that the content
+    /// hash can be checked at the end.
+    pub fn read_range(&mut self, name: &str, start: usize, len: usize, out: &mut Vec<f32>) -> Result<(), StoreError> {
+        let path = self.source.path.clone();
+        let view = self.view(name)?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(StoreError::Format {
+                path,
+                source: StateError::Dtype { name: name.to_owned(), dtype: format!("{:?}", view.dtype()) },
+            });
+        }
+        let total: usize = view.shape().iter().product();
+        let raw = view.data();
+        let in_order = match &self.current {
+            Some((current, next)) if current == name => *next == start,
+            _ => start == 0,
+        };
+        if !in_order || start + len > total || raw.len() != total * 4 {
+            return Err(StoreError::Format {
+                path,
+                source: StateError::Format(format!(
+                    "tensor '{name}': range {start}+{len} of {total} read out of order"
+                )),
+            });
+        }
+        if start == 0 {
+            self.hasher.begin_tensor(name, view.shape(), total);
+        }
+        out.clear();
+        out.extend(
+            raw[start * 4..(start + len) * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        self.hasher.update(out);
+        self.current = Some((name.to_owned(), start + len));
         Ok(())
+    }
+
+    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'a>, StoreError> {
+        self.file
+            .tensor(name)
+            .map_err(|_| StoreError::MissingTensor { path: self.source.path.clone(), name: name.to_owned() })
     }
 
     /// Checks that what was read is exactly the delta the file is named for.
@@ -151,6 +197,17 @@ mod tests {
         let mut buf = Vec::new();
         reader.read("a", &mut buf).unwrap();
         assert_eq!(buf, [1.0, -2.0, 0.5]);
+        reader.read("b", &mut buf).unwrap();
+        reader.verify().unwrap();
+        // In ranges, the same values and the same hash.
+        let mut reader = mapped.reader().unwrap();
+        reader.read_range("a", 0, 2, &mut buf).unwrap();
+        assert_eq!(buf, [1.0, -2.0]);
+        assert!(reader.read_range("a", 0, 1, &mut buf).is_err(), "a range out of order is refused");
+        let mut reader = mapped.reader().unwrap();
+        reader.read_range("a", 0, 2, &mut buf).unwrap();
+        reader.read_range("a", 2, 1, &mut buf).unwrap();
+        assert_eq!(buf, [0.5]);
         reader.read("b", &mut buf).unwrap();
         reader.verify().unwrap();
     }

@@ -96,6 +96,8 @@ pub enum Rejection {
     NonPositiveQuality { quality: f64 },
     #[error("only {accepted} contributions passed, the quorum needs {required}: the base stays unchanged")]
     QuorumNotMet { accepted: usize, required: usize },
+    #[error("only {accepted} contributions passed, the aggregator {rule} needs {needed}: the base stays unchanged")]
+    TooFewForAggregator { rule: String, accepted: usize, needed: usize },
 }
 
 impl Rejection {
@@ -117,6 +119,7 @@ impl Rejection {
             Rejection::BelowFloor { .. } => "below_floor",
             Rejection::NonPositiveQuality { .. } => "non_positive_quality",
             Rejection::QuorumNotMet { .. } => "quorum_not_met",
+            Rejection::TooFewForAggregator { .. } => "too_few_for_aggregator",
         }
     }
 }

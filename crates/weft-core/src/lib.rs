@@ -12,6 +12,7 @@ pub mod delta;
 pub mod hash;
 pub mod policy;
 pub mod quality;
+pub mod robust;
 pub mod state;
 pub mod tensor;
 
@@ -20,5 +21,6 @@ pub use contribution::{Contribution, NodeId, Rejection};
 pub use delta::Delta;
 pub use hash::ContentHash;
 pub use policy::{Decision, Policy, PolicyError, Weighting};
+pub use robust::{Aggregator, AggregatorError, NormBound};
 pub use state::{CanonicalHasher, ModelState, StateError};
 pub use tensor::Tensor;

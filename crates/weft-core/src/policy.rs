@@ -130,8 +130,8 @@ impl Policy {
 }
 
 /// Water-filling: the largest nodes are pinned at the cap one by one until the rest, shared in
-/// proportion to their scores, all fit under it.
-fn capped_weights(mut scores: Vec<(f64, &NodeId)>, cap: f64) -> (BTreeMap<NodeId, f64>, BTreeSet<NodeId>) {
+/// proportion to their scores, all fit under it. Scores must be positive and finite.
+pub fn capped_weights(mut scores: Vec<(f64, &NodeId)>, cap: f64) -> (BTreeMap<NodeId, f64>, BTreeSet<NodeId>) {
     // A fixed order (score descending, then id) makes every sum, and so every bit, order-free.
     scores.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     let mut pinned = 0;

@@ -187,6 +187,12 @@ impl CanonicalHasher {
     /// The name, the dtype, the shape and the little-endian bytes, each length-prefixed so no two
     /// states collide by re-splitting the same bytes.
     pub fn tensor(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+        self.begin_tensor(name, shape, data.len());
+        self.update(data);
+    }
+
+    /// Starts a tensor of `len` values whose data will follow through [`update`](Self::update).
+    pub fn begin_tensor(&mut self, name: &str, shape: &[usize], len: usize) {
         let h = &mut self.hasher;
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
@@ -195,12 +201,16 @@ impl CanonicalHasher {
         for &dim in shape {
             h.update(&(dim as u64).to_le_bytes());
         }
-        h.update(&((data.len() * 4) as u64).to_le_bytes());
+        h.update(&((len * 4) as u64).to_le_bytes());
+    }
+
+    /// The next values of the current tensor, in order.
+    pub fn update(&mut self, data: &[f32]) {
         // In blocks, so that a large tensor needs no second full-size byte copy.
         for chunk in data.chunks(4096) {
             self.block.clear();
             self.block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-            h.update(&self.block);
+            self.hasher.update(&self.block);
         }
     }
 

@@ -1,0 +1,343 @@
+//! Turning the accepted deltas into one step, streaming them from the store.
+//!
+//! Linear rules (weighted mean, norm bound, the mean over Multi-Krum's selection) read one delta
+//! at a time into one scratch buffer. Order statistics (median, trimmed mean) and pairwise
+//! distances (Multi-Krum) read the same chunk of every delta at once: N chunks of [`CHUNK`]
+//! values, so memory stays bounded by N × 256 KiB whatever the model size. Every pass recomputes
+//! each delta's content hash and checks it before its result is used.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use weft_core::aggregate::axpy;
+use weft_core::policy::capped_weights;
+use weft_core::robust::{clip_factor, krum_select, median, trimmed_mean};
+use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound};
+
+use crate::store::{DeltaStore, StoreError};
+
+/// Values per delta read at once by column-wise rules.
+const CHUNK: usize = 64 * 1024;
+
+/// An accepted delta as the aggregation sees it: its policy weight and its norm as measured by
+/// the coordinator at submission.
+#[derive(Clone, Debug)]
+pub(crate) struct Accepted {
+    pub node: NodeId,
+    pub hash: ContentHash,
+    pub weight: f64,
+    pub norm: f64,
+}
+
+pub(crate) struct Outcome {
+    pub step: ModelState,
+    /// The coefficient each node's delta actually carried in the step (for column-wise rules,
+    /// its nominal share W/n).
+    pub influence: BTreeMap<NodeId, f64>,
+    /// Centered clipping's final center, kept for the next round.
+    pub center: Option<ModelState>,
+}
+
+/// Computes the step of `rule` over `accepted` (sorted by node id), for tensors laid out as `base`.
+pub(crate) fn aggregate(
+    rule: &Aggregator,
+    accepted: &[Accepted],
+    cap: f64,
+    store: &DeltaStore,
+    base: &ModelState,
+    previous_center: Option<&ModelState>,
+) -> Result<Outcome, StoreError> {
+    let total: f64 = accepted.iter().map(|a| a.weight).sum();
+    let n = accepted.len();
+    let nominal = || accepted.iter().map(|a| (a.node.clone(), total / n as f64)).collect();
+    match *rule {
+        Aggregator::WeightedMean => linear(accepted, accepted.iter().map(|a| a.weight).collect(), store, base),
+        Aggregator::NormBound { bound } => {
+            let tau = match bound {
+                NormBound::Fixed(t) => t,
+                NormBound::Adaptive(k) => {
+                    let mut norms: Vec<f32> = accepted.iter().map(|a| a.norm as f32).collect();
+                    k * f64::from(median(&mut norms))
+                }
+            };
+            let coefficients = accepted.iter().map(|a| a.weight * clip_factor(a.norm, tau)).collect();
+            linear(accepted, coefficients, store, base)
+        }
+        Aggregator::Median => {
+            let step = columns(accepted, store, base, |col| median(col))?;
+            Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
+        }
+        Aggregator::TrimmedMean { beta } => {
+            let k = Aggregator::trimmed(beta, n);
+            let step = columns(accepted, store, base, |col| trimmed_mean(col, k))?;
+            Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
+        }
+        Aggregator::MultiKrum { f, m } => {
+            let dist2 = pairwise_distances(accepted, store, base)?;
+            let (chosen, _) = krum_select(&dist2, n, f, m);
+            let scores: Vec<(f64, &NodeId)> = chosen.iter().map(|&i| (accepted[i].weight, &accepted[i].node)).collect();
+            let (weights, _) = capped_weights(scores, cap);
+            let coefficients = accepted.iter().map(|a| weights.get(&a.node).copied().unwrap_or(0.0)).collect();
+            linear(accepted, coefficients, store, base)
+        }
+        Aggregator::CenteredClipping { tau, iterations } => {
+            centered_clipping(accepted, total, tau, iterations, store, base, previous_center)
+        }
+    }
+}
+
+/// `Σ cᵢ Δᵢ`, one delta at a time into the step (summation order: node id).
+fn linear(
+    accepted: &[Accepted],
+    coefficients: Vec<f64>,
+    store: &DeltaStore,
+    base: &ModelState,
+) -> Result<Outcome, StoreError> {
+    let mut step = base.zeros_like();
+    let mut scratch = Vec::new();
+    for (a, &c) in accepted.iter().zip(&coefficients) {
+        if c == 0.0 {
+            continue;
+        }
+        let mapped = store.map(&a.hash)?;
+        let mut reader = mapped.reader()?;
+        for (name, tensor) in step.iter_mut() {
+            reader.read(name, &mut scratch)?;
+            add(tensor.data_mut(), c as f32, &scratch, &store.path_of(&a.hash), name)?;
+        }
+        reader.verify()?;
+    }
+    let influence = accepted.iter().zip(coefficients).map(|(a, c)| (a.node.clone(), c)).collect();
+    Ok(Outcome { step, influence, center: None })
+}
+
+fn add(out: &mut [f32], c: f32, x: &[f32], path: &std::path::Path, name: &str) -> Result<(), StoreError> {
+    axpy(out, c, x).map_err(|e| StoreError::Format {
+        path: path.to_owned(),
+        source: weft_core::StateError::Format(format!("tensor '{name}': {e}")),
+    })
+}
+
+/// Calls `visit(name, offset, chunks)` for every chunk of every tensor, with the same range of
+/// every delta, then checks every delta's hash.
+fn for_each_chunk(
+    accepted: &[Accepted],
+    store: &DeltaStore,
+    base: &ModelState,
+    mut visit: impl FnMut(&str, usize, &[Vec<f32>]),
+) -> Result<(), StoreError> {
+    let mapped = accepted.iter().map(|a| store.map(&a.hash)).collect::<Result<Vec<_>, _>>()?;
+    let mut readers = mapped.iter().map(|m| m.reader()).collect::<Result<Vec<_>, _>>()?;
+    let mut chunks = vec![Vec::new(); accepted.len()];
+    for (name, tensor) in base.iter() {
+        let len = tensor.len();
+        let mut start = 0;
+        while start < len || (len == 0 && start == 0) {
+            let take = CHUNK.min(len - start);
+            for (reader, chunk) in readers.iter_mut().zip(chunks.iter_mut()) {
+                reader.read_range(name, start, take, chunk)?;
+            }
+            visit(name, start, &chunks);
+            start += take;
+            if take == 0 {
+                break;
+            }
+        }
+    }
+    for reader in readers {
+        reader.verify()?;
+    }
+    Ok(())
+}
+
+/// Applies `rule` to every coordinate's column of n values.
+fn columns(
+    accepted: &[Accepted],
+    store: &DeltaStore,
+    base: &ModelState,
+    rule: impl Fn(&mut [f32]) -> f32 + Sync,
+) -> Result<ModelState, StoreError> {
+    let mut step = base.zeros_like();
+    let n = accepted.len();
+    for_each_chunk(accepted, store, base, |name, start, chunks| {
+        let Some(tensor) = step.get_mut(name) else { return };
+        let take = chunks.first().map_or(0, Vec::len);
+        let out = &mut tensor.data_mut()[start..start + take];
+        out.par_chunks_mut(1024).enumerate().for_each(|(block, out)| {
+            let mut column = vec![0.0f32; n];
+            for (k, o) in out.iter_mut().enumerate() {
+                let j = block * 1024 + k;
+                for (c, chunk) in column.iter_mut().zip(chunks) {
+                    *c = chunk[j];
+                }
+                *o = rule(&mut column);
+            }
+        });
+    })?;
+    Ok(step)
+}
+
+/// Squared L2 distances between every pair of deltas, `dist2[i·n + j]`.
+fn pairwise_distances(accepted: &[Accepted], store: &DeltaStore, base: &ModelState) -> Result<Vec<f64>, StoreError> {
+    let n = accepted.len();
+    let mut dist2 = vec![0.0f64; n * n];
+    for_each_chunk(accepted, store, base, |_, _, chunks| {
+        let pairs: Vec<(usize, usize)> = (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).collect();
+        let partial: Vec<f64> = pairs
+            .par_iter()
+            .map(|&(i, j)| chunks[i].iter().zip(&chunks[j]).map(|(a, b)| f64::from(a - b) * f64::from(a - b)).sum())
+            .collect();
+        for (&(i, j), d) in pairs.iter().zip(partial) {
+            dist2[i * n + j] += d;
+            dist2[j * n + i] += d;
+        }
+    })?;
+    Ok(dist2)
+}
+
+fn scaled(mut step: ModelState, factor: f64) -> ModelState {
+    let f = factor as f32;
+    for (_, tensor) in step.iter_mut() {
+        tensor.data_mut().iter_mut().for_each(|v| *v *= f);
+    }
+    step
+}
+
+/// Centered clipping around the previous round's center.
+fn centered_clipping(
+    accepted: &[Accepted],
+    total: f64,
+    tau: f64,
+    iterations: usize,
+    store: &DeltaStore,
+    base: &ModelState,
+    previous_center: Option<&ModelState>,
+) -> Result<Outcome, StoreError> {
+    let mut center = match previous_center {
+        Some(c) if c.check_layout(base).is_ok() => c.clone(),
+        _ => base.zeros_like(),
+    };
+    let shares: Vec<f64> = accepted.iter().map(|a| if total > 0.0 { a.weight / total } else { 0.0 }).collect();
+    let mut last = vec![0.0; accepted.len()];
+    let mut scratch = Vec::new();
+    for _ in 0..iterations {
+        // ‖Δᵢ − v‖ for every delta: one streaming pass each.
+        let mut factors = Vec::with_capacity(accepted.len());
+        for a in accepted {
+            let mapped = store.map(&a.hash)?;
+            let mut reader = mapped.reader()?;
+            let mut sq = 0.0f64;
+            for (name, v) in center.iter() {
+                reader.read(name, &mut scratch)?;
+                sq += scratch.iter().zip(v.data()).map(|(d, c)| f64::from(d - c) * f64::from(d - c)).sum::<f64>();
+            }
+            reader.verify()?;
+            factors.push(clip_factor(sq.sqrt(), tau));
+        }
+        // v ← v + Σ aᵢ(Δᵢ − v) = (1 − Σ aᵢ)·v + Σ aᵢΔᵢ, with aᵢ = w̃ᵢ·clipᵢ.
+        let coefficients: Vec<f64> = shares.iter().zip(&factors).map(|(s, f)| s * f).collect();
+        let keep = 1.0 - coefficients.iter().sum::<f64>();
+        let moved = linear(accepted, coefficients.clone(), store, base)?.step;
+        for ((_, v), (_, m)) in center.iter_mut().zip(moved.iter()) {
+            for (v, m) in v.data_mut().iter_mut().zip(m.data()) {
+                *v = keep as f32 * *v + m;
+            }
+        }
+        last = coefficients;
+    }
+    let influence = accepted.iter().zip(&last).map(|(a, c)| (a.node.clone(), c * total)).collect();
+    let step = scaled(center.clone(), total);
+    Ok(Outcome { step, influence, center: Some(center) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::{Delta, Tensor};
+
+    fn setup(values: &[[f32; 3]]) -> (tempfile::TempDir, DeltaStore, ModelState, Vec<Accepted>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DeltaStore::open(tmp.path()).unwrap();
+        let mut base = ModelState::new();
+        base.insert("w", Tensor::zeros(vec![3]));
+        let n = values.len();
+        let accepted = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let mut s = ModelState::new();
+                s.insert("w", Tensor::new(vec![3], v.to_vec()).unwrap());
+                let delta = Delta::from_state(s);
+                Accepted {
+                    node: NodeId::new(format!("n{i}")).unwrap(),
+                    hash: store.put(&delta).unwrap(),
+                    weight: 1.0 / n as f64,
+                    norm: delta.norm(),
+                }
+            })
+            .collect();
+        (tmp, store, base, accepted)
+    }
+
+    fn step(rule: Aggregator, values: &[[f32; 3]]) -> Vec<f32> {
+        let (_tmp, store, base, accepted) = setup(values);
+        aggregate(&rule, &accepted, 1.0, &store, &base, None).unwrap().step.get("w").unwrap().data().to_vec()
+    }
+
+    const HONEST_AND_ONE_ATTACKER: [[f32; 3]; 5] =
+        [[1.0, 1.0, 1.0], [1.2, 0.8, 1.0], [0.8, 1.2, 1.0], [1.0, 1.0, 1.2], [-100.0, 100.0, -100.0]];
+
+    #[test]
+    fn the_mean_is_captured_by_one_attacker_and_robust_rules_are_not() {
+        let mean = step(Aggregator::WeightedMean, &HONEST_AND_ONE_ATTACKER);
+        assert!(mean[0] < -15.0);
+        for rule in [
+            Aggregator::Median,
+            Aggregator::TrimmedMean { beta: 0.2 },
+            Aggregator::MultiKrum { f: 1, m: 3 },
+            Aggregator::NormBound { bound: NormBound::Adaptive(1.0) },
+            Aggregator::CenteredClipping { tau: 1.0, iterations: 3 },
+        ] {
+            let s = step(rule, &HONEST_AND_ONE_ATTACKER);
+            assert!(s.iter().all(|v| v.abs() < 2.0), "{rule}: {s:?}");
+        }
+        assert_eq!(step(Aggregator::Median, &HONEST_AND_ONE_ATTACKER), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn krum_keeps_the_cap_and_reports_who_it_dropped() {
+        let (_tmp, store, base, accepted) = setup(&HONEST_AND_ONE_ATTACKER);
+        let out = aggregate(&Aggregator::MultiKrum { f: 1, m: 2 }, &accepted, 0.4, &store, &base, None).unwrap();
+        assert_eq!(out.influence[&NodeId::new("n4").unwrap()], 0.0);
+        assert!(out.influence.values().all(|&w| w <= 0.4));
+        assert!((out.influence.values().sum::<f64>() - 0.8).abs() < 1e-12);
+    }
+
+    #[test]
+    fn column_rules_stream_tensors_longer_than_a_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DeltaStore::open(tmp.path()).unwrap();
+        let len = CHUNK * 2 + 5;
+        let mut base = ModelState::new();
+        base.insert("big", Tensor::zeros(vec![len]));
+        let accepted: Vec<Accepted> = (0..3)
+            .map(|i| {
+                let mut s = ModelState::new();
+                s.insert("big", Tensor::new(vec![len], (0..len).map(|j| (j % 7) as f32 + i as f32).collect()).unwrap());
+                let delta = Delta::from_state(s);
+                Accepted {
+                    node: NodeId::new(format!("n{i}")).unwrap(),
+                    hash: store.put(&delta).unwrap(),
+                    weight: 1.0 / 3.0,
+                    norm: delta.norm(),
+                }
+            })
+            .collect();
+        let out = aggregate(&Aggregator::Median, &accepted, 1.0, &store, &base, None).unwrap();
+        let data = out.step.get("big").unwrap().data();
+        for j in [0, CHUNK - 1, CHUNK, len - 1] {
+            let expected = ((j % 7) as f32 + 1.0) * (3.0 * (1.0 / 3.0f64)) as f32;
+            assert!((data[j] - expected).abs() < 1e-5, "{j}: {} vs {expected}", data[j]);
+        }
+    }
+}
