@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use weft_core::aggregate::axpy;
 use weft_core::policy::capped_weights;
-use weft_core::robust::{clip_factor, krum_select, median, trimmed_mean};
+use weft_core::robust::{clip_factor, krum_select, median, reduce_columns, trimmed_mean};
 use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound};
 
 use crate::store::{DeltaStore, StoreError};
@@ -158,21 +158,11 @@ fn columns(
     rule: impl Fn(&mut [f32]) -> f32 + Sync,
 ) -> Result<ModelState, StoreError> {
     let mut step = base.zeros_like();
-    let n = accepted.len();
     for_each_chunk(accepted, store, base, |name, start, chunks| {
         let Some(tensor) = step.get_mut(name) else { return };
         let take = chunks.first().map_or(0, Vec::len);
-        let out = &mut tensor.data_mut()[start..start + take];
-        out.par_chunks_mut(1024).enumerate().for_each(|(block, out)| {
-            let mut column = vec![0.0f32; n];
-            for (k, o) in out.iter_mut().enumerate() {
-                let j = block * 1024 + k;
-                for (c, chunk) in column.iter_mut().zip(chunks) {
-                    *c = chunk[j];
-                }
-                *o = rule(&mut column);
-            }
-        });
+        let inputs: Vec<&[f32]> = chunks.iter().map(Vec::as_slice).collect();
+        reduce_columns(&inputs, &mut tensor.data_mut()[start..start + take], &rule);
     })?;
     Ok(step)
 }

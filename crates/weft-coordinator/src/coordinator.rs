@@ -7,7 +7,7 @@ use weft_core::contribution::{self, OpenRound};
 use weft_core::quality::{measured_quality, LossTable};
 use weft_core::{
     Aggregator, AggregatorError, ContentHash, Contribution, ModelState, NodeId, OuterOptimizer, OuterState, Policy,
-    PolicyError, Rejection, StateError,
+    PolicyError, Rejection, StateError, Weighting,
 };
 
 use crate::aggregation::{self, Accepted};
@@ -85,6 +85,9 @@ struct Pending {
     received: BTreeSet<NodeId>,
     records: Vec<ContributionRecord>,
     measured: Vec<(NodeId, f64)>,
+    /// What each measured node declared as its quality (`quality`, else `validation_gain`);
+    /// used only by the [`Weighting::Declared`] baseline.
+    declared: Vec<(NodeId, f64)>,
     /// Content hash and L2 norm of each measured delta.
     deltas: BTreeMap<NodeId, (ContentHash, f64)>,
 }
@@ -241,6 +244,7 @@ impl<M: Measure> Coordinator<M> {
             received: BTreeSet::new(),
             records: Vec::new(),
             measured: Vec::new(),
+            declared: Vec::new(),
             deltas: BTreeMap::new(),
         });
         tracing::info!(round, base = %self.base_hash.short(), "round opened");
@@ -302,6 +306,8 @@ impl<M: Measure> Coordinator<M> {
         record.heldout_loss = Some(heldout);
         pending.records.push(record);
         pending.measured.push((contribution.node.clone(), quality));
+        let claim = contribution.declared.get("quality").or(contribution.declared.get("validation_gain"));
+        pending.declared.push((contribution.node.clone(), claim.copied().unwrap_or(f64::NAN)));
         pending.deltas.insert(contribution.node.clone(), (delta_hash, norm));
         tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
         Ok(Receipt { node: contribution.node, quality, delta_hash })
@@ -312,7 +318,8 @@ impl<M: Measure> Coordinator<M> {
     /// (or the quorum is missed) the base stays bitwise unchanged.
     pub fn close_round(&mut self) -> Result<RoundRecord, CoordinatorError> {
         let Some(mut pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
-        let mut decision = self.policy.decide(&pending.measured, self.roster.len());
+        let scores = if self.policy.weighting == Weighting::Declared { &pending.declared } else { &pending.measured };
+        let mut decision = self.policy.decide(scores, self.roster.len());
         // Accepted deltas in node-id order: arrival order never changes a bit of the result.
         let accepted: Vec<Accepted> = decision
             .weights

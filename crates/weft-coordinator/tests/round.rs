@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, RoundRecord, SubmitError};
-use weft_core::{Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
+use weft_core::{Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
@@ -27,6 +27,10 @@ struct Consortium {
 }
 
 fn consortium(languages: &[&str], policy: Policy, outer: OuterOptimizer, seed: u64) -> Consortium {
+    consortium_with(languages, policy, outer, seed, Aggregator::WeightedMean)
+}
+
+fn consortium_with(languages: &[&str], policy: Policy, outer: OuterOptimizer, seed: u64, rule: Aggregator) -> Consortium {
     let tmp = tempfile::tempdir().unwrap();
     let settings = NodeSettings {
         steps: 25,
@@ -48,7 +52,8 @@ fn consortium(languages: &[&str], policy: Policy, outer: OuterOptimizer, seed: u
     let base = Gpt::init(CONFIG, seed).unwrap().to_state();
     let measure = HeldoutSet::new(CONFIG, heldout, 16).unwrap();
     let store = DeltaStore::open(tmp.path().join("store")).unwrap();
-    let coordinator = Coordinator::new(base, members, policy, outer, measure, store).unwrap();
+    let coordinator =
+        Coordinator::new(base, members, policy, outer, measure, store).unwrap().with_aggregator(rule).unwrap();
     Consortium { _tmp: tmp, nodes, coordinator }
 }
 
@@ -267,4 +272,78 @@ fn a_corrupted_stored_delta_is_caught_before_it_reaches_the_base() {
     std::fs::write(&path, bytes).unwrap();
     assert!(c.coordinator.close_round().is_err());
     assert_eq!(c.coordinator.base_hash(), hash);
+}
+
+fn scaled(delta: &Delta, factor: f32) -> Delta {
+    let mut state = delta.state().clone();
+    for (_, t) in state.iter_mut() {
+        t.data_mut().iter_mut().for_each(|v| *v *= factor);
+    }
+    Delta::from_state(state)
+}
+
+fn mean_loss(record: &RoundRecord) -> f64 {
+    record.heldout_loss.values().sum::<f64>() / record.heldout_loss.len() as f64
+}
+
+/// Model replacement: one node scales its delta ×8. The plain mean (no floor, equal weights) is
+/// captured; an adaptive norm bound clips the attacker to the median norm and is not.
+#[test]
+fn a_scaled_delta_captures_the_mean_but_not_the_norm_bound() {
+    let run = |rule: Aggregator| {
+        let policy = Policy::new(-1e9, 1.0, 0.0, Weighting::Equal).unwrap();
+        let mut c = consortium_with(&["de", "en", "es", "fr"], policy, OuterOptimizer::TAPESTRY, 11, rule);
+        let mut last = None;
+        for _ in 0..2 {
+            let mut contributions = c.train();
+            contributions[3].delta = scaled(&contributions[3].delta, 8.0);
+            c.coordinator.open_round().unwrap();
+            for contribution in contributions {
+                c.coordinator.submit(contribution).unwrap();
+            }
+            last = Some(c.coordinator.close_round().unwrap());
+        }
+        last.unwrap()
+    };
+    let captured = run(Aggregator::WeightedMean);
+    let defended = run("norm-bound:adaptive:1".parse().unwrap());
+    assert!(mean_loss(&defended) < mean_loss(&captured) - 0.2, "{} vs {}", mean_loss(&defended), mean_loss(&captured));
+    let attacker = defended.contributions.iter().find(|r| r.node == "node-fr").unwrap();
+    assert!(attacker.influence < attacker.weight / 4.0, "{} vs {}", attacker.influence, attacker.weight);
+    let median = run(Aggregator::Median);
+    assert!(mean_loss(&median) < mean_loss(&captured) - 0.2);
+}
+
+#[test]
+fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members: Vec<Member> =
+        ["a", "b", "c"].iter().map(|n| Member { node: NodeId::new(*n).unwrap(), language: "en".into() }).collect();
+    let base = Gpt::init(CONFIG, 0).unwrap().to_state();
+    let heldout = BTreeMap::from([("en".to_string(), udhr("en").1)]);
+    let coordinator = Coordinator::new(
+        base,
+        members,
+        open_policy(),
+        OuterOptimizer::TAPESTRY,
+        HeldoutSet::new(CONFIG, heldout, 16).unwrap(),
+        DeltaStore::open(tmp.path()).unwrap(),
+    )
+    .unwrap();
+    let err = coordinator.with_aggregator("multi-krum:1:2".parse().unwrap()).err().unwrap();
+    assert!(err.to_string().contains("needs at least 5 accepted deltas but the roster has only 3"), "{err}");
+
+    let policy = Policy::new(-1e9, 1.0, 0.0, Weighting::Equal).unwrap();
+    let rule: Aggregator = "multi-krum:1:2".parse().unwrap();
+    let mut c = consortium_with(&["de", "en", "es", "fr", "it"], policy, OuterOptimizer::TAPESTRY, 12, rule);
+    let hash = c.coordinator.base_hash();
+    let mut contributions = c.train();
+    contributions.pop();
+    c.coordinator.open_round().unwrap();
+    for contribution in contributions {
+        c.coordinator.submit(contribution).unwrap();
+    }
+    let record = c.coordinator.close_round().unwrap();
+    assert_eq!(c.coordinator.base_hash(), hash);
+    assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("too_few_for_aggregator")));
 }

@@ -19,6 +19,10 @@ pub enum Weighting {
     Quality,
     /// The same for every accepted node.
     Equal,
+    /// Tapestry's rule: proportional to the quality each node *declares* about itself, with the
+    /// floor applied to that declaration. Unsafe by design (a node claiming 10⁹ takes the cap);
+    /// kept only as a baseline to compare defences against.
+    Declared,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,8 +83,9 @@ impl Policy {
         (self.quorum * roster_size as f64 - 1e-9).ceil().max(0.0) as usize
     }
 
-    /// Decides the weights from measured qualities. The result does not depend on the order of
-    /// `measured`; an id listed twice is rejected as a duplicate in every copy.
+    /// Decides the weights from measured qualities (declared ones for [`Weighting::Declared`]).
+    /// The result does not depend on the order of `measured`; an id listed twice is rejected as a
+    /// duplicate in every copy.
     pub fn decide(&self, measured: &[(NodeId, f64)], roster_size: usize) -> Decision {
         let mut decision = Decision::default();
         let mut seen = BTreeMap::<&NodeId, usize>::new();
@@ -96,11 +101,11 @@ impl Policy {
                 Err(Rejection::Unmeasurable)
             } else if quality < self.floor {
                 Err(Rejection::BelowFloor { quality, floor: self.floor })
-            } else if self.weighting == Weighting::Quality && quality <= 0.0 {
+            } else if self.weighting != Weighting::Equal && quality <= 0.0 {
                 Err(Rejection::NonPositiveQuality { quality })
             } else {
                 Ok(match self.weighting {
-                    Weighting::Quality => quality,
+                    Weighting::Quality | Weighting::Declared => quality,
                     Weighting::Equal => 1.0,
                 })
             };

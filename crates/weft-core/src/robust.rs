@@ -186,6 +186,25 @@ pub fn trimmed_mean(column: &mut [f32], k: usize) -> f32 {
     (kept.iter().map(|&v| f64::from(v)).sum::<f64>() / kept.len() as f64) as f32
 }
 
+/// `out[j] = rule(column j)`, where column j holds `inputs[i][j]` for every input i, in input
+/// order. Columns are gathered into a small buffer per thread; work is split in blocks of 1024
+/// coordinates, and each output is computed by one thread, so the result is thread-count free.
+pub fn reduce_columns(inputs: &[&[f32]], out: &mut [f32], rule: impl Fn(&mut [f32]) -> f32 + Sync) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1024;
+    let n = inputs.len();
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(block, out)| {
+        let mut column = vec![0.0f32; n];
+        let start = block * BLOCK;
+        for (k, o) in out.iter_mut().enumerate() {
+            for (c, input) in column.iter_mut().zip(inputs) {
+                *c = input[start + k];
+            }
+            *o = rule(&mut column);
+        }
+    });
+}
+
 /// Multi-Krum selection from the squared pairwise distances `dist2[i·n + j]`: each delta's
 /// score is the sum of its `n − f − 2` smallest distances to the others; the `m` lowest scores
 /// win (ties by index). Returns the selected indices, ascending, and every score.

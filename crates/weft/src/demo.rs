@@ -10,10 +10,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, RoundRecord, SubmitError};
 use weft_core::quality::LossTable;
-use weft_core::{ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
+use weft_core::{Aggregator, ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{write_atomic, LocalCorpus, Node, NodeSettings};
 
+use crate::attack::{Attack, AttackKind};
 use crate::data;
 use crate::table;
 
@@ -23,6 +24,8 @@ pub enum WeightingArg {
     Quality,
     /// Equal for every accepted node.
     Equal,
+    /// Tapestry's rule: proportional to the quality each node declares (unsafe; a baseline).
+    Declared,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -71,6 +74,19 @@ pub struct DemoArgs {
     /// Each delta's quality is measured on base + s·Δ (default 1/N, its share under equal weighting).
     #[arg(long)]
     pub probe_scale: Option<f32>,
+    /// How accepted deltas are combined: mean, norm-bound:TAU, norm-bound:adaptive:K, median,
+    /// trimmed-mean:BETA, multi-krum:F:M, centered-clipping:TAU:ITERATIONS.
+    #[arg(long, default_value = "norm-bound:adaptive:1")]
+    pub aggregator: String,
+    /// Make the last --attackers nodes malicious with this attack.
+    #[arg(long, value_enum)]
+    pub attack: Option<AttackKind>,
+    /// How many nodes attack (the last ones).
+    #[arg(long, default_value_t = 1)]
+    pub attackers: usize,
+    /// The attack's factor λ (default depends on the attack: see `weft demo --help`).
+    #[arg(long)]
+    pub attack_scale: Option<f32>,
     /// Outer optimizer applied to the aggregated step.
     #[arg(long, value_enum, default_value_t = OuterArg::Plain)]
     pub outer: OuterArg,
@@ -110,6 +126,7 @@ struct Report {
     model: GptConfig,
     parameters: usize,
     policy: Policy,
+    aggregator: Aggregator,
     outer_optimizer: OuterOptimizer,
     local_steps: u64,
     nodes: Vec<NodeInfo>,
@@ -127,6 +144,8 @@ struct NodeInfo {
     node: String,
     language: String,
     corpus_bytes: usize,
+    /// The attack this node runs (`null` for an honest node).
+    attacker: Option<AttackKind>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -136,7 +155,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let weighting = match args.weighting {
         WeightingArg::Quality => Weighting::Quality,
         WeightingArg::Equal => Weighting::Equal,
+        WeightingArg::Declared => Weighting::Declared,
     };
+    let aggregator: Aggregator = args.aggregator.parse().context("--aggregator")?;
     let policy = Policy::new(args.floor, args.cap, args.quorum, weighting).context("--floor/--cap/--quorum")?;
     let outer = match args.outer {
         OuterArg::Plain => OuterOptimizer::Plain { lr: args.outer_lr.unwrap_or(1.0) },
@@ -151,6 +172,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--lr must be a positive number, got {}", args.lr);
     }
 
+    if args.attack.is_some() && !(1..=languages.len()).contains(&args.attackers) {
+        bail!("--attackers must be between 1 and the number of nodes ({})", languages.len());
+    }
+    let mut attack = args.attack.map(|kind| {
+        let scale = args.attack_scale.unwrap_or_else(|| kind.default_scale(languages.len()));
+        Attack::new(kind, scale, args.seed, args.attackers)
+    });
+    let first_attacker = languages.len() - if attack.is_some() { args.attackers } else { 0 };
     let data_dir = data::data_dir(args.data.clone());
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let out = args.out.clone().unwrap_or_else(|| scratch.path().to_owned());
@@ -166,12 +195,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut members = Vec::new();
     let mut heldout = BTreeMap::new();
     let mut infos = Vec::new();
-    for language in &languages {
+    for (index, language) in languages.iter().enumerate() {
         let id = NodeId::new(format!("node-{language}"))?;
         // The held-out text ships with the project; check it before fetching anything.
         heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
-        let bytes = data::corpus(&data_dir, language)?;
-        infos.push(NodeInfo { node: id.to_string(), language: language.clone(), corpus_bytes: bytes.len() });
+        let mut bytes = data::corpus(&data_dir, language)?;
+        let attacker = index >= first_attacker;
+        if attacker && attack.as_ref().is_some_and(|a| a.kind == AttackKind::Poison) {
+            Attack::poison(&mut bytes, args.seed ^ index as u64);
+        }
+        infos.push(NodeInfo {
+            node: id.to_string(),
+            language: language.clone(),
+            corpus_bytes: bytes.len(),
+            attacker: attacker.then(|| args.attack).flatten(),
+        });
         let corpus = LocalCorpus::from_bytes(bytes);
         let dir = out.join("nodes").join(id.as_str());
         nodes.push(Node::new(id.clone(), language.clone(), corpus, config, settings, dir)?);
@@ -182,7 +220,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let parameters = base.num_values();
     let measure = HeldoutSet::new(config, heldout, 32)?;
     let store = DeltaStore::open(out.join("coordinator").join("deltas"))?;
-    let mut coordinator = Coordinator::new(base, members, policy, outer, measure, store)?;
+    let mut coordinator =
+        Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
     if let Some(scale) = args.probe_scale {
         coordinator = coordinator.with_probe_scale(scale)?;
     }
@@ -204,7 +243,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.seed
     );
     println!(
-        "policy: floor {} · cap {} · quorum {} ({} of {}) · weighting {} · outer {} · quality probed at {:.3}·Δ",
+        "policy: floor {} · cap {} · quorum {} ({} of {}) · weighting {} · aggregator {} · outer {} · quality probed at {:.3}·Δ",
         policy.floor,
         policy.cap,
         policy.quorum,
@@ -213,17 +252,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         match weighting {
             Weighting::Quality => "by measured quality",
             Weighting::Equal => "equal",
+            Weighting::Declared => "by DECLARED quality (Tapestry baseline)",
         },
+        aggregator,
         describe_outer(&outer),
         coordinator.probe_scale()
     );
+    let attackers: Vec<String> = languages[first_attacker..].iter().map(|l| format!("node-{l}")).collect();
+    if let Some(attack) = &attack {
+        println!("attack: {:?} (λ = {}) by {}", attack.kind, attack.scale, attackers.join(", "));
+    }
     println!("round 0 base {}  held-out loss {}", initial_hash.short(), table::losses(&initial_loss));
 
     let mut rounds = Vec::new();
     for _ in 0..args.rounds {
         let announcement = coordinator.open_round()?;
-        let contributions =
+        let mut contributions =
             train_all(&mut nodes, announcement.round, args.local_steps, coordinator.base(), announcement.base_hash)?;
+        if let Some(attack) = attack.as_mut() {
+            attack.apply(announcement.round, &mut contributions[first_attacker..]);
+        }
         let mut local_losses = BTreeMap::new();
         for contribution in contributions {
             local_losses.insert(contribution.node.to_string(), contribution.declared.get("final_train_loss").copied());
@@ -238,7 +286,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let rounds_dir = out.join("coordinator").join("rounds");
         std::fs::create_dir_all(&rounds_dir)?;
         write_atomic(&rounds_dir.join(format!("round-{:04}.json", record.round)), &json)?;
-        table::round(&record, &local_losses);
+        table::round(&record, &local_losses, &attackers);
         rounds.push(record);
     }
 
@@ -261,6 +309,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         model: config,
         parameters,
         policy,
+        aggregator,
         outer_optimizer: outer,
         local_steps: args.local_steps,
         nodes: infos,

@@ -1,5 +1,6 @@
 //! `weft`: governed consortium training of language models.
 
+mod attack;
 mod data;
 mod demo;
 mod inspect;

@@ -14,12 +14,13 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 }
 
 /// One round: every contribution with its decision, then the new base.
-pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>) {
+/// Attackers are marked with `!`.
+pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>, attackers: &[String]) {
     println!();
     println!("round {}", record.round);
     println!(
-        "  {:<14} {:<6} {:>10} {:>10}  {:<34} {:>7}",
-        "node", "lang", "local loss", "quality", "decision", "weight"
+        "  {:<15} {:<6} {:>10} {:>10}  {:<34} {:>7} {:>8}",
+        "node", "lang", "local loss", "quality", "decision", "weight", "applied"
     );
     for c in &record.contributions {
         let decision = if c.accepted {
@@ -31,14 +32,16 @@ pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>)
         } else {
             format!("rejected: {}", c.reason.as_deref().unwrap_or("?"))
         };
+        let mark = if attackers.contains(&c.node) { "!" } else { "" };
         println!(
-            "  {:<14} {:<6} {:>10} {:>10}  {:<34} {:>7.4}",
-            c.node,
+            "  {:<15} {:<6} {:>10} {:>10}  {:<34} {:>7.4} {:>8.4}",
+            format!("{}{mark}", c.node),
             c.language.as_deref().unwrap_or("-"),
             opt(local_losses.get(&c.node).copied().flatten(), 4),
             opt(c.quality, 5),
             decision,
-            c.weight
+            c.weight,
+            c.influence
         );
     }
     let moved = if record.base_changed { "→" } else { "= (unchanged)" };

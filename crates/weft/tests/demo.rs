@@ -118,3 +118,45 @@ fn bad_flags_get_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable safetensors file"));
 }
+
+fn attacker_records(report: &Value) -> Vec<Value> {
+    let attackers: Vec<&str> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["attacker"].is_null())
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    report["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["contributions"].as_array().unwrap().clone())
+        .filter(|c| attackers.contains(&c["node"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn attack_harness_attackers_are_rejected_or_clipped_by_the_default_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = ["--nodes", "5", "--rounds", "1", "--local-steps", "10"];
+    let nan = demo_json(tmp.path(), "nan.json", &[&base[..], &["--attack", "nan", "--attackers", "2"]].concat());
+    let records = attacker_records(&nan);
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|c| c["reason"] == "non_finite"), "{records:?}");
+    let flip = demo_json(tmp.path(), "flip.json", &[&base[..], &["--attack", "sign-flip"]].concat());
+    assert!(attacker_records(&flip).iter().all(|c| c["accepted"] == false));
+    // Model replacement gets through the floor (its probe looks like a whole local model) but the
+    // default adaptive norm bound cuts its applied coefficient far below its weight.
+    let scale = demo_json(tmp.path(), "scale.json", &[&base[..], &["--attack", "scale"]].concat());
+    for c in attacker_records(&scale) {
+        if c["accepted"] == true {
+            assert!(f(&c["influence"]) < f(&c["weight"]) / 3.0, "{c}");
+        }
+    }
+    let out = weft(&["demo", "--nodes", "5", "--aggregator", "multi-krum:2:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs at least 7 accepted deltas but the roster has only 5"));
+    let out = weft(&["demo", "--aggregator", "trimmed-mean:0.7"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("β must be in [0, 0.5)"));
+}
