@@ -66,7 +66,8 @@ def treatment(report):
         return "rejected"
     ratio = sum(ratios) / len(ratios) if ratios else 0.0
     verdict = "down-weighted" if ratio < 0.95 else "kept"
-    return f"{verdict} {ratio:.2f}×" + (f", rej {rejected}/{total}" if rejected else "")
+    shown = ">100×" if ratio > 100 else f"{ratio:.2f}×"
+    return f"{verdict} {shown}" + (f", rej {rejected}/{total}" if rejected else "")
 
 
 def main():
@@ -126,6 +127,24 @@ def main():
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("✗ marks a result more than 5% above the clean run.")
+    lines.append("")
+    lines.append("## Reading the matrix")
+    lines.append("")
+    lines.append(
+        "- A `rejected` attacker can still cost a few percent: its language's data is missing from"
+        " the base, and the held-out loss covers every language. That is the floor any defence"
+        " pays (compare the `nan` column, where every rule rejects the attacker).")
+    lines.append(
+        "- Multi-Krum needs n > 2f + 2 accepted deltas. With 5 nodes and f = 1, a round in which"
+        " any delta is rejected before aggregation (the `nan` column) has too few, and the base"
+        " stays unchanged (`too_few_for_aggregator`): the precondition is honoured, at the cost of"
+        " progress.")
+    lines.append(
+        "- `inflate` only ever hurts Tapestry's rule, the one that reads what nodes declare; its"
+        " delta is honest, so the loss barely moves, but the attacker takes the cap.")
+    lines.append(
+        "- Applied coefficients for median and trimmed mean are nominal (W/n): those rules do"
+        " not weight deltas, they pick values coordinate by coordinate.")
     pathlib.Path(opts.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {opts.out}")
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 use weft_core::aggregate::axpy;
 use weft_core::policy::capped_weights;
-use weft_core::robust::{clip_factor, krum_select, median, reduce_columns, trimmed_mean};
+use weft_core::robust::{clip_factor, krum_select, median, reduce_sorted_columns, ColumnPick};
 use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound};
 
 use crate::store::{DeltaStore, StoreError};
@@ -64,12 +64,12 @@ pub(crate) fn aggregate(
             linear(accepted, coefficients, store, base)
         }
         Aggregator::Median => {
-            let step = columns(accepted, store, base, |col| median(col))?;
+            let step = columns(accepted, store, base, ColumnPick::Median)?;
             Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
         }
         Aggregator::TrimmedMean { beta } => {
             let k = Aggregator::trimmed(beta, n);
-            let step = columns(accepted, store, base, |col| trimmed_mean(col, k))?;
+            let step = columns(accepted, store, base, ColumnPick::Trimmed(k))?;
             Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
         }
         Aggregator::MultiKrum { f, m } => {
@@ -150,19 +150,19 @@ fn for_each_chunk(
     Ok(())
 }
 
-/// Applies `rule` to every coordinate's column of n values.
+/// Median or trimmed mean of every coordinate's column of n values.
 fn columns(
     accepted: &[Accepted],
     store: &DeltaStore,
     base: &ModelState,
-    rule: impl Fn(&mut [f32]) -> f32 + Sync,
+    pick: ColumnPick,
 ) -> Result<ModelState, StoreError> {
     let mut step = base.zeros_like();
     for_each_chunk(accepted, store, base, |name, start, chunks| {
         let Some(tensor) = step.get_mut(name) else { return };
         let take = chunks.first().map_or(0, Vec::len);
         let inputs: Vec<&[f32]> = chunks.iter().map(Vec::as_slice).collect();
-        reduce_columns(&inputs, &mut tensor.data_mut()[start..start + take], &rule);
+        reduce_sorted_columns(&inputs, &mut tensor.data_mut()[start..start + take], pick);
     })?;
     Ok(step)
 }

@@ -30,7 +30,13 @@ fn consortium(languages: &[&str], policy: Policy, outer: OuterOptimizer, seed: u
     consortium_with(languages, policy, outer, seed, Aggregator::WeightedMean)
 }
 
-fn consortium_with(languages: &[&str], policy: Policy, outer: OuterOptimizer, seed: u64, rule: Aggregator) -> Consortium {
+fn consortium_with(
+    languages: &[&str],
+    policy: Policy,
+    outer: OuterOptimizer,
+    seed: u64,
+    rule: Aggregator,
+) -> Consortium {
     let tmp = tempfile::tempdir().unwrap();
     let settings = NodeSettings {
         steps: 25,

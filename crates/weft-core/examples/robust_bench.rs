@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use weft_core::robust::{median, reduce_columns, trimmed_mean, Aggregator};
+use weft_core::robust::{reduce_sorted_columns, Aggregator, ColumnPick};
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -32,8 +32,8 @@ fn main() {
         }
         best
     };
-    let median_s = best(&mut |out| reduce_columns(&views, out, median));
-    let trimmed_s = best(&mut |out| reduce_columns(&views, out, |c| trimmed_mean(c, k)));
+    let median_s = best(&mut |out| reduce_sorted_columns(&views, out, ColumnPick::Median));
+    let trimmed_s = best(&mut |out| reduce_sorted_columns(&views, out, ColumnPick::Trimmed(k)));
     println!(
         "{{\"n\": {n}, \"len\": {len}, \"threads\": {}, \"median_s\": {median_s}, \"trimmed_mean_s\": {trimmed_s}, \"checksum\": {}}}",
         rayon::current_num_threads(),
