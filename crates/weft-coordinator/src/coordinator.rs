@@ -11,6 +11,7 @@ use weft_core::{
 };
 
 use crate::aggregation::{self, Accepted};
+use crate::governance::{Governance, GovernanceError};
 
 use crate::measure::{Measure, MeasureError};
 use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
@@ -50,6 +51,8 @@ pub enum CoordinatorError {
     Store(#[from] StoreError),
     #[error("aggregator: {0}")]
     Aggregator(#[from] AggregatorError),
+    #[error("governance: {0}")]
+    Governance(#[from] GovernanceError),
     #[error("aggregator {rule} needs at least {needed} accepted deltas but the roster has only {roster} nodes")]
     RosterTooSmall { rule: String, needed: usize, roster: usize },
     #[error("probe scale must be in (0, 1], got {0}")]
@@ -99,6 +102,7 @@ pub struct Coordinator<M: Measure> {
     outer: OuterOptimizer,
     outer_state: BTreeMap<String, OuterState>,
     aggregator: Aggregator,
+    governance: Option<Governance>,
     /// Centered clipping's center from the last round that moved the base.
     center: Option<ModelState>,
     base: ModelState,
@@ -158,6 +162,7 @@ impl<M: Measure> Coordinator<M> {
             outer,
             outer_state: BTreeMap::new(),
             aggregator: Aggregator::WeightedMean,
+            governance: None,
             center: None,
             base_hash: base.content_hash(),
             base,
@@ -189,6 +194,16 @@ impl<M: Measure> Coordinator<M> {
         }
         self.aggregator = rule;
         Ok(self)
+    }
+
+    /// Scores contributions on canaries (public and secret) and weights them with reputation.
+    pub fn with_governance(mut self, governance: Governance) -> Self {
+        self.governance = Some(governance);
+        self
+    }
+
+    pub fn governance(&self) -> Option<&Governance> {
+        self.governance.as_ref()
     }
 
     pub fn aggregator(&self) -> &Aggregator {
@@ -239,6 +254,9 @@ impl<M: Measure> Coordinator<M> {
             return Err(CoordinatorError::RoundOpen(p.round));
         }
         let round = self.round + 1;
+        if let Some(g) = self.governance.as_mut() {
+            g.open(round, &self.base)?;
+        }
         self.open = Some(Pending {
             round,
             received: BTreeSet::new(),
@@ -282,6 +300,11 @@ impl<M: Measure> Coordinator<M> {
             received: &pending.received,
         };
         if let Err(reason) = contribution::check(&contribution, &open) {
+            if let (Some(g), true) = (self.governance.as_mut(), self.roster.contains_key(&contribution.node)) {
+                if !matches!(reason, Rejection::DuplicateNode) {
+                    g.failed(&contribution.node);
+                }
+            }
             tracing::warn!(node = %contribution.node, reason = reason.code(), "contribution rejected: {reason}");
             record.reason = Some(reason.code().to_owned());
             record.detail = Some(reason.to_string());
@@ -295,9 +318,21 @@ impl<M: Measure> Coordinator<M> {
             .delta
             .applied_to(&self.base, self.probe_scale)
             .map_err(|e| SubmitError::Internal(CoordinatorError::Base(e)))?;
-        let heldout = self.measure.heldout_loss(&candidate).map_err(CoordinatorError::from)?;
+        let (quality, heldout) = match self.governance.as_mut() {
+            // With governance, quality is measured on the public canaries.
+            Some(g) => {
+                let whole = contribution
+                    .delta
+                    .applied_to(&self.base, 1.0)
+                    .map_err(|e| SubmitError::Internal(CoordinatorError::Base(e)))?;
+                g.score(&contribution.node, &candidate, &whole).map_err(CoordinatorError::from)?
+            }
+            None => {
+                let heldout = self.measure.heldout_loss(&candidate).map_err(CoordinatorError::from)?;
+                (measured_quality(&self.base_loss, &heldout), heldout)
+            }
+        };
         drop(candidate);
-        let quality = measured_quality(&self.base_loss, &heldout);
         let delta_hash = self.store.put(&contribution.delta).map_err(CoordinatorError::from)?;
         record.quality = quality.is_finite().then_some(quality);
         record.delta_hash = Some(delta_hash);
@@ -320,6 +355,17 @@ impl<M: Measure> Coordinator<M> {
         let Some(mut pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
         let scores = if self.policy.weighting == Weighting::Declared { &pending.declared } else { &pending.measured };
         let mut decision = self.policy.decide(scores, self.roster.len());
+        let governance = self.governance.as_mut().and_then(|g| g.close(&mut decision, self.policy.cap));
+        let required = self.policy.required(self.roster.len());
+        if decision.weights.len() < required && !decision.weights.is_empty() {
+            // Governance removed some: the quorum is judged on what is left.
+            let accepted = decision.weights.len();
+            for node in std::mem::take(&mut decision.weights).into_keys() {
+                decision.rejected.insert(node, Rejection::QuorumNotMet { accepted, required });
+            }
+            decision.capped.clear();
+            decision.unassigned = 1.0;
+        }
         // Accepted deltas in node-id order: arrival order never changes a bit of the result.
         let accepted: Vec<Accepted> = decision
             .weights
@@ -401,6 +447,7 @@ impl<M: Measure> Coordinator<M> {
             quorum_required: self.policy.required(self.roster.len()),
             probe_scale: self.probe_scale,
             aggregator: self.aggregator.to_string(),
+            governance,
             accepted: decision.weights.len(),
             contributions: pending.records,
             heldout_loss: self.base_loss.clone(),

@@ -3,12 +3,19 @@
 //! tensor by tensor from a content-addressed store.
 
 mod aggregation;
+mod canary;
 mod coordinator;
+mod governance;
 mod measure;
 mod record;
 mod store;
 
+pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};
+pub use governance::{
+    reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
+    GovernanceState, ReputationRow,
+};
 pub use measure::{HeldoutSet, Measure, MeasureError};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
 pub use store::{DeltaStore, StoreError};

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use weft_core::quality::LossTable;
 use weft_core::ContentHash;
 
+use crate::governance::GovernanceRecord;
+
 /// The decision about one contribution, with everything needed to see why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContributionRecord {
@@ -50,6 +52,9 @@ pub struct RoundRecord {
     pub probe_scale: f32,
     /// The aggregation rule, e.g. `mean`, `median`, `multi-krum:1:3`.
     pub aggregator: String,
+    /// Canary sets used (with their hashes), canary scores and the reputation table, when the
+    /// consortium runs with governance.
+    pub governance: Option<GovernanceRecord>,
     pub accepted: usize,
     pub contributions: Vec<ContributionRecord>,
     /// Held-out loss per language of the new base.

@@ -96,6 +96,8 @@ pub enum Rejection {
     NonPositiveQuality { quality: f64 },
     #[error("only {accepted} contributions passed, the quorum needs {required}: the base stays unchanged")]
     QuorumNotMet { accepted: usize, required: usize },
+    #[error("gains {gap:.4} nats/byte more on the public canaries than on the secret reserve (margin {margin}): overfit to the test")]
+    CanaryOverfit { gap: f64, margin: f64 },
     #[error("only {accepted} contributions passed, the aggregator {rule} needs {needed}: the base stays unchanged")]
     TooFewForAggregator { rule: String, accepted: usize, needed: usize },
 }
@@ -120,6 +122,7 @@ impl Rejection {
             Rejection::NonPositiveQuality { .. } => "non_positive_quality",
             Rejection::QuorumNotMet { .. } => "quorum_not_met",
             Rejection::TooFewForAggregator { .. } => "too_few_for_aggregator",
+            Rejection::CanaryOverfit { .. } => "canary_overfit",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod delta;
 pub mod hash;
 pub mod policy;
 pub mod quality;
+pub mod reputation;
 pub mod robust;
 pub mod state;
 pub mod tensor;
