@@ -130,6 +130,11 @@ impl CanaryRegistry {
         Ok(registry)
     }
 
+    /// Keeps only the sets of these topics (a consortium scores the languages it has).
+    pub fn retain_topics(&mut self, topics: &[String]) {
+        self.sets.retain(|s| topics.contains(&s.spec.topic));
+    }
+
     /// Every topic with a public set, sorted.
     pub fn topics(&self) -> Vec<String> {
         let topics: BTreeSet<String> = self

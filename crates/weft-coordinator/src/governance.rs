@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use weft_core::quality::{measured_quality, LossTable};
-use weft_core::reputation::{governed_weights, vote_weights, Audit, ReputationParams, Standing};
+use weft_core::reputation::{governed_weights, vote_weights, Audit, Candidate, ReputationParams, Standing};
 use weft_core::{ContentHash, Decision, ModelState, NodeId, Rejection};
 use weft_model::GptConfig;
 
@@ -273,13 +273,13 @@ impl Governance {
                 decision.rejected.insert(node.clone(), reason);
             }
         }
-        let candidates: Vec<(NodeId, f64, f64, bool)> = decision
+        let candidates: Vec<Candidate> = decision
             .weights
             .keys()
             .filter_map(|node| {
                 let score = open.scores.get(node)?;
-                let (reputation, newcomer) = self.standing_summary(node, open.round, &topics);
-                Some((node.clone(), score.quality, reputation, newcomer))
+                let (reputation, newcomer, trust) = self.standing_summary(node, open.round, &topics);
+                Some(Candidate { node: node.clone(), quality: score.quality, reputation, newcomer, trust })
             })
             .collect();
         let (weights, capped) = governed_weights(&candidates, cap, self.settings.exploration, params.w_max);
@@ -330,19 +330,22 @@ impl Governance {
         })
     }
 
-    /// A node's mean reputation over topics as of `round`, and whether it is still a newcomer.
-    fn standing_summary(&self, node: &NodeId, round: u64, topics: &[String]) -> (f64, bool) {
+    /// A node's mean reputation and mean slashing factor over topics as of `round`, and whether
+    /// it is still a newcomer.
+    fn standing_summary(&self, node: &NodeId, round: u64, topics: &[String]) -> (f64, bool, f64) {
         let params = self.settings.reputation;
-        let Some(standings) = self.state.standings.get(node.as_str()) else { return (0.0, true) };
-        let mut total = 0.0;
+        let Some(standings) = self.state.standings.get(node.as_str()) else { return (0.0, true, 1.0) };
+        let (mut reputation, mut trust) = (0.0, 0.0);
         let mut newcomer = true;
         for topic in topics {
             let mut s = standings.get(topic).copied().unwrap_or_default();
             s.advance(round, &params);
-            total += s.reputation(&params);
+            reputation += s.reputation(&params);
+            trust += s.slashing;
             newcomer &= s.evidence.n() < self.settings.newcomer_evidence;
         }
-        (total / topics.len().max(1) as f64, newcomer)
+        let count = topics.len().max(1) as f64;
+        (reputation / count, newcomer, trust / count)
     }
 
     /// The reputation table (node × topic), with vote weights per topic.

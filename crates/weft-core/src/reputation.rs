@@ -50,7 +50,7 @@ impl Default for ReputationParams {
     fn default() -> Self {
         ReputationParams {
             half_life: 10.0,
-            kappa: 5.0,
+            kappa: 1.0,
             prior: 0.5,
             gamma: 0.5,
             slash_factor: 0.1,
@@ -231,36 +231,65 @@ pub fn vote_weights(reputations: &BTreeMap<NodeId, f64>, w_max: f64) -> BTreeMap
     weights
 }
 
+/// A node the policy accepted this round, as governance weighs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub node: NodeId,
+    /// This round's measured quality (> 0 for an accepted node).
+    pub quality: f64,
+    /// Its reputation R from earlier rounds (mean over topics).
+    pub reputation: f64,
+    /// Too little evidence yet to be judged by reputation.
+    pub newcomer: bool,
+    /// Its slashing factor S (mean over topics), ∈ [0, 1].
+    pub trust: f64,
+}
+
+/// Reputation shares `ρ`: the clipped vote weights `min(R, θ)/Σ min(R_j, θ)` when `w_max` can
+/// hold (at least ⌈1/w_max⌉ nodes); with fewer nodes no clip can hold and the shares are simply
+/// proportional to R.
+pub fn reputation_shares(reputations: &BTreeMap<NodeId, f64>, w_max: f64) -> BTreeMap<NodeId, f64> {
+    let positive = reputations.values().filter(|r| r.is_finite() && **r > 0.0).count();
+    if positive as f64 * w_max >= 1.0 {
+        return vote_weights(reputations, w_max);
+    }
+    let total: f64 = reputations.values().filter(|r| r.is_finite() && **r > 0.0).sum();
+    reputations
+        .iter()
+        .map(|(n, r)| (n.clone(), if total > 0.0 && r.is_finite() && *r > 0.0 { r / total } else { 0.0 }))
+        .collect()
+}
+
 /// How this round's measured quality and the accumulated reputation make the weights.
 ///
-/// Among the nodes the policy accepted, split by evidence: *newcomers* (N below
-/// `newcomer_evidence` in every topic) and *established* nodes.
+/// Among the nodes the policy accepted, split by evidence into *newcomers* and *established*:
 ///
-/// * established node i: score `qᵢ · ρᵢ`, where `qᵢ` is its measured quality and `ρᵢ` its vote
-///   weight from reputation (`vote_weights` over the established nodes' mean reputation across
-///   topics, at `w_max`);
-/// * newcomer j: score `q_j` (it has no track record to multiply by).
+/// * established node i: score `qᵢ · ρᵢ`, with `qᵢ` its measured quality and `ρᵢ` its
+///   [`reputation_shares`] among the established nodes;
+/// * newcomer j: score `q_j` (no track record to multiply by).
 ///
-/// If both groups are present, the newcomers share `exploration` of the mass and the established
-/// nodes `1 − exploration`, each group water-filled within its share so that no node's weight
-/// exceeds `cap`; if only one group is present it gets the whole mass. The result never exceeds
-/// the cap and sums to at most 1.
+/// If both groups are present, the newcomers share `exploration` of the mass and the
+/// established nodes `1 − exploration`; each group is water-filled within its share so that no
+/// node exceeds `cap`; a lone group gets the whole mass. Finally each weight is multiplied by the
+/// node's trust `S`: what a slashed node loses stays with the base, even when it is the only one
+/// accepted. The result never exceeds the cap and sums to at most 1.
 pub fn governed_weights(
-    candidates: &[(NodeId, f64, f64, bool)],
+    candidates: &[Candidate],
     cap: f64,
     exploration: f64,
     w_max: f64,
 ) -> (BTreeMap<NodeId, f64>, std::collections::BTreeSet<NodeId>) {
-    let (newcomers, established): (Vec<_>, Vec<_>) = candidates.iter().partition(|c| c.3);
-    let reputations: BTreeMap<NodeId, f64> = established.iter().map(|c| (c.0.clone(), c.2)).collect();
-    let votes = vote_weights(&reputations, w_max);
+    let (newcomers, established): (Vec<&Candidate>, Vec<&Candidate>) = candidates.iter().partition(|c| c.newcomer);
+    let reputations: BTreeMap<NodeId, f64> = established.iter().map(|c| (c.node.clone(), c.reputation)).collect();
+    let shares = reputation_shares(&reputations, w_max);
+    let usable = |s: &f64| *s > 0.0 && s.is_finite();
     let established_scores: Vec<(f64, &NodeId)> = established
         .iter()
-        .map(|c| (c.1 * votes.get(&c.0).copied().unwrap_or(0.0), &c.0))
-        .filter(|(s, _)| *s > 0.0 && s.is_finite())
+        .map(|c| (c.quality * shares.get(&c.node).copied().unwrap_or(0.0), &c.node))
+        .filter(|(s, _)| usable(s))
         .collect();
     let newcomer_scores: Vec<(f64, &NodeId)> =
-        newcomers.iter().map(|c| (c.1, &c.0)).filter(|(s, _)| *s > 0.0 && s.is_finite()).collect();
+        newcomers.iter().map(|c| (c.quality, &c.node)).filter(|(s, _)| usable(s)).collect();
     let share = match (established_scores.is_empty(), newcomer_scores.is_empty()) {
         (false, false) => exploration.clamp(0.0, 1.0),
         (true, _) => 1.0,
@@ -280,7 +309,8 @@ pub fn governed_weights(
         capped.extend(group_capped);
     }
     for c in candidates {
-        weights.entry(c.0.clone()).or_insert(0.0);
+        let w = weights.entry(c.node.clone()).or_insert(0.0);
+        *w *= c.trust.clamp(0.0, 1.0);
     }
     (weights, capped)
 }
@@ -375,10 +405,15 @@ mod tests {
 
     #[test]
     fn a_newcomer_receives_its_exploration_share() {
-        let veterans: Vec<(NodeId, f64, f64, bool)> =
-            (0..4).map(|i| (id(&format!("v{i}")), 0.1, 10.0 + i as f64, false)).collect();
-        let mut all = veterans.clone();
-        all.push((id("new"), 0.1, 0.0, true));
+        let c = |name: &str, quality: f64, reputation: f64, newcomer: bool| Candidate {
+            node: id(name),
+            quality,
+            reputation,
+            newcomer,
+            trust: 1.0,
+        };
+        let mut all: Vec<Candidate> = (0..4).map(|i| c(&format!("v{i}"), 0.1, 10.0 + i as f64, false)).collect();
+        all.push(c("new", 0.1, 0.0, true));
         let (weights, _) = governed_weights(&all, 0.5, 0.1, 0.3);
         assert!((weights[&id("new")] - 0.1).abs() < 1e-12, "{weights:?}");
         let total: f64 = weights.values().sum();
@@ -387,8 +422,23 @@ mod tests {
         let (weights, _) = governed_weights(&all, 0.5, 0.0, 0.3);
         assert_eq!(weights[&id("new")], 0.0);
         // Alone, newcomers get everything (under the cap).
-        let (weights, _) = governed_weights(&[(id("a"), 0.2, 0.0, true), (id("b"), 0.1, 0.0, true)], 1.0, 0.1, 0.3);
+        let (weights, _) = governed_weights(&[c("a", 0.2, 0.0, true), c("b", 0.1, 0.0, true)], 1.0, 0.1, 0.3);
         assert!((weights.values().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reputation_moves_weight_and_a_slashed_node_keeps_little_even_alone() {
+        let c = |name: &str, reputation: f64, trust: f64| Candidate {
+            node: id(name),
+            quality: 0.1,
+            reputation,
+            newcomer: false,
+            trust,
+        };
+        let (weights, _) = governed_weights(&[c("good", 9.0, 1.0), c("weak", 1.0, 1.0)], 1.0, 0.1, 0.2);
+        assert!((weights[&id("good")] - 0.9).abs() < 1e-12, "{weights:?}");
+        let (weights, _) = governed_weights(&[c("caught", 1.0, 0.1)], 0.5, 0.1, 0.2);
+        assert!((weights[&id("caught")] - 0.05).abs() < 1e-12);
     }
 
     proptest! {
@@ -397,8 +447,11 @@ mod tests {
             nodes in prop::collection::vec((0.0..2.0f64, 0.0..100.0f64, any::<bool>()), 1..30),
             cap in 0.05..=1.0f64, exploration in 0.0..=1.0f64, w_max in 0.05..=1.0f64,
         ) {
-            let candidates: Vec<(NodeId, f64, f64, bool)> =
-                nodes.iter().enumerate().map(|(i, (q, r, new))| (id(&format!("n{i}")), *q, *r, *new)).collect();
+            let candidates: Vec<Candidate> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, (q, r, new))| Candidate { node: id(&format!("n{i}")), quality: *q, reputation: *r, newcomer: *new, trust: 1.0 })
+                .collect();
             let (weights, _) = governed_weights(&candidates, cap, exploration, w_max);
             prop_assert!(weights.values().all(|w| *w >= 0.0 && *w <= cap));
             prop_assert!(weights.values().sum::<f64>() <= 1.0 + 1e-9);

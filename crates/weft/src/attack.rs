@@ -27,6 +27,9 @@ pub enum AttackKind {
     Inflate,
     /// Every attacker sends the same crafted delta, −λ × the mean of their honest deltas (default λ = 3).
     Collude,
+    /// Trains on the consortium's public canaries instead of its own data (teaching to the
+    /// test); caught by the Goodhart detector of `--governance`.
+    CanaryOverfit,
 }
 
 impl AttackKind {
@@ -100,7 +103,8 @@ impl Attack {
                     Some(old) => c.delta = old.clone(),
                     None => self.replayed[i] = Some(c.delta.clone()),
                 },
-                AttackKind::Poison => {} // it trained on shuffled bytes already
+                // Both trained on a different corpus already.
+                AttackKind::Poison | AttackKind::CanaryOverfit => {}
                 AttackKind::Inflate => {
                     c.declared.insert("quality".into(), 1e9);
                     c.declared.insert("validation_gain".into(), 1e9);

@@ -8,8 +8,12 @@ use anyhow::{bail, Context};
 use clap::ValueEnum;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, RoundRecord, SubmitError};
+use weft_coordinator::{
+    CanaryRegistry, Coordinator, DeltaStore, Governance, GovernanceSettings, GovernanceState, HeldoutSet, Member,
+    RoundRecord, SubmitError, Visibility,
+};
 use weft_core::quality::LossTable;
+use weft_core::reputation::ReputationParams;
 use weft_core::{Aggregator, ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{write_atomic, LocalCorpus, Node, NodeSettings};
@@ -87,6 +91,25 @@ pub struct DemoArgs {
     /// The attack's factor λ (default depends on the attack: see `weft demo --help`).
     #[arg(long)]
     pub attack_scale: Option<f32>,
+    /// Governance: score contributions on canaries (public + secret reserve, data/canaries),
+    /// catch canary overfitting, and weight nodes by reputation earned over rounds.
+    #[arg(long)]
+    pub governance: bool,
+    /// Canary registry manifest (default: data/canaries/canaries.json).
+    #[arg(long)]
+    pub canaries: Option<PathBuf>,
+    /// Share of the weight reserved for newcomers (governance).
+    #[arg(long, default_value_t = 0.1)]
+    pub exploration: f64,
+    /// Largest tolerated public-minus-secret canary gain, nats/byte (governance).
+    #[arg(long, default_value_t = 0.05)]
+    pub goodhart_margin: f64,
+    /// Half-life of reputation evidence, in rounds (governance).
+    #[arg(long, default_value_t = 10.0)]
+    pub half_life: f64,
+    /// Largest reputation vote weight of any node in a topic (governance).
+    #[arg(long, default_value_t = 0.2)]
+    pub w_max: f64,
     /// Outer optimizer applied to the aggregated step.
     #[arg(long, value_enum, default_value_t = OuterArg::Plain)]
     pub outer: OuterArg,
@@ -181,6 +204,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let first_attacker = languages.len() - if attack.is_some() { args.attackers } else { 0 };
     let data_dir = data::data_dir(args.data.clone());
+    let registry = if args.governance {
+        let manifest = args.canaries.clone().unwrap_or_else(|| data_dir.join("canaries").join("canaries.json"));
+        let mut registry = CanaryRegistry::load(&manifest)?;
+        registry.retain_topics(&languages);
+        for language in &languages {
+            registry.active(language, Visibility::Public)?;
+        }
+        Some(registry)
+    } else {
+        None
+    };
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let out = args.out.clone().unwrap_or_else(|| scratch.path().to_owned());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -201,8 +235,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
         let mut bytes = data::corpus(&data_dir, language)?;
         let attacker = index >= first_attacker;
-        if attacker && attack.as_ref().is_some_and(|a| a.kind == AttackKind::Poison) {
-            Attack::poison(&mut bytes, args.seed ^ index as u64);
+        match attack.as_ref().map(|a| a.kind) {
+            Some(AttackKind::Poison) if attacker => Attack::poison(&mut bytes, args.seed ^ index as u64),
+            Some(AttackKind::CanaryOverfit) if attacker => {
+                let registry = registry.as_ref().context("--attack canary-overfit needs --governance")?;
+                bytes = public_canaries(registry, &languages)?;
+            }
+            _ => {}
         }
         infos.push(NodeInfo {
             node: id.to_string(),
@@ -222,6 +261,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let store = DeltaStore::open(out.join("coordinator").join("deltas"))?;
     let mut coordinator =
         Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
+    if let Some(registry) = registry {
+        let settings = GovernanceSettings {
+            reputation: ReputationParams {
+                half_life: args.half_life,
+                w_max: args.w_max,
+                ..ReputationParams::default()
+            },
+            exploration: args.exploration,
+            goodhart_margin: args.goodhart_margin,
+            ..GovernanceSettings::default()
+        };
+        coordinator = coordinator.with_governance(Governance::new(settings, registry, config, 32)?);
+    }
     if let Some(scale) = args.probe_scale {
         coordinator = coordinator.with_probe_scale(scale)?;
     }
@@ -287,6 +339,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&rounds_dir)?;
         write_atomic(&rounds_dir.join(format!("round-{:04}.json", record.round)), &json)?;
         table::round(&record, &local_losses, &attackers);
+        if let Some(governance) = coordinator.governance() {
+            table::reputation(&record, &languages);
+            let saved = SavedGovernance {
+                settings: *governance.settings(),
+                topics: languages.clone(),
+                state: governance.state().clone(),
+            };
+            write_atomic(&out.join("coordinator").join("governance.json"), &serde_json::to_vec_pretty(&saved)?)?;
+        }
         rounds.push(record);
     }
 
@@ -332,6 +393,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("final base {}  ({:.1} s)", report.final_base_hash, report.seconds);
     Ok(())
+}
+
+/// What `weft reputation` reads: the governance state with what is needed to recompute its table.
+#[derive(Serialize, serde::Deserialize)]
+pub struct SavedGovernance {
+    pub settings: GovernanceSettings,
+    pub topics: Vec<String>,
+    pub state: GovernanceState,
+}
+
+/// The public canaries now scoring each of the consortium's languages: what a node that
+/// teaches to the test trains on.
+fn public_canaries(registry: &CanaryRegistry, languages: &[String]) -> anyhow::Result<Vec<u8>> {
+    let mut text = Vec::new();
+    for language in languages {
+        text.extend_from_slice(&registry.active(language, Visibility::Public)?.text);
+    }
+    Ok(text)
 }
 
 fn choose_languages(requested: &[String], nodes: usize) -> anyhow::Result<Vec<String>> {

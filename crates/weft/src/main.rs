@@ -4,6 +4,7 @@ mod attack;
 mod data;
 mod demo;
 mod inspect;
+mod reputation;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     Demo(Box<demo::DemoArgs>),
     /// Show the tensors and the canonical content hash of a safetensors file.
     Inspect(inspect::InspectArgs),
+    /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
+    Reputation(reputation::ReputationArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(*args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Reputation(args) => reputation::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

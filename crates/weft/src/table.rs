@@ -76,3 +76,30 @@ pub fn summary(initial: &LossTable, last: &LossTable, sovereign: &BTreeMap<Strin
     }
     println!("  (the node columns are each node's own sovereign model after the last round)");
 }
+
+/// Each node's standing after the round: mean over topics of reputation R, its home-topic
+/// competence Ĉ and slashing S, and its weight this round.
+pub fn reputation(record: &RoundRecord, languages: &[String]) {
+    let Some(g) = &record.governance else { return };
+    let nodes: std::collections::BTreeSet<&str> = g.reputation.iter().map(|r| r.node.as_str()).collect();
+    println!("  reputation after the round ({} topics):", languages.len());
+    println!("    {:<15} {:>9} {:>8} {:>6} {:>8} {:>8}", "node", "mean R", "home Ĉ", "S", "weight", "gap");
+    for node in nodes {
+        let rows: Vec<_> = g.reputation.iter().filter(|r| r.node == node).collect();
+        let mean_r = rows.iter().map(|r| r.reputation).sum::<f64>() / rows.len().max(1) as f64;
+        let home = node.strip_prefix("node-").unwrap_or(node);
+        let home_row = rows.iter().find(|r| r.topic == home).or(rows.first());
+        let weight = record.contributions.iter().find(|c| c.node == node).map_or(0.0, |c| c.weight);
+        let gap = g.scores.iter().find(|s| s.node == node).map(|s| s.goodhart_gap);
+        let flag = if g.scores.iter().any(|s| s.node == node && s.flagged) { " flagged" } else { "" };
+        println!(
+            "    {:<15} {:>9.4} {:>8.4} {:>6.3} {:>8.4} {:>8}{flag}",
+            node,
+            mean_r,
+            home_row.map_or(0.0, |r| r.competence),
+            home_row.map_or(1.0, |r| r.slashing),
+            weight,
+            opt(gap, 4)
+        );
+    }
+}

@@ -160,3 +160,50 @@ fn attack_harness_attackers_are_rejected_or_clipped_by_the_default_policy() {
     let out = weft(&["demo", "--aggregator", "trimmed-mean:0.7"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("β must be in [0, 0.5)"));
 }
+
+#[test]
+fn governance_demo_records_canaries_and_reputation_and_weft_reputation_prints_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("gov");
+    let report = demo_json(
+        tmp.path(),
+        "gov.json",
+        &[
+            "--governance",
+            "--attack",
+            "zero",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "15",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    let last = &report["rounds"][1]["governance"];
+    let canaries = last["canaries"].as_array().unwrap();
+    assert_eq!(canaries.len(), 8, "a public and a secret set for each of 4 languages");
+    assert!(canaries.iter().all(|c| c["hash"].as_str().unwrap().len() == 64));
+    let mean_r = |node: &str| {
+        let rows: Vec<f64> = last["reputation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["node"] == node)
+            .map(|r| f(&r["reputation"]))
+            .collect();
+        rows.iter().sum::<f64>() / rows.len() as f64
+    };
+    assert!(mean_r("node-es") < 0.5 * mean_r("node-de"), "free-rider {} vs {}", mean_r("node-es"), mean_r("node-de"));
+    let state = out_dir.join("coordinator/governance.json");
+    let out = weft(&["reputation", state.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("node-es") && text.contains("Ĉ"), "{text}");
+    let bad = weft(&["demo", "--attack", "canary-overfit"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("needs --governance"));
+    let garbage = tmp.path().join("garbage.json");
+    std::fs::write(&garbage, "{}").unwrap();
+    let out = weft(&["reputation", garbage.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a weft governance state file"));
+}
