@@ -28,6 +28,7 @@ use crate::measure::{HeldoutSet, Measure, MeasureError};
 
 /// Every governance parameter, with documented defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GovernanceSettings {
     pub reputation: ReputationParams,
     /// Share of the weight reserved for newcomers when established nodes are also accepted.

@@ -24,7 +24,7 @@ use crate::policy::capped_weights;
 /// Every parameter of the reputation math. Defaults: the seed's values where it gives them
 /// (slashing ×0.1, g_max = 2, w_max in 10–20%: 0.2, γ ∈ (0, 1): 0.5), ours elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReputationParams {
     /// T½ of the evidence, in rounds.
     pub half_life: f64,

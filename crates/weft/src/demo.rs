@@ -13,7 +13,6 @@ use weft_coordinator::{
     RoundRecord, SubmitError, Visibility,
 };
 use weft_core::quality::LossTable;
-use weft_core::reputation::ReputationParams;
 use weft_core::{Aggregator, ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{write_atomic, LocalCorpus, Node, NodeSettings};
@@ -98,18 +97,21 @@ pub struct DemoArgs {
     /// Canary registry manifest (default: data/canaries/canaries.json).
     #[arg(long)]
     pub canaries: Option<PathBuf>,
-    /// Share of the weight reserved for newcomers (governance).
-    #[arg(long, default_value_t = 0.1)]
-    pub exploration: f64,
-    /// Largest tolerated public-minus-secret canary gain, nats/byte (governance).
-    #[arg(long, default_value_t = 0.05)]
-    pub goodhart_margin: f64,
-    /// Half-life of reputation evidence, in rounds (governance).
-    #[arg(long, default_value_t = 10.0)]
-    pub half_life: f64,
-    /// Largest reputation vote weight of any node in a topic (governance).
-    #[arg(long, default_value_t = 0.2)]
-    pub w_max: f64,
+    /// Every governance parameter as JSON (see README); flags below override it.
+    #[arg(long)]
+    pub governance_config: Option<PathBuf>,
+    /// Share of the weight reserved for newcomers (governance; default 0.1).
+    #[arg(long)]
+    pub exploration: Option<f64>,
+    /// Largest tolerated public-minus-secret canary gain, nats/byte (governance; default 0.05).
+    #[arg(long)]
+    pub goodhart_margin: Option<f64>,
+    /// Half-life of reputation evidence, in rounds (governance; default 10).
+    #[arg(long)]
+    pub half_life: Option<f64>,
+    /// Largest reputation vote weight of any node in a topic (governance; default 0.2).
+    #[arg(long)]
+    pub w_max: Option<f64>,
     /// Outer optimizer applied to the aggregated step.
     #[arg(long, value_enum, default_value_t = OuterArg::Plain)]
     pub outer: OuterArg,
@@ -262,16 +264,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut coordinator =
         Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
     if let Some(registry) = registry {
-        let settings = GovernanceSettings {
-            reputation: ReputationParams {
-                half_life: args.half_life,
-                w_max: args.w_max,
-                ..ReputationParams::default()
-            },
-            exploration: args.exploration,
-            goodhart_margin: args.goodhart_margin,
-            ..GovernanceSettings::default()
+        let mut settings = match &args.governance_config {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_slice::<GovernanceSettings>(&bytes)
+                    .with_context(|| format!("{}: not valid governance settings", path.display()))?
+            }
+            None => GovernanceSettings::default(),
         };
+        settings.exploration = args.exploration.unwrap_or(settings.exploration);
+        settings.goodhart_margin = args.goodhart_margin.unwrap_or(settings.goodhart_margin);
+        settings.reputation.half_life = args.half_life.unwrap_or(settings.reputation.half_life);
+        settings.reputation.w_max = args.w_max.unwrap_or(settings.reputation.w_max);
         coordinator = coordinator.with_governance(Governance::new(settings, registry, config, 32)?);
     }
     if let Some(scale) = args.probe_scale {
