@@ -13,10 +13,11 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// How accepted deltas are combined into the step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "kebab-case")]
 pub enum Aggregator {
     /// `Σ wᵢΔᵢ`.
+    #[default]
     WeightedMean,
     /// `Σ wᵢ·min(1, τ/‖Δᵢ‖)·Δᵢ`: every delta's L2 norm is bounded by τ before the weighted mean.
     NormBound { bound: NormBound },
@@ -50,12 +51,6 @@ pub enum AggregatorError {
     Invalid { spec: String, why: String },
     #[error("{rule} needs {needed} accepted deltas, the round has {got}")]
     TooFew { rule: String, needed: usize, got: usize },
-}
-
-impl Default for Aggregator {
-    fn default() -> Self {
-        Aggregator::WeightedMean
-    }
 }
 
 impl Aggregator {

@@ -249,7 +249,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             node: id.to_string(),
             language: language.clone(),
             corpus_bytes: bytes.len(),
-            attacker: attacker.then(|| args.attack).flatten(),
+            attacker: attacker.then_some(args.attack).flatten(),
         });
         let corpus = LocalCorpus::from_bytes(bytes);
         let dir = out.join("nodes").join(id.as_str());
