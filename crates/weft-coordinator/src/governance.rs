@@ -11,7 +11,8 @@
 //!    `d` = the public set's difficulty, outcome `o = clamp(gain_t / outcome_margin, 0, 1)` (1 for
 //!    a clear improvement of that topic, 0 for none or harm). A contribution that failed the
 //!    structural checks is an audit with `o = 0` in every topic. A contribution whose gap exceeds
-//!    `goodhart_margin` is rejected (`canary_overfit`) and its node is slashed. The weights of the
+//!    `goodhart_margin` is rejected (`canary_overfit`), its audits count as failed (`o = 0`) and
+//!    its node is slashed. The weights of the
 //!    accepted nodes are then recomputed from quality and *earlier* reputation
 //!    ([`weft_core::reputation::governed_weights`]), and each public set counts one reveal.
 
@@ -296,8 +297,12 @@ impl Governance {
                 let s = standings.entry(topic.clone()).or_default();
                 s.advance(round, &params);
                 let gain = score.public_gain.get(topic).copied().unwrap_or(0.0);
-                let outcome =
-                    if gain.is_finite() { (gain / self.settings.outcome_margin).clamp(0.0, 1.0) } else { 0.0 };
+                // A delta caught teaching to the test failed its blind audit, whatever it scored.
+                let outcome = if gain.is_finite() && !score.flagged {
+                    (gain / self.settings.outcome_margin).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
                 s.evidence.record(Audit { round, difficulty: open.difficulty[topic], outcome }, &params);
                 if score.flagged {
                     s.slash(&params);
