@@ -355,7 +355,9 @@ impl<M: Measure> Coordinator<M> {
         let Some(mut pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
         let scores = if self.policy.weighting == Weighting::Declared { &pending.declared } else { &pending.measured };
         let mut decision = self.policy.decide(scores, self.roster.len());
-        let governance = self.governance.as_mut().and_then(|g| g.close(&mut decision, self.policy.cap));
+        if let Some(g) = self.governance.as_ref() {
+            g.adjust(&mut decision, self.policy.cap);
+        }
         let required = self.policy.required(self.roster.len());
         if decision.weights.len() < required && !decision.weights.is_empty() {
             // Governance removed some: the quorum is judged on what is left.
@@ -406,6 +408,7 @@ impl<M: Measure> Coordinator<M> {
                 }
             }
         }
+        let governance = self.governance.as_mut().and_then(Governance::commit);
         for record in &mut pending.records {
             let Ok(node) = NodeId::new(record.node.clone()) else { continue };
             if record.delta_hash.is_none() {

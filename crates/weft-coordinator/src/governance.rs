@@ -7,7 +7,8 @@
 //!    canaries). The whole update `base + Δ` is scored on both: its *Goodhart gap* is mean public
 //!    gain − mean secret gain. A delta that learned the public canaries rather than the topic
 //!    gains far more on them than on the secret reserve; at full scale memorisation shows most.
-//! 3. **close** — one *audit* per contribution and topic enters the reputation math: difficulty
+//! 3. **close** — `adjust` (before aggregation, no state change) and `commit` (once the round
+//!    is final). One *audit* per contribution and topic enters the reputation math: difficulty
 //!    `d` = the public set's difficulty, outcome `o = clamp(gain_t / outcome_margin, 0, 1)` (1 for
 //!    a clear improvement of that topic, 0 for none or harm). A contribution that failed the
 //!    structural checks is an audit with `o = 0` in every topic. A contribution whose gap exceeds
@@ -260,13 +261,12 @@ impl Governance {
         }
     }
 
-    /// Applies the Goodhart detector and reputation to the policy's decision, records the
-    /// round's audits, and counts the reveals.
-    pub(crate) fn close(&mut self, decision: &mut Decision, cap: f64) -> Option<GovernanceRecord> {
-        let open = self.open.take()?;
+    /// Applies the Goodhart detector and reputation to the policy's decision. Changes nothing in
+    /// governance's own state, so that a round whose aggregation fails can be closed again.
+    pub(crate) fn adjust(&self, decision: &mut Decision, cap: f64) {
+        let Some(open) = self.open.as_ref() else { return };
         let params = self.settings.reputation;
         let topics: Vec<String> = open.difficulty.keys().cloned().collect();
-        // Weights from quality and the reputation earned before this round.
         for (node, score) in &open.scores {
             if score.flagged && decision.weights.remove(node).is_some() {
                 decision.capped.remove(node);
@@ -275,6 +275,7 @@ impl Governance {
                 decision.rejected.insert(node.clone(), reason);
             }
         }
+        // Weights from quality and the reputation earned before this round.
         let candidates: Vec<Candidate> = decision
             .weights
             .keys()
@@ -288,7 +289,14 @@ impl Governance {
         decision.weights = weights;
         decision.capped = capped;
         decision.unassigned = (1.0 - decision.weights.values().sum::<f64>()).max(0.0);
+    }
 
+    /// Records the round's audits and slashing and counts the reveals: call once the round's
+    /// outcome is final.
+    pub(crate) fn commit(&mut self) -> Option<GovernanceRecord> {
+        let open = self.open.take()?;
+        let params = self.settings.reputation;
+        let topics: Vec<String> = open.difficulty.keys().cloned().collect();
         // This round's evidence.
         let round = open.round;
         for (node, score) in &open.scores {
