@@ -78,6 +78,11 @@ impl Consortium {
 
     fn round(&mut self) -> RoundRecord {
         let contributions = self.train();
+        self.close_with(contributions)
+    }
+
+    /// Opens a round, submits `contributions` (each must pass the checks) and closes it.
+    fn close_with(&mut self, contributions: Vec<Contribution>) -> RoundRecord {
         self.coordinator.open_round().unwrap();
         for c in contributions {
             self.coordinator.submit(c).unwrap();
@@ -148,11 +153,7 @@ fn quorum_missed_leaves_the_base_unchanged() {
     let hash = c.coordinator.base_hash();
     let mut contributions = c.train();
     contributions.pop();
-    c.coordinator.open_round().unwrap();
-    for contribution in contributions {
-        c.coordinator.submit(contribution).unwrap();
-    }
-    let record = c.coordinator.close_round().unwrap();
+    let record = c.close_with(contributions);
     assert_eq!(c.coordinator.base_hash(), hash);
     assert_eq!(record.quorum_required, 3);
     assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("quorum_not_met")));
@@ -214,11 +215,7 @@ fn a_huge_declared_quality_gains_nothing() {
             contributions[0].declared.insert("quality".into(), 1e12);
             contributions[0].declared.insert("validation_gain".into(), 1e12);
         }
-        c.coordinator.open_round().unwrap();
-        for contribution in contributions {
-            c.coordinator.submit(contribution).unwrap();
-        }
-        let record = c.coordinator.close_round().unwrap();
+        let record = c.close_with(contributions);
         let weights: Vec<u64> = record.contributions.iter().map(|r| r.weight.to_bits()).collect();
         (weights, record.base_hash)
     };
@@ -235,11 +232,7 @@ fn same_seed_same_bases_and_arrival_order_does_not_matter() {
                 if reverse {
                     contributions.reverse();
                 }
-                c.coordinator.open_round().unwrap();
-                for contribution in contributions {
-                    c.coordinator.submit(contribution).unwrap();
-                }
-                c.coordinator.close_round().unwrap().base_hash
+                c.close_with(contributions).base_hash
             })
             .collect::<Vec<_>>()
     };
@@ -303,11 +296,7 @@ fn a_scaled_delta_captures_the_mean_but_not_the_norm_bound() {
         for _ in 0..2 {
             let mut contributions = c.train();
             contributions[3].delta = scaled(&contributions[3].delta, 8.0);
-            c.coordinator.open_round().unwrap();
-            for contribution in contributions {
-                c.coordinator.submit(contribution).unwrap();
-            }
-            last = Some(c.coordinator.close_round().unwrap());
+            last = Some(c.close_with(contributions));
         }
         last.unwrap()
     };
@@ -345,11 +334,7 @@ fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_
     let hash = c.coordinator.base_hash();
     let mut contributions = c.train();
     contributions.pop();
-    c.coordinator.open_round().unwrap();
-    for contribution in contributions {
-        c.coordinator.submit(contribution).unwrap();
-    }
-    let record = c.coordinator.close_round().unwrap();
+    let record = c.close_with(contributions);
     assert_eq!(c.coordinator.base_hash(), hash);
     assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("too_few_for_aggregator")));
 }
