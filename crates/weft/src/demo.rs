@@ -264,19 +264,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut coordinator =
         Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
     if let Some(registry) = registry {
-        let mut settings = match &args.governance_config {
-            Some(path) => {
-                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                serde_json::from_slice::<GovernanceSettings>(&bytes)
-                    .with_context(|| format!("{}: not valid governance settings", path.display()))?
-            }
-            None => GovernanceSettings::default(),
-        };
-        settings.exploration = args.exploration.unwrap_or(settings.exploration);
-        settings.goodhart_margin = args.goodhart_margin.unwrap_or(settings.goodhart_margin);
-        settings.reputation.half_life = args.half_life.unwrap_or(settings.reputation.half_life);
-        settings.reputation.w_max = args.w_max.unwrap_or(settings.reputation.w_max);
-        coordinator = coordinator.with_governance(Governance::new(settings, registry, config, 32)?);
+        coordinator = coordinator.with_governance(Governance::new(governance_settings(&args)?, registry, config, 32)?);
     }
     if let Some(scale) = args.probe_scale {
         coordinator = coordinator.with_probe_scale(scale)?;
@@ -397,6 +385,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("final base {}  ({:.1} s)", report.final_base_hash, report.seconds);
     Ok(())
+}
+
+/// Governance parameters: `--governance-config` (every parameter, JSON) with single flags on top.
+fn governance_settings(args: &DemoArgs) -> anyhow::Result<GovernanceSettings> {
+    let mut settings = match &args.governance_config {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_slice::<GovernanceSettings>(&bytes)
+                .with_context(|| format!("{}: not valid governance settings", path.display()))?
+        }
+        None => GovernanceSettings::default(),
+    };
+    settings.exploration = args.exploration.unwrap_or(settings.exploration);
+    settings.goodhart_margin = args.goodhart_margin.unwrap_or(settings.goodhart_margin);
+    settings.reputation.half_life = args.half_life.unwrap_or(settings.reputation.half_life);
+    settings.reputation.w_max = args.w_max.unwrap_or(settings.reputation.w_max);
+    Ok(settings)
 }
 
 /// What `weft reputation` reads: the governance state with what is needed to recompute its table.
