@@ -5,6 +5,7 @@ mod data;
 mod demo;
 mod inspect;
 mod reputation;
+mod simulate;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Demo(Box<demo::DemoArgs>),
     /// Show the tensors and the canonical content hash of a safetensors file.
     Inspect(inspect::InspectArgs),
+    /// Many simulated devices with a tiny model in one process: round time and peak memory.
+    Simulate(simulate::SimulateArgs),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
 }
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(*args),
         Command::Inspect(args) => inspect::run(args),
         Command::Reputation(args) => reputation::run(args),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

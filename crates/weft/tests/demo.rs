@@ -207,3 +207,19 @@ fn governance_demo_records_canaries_and_reputation_and_weft_reputation_prints_it
     let out = weft(&["reputation", garbage.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a weft governance state file"));
 }
+
+#[test]
+fn simulate_runs_many_devices_and_reports_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("sim.json");
+    let out =
+        weft(&["simulate", "--nodes", "12", "--rounds", "2", "--local-steps", "1", "--json", json.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds.iter().all(|r| r["accepted"] == 12 && f(&r["seconds"]) > 0.0));
+    assert!(rounds[1]["peak_rss"].as_u64().unwrap() > 0);
+    let bad = weft(&["simulate", "--nodes", "0"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--nodes and --rounds must be at least 1"));
+}
