@@ -17,25 +17,28 @@ lines = [
     "# Benchmarks", "",
     f"`bench/run`, {results['date']} — {cpu}, {bw['threads']} threads, {rustc}. Every ratio is measured in this one run.",
     "", "## Roofline", "",
-    f"STREAM-style kernels over 500M f32 (2 GB per array): copy **{bw['copy_gbs']:.1f} GB/s**, triad **{bw['triad_gbs']:.1f} GB/s**.",
+    f"STREAM-style kernels over 500M f32 (2 GB per array): copy **{bw['copy_gbs']:.1f} GB/s**, triad **{bw['triad_gbs']:.1f} GB/s**."
+    " This machine shares its host: its bandwidth drifts by up to 2× between minutes, so each aggregation row below is"
+    " compared with a copy measured just before it.",
     "", "## Weighted aggregation Σ wᵢΔᵢ", "",
     "Bytes moved = N inputs read + 1 output written. Baselines: numpy in Flower's FedAvg style (weight every layer, then"
     " `reduce(np.add)`), torch in Tapestry's `_apply_weighted_deltas` loop. Peak RSS includes the inputs; *extra* is what"
     " aggregating added on top of them.", "",
-    "| N × values | weft | share of copy bandwidth | numpy (Flower) | torch (Tapestry) | weft ÷ numpy | weft ÷ torch | extra memory weft / numpy / torch |",
+    "| N × values | weft | share of copy bandwidth (measured just before) | numpy (Flower) | torch (Tapestry) | weft ÷ numpy | weft ÷ torch | extra memory weft / numpy / torch |",
     "|---|---|---|---|---|---|---|---|",
 ]
 for path in sorted(src.glob("agg-weft-*.json"), key=lambda p: tuple(int(x) for x in p.stem.split("-")[2:])):
     _, _, n, length = path.stem.split("-")
     w, npy, tch = load(path.name), load(f"agg-numpy-{n}-{length}.json"), load(f"agg-torch-{n}-{length}.json")
+    local_bw = load(f"bw-{n}-{length}.json")["copy_gbs"]
     moved = (int(n) + 1) * int(length) * 4
     row = {"n": int(n), "len": int(length), "weft_s": w["seconds"], "numpy_s": npy["seconds"], "torch_s": tch["seconds"],
            "weft_gbs": moved / w["seconds"] / 1e9, "speedup_numpy": npy["seconds"] / w["seconds"],
-           "speedup_torch": tch["seconds"] / w["seconds"], "extra_bytes": [w["overhead_bytes"], npy["overhead_bytes"], tch["overhead_bytes"]]}
+           "speedup_torch": tch["seconds"] / w["seconds"], "copy_gbs_before": local_bw, "extra_bytes": [w["overhead_bytes"], npy["overhead_bytes"], tch["overhead_bytes"]]}
     results["aggregation"].append(row)
     mb = lambda b: f"{b / 1e6:.0f} MB"
     lines.append(f"| {n} × {int(length) // 1_000_000}M | {w['seconds'] * 1e3:.1f} ms ({row['weft_gbs']:.1f} GB/s) | "
-                 f"{row['weft_gbs'] / bw['copy_gbs']:.0%} | {npy['seconds'] * 1e3:.0f} ms | {tch['seconds'] * 1e3:.0f} ms | "
+                 f"{row['weft_gbs'] / local_bw:.0%} of {local_bw:.0f} GB/s | {npy['seconds'] * 1e3:.0f} ms | {tch['seconds'] * 1e3:.0f} ms | "
                  f"**{row['speedup_numpy']:.1f}×** | **{row['speedup_torch']:.1f}×** | "
                  f"{' / '.join(mb(b) for b in row['extra_bytes'])} |")
 lines += ["", "64 × 100M (25.6 GB of inputs) does not fit in this machine's 24 GB next to a baseline and is not run.", "",
