@@ -2,6 +2,7 @@
 
   aggregate-numpy N LEN REPEATS  Flower's FedAvg style: reduce(np.add) over weighted layers
   aggregate-torch N LEN REPEATS  Tapestry's _apply_weighted_deltas loop in torch
+  robust-numpy N LEN REPEATS     np.median and trimmed mean via np.sort along the node axis
   train-torch TEXT THREADS STEPS [LAYERS HEADS WIDTH CONTEXT BATCH]
                                  the built-in trainer's architecture and optimizer in PyTorch
 """
@@ -64,6 +65,17 @@ def aggregate_torch(n, length, repeats):
     seconds = best(repeats, tapestry)
     return {"n": n, "len": length, "seconds": seconds, "peak_rss": peak_rss(), "overhead_bytes": peak_rss() - before,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def robust_numpy(n, length, repeats):
+    import numpy as np
+    i = np.arange(n, dtype=np.int64)[:, None]
+    j = np.arange(length, dtype=np.int64)[None, :]
+    # The values robust_bench builds: x[i, j] = ((j·7919 + i·104729) mod 10007) / 10007 − 0.5.
+    x = (((j * 7919 + i * 104729) % 10007).astype(np.float32) / np.float32(10007.0) - np.float32(0.5))
+    k = int(np.floor(0.2 * n))
+    return {"n": n, "len": length, "median_s": best(repeats, lambda: np.median(x, axis=0)),
+            "trimmed_mean_s": best(repeats, lambda: np.sort(x, axis=0)[k:n - k].mean(axis=0)), "numpy": np.__version__}
 
 
 def train_torch(text_path, threads, steps, layers=2, heads=4, width=128, context=64, batch=16):
@@ -149,6 +161,8 @@ def main():
         out = aggregate_numpy(*(int(a) for a in args))
     elif cmd == "aggregate-torch":
         out = aggregate_torch(*(int(a) for a in args))
+    elif cmd == "robust-numpy":
+        out = robust_numpy(*(int(a) for a in args))
     elif cmd == "train-torch":
         out = train_torch(args[0], *(int(a) for a in args[1:]))
     else:
