@@ -176,10 +176,6 @@ impl CanaryRegistry {
     pub fn restore_reveals(&mut self, reveals: BTreeMap<String, u64>) {
         self.reveals = reveals;
     }
-
-    pub fn sets(&self) -> &[CanarySet] {
-        &self.sets
-    }
 }
 
 #[cfg(test)]

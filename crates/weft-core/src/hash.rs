@@ -10,10 +10,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct ContentHash(pub [u8; 32]);
 
 impl ContentHash {
-    pub fn to_hex(&self) -> String {
-        self.to_string()
-    }
-
     /// The first 12 hex digits: enough to tell bases apart in a table.
     pub fn short(&self) -> String {
         self.to_string()[..12].to_owned()

@@ -50,10 +50,6 @@ impl Tensor {
         self.data.is_empty()
     }
 
-    pub fn into_data(self) -> Vec<f32> {
-        self.data
-    }
-
     /// Index of the first NaN or infinite value, if any.
     pub fn first_non_finite(&self) -> Option<usize> {
         self.data.iter().position(|v| !v.is_finite())
