@@ -1,0 +1,190 @@
+//! Ledger entries and their canonical bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use weft_core::{ContentHash, OuterOptimizer};
+
+use crate::signing::{PublicKey, Signature};
+
+/// Why a contribution was refused at the door (checks) or at the decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// Stable rejection code, e.g. `stale_base`.
+    pub code: String,
+    pub detail: String,
+}
+
+/// A delta that entered the step, with what replay needs to recompute it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accepted {
+    pub node: String,
+    pub delta_hash: ContentHash,
+    pub weight: f64,
+    /// The coefficient the delta actually carried after the aggregator.
+    pub influence: f64,
+    /// The delta's L2 norm (adaptive norm bounds read it).
+    pub norm: f64,
+    pub capped: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rejected {
+    pub node: String,
+    pub code: String,
+    pub detail: String,
+}
+
+/// What happened. Externally tagged (`{"round_opened": {...}}`) so that parsing never buffers
+/// numbers through an intermediate form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// The first entry: the key that signs everything after, and what the consortium started from.
+    ConsortiumCreated {
+        coordinator_key: PublicKey,
+        config_hash: ContentHash,
+        roster_hash: ContentHash,
+        /// node id → language (jurisdiction).
+        roster: BTreeMap<String, String>,
+        base_hash: ContentHash,
+    },
+    RoundOpened {
+        round: u64,
+        base_hash: ContentHash,
+        config_hash: ContentHash,
+        roster_hash: ContentHash,
+    },
+    /// A contribution reached the coordinator. `refused` is set when it failed the checks; its
+    /// delta is then not stored.
+    ContributionReceived {
+        round: u64,
+        node: String,
+        /// BLAKE3 of the canonical JSON of what the node sent about its delta.
+        manifest_hash: ContentHash,
+        /// The node's ed25519 signature over its manifest (networked mode; none in-process).
+        node_signature: Option<Signature>,
+        delta_hash: Option<ContentHash>,
+        refused: Option<Refusal>,
+    },
+    /// The coordinator's own measurement of one contribution.
+    Evaluation {
+        round: u64,
+        node: String,
+        /// `null` when unmeasurable.
+        quality: Option<f64>,
+        heldout_loss: BTreeMap<String, Option<f64>>,
+        delta_norm: f64,
+    },
+    Decision {
+        round: u64,
+        accepted: Vec<Accepted>,
+        rejected: Vec<Rejected>,
+        unassigned: f64,
+        aggregator: String,
+        cap: f64,
+        outer: OuterOptimizer,
+        /// Outer optimizer state (momentum) before and after; `null` when it has none.
+        outer_state_in: Option<ContentHash>,
+        outer_state_out: Option<ContentHash>,
+        /// Centered clipping's center before and after; `null` when it has none.
+        center_in: Option<ContentHash>,
+        center_out: Option<ContentHash>,
+        /// Merkle root over this round's `contribution_received` entries, in ledger order.
+        contributions_root: ContentHash,
+        contributions: usize,
+        /// BLAKE3 of governance's part of the round record (canary scores, reputation).
+        governance_hash: Option<ContentHash>,
+    },
+    BasePublished {
+        round: u64,
+        previous_base_hash: ContentHash,
+        base_hash: ContentHash,
+        heldout_loss: BTreeMap<String, Option<f64>>,
+    },
+    /// An operator made the base of `to_round` current again. Nothing is deleted.
+    RolledBack {
+        to_round: u64,
+        /// The round last closed when the rollback happened.
+        after_round: u64,
+        previous_base_hash: ContentHash,
+        base_hash: ContentHash,
+        outer_state: Option<ContentHash>,
+        center: Option<ContentHash>,
+    },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::ConsortiumCreated { .. } => "consortium_created",
+            Event::RoundOpened { .. } => "round_opened",
+            Event::ContributionReceived { .. } => "contribution_received",
+            Event::Evaluation { .. } => "evaluation",
+            Event::Decision { .. } => "decision",
+            Event::BasePublished { .. } => "base_published",
+            Event::RolledBack { .. } => "rolled_back",
+        }
+    }
+
+    /// The round the event belongs to (the genesis is round 0; a rollback, the round it follows).
+    pub fn round(&self) -> u64 {
+        match self {
+            Event::ConsortiumCreated { .. } => 0,
+            Event::RoundOpened { round, .. }
+            | Event::ContributionReceived { round, .. }
+            | Event::Evaluation { round, .. }
+            | Event::Decision { round, .. }
+            | Event::BasePublished { round, .. } => *round,
+            Event::RolledBack { after_round, .. } => *after_round,
+        }
+    }
+}
+
+/// One line of the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub seq: u64,
+    /// Hash of the previous entry (zeros for the first).
+    pub prev: ContentHash,
+    pub event: Event,
+    /// BLAKE3 over a domain tag and the canonical JSON of `seq`, `prev` and `event`.
+    pub hash: ContentHash,
+    /// The coordinator's signature over `hash`.
+    pub signature: Signature,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    seq: u64,
+    prev: &'a ContentHash,
+    event: &'a Event,
+}
+
+const DOMAIN: &[u8] = b"weft-ledger/1\n";
+
+impl Entry {
+    /// The hash an entry with these contents must carry.
+    pub fn compute_hash(seq: u64, prev: &ContentHash, event: &Event) -> ContentHash {
+        // Serialising plain structs, string-keyed maps and finite numbers cannot fail.
+        let body = serde_json::to_vec(&Body { seq, prev, event }).unwrap_or_default();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(DOMAIN);
+        hasher.update(&body);
+        ContentHash(*hasher.finalize().as_bytes())
+    }
+
+    /// The canonical line (no trailing newline).
+    pub fn to_line(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Hash of the entry as a Merkle leaf.
+    pub fn leaf(&self) -> ContentHash {
+        crate::merkle::leaf_hash(&self.hash.0)
+    }
+}

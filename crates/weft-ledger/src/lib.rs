@@ -1,0 +1,15 @@
+//! The consortium's ledger: every decision as an append-only entry, hash-chained to the one
+//! before it and signed by the coordinator, with a Merkle root over each round's contributions.
+//!
+//! The bytes of an entry are its canonical JSON line; [`Chain::check`] re-derives every field
+//! of a line, so any change to any byte of the ledger is caught at the entry it touches.
+
+mod chain;
+mod entry;
+mod merkle;
+mod signing;
+
+pub use chain::{Chain, ChainError, Fault};
+pub use entry::{Accepted, Entry, Event, Refusal, Rejected};
+pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
+pub use signing::{KeyError, PublicKey, Signature, SigningKey};
