@@ -9,12 +9,14 @@
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
-use weft_core::aggregate::axpy;
+use weft_core::aggregate::{axpy, LengthError};
 use weft_core::policy::capped_weights;
 use weft_core::robust::{clip_factor, krum_select, median, reduce_sorted_columns, ColumnPick};
-use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound};
+use weft_core::{
+    Aggregator, ContentHash, ModelState, NodeId, NormBound, OuterOptimizer, OuterState, StateError, Tensor,
+};
 
-use crate::store::{DeltaStore, StoreError};
+use crate::blobs::{BlobStore, StoreError};
 
 /// Values per delta read at once by column-wise rules.
 const CHUNK: usize = 64 * 1024;
@@ -38,12 +40,80 @@ pub(crate) struct Outcome {
     pub center: Option<ModelState>,
 }
 
+/// The base after one round: the aggregator's step, then the outer optimizer.
+pub(crate) struct Moved {
+    pub base: ModelState,
+    pub outer_state: BTreeMap<String, OuterState>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("aggregation: {0}")]
+    Length(#[from] LengthError),
+    #[error("aggregation produced a non-finite base ({0}); the base is left unchanged")]
+    NonFinite(StateError),
+}
+
+/// Moves `base` by the step of `rule` over `accepted`, through `outer`. Shared by the round
+/// engine and `weft ledger verify`'s replay so that both compute the same bits. Works on copies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn move_base(
+    rule: &Aggregator,
+    accepted: &[Accepted],
+    cap: f64,
+    store: &BlobStore,
+    base: &ModelState,
+    center: Option<&ModelState>,
+    outer: &OuterOptimizer,
+    outer_state: &BTreeMap<String, OuterState>,
+) -> Result<Moved, MoveError> {
+    let outcome = aggregate(rule, accepted, cap, store, base, center)?;
+    let mut next = base.clone();
+    let mut outer_state = outer_state.clone();
+    for ((name, tensor), (_, step)) in next.iter_mut().zip(outcome.step.iter()) {
+        let state = outer_state.entry(name.to_owned()).or_default();
+        outer.apply(tensor.data_mut(), step.data(), state)?;
+    }
+    next.check_finite().map_err(MoveError::NonFinite)?;
+    if !outer.keeps_state() {
+        outer_state.clear();
+    }
+    Ok(Moved { base: next, outer_state, outcome })
+}
+
+/// The outer optimizer's momentum as a storable state (tensors shaped as the base's); `None`
+/// when it holds nothing.
+pub(crate) fn outer_to_state(
+    outer_state: &BTreeMap<String, OuterState>,
+    base: &ModelState,
+) -> Result<Option<ModelState>, StateError> {
+    let mut state = ModelState::new();
+    for (name, tensor) in base.iter() {
+        if let Some(s) = outer_state.get(name).filter(|s| !s.velocity.is_empty()) {
+            let velocity = Tensor::new(tensor.shape().to_vec(), s.velocity.clone()).map_err(|_| StateError::Shape {
+                name: name.to_owned(),
+                expected: tensor.shape().to_vec(),
+                got: vec![s.velocity.len()],
+            })?;
+            state.insert(name, velocity);
+        }
+    }
+    Ok((!state.is_empty()).then_some(state))
+}
+
+pub(crate) fn outer_from_state(state: ModelState) -> BTreeMap<String, OuterState> {
+    state.iter().map(|(name, t)| (name.to_owned(), OuterState { velocity: t.data().to_vec() })).collect()
+}
+
 /// Computes the step of `rule` over `accepted` (sorted by node id), for tensors laid out as `base`.
 pub(crate) fn aggregate(
     rule: &Aggregator,
     accepted: &[Accepted],
     cap: f64,
-    store: &DeltaStore,
+    store: &BlobStore,
     base: &ModelState,
     previous_center: Option<&ModelState>,
 ) -> Result<Outcome, StoreError> {
@@ -90,7 +160,7 @@ pub(crate) fn aggregate(
 fn linear(
     accepted: &[Accepted],
     coefficients: Vec<f64>,
-    store: &DeltaStore,
+    store: &BlobStore,
     base: &ModelState,
 ) -> Result<Outcome, StoreError> {
     let mut step = base.zeros_like();
@@ -122,7 +192,7 @@ fn add(out: &mut [f32], c: f32, x: &[f32], path: &std::path::Path, name: &str) -
 /// every delta, then checks every delta's hash.
 fn for_each_chunk(
     accepted: &[Accepted],
-    store: &DeltaStore,
+    store: &BlobStore,
     base: &ModelState,
     mut visit: impl FnMut(&str, usize, &[Vec<f32>]),
 ) -> Result<(), StoreError> {
@@ -153,7 +223,7 @@ fn for_each_chunk(
 /// Median or trimmed mean of every coordinate's column of n values.
 fn columns(
     accepted: &[Accepted],
-    store: &DeltaStore,
+    store: &BlobStore,
     base: &ModelState,
     pick: ColumnPick,
 ) -> Result<ModelState, StoreError> {
@@ -168,7 +238,7 @@ fn columns(
 }
 
 /// Squared L2 distances between every pair of deltas, `dist2[i·n + j]`.
-fn pairwise_distances(accepted: &[Accepted], store: &DeltaStore, base: &ModelState) -> Result<Vec<f64>, StoreError> {
+fn pairwise_distances(accepted: &[Accepted], store: &BlobStore, base: &ModelState) -> Result<Vec<f64>, StoreError> {
     let n = accepted.len();
     let mut dist2 = vec![0.0f64; n * n];
     for_each_chunk(accepted, store, base, |_, _, chunks| {
@@ -199,7 +269,7 @@ fn centered_clipping(
     total: f64,
     tau: f64,
     iterations: usize,
-    store: &DeltaStore,
+    store: &BlobStore,
     base: &ModelState,
     previous_center: Option<&ModelState>,
 ) -> Result<Outcome, StoreError> {
@@ -245,9 +315,9 @@ mod tests {
     use super::*;
     use weft_core::{Delta, Tensor};
 
-    fn setup(values: &[[f32; 3]]) -> (tempfile::TempDir, DeltaStore, ModelState, Vec<Accepted>) {
+    fn setup(values: &[[f32; 3]]) -> (tempfile::TempDir, BlobStore, ModelState, Vec<Accepted>) {
         let tmp = tempfile::tempdir().unwrap();
-        let store = DeltaStore::open(tmp.path()).unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
         let mut base = ModelState::new();
         base.insert("w", Tensor::zeros(vec![3]));
         let n = values.len();
@@ -306,7 +376,7 @@ mod tests {
     #[test]
     fn column_rules_stream_tensors_longer_than_a_chunk() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = DeltaStore::open(tmp.path()).unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
         let len = CHUNK * 2 + 5;
         let mut base = ModelState::new();
         base.insert("big", Tensor::zeros(vec![len]));

@@ -1,8 +1,13 @@
 //! The round engine: open a round, take contributions one by one, close it.
+//!
+//! In durable mode (see [`durable`]) every step is committed to a [`Journal`] together with the
+//! ledger entries that describe it, and a restarted coordinator continues where it stopped.
+
+mod durable;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weft_core::aggregate::{LengthError, OuterError};
+use weft_core::aggregate::OuterError;
 use weft_core::contribution::{self, OpenRound};
 use weft_core::quality::{measured_quality, LossTable};
 use weft_core::{
@@ -10,12 +15,15 @@ use weft_core::{
     PolicyError, Rejection, StateError, Weighting,
 };
 
-use crate::aggregation::{self, Accepted};
-use crate::governance::{Governance, GovernanceError};
+use weft_ledger::{ContributionManifest, Event, Refusal};
 
+use crate::aggregation::{self, Accepted, MoveError};
+use crate::governance::{Governance, GovernanceError};
+use crate::journal::{Head, Journal, JournalError, Rows};
+
+use crate::blobs::{BlobStore, StoreError};
 use crate::measure::{Measure, MeasureError};
 use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
-use crate::store::{DeltaStore, StoreError};
 
 /// A member of the consortium: a node id and the language (jurisdiction) it speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,10 +75,25 @@ pub enum CoordinatorError {
     RoundOpen(u64),
     #[error("no round is open")]
     NoOpenRound,
-    #[error("aggregation: {0}")]
-    Aggregate(#[from] LengthError),
-    #[error("aggregation produced a non-finite base ({0}); the base is left unchanged")]
-    NonFiniteResult(StateError),
+    #[error(transparent)]
+    Move(#[from] MoveError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("an earlier write to the journal failed; restart the coordinator from its journal")]
+    Broken,
+    #[error("this coordinator keeps no journal (durable mode is off)")]
+    NotDurable,
+    #[error(
+        "{dir} holds a consortium created with a different configuration ({keys} differ); \
+         start it with the settings it was created with, or use a new directory"
+    )]
+    ConfigMismatch { dir: std::path::PathBuf, keys: String },
+    #[error("cannot roll back to round {to}: the last closed round is {last}")]
+    RollbackTarget { to: u64, last: u64 },
+    #[error("cannot roll back while round {0} is open")]
+    RollbackWhileOpen(u64),
+    #[error("the journal has no state for round {0}")]
+    MissingRound(u64),
 }
 
 /// Why `submit` did not return a receipt: the contribution's fault, or the coordinator's.
@@ -93,6 +116,22 @@ struct Pending {
     declared: Vec<(NodeId, f64)>,
     /// Content hash and L2 norm of each measured delta.
     deltas: BTreeMap<NodeId, (ContentHash, f64)>,
+    /// Merkle leaves of this round's `contribution_received` ledger entries (durable mode).
+    leaves: Vec<ContentHash>,
+}
+
+impl Pending {
+    fn new(round: u64) -> Self {
+        Pending {
+            round,
+            received: BTreeSet::new(),
+            records: Vec::new(),
+            measured: Vec::new(),
+            declared: Vec::new(),
+            deltas: BTreeMap::new(),
+            leaves: Vec::new(),
+        }
+    }
 }
 
 pub struct Coordinator<M: Measure> {
@@ -115,9 +154,18 @@ pub struct Coordinator<M: Measure> {
     /// share it would get under equal weighting, so that quality reflects the delta at the size
     /// it can enter the base rather than a whole local model that has drifted to its own data.
     probe_scale: f32,
-    store: DeltaStore,
+    store: BlobStore,
     open: Option<Pending>,
     manifests: BTreeMap<NodeId, NodeManifest>,
+    /// Durable mode: every step is committed here with its ledger entries.
+    journal: Option<Box<dyn Journal>>,
+    /// A journal write failed: memory may be ahead of disk, so nothing more is accepted.
+    broken: bool,
+    /// Blob hashes of the outer optimizer's state and of the center (durable mode).
+    outer_hash: Option<ContentHash>,
+    center_hash: Option<ContentHash>,
+    config_hash: ContentHash,
+    roster_hash: ContentHash,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -127,7 +175,7 @@ impl<M: Measure> Coordinator<M> {
         policy: Policy,
         outer: OuterOptimizer,
         mut measure: M,
-        store: DeltaStore,
+        store: BlobStore,
     ) -> Result<Self, CoordinatorError> {
         policy.validate()?;
         outer.validate()?;
@@ -172,6 +220,12 @@ impl<M: Measure> Coordinator<M> {
             store,
             open: None,
             manifests,
+            journal: None,
+            broken: false,
+            outer_hash: None,
+            center_hash: None,
+            config_hash: ContentHash([0; 32]),
+            roster_hash: ContentHash([0; 32]),
         })
     }
 
@@ -240,7 +294,7 @@ impl<M: Measure> Coordinator<M> {
         &self.manifests
     }
 
-    pub fn store(&self) -> &DeltaStore {
+    pub fn store(&self) -> &BlobStore {
         &self.store
     }
 
@@ -249,32 +303,106 @@ impl<M: Measure> Coordinator<M> {
         Ok(self.measure.heldout_loss(state)?)
     }
 
+    /// The open round, if any, and the nodes whose contribution it has recorded (accepted for
+    /// measurement or refused).
+    pub fn open_round_state(&self) -> Option<(Announcement, BTreeSet<String>)> {
+        let pending = self.open.as_ref()?;
+        let nodes = pending.records.iter().map(|r| r.node.clone()).collect();
+        Some((Announcement { round: pending.round, base_hash: self.base_hash }, nodes))
+    }
+
     pub fn open_round(&mut self) -> Result<Announcement, CoordinatorError> {
+        self.usable()?;
         if let Some(p) = &self.open {
             return Err(CoordinatorError::RoundOpen(p.round));
         }
         let round = self.round + 1;
-        if let Some(g) = self.governance.as_mut() {
-            g.open(round, &self.base)?;
-        }
-        self.open = Some(Pending {
+        self.begin(round)?;
+        let event = Event::RoundOpened {
             round,
-            received: BTreeSet::new(),
-            records: Vec::new(),
-            measured: Vec::new(),
-            declared: Vec::new(),
-            deltas: BTreeMap::new(),
-        });
+            base_hash: self.base_hash,
+            config_hash: self.config_hash,
+            roster_hash: self.roster_hash,
+        };
+        if let Err(e) = self.commit(Some(round), Rows::default(), vec![event]) {
+            self.open = None;
+            return Err(e);
+        }
         tracing::info!(round, base = %self.base_hash.short(), "round opened");
         Ok(Announcement { round, base_hash: self.base_hash })
     }
 
+    /// Starts round `round` in memory: governance scores the base on its canaries.
+    fn begin(&mut self, round: u64) -> Result<(), CoordinatorError> {
+        if let Some(g) = self.governance.as_mut() {
+            g.open(round, &self.base)?;
+        }
+        self.open = Some(Pending::new(round));
+        Ok(())
+    }
+
+    fn usable(&self) -> Result<(), CoordinatorError> {
+        if self.broken {
+            return Err(CoordinatorError::Broken);
+        }
+        Ok(())
+    }
+
+    /// The state a restart continues from.
+    fn head(&self, open: Option<u64>) -> Head {
+        Head {
+            round: self.round,
+            open,
+            base_hash: self.base_hash,
+            outer_state: self.outer_hash,
+            center: self.center_hash,
+            base_loss: self.base_loss.clone(),
+            governance: self.governance.as_ref().map(|g| g.state().clone()),
+        }
+    }
+
+    /// Commits one step to the journal (a no-op in memory-only mode). A failure marks the
+    /// coordinator broken: it must be restarted from what the journal holds.
+    fn commit(
+        &mut self,
+        open: Option<u64>,
+        rows: Rows<'_>,
+        events: Vec<Event>,
+    ) -> Result<Vec<weft_ledger::Entry>, CoordinatorError> {
+        let head = self.head(open);
+        let Some(journal) = self.journal.as_mut() else { return Ok(Vec::new()) };
+        journal.commit(&head, rows, events).map_err(|e| {
+            self.broken = true;
+            tracing::error!("journal write failed: {e}");
+            CoordinatorError::from(e)
+        })
+    }
+
+    /// Quality and held-out losses of a delta at the probe scale (on the public canaries when
+    /// governance runs).
+    fn score(&mut self, node: &NodeId, delta: &weft_core::Delta) -> Result<(f64, LossTable), CoordinatorError> {
+        let candidate = delta.applied_to(&self.base, self.probe_scale).map_err(CoordinatorError::Base)?;
+        match self.governance.as_mut() {
+            Some(g) => {
+                let whole = delta.applied_to(&self.base, 1.0).map_err(CoordinatorError::Base)?;
+                Ok(g.score(node, &candidate, &whole)?)
+            }
+            None => {
+                let heldout = self.measure.heldout_loss(&candidate)?;
+                Ok((measured_quality(&self.base_loss, &heldout), heldout))
+            }
+        }
+    }
+
     /// Checks a contribution, measures `base + Δ` on the held-out sets, and stores the delta by
-    /// its content hash. The base is never touched here. Every outcome is recorded.
+    /// its content hash. The base is never touched here. Every outcome is recorded (and, in
+    /// durable mode, committed with its ledger entries before this returns).
     pub fn submit(&mut self, contribution: Contribution) -> Result<Receipt, SubmitError> {
-        let Some(pending) = self.open.as_mut() else {
+        self.usable()?;
+        let Some(pending) = self.open.as_ref() else {
             return Err(SubmitError::Rejected(Rejection::NoOpenRound));
         };
+        let round = pending.round;
         let language = self.roster.get(&contribution.node).cloned();
         let mut record = ContributionRecord {
             node: contribution.node.to_string(),
@@ -293,7 +421,7 @@ impl<M: Measure> Coordinator<M> {
             heldout_loss: None,
         };
         let open = OpenRound {
-            round: pending.round,
+            round,
             base: &self.base,
             base_hash: self.base_hash,
             roster: &self.roster_ids,
@@ -308,42 +436,59 @@ impl<M: Measure> Coordinator<M> {
             tracing::warn!(node = %contribution.node, reason = reason.code(), "contribution rejected: {reason}");
             record.reason = Some(reason.code().to_owned());
             record.detail = Some(reason.to_string());
-            pending.records.push(record);
+            let received = Event::ContributionReceived {
+                round,
+                node: record.node.clone(),
+                manifest_hash: manifest_of(&contribution, contribution.delta.content_hash()).hash(),
+                node_signature: None,
+                delta_hash: None,
+                refused: Some(Refusal { code: reason.code().to_owned(), detail: reason.to_string() }),
+            };
+            let entries =
+                self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, vec![received])?;
+            if let Some(pending) = self.open.as_mut() {
+                pending.leaves.extend(entries.iter().map(weft_ledger::Entry::leaf));
+                pending.records.push(record);
+            }
             return Err(SubmitError::Rejected(reason));
         }
-        pending.received.insert(contribution.node.clone());
-        // Measured at its fair share of the step (see `probe_scale`). Checked above: same layout
-        // as the base and finite, so this cannot fail.
-        let candidate = contribution
-            .delta
-            .applied_to(&self.base, self.probe_scale)
-            .map_err(|e| SubmitError::Internal(CoordinatorError::Base(e)))?;
-        let (quality, heldout) = match self.governance.as_mut() {
-            // With governance, quality is measured on the public canaries.
-            Some(g) => {
-                let whole = contribution
-                    .delta
-                    .applied_to(&self.base, 1.0)
-                    .map_err(|e| SubmitError::Internal(CoordinatorError::Base(e)))?;
-                g.score(&contribution.node, &candidate, &whole).map_err(CoordinatorError::from)?
-            }
-            None => {
-                let heldout = self.measure.heldout_loss(&candidate).map_err(CoordinatorError::from)?;
-                (measured_quality(&self.base_loss, &heldout), heldout)
-            }
-        };
-        drop(candidate);
+        // Measured at its fair share of the step (see `probe_scale`).
+        let (quality, heldout) = self.score(&contribution.node, &contribution.delta)?;
+        weft_core::crash::point("contribution-measured");
         let delta_hash = self.store.put(&contribution.delta).map_err(CoordinatorError::from)?;
+        let norm = contribution.delta.norm();
         record.quality = quality.is_finite().then_some(quality);
         record.delta_hash = Some(delta_hash);
-        let norm = contribution.delta.norm();
         record.delta_norm = Some(norm);
-        record.heldout_loss = Some(heldout);
-        pending.records.push(record);
-        pending.measured.push((contribution.node.clone(), quality));
+        // JSON (and so the journal) cannot carry an infinite loss: such a table is not kept.
+        record.heldout_loss = heldout.values().all(|v| v.is_finite()).then(|| heldout.clone());
+        let events = vec![
+            Event::ContributionReceived {
+                round,
+                node: record.node.clone(),
+                manifest_hash: manifest_of(&contribution, delta_hash).hash(),
+                node_signature: None,
+                delta_hash: Some(delta_hash),
+                refused: None,
+            },
+            Event::Evaluation {
+                round,
+                node: record.node.clone(),
+                quality: record.quality,
+                heldout_loss: heldout.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect(),
+                delta_norm: norm,
+            },
+        ];
+        let entries = self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, events)?;
         let claim = contribution.declared.get("quality").or(contribution.declared.get("validation_gain"));
-        pending.declared.push((contribution.node.clone(), claim.copied().unwrap_or(f64::NAN)));
-        pending.deltas.insert(contribution.node.clone(), (delta_hash, norm));
+        if let Some(pending) = self.open.as_mut() {
+            pending.leaves.extend(entries.first().map(weft_ledger::Entry::leaf));
+            pending.received.insert(contribution.node.clone());
+            pending.records.push(record);
+            pending.measured.push((contribution.node.clone(), quality));
+            pending.declared.push((contribution.node.clone(), claim.copied().unwrap_or(f64::NAN)));
+            pending.deltas.insert(contribution.node.clone(), (delta_hash, norm));
+        }
         tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
         Ok(Receipt { node: contribution.node, quality, delta_hash })
     }
@@ -388,18 +533,21 @@ impl<M: Measure> Coordinator<M> {
             }
         }
         let previous_base_hash = self.base_hash;
+        let (outer_in, center_in) = (self.outer_hash, self.center_hash);
         let mut influence = BTreeMap::new();
         if !decision.weights.is_empty() {
-            match self.aggregate(&accepted) {
-                Ok((next, outer_state, outcome)) => {
-                    self.base_hash = next.content_hash();
-                    self.base = next;
-                    self.outer_state = outer_state;
-                    if outcome.center.is_some() {
-                        self.center = outcome.center;
+            match self.move_base(&accepted) {
+                Ok(moved) => {
+                    self.base_hash = moved.base_hash;
+                    self.base = moved.base;
+                    self.outer_state = moved.outer_state;
+                    self.outer_hash = moved.outer_hash;
+                    if moved.center.is_some() {
+                        self.center = moved.center;
+                        self.center_hash = moved.center_hash;
                     }
-                    influence = outcome.influence;
-                    self.base_loss = self.measure.heldout_loss(&self.base)?;
+                    influence = moved.influence;
+                    self.base_loss = moved.base_loss;
                 }
                 Err(e) => {
                     // Leave the round closable again: nothing was changed.
@@ -424,22 +572,6 @@ impl<M: Measure> Coordinator<M> {
                 record.detail = Some(reason.to_string());
             }
         }
-        for record in &pending.records {
-            let Ok(node) = NodeId::new(record.node.clone()) else { continue };
-            if let Some(manifest) = self.manifests.get_mut(&node) {
-                manifest.contributions.push(ManifestEntry {
-                    round: pending.round,
-                    base_hash: previous_base_hash,
-                    delta_hash: record.delta_hash,
-                    token_count: record.token_count,
-                    quality: record.quality,
-                    accepted: record.accepted,
-                    reason: record.reason.clone(),
-                    weight: record.weight,
-                    declared: record.declared.clone(),
-                });
-            }
-        }
         self.round = pending.round;
         let record = RoundRecord {
             round: pending.round,
@@ -455,34 +587,147 @@ impl<M: Measure> Coordinator<M> {
             contributions: pending.records,
             heldout_loss: self.base_loss.clone(),
         };
+        let decision_event = Event::Decision {
+            round: record.round,
+            accepted: accepted
+                .iter()
+                .filter_map(|a| {
+                    let r = record.contributions.iter().find(|r| r.accepted && r.node == a.node.as_str())?;
+                    Some(weft_ledger::Accepted {
+                        node: a.node.to_string(),
+                        delta_hash: a.hash,
+                        weight: a.weight,
+                        influence: r.influence,
+                        norm: a.norm,
+                        capped: r.capped,
+                    })
+                })
+                .collect(),
+            rejected: record
+                .contributions
+                .iter()
+                .filter(|r| !r.accepted)
+                .map(|r| weft_ledger::Rejected {
+                    node: r.node.clone(),
+                    code: r.reason.clone().unwrap_or_default(),
+                    detail: r.detail.clone().unwrap_or_default(),
+                })
+                .collect(),
+            unassigned: record.unassigned_share,
+            aggregator: record.aggregator.clone(),
+            cap: self.policy.cap,
+            outer: self.outer,
+            outer_state_in: outer_in,
+            outer_state_out: self.outer_hash,
+            center_in,
+            center_out: self.center_hash,
+            contributions_root: weft_ledger::merkle_root(&pending.leaves),
+            contributions: pending.leaves.len(),
+            governance_hash: record.governance.as_ref().map(|g| json_hash(g)),
+        };
+        let mut events = vec![decision_event];
+        if record.base_changed {
+            events.push(Event::BasePublished {
+                round: record.round,
+                previous_base_hash,
+                base_hash: self.base_hash,
+                heldout_loss: self.base_loss.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect(),
+            });
+        }
+        self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
+        self.add_to_manifests(&record);
         tracing::info!(round = record.round, accepted = record.accepted, base = %self.base_hash.short(), "round closed");
         Ok(record)
     }
 
+    /// Each node's manifest gains its entry of a closed round.
+    fn add_to_manifests(&mut self, record: &RoundRecord) {
+        for r in &record.contributions {
+            let Ok(node) = NodeId::new(r.node.clone()) else { continue };
+            if let Some(manifest) = self.manifests.get_mut(&node) {
+                manifest.contributions.push(ManifestEntry {
+                    round: record.round,
+                    base_hash: record.previous_base_hash,
+                    delta_hash: r.delta_hash,
+                    token_count: r.token_count,
+                    quality: r.quality,
+                    accepted: r.accepted,
+                    reason: r.reason.clone(),
+                    weight: r.weight,
+                    declared: r.declared.clone(),
+                });
+            }
+        }
+    }
+
     /// `next = base + outer(step)`, with the step computed by the aggregator from the store
-    /// (see [`aggregation`]). Works on copies: an error leaves the coordinator untouched.
-    fn aggregate(
-        &self,
-        accepted: &[Accepted],
-    ) -> Result<(ModelState, BTreeMap<String, OuterState>, aggregation::Outcome), CoordinatorError> {
-        let outcome = aggregation::aggregate(
+    /// (see [`aggregation`]), measured, and (in durable mode) stored as blobs before anything
+    /// refers to it. Works on copies: an error leaves the coordinator untouched.
+    fn move_base(&mut self, accepted: &[Accepted]) -> Result<NextBase, CoordinatorError> {
+        let moved = aggregation::move_base(
             &self.aggregator,
             accepted,
             self.policy.cap,
             &self.store,
             &self.base,
             self.center.as_ref(),
+            &self.outer,
+            &self.outer_state,
         )?;
-        let mut next = self.base.clone();
-        let mut outer_state = self.outer_state.clone();
-        for ((name, tensor), (_, step)) in next.iter_mut().zip(outcome.step.iter()) {
-            let state = outer_state.entry(name.to_owned()).or_default();
-            self.outer.apply(tensor.data_mut(), step.data(), state)?;
-        }
-        next.check_finite().map_err(CoordinatorError::NonFiniteResult)?;
-        if !self.outer.keeps_state() {
-            outer_state.clear();
-        }
-        Ok((next, outer_state, outcome))
+        weft_core::crash::point("round-aggregated");
+        let base_loss = self.measure.heldout_loss(&moved.base)?;
+        let durable = self.journal.is_some();
+        let base_hash = if durable { self.store.put_state(&moved.base)? } else { moved.base.content_hash() };
+        let outer = aggregation::outer_to_state(&moved.outer_state, &moved.base).map_err(CoordinatorError::Base)?;
+        let outer_hash = match &outer {
+            Some(state) if durable => Some(self.store.put_state(state)?),
+            Some(state) => Some(state.content_hash()),
+            None => None,
+        };
+        let center_hash = match &moved.outcome.center {
+            Some(center) if durable => Some(self.store.put_state(center)?),
+            Some(center) => Some(center.content_hash()),
+            None => None,
+        };
+        weft_core::crash::point("round-blobs-stored");
+        Ok(NextBase {
+            base: moved.base,
+            base_hash,
+            base_loss,
+            outer_state: moved.outer_state,
+            outer_hash,
+            center: moved.outcome.center,
+            center_hash,
+            influence: moved.outcome.influence,
+        })
     }
+}
+
+/// A round's new base and everything that moves with it.
+struct NextBase {
+    base: ModelState,
+    base_hash: ContentHash,
+    base_loss: LossTable,
+    outer_state: BTreeMap<String, OuterState>,
+    outer_hash: Option<ContentHash>,
+    center: Option<ModelState>,
+    center_hash: Option<ContentHash>,
+    influence: BTreeMap<NodeId, f64>,
+}
+
+/// What a node states about its contribution (signed by the node in networked mode).
+fn manifest_of(contribution: &Contribution, delta_hash: ContentHash) -> ContributionManifest {
+    ContributionManifest {
+        node: contribution.node.to_string(),
+        round: contribution.round,
+        base_hash: contribution.base_hash,
+        delta_hash,
+        token_count: contribution.token_count,
+        declared: contribution.declared.clone(),
+    }
+}
+
+/// BLAKE3 of a value's JSON.
+pub(crate) fn json_hash<T: serde::Serialize>(value: &T) -> ContentHash {
+    ContentHash(*blake3::hash(&serde_json::to_vec(value).unwrap_or_default()).as_bytes())
 }

@@ -3,19 +3,22 @@
 //! tensor by tensor from a content-addressed store.
 
 mod aggregation;
+mod blobs;
 mod canary;
 mod coordinator;
 mod governance;
+mod journal;
 mod measure;
 mod record;
-mod store;
 
+pub use aggregation::MoveError;
+pub use blobs::{BlobStore, StoreError};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};
 pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
     GovernanceState, ReputationRow,
 };
+pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
-pub use store::{DeltaStore, StoreError};

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use weft_coordinator::{
-    CanaryRegistry, CanarySpec, Coordinator, DeltaStore, Governance, GovernanceSettings, GovernanceState, HeldoutSet,
+    BlobStore, CanaryRegistry, CanarySpec, Coordinator, Governance, GovernanceSettings, GovernanceState, HeldoutSet,
     Member, RoundRecord, Visibility,
 };
 use weft_core::{Delta, NodeId, OuterOptimizer, Policy, Weighting};
@@ -108,7 +108,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
         Policy::new(0.0, 0.6, 0.0, Weighting::Quality).unwrap(),
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(config, heldout, 16).unwrap(),
-        DeltaStore::open(tmp.path().join("store")).unwrap(),
+        BlobStore::open(tmp.path().join("store")).unwrap(),
     )
     .unwrap()
     .with_governance(governance);

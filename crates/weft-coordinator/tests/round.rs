@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, RoundRecord, SubmitError};
+use weft_coordinator::{BlobStore, Coordinator, HeldoutSet, Member, RoundRecord, SubmitError};
 use weft_core::{Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
@@ -57,7 +57,7 @@ fn consortium_with(
     }
     let base = Gpt::init(CONFIG, seed).unwrap().to_state();
     let measure = HeldoutSet::new(CONFIG, heldout, 16).unwrap();
-    let store = DeltaStore::open(tmp.path().join("store")).unwrap();
+    let store = BlobStore::open(tmp.path().join("store")).unwrap();
     let coordinator =
         Coordinator::new(base, members, policy, outer, measure, store).unwrap().with_aggregator(rule).unwrap();
     Consortium { _tmp: tmp, nodes, coordinator }
@@ -322,7 +322,7 @@ fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_
         open_policy(),
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(CONFIG, heldout, 16).unwrap(),
-        DeltaStore::open(tmp.path()).unwrap(),
+        BlobStore::open(tmp.path()).unwrap(),
     )
     .unwrap();
     let err = coordinator.with_aggregator("multi-krum:1:2".parse().unwrap()).err().unwrap();

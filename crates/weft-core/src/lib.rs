@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod contribution;
+pub mod crash;
 pub mod delta;
 pub mod hash;
 pub mod policy;

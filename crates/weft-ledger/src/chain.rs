@@ -54,6 +54,12 @@ impl Chain {
         Chain { trusted, key: None, next_seq: 0, head: ContentHash([0; 32]) }
     }
 
+    /// Continues a chain whose entries were checked before: the next entry is `next_seq`, linked
+    /// to `head`, signed by `key`.
+    pub fn continue_from(key: PublicKey, next_seq: u64, head: ContentHash) -> Self {
+        Chain { trusted: Some(key), key: Some(key), next_seq, head }
+    }
+
     /// The coordinator key the chain is checked against (after its genesis).
     pub fn key(&self) -> Option<PublicKey> {
         self.key

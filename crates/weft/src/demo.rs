@@ -9,7 +9,7 @@ use clap::ValueEnum;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{
-    CanaryRegistry, Coordinator, DeltaStore, Governance, GovernanceSettings, GovernanceState, HeldoutSet, Member,
+    BlobStore, CanaryRegistry, Coordinator, Governance, GovernanceSettings, GovernanceState, HeldoutSet, Member,
     RoundRecord, SubmitError, Visibility,
 };
 use weft_core::quality::LossTable;
@@ -260,7 +260,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let base = Gpt::init(config, args.seed)?.to_state();
     let parameters = base.num_values();
     let measure = HeldoutSet::new(config, heldout, 32)?;
-    let store = DeltaStore::open(out.join("coordinator").join("deltas"))?;
+    let store = BlobStore::open(out.join("coordinator").join("deltas"))?;
     let mut coordinator =
         Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
     if let Some(registry) = registry {

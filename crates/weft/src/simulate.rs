@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
-use weft_coordinator::{Coordinator, DeltaStore, HeldoutSet, Member, SubmitError};
+use weft_coordinator::{BlobStore, Coordinator, HeldoutSet, Member, SubmitError};
 use weft_core::{NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
@@ -90,7 +90,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         Policy::new(f64::MIN / 2.0, 1.0, 0.0, Weighting::Equal)?,
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(TINY, heldout, 32)?,
-        DeltaStore::open(scratch.path().join("deltas"))?,
+        BlobStore::open(scratch.path().join("deltas"))?,
     )?;
     let settings = NodeSettings {
         steps: args.local_steps,

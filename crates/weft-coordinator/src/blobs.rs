@@ -1,17 +1,21 @@
-//! A content-addressed store of deltas: `<dir>/<blake3 content hash>.safetensors`.
+//! A content-addressed store of model states: `<dir>/<blake3 content hash>.safetensors`.
 //!
-//! The coordinator writes each delta here as it arrives and drops it from memory; aggregation
-//! later reads one tensor of one delta at a time through a memory map, so the coordinator's
-//! memory does not grow with the number of nodes.
+//! Deltas, bases, outer-optimizer state and centers live here, named by the canonical hash of
+//! their tensors, written once and never changed or deleted. The coordinator writes each delta
+//! as it arrives and drops it from memory; aggregation later reads one tensor of one delta at a
+//! time through a memory map, so the coordinator's memory does not grow with the number of nodes.
+//!
+//! Only the local filesystem is implemented. An object store would keep this interface (put a
+//! state, stream one back by hash) behind a local read cache.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::SafeTensors;
-use weft_core::{CanonicalHasher, ContentHash, Delta, StateError};
+use weft_core::{CanonicalHasher, ContentHash, Delta, ModelState, StateError};
 
-pub struct DeltaStore {
+pub struct BlobStore {
     dir: PathBuf,
 }
 
@@ -27,11 +31,11 @@ pub enum StoreError {
     Corrupt { path: PathBuf, expected: ContentHash, actual: ContentHash },
 }
 
-impl DeltaStore {
+impl BlobStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
-        Ok(DeltaStore { dir })
+        Ok(BlobStore { dir })
     }
 
     pub fn dir(&self) -> &Path {
@@ -44,16 +48,36 @@ impl DeltaStore {
 
     /// Stores a delta under its content hash (no-op if already present) and returns the hash.
     pub fn put(&self, delta: &Delta) -> Result<ContentHash, StoreError> {
-        let hash = delta.content_hash();
+        self.put_state(delta.state())
+    }
+
+    /// Stores any state (a base, optimizer state, a center) under its content hash.
+    pub fn put_state(&self, state: &ModelState) -> Result<ContentHash, StoreError> {
+        let hash = state.content_hash();
         let path = self.path_of(&hash);
         if !path.exists() {
-            let bytes = delta
-                .state()
-                .to_safetensors(None)
-                .map_err(|source| StoreError::Format { path: path.clone(), source })?;
+            let bytes =
+                state.to_safetensors(None).map_err(|source| StoreError::Format { path: path.clone(), source })?;
             write_atomic(&path, &bytes).map_err(|source| StoreError::Io { path: path.clone(), source })?;
         }
         Ok(hash)
+    }
+
+    pub fn contains(&self, hash: &ContentHash) -> bool {
+        self.path_of(hash).is_file()
+    }
+
+    /// Reads a whole stored state and checks it is the one its name promises.
+    pub fn get_state(&self, hash: &ContentHash) -> Result<ModelState, StoreError> {
+        let path = self.path_of(hash);
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        let state =
+            ModelState::from_safetensors(&bytes).map_err(|source| StoreError::Format { path: path.clone(), source })?;
+        let actual = state.content_hash();
+        if actual != *hash {
+            return Err(StoreError::Corrupt { path, expected: *hash, actual });
+        }
+        Ok(state)
     }
 
     /// Memory-maps a stored delta for streaming reads.
@@ -163,7 +187,8 @@ impl<'a> DeltaReader<'a> {
     }
 }
 
-/// Temp file, fsync, rename: a crash leaves no half-written delta under a content name.
+/// Temp file, fsync, rename, fsync the directory: a crash leaves either nothing or the whole
+/// blob under its content name, and a blob a later transaction refers to survives power loss.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -171,13 +196,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, path)
+    weft_core::crash::point("blob-written");
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_core::{ModelState, Tensor};
+    use weft_core::Tensor;
 
     fn delta() -> Delta {
         let mut s = ModelState::new();
@@ -189,7 +219,7 @@ mod tests {
     #[test]
     fn streams_back_what_was_stored() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = DeltaStore::open(tmp.path()).unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
         let hash = store.put(&delta()).unwrap();
         assert_eq!(store.put(&delta()).unwrap(), hash);
         let mapped = store.map(&hash).unwrap();
@@ -215,7 +245,7 @@ mod tests {
     #[test]
     fn detects_a_flipped_byte() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = DeltaStore::open(tmp.path()).unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
         let hash = store.put(&delta()).unwrap();
         let path = store.path_of(&hash);
         let mut bytes = std::fs::read(&path).unwrap();
