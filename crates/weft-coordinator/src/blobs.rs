@@ -21,13 +21,15 @@ pub struct BlobStore {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("delta store {path}: {source}")]
+    #[error("blob store {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("delta store {path}: {source}")]
+    #[error("blob store {path}: {source}")]
     Format { path: PathBuf, source: StateError },
-    #[error("delta store {path}: tensor '{name}' is missing")]
+    #[error("blob {path}: tensor '{name}' is missing")]
     MissingTensor { path: PathBuf, name: String },
-    #[error("delta store {path}: content hash is {actual}, the file is named for {expected}: the store was altered")]
+    #[error("blob {path}: the file is not the canonical encoding of its tensors: the store was altered")]
+    NotCanonical { path: PathBuf },
+    #[error("blob {path}: content hash is {actual}, the file is named for {expected}: the store was altered")]
     Corrupt { path: PathBuf, expected: ContentHash, actual: ContentHash },
 }
 
@@ -67,7 +69,9 @@ impl BlobStore {
         self.path_of(hash).is_file()
     }
 
-    /// Reads a whole stored state and checks it is the one its name promises.
+    /// Reads a whole stored state and checks it is the one its name promises, byte for byte:
+    /// the tensors hash to the name and the file is their canonical encoding (so not even the
+    /// header's padding can change unnoticed).
     pub fn get_state(&self, hash: &ContentHash) -> Result<ModelState, StoreError> {
         let path = self.path_of(hash);
         let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
@@ -76,6 +80,11 @@ impl BlobStore {
         let actual = state.content_hash();
         if actual != *hash {
             return Err(StoreError::Corrupt { path, expected: *hash, actual });
+        }
+        let canonical =
+            state.to_safetensors(None).map_err(|source| StoreError::Format { path: path.clone(), source })?;
+        if canonical != bytes {
+            return Err(StoreError::NotCanonical { path });
         }
         Ok(state)
     }

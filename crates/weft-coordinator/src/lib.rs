@@ -3,6 +3,7 @@
 //! tensor by tensor from a content-addressed store.
 
 mod aggregation;
+mod audit;
 mod blobs;
 mod canary;
 mod coordinator;
@@ -12,6 +13,7 @@ mod measure;
 mod record;
 
 pub use aggregation::MoveError;
+pub use audit::{verify, AuditError, AuditReport};
 pub use blobs::{BlobStore, StoreError};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};

@@ -8,10 +8,12 @@ mod chain;
 mod entry;
 mod manifest;
 mod merkle;
+mod proof;
 mod signing;
 
 pub use chain::{Chain, ChainError, Fault};
 pub use entry::{Accepted, Entry, Event, Refusal, Rejected};
 pub use manifest::ContributionManifest;
 pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
+pub use proof::{ContributionProof, ProofCheckError};
 pub use signing::{KeyError, PublicKey, Signature, SigningKey};

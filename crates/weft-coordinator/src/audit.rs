@@ -1,0 +1,376 @@
+//! `weft ledger verify`: checks the chain, every signature and Merkle root, every referenced
+//! blob, and replays every round's aggregation from the stored deltas and the recorded weights
+//! to recompute each base hash. The first fault is reported at the entry it was found in.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use weft_core::{Aggregator, ContentHash, ModelState, NodeId};
+use weft_ledger::{merkle_root, Chain, ChainError, Entry, Event, PublicKey};
+
+use crate::aggregation::{self, outer_from_state, outer_to_state, Accepted};
+use crate::blobs::BlobStore;
+use crate::journal::{Journal, JournalError, SqliteJournal};
+
+/// What a successful verification covered.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditReport {
+    pub coordinator_key: Option<PublicKey>,
+    pub entries: u64,
+    pub head: ContentHash,
+    pub rounds: u64,
+    /// Rounds whose base moved and was recomputed from the deltas.
+    pub replayed: u64,
+    pub rollbacks: u64,
+    /// Stored blobs (deltas, bases, optimizer state) read and checked, and their size on disk.
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub final_base_hash: ContentHash,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("ledger entry {seq} ({kind}, round {round}): {detail}")]
+    Entry { seq: u64, kind: &'static str, round: u64, detail: String },
+    #[error("the ledger is empty")]
+    Empty,
+    #[error("state database disagrees with the ledger: {0}")]
+    State(String),
+}
+
+/// The model-side state after a round closed.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Point {
+    base: ContentHash,
+    outer: Option<ContentHash>,
+    center: Option<ContentHash>,
+}
+
+struct OpenRound {
+    round: u64,
+    leaves: Vec<ContentHash>,
+    /// node → delta hash of each contribution received for measurement.
+    received: BTreeMap<String, ContentHash>,
+}
+
+/// Walks the ledger; see the module documentation.
+struct Auditor<'a> {
+    store: &'a BlobStore,
+    chain: Chain,
+    config_hash: ContentHash,
+    roster_hash: ContentHash,
+    now: Point,
+    /// The base `now.base` as verified, kept for the next replay.
+    base: Option<ModelState>,
+    closed: BTreeMap<u64, Point>,
+    last_closed: u64,
+    open: Option<OpenRound>,
+    /// A decision whose replay moved the base: the next entry must publish this hash.
+    publish: Option<(u64, u64, ContentHash)>,
+    report: AuditReport,
+}
+
+/// Verifies the coordinator storage in `dir` (`state.sqlite` and `blobs/`).
+pub fn verify(dir: &Path, trusted: Option<PublicKey>) -> Result<AuditReport, AuditError> {
+    let journal = SqliteJournal::read(dir)?;
+    let store = BlobStore::open(dir.join("blobs")).map_err(|e| AuditError::State(e.to_string()))?;
+    let lines = journal.ledger()?;
+    let mut auditor = Auditor {
+        store: &store,
+        chain: Chain::new(trusted),
+        config_hash: ContentHash([0; 32]),
+        roster_hash: ContentHash([0; 32]),
+        now: Point { base: ContentHash([0; 32]), outer: None, center: None },
+        base: None,
+        closed: BTreeMap::new(),
+        last_closed: 0,
+        open: None,
+        publish: None,
+        report: AuditReport {
+            coordinator_key: None,
+            entries: 0,
+            head: ContentHash([0; 32]),
+            rounds: 0,
+            replayed: 0,
+            rollbacks: 0,
+            blobs: 0,
+            blob_bytes: 0,
+            final_base_hash: ContentHash([0; 32]),
+        },
+    };
+    if lines.is_empty() {
+        return Err(AuditError::Empty);
+    }
+    for line in &lines {
+        let entry = auditor.chain.check(line)?;
+        auditor.entry(&entry)?;
+    }
+    if let Some((seq, round, _)) = auditor.publish {
+        return Err(AuditError::Entry {
+            seq,
+            kind: "decision",
+            round,
+            detail: "the replayed base differs from the previous one, but no base_published follows".into(),
+        });
+    }
+    auditor.check_state(&journal)?;
+    let mut report = auditor.report;
+    report.entries = auditor.chain.len();
+    report.head = auditor.chain.head();
+    report.rounds = auditor.last_closed;
+    report.final_base_hash = auditor.now.base;
+    Ok(report)
+}
+
+impl Auditor<'_> {
+    fn entry(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        let fault = |detail: String| AuditError::Entry {
+            seq: entry.seq,
+            kind: entry.event.kind(),
+            round: entry.event.round(),
+            detail,
+        };
+        if let Some((seq, round, hash)) = self.publish {
+            match &entry.event {
+                Event::BasePublished { .. } => {}
+                _ => {
+                    return Err(AuditError::Entry {
+                        seq,
+                        kind: "decision",
+                        round,
+                        detail: format!("the replay moved the base to {hash}, but no base_published follows"),
+                    })
+                }
+            }
+        }
+        match &entry.event {
+            Event::ConsortiumCreated { coordinator_key, config_hash, roster_hash, base_hash, .. } => {
+                self.report.coordinator_key = Some(*coordinator_key);
+                self.config_hash = *config_hash;
+                self.roster_hash = *roster_hash;
+                let base = self.store.get_state(base_hash).map_err(|e| fault(format!("genesis base: {e}")))?;
+                self.base = Some(base);
+                self.now = Point { base: *base_hash, outer: None, center: None };
+                self.closed.insert(0, self.now);
+            }
+            Event::RoundOpened { round, base_hash, config_hash, roster_hash } => {
+                if let Some(open) = &self.open {
+                    return Err(fault(format!("round {} is still open", open.round)));
+                }
+                if *round != self.last_closed + 1 {
+                    return Err(fault(format!("opens round {round} after round {}", self.last_closed)));
+                }
+                if *base_hash != self.now.base {
+                    return Err(fault(format!("announces base {base_hash}, the current base is {}", self.now.base)));
+                }
+                if *config_hash != self.config_hash || *roster_hash != self.roster_hash {
+                    return Err(fault("configuration or roster hash differs from the genesis".into()));
+                }
+                self.open = Some(OpenRound { round: *round, leaves: Vec::new(), received: BTreeMap::new() });
+            }
+            Event::ContributionReceived { round, node, delta_hash, refused, .. } => {
+                let open = self.open_round(*round).map_err(fault)?;
+                open.leaves.push(entry.leaf());
+                match (delta_hash, refused) {
+                    (Some(hash), None) => {
+                        if open.received.insert(node.clone(), *hash).is_some() {
+                            return Err(fault(format!("a second measured contribution from {node}")));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    _ => return Err(fault("must carry either a delta hash or a refusal".into())),
+                }
+            }
+            Event::Evaluation { round, node, .. } => {
+                let open = self.open_round(*round).map_err(fault)?;
+                if !open.received.contains_key(node) {
+                    return Err(fault(format!("evaluates {node}, whose contribution was not received")));
+                }
+            }
+            Event::Decision { .. } => self.decision(entry).map_err(fault)?,
+            Event::BasePublished { round, previous_base_hash, base_hash, .. } => {
+                let Some((_, decided, expected)) = self.publish.take() else {
+                    return Err(fault("no decision moved the base".into()));
+                };
+                if *round != decided || *base_hash != expected {
+                    return Err(fault(format!(
+                        "publishes {base_hash}, the replay of round {decided} gives {expected}"
+                    )));
+                }
+                if *previous_base_hash != self.now.base {
+                    return Err(fault(format!(
+                        "previous base {previous_base_hash}, the current base is {}",
+                        self.now.base
+                    )));
+                }
+                self.now.base = *base_hash;
+                self.closed.insert(*round, self.now);
+            }
+            Event::RolledBack { to_round, after_round, previous_base_hash, base_hash, outer_state, center } => {
+                if self.open.is_some() || *after_round != self.last_closed {
+                    return Err(fault("a rollback must follow a closed round".into()));
+                }
+                let Some(target) = self.closed.get(to_round) else {
+                    return Err(fault(format!("round {to_round} never closed")));
+                };
+                let restored = Point { base: *base_hash, outer: *outer_state, center: *center };
+                if *target != restored || *previous_base_hash != self.now.base {
+                    return Err(fault(format!("does not restore the state recorded after round {to_round}")));
+                }
+                self.base = Some(self.store.get_state(base_hash).map_err(|e| fault(e.to_string()))?);
+                self.now = restored;
+                self.report.rollbacks += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_round(&mut self, round: u64) -> Result<&mut OpenRound, String> {
+        match self.open.as_mut() {
+            Some(open) if open.round == round => Ok(open),
+            Some(open) => Err(format!("belongs to round {round}, but round {} is open", open.round)),
+            None => Err(format!("belongs to round {round}, which is not open")),
+        }
+    }
+
+    /// Checks a decision against the round's contributions and replays its aggregation.
+    fn decision(&mut self, entry: &Entry) -> Result<(), String> {
+        let Event::Decision {
+            round,
+            accepted,
+            aggregator,
+            cap,
+            outer,
+            outer_state_in,
+            outer_state_out,
+            center_in,
+            center_out,
+            contributions_root,
+            contributions,
+            ..
+        } = &entry.event
+        else {
+            return Ok(());
+        };
+        let open = self.open.take().ok_or_else(|| format!("round {round} is not open"))?;
+        if open.round != *round {
+            return Err(format!("decides round {round}, but round {} is open", open.round));
+        }
+        let root = merkle_root(&open.leaves);
+        if root != *contributions_root || open.leaves.len() != *contributions {
+            return Err(format!(
+                "Merkle root over the {} contributions received is {root}, the decision records {contributions_root} over {contributions}",
+                open.leaves.len()
+            ));
+        }
+        if *outer_state_in != self.now.outer || *center_in != self.now.center {
+            return Err("outer-optimizer state or center in differs from the state after the last round".into());
+        }
+        // Every referenced delta, accepted or not, byte for byte.
+        for (node, hash) in &open.received {
+            self.check_blob(hash).map_err(|e| format!("delta of {node}: {e}"))?;
+        }
+        let mut inputs = Vec::new();
+        for a in accepted {
+            if open.received.get(&a.node) != Some(&a.delta_hash) {
+                return Err(format!("accepts a delta from {} that the round did not receive", a.node));
+            }
+            let node = NodeId::new(a.node.clone()).map_err(|e| e.to_string())?;
+            inputs.push(Accepted { node, hash: a.delta_hash, weight: a.weight, norm: a.norm });
+        }
+        self.last_closed = *round;
+        if inputs.is_empty() {
+            if *outer_state_out != *outer_state_in || *center_out != *center_in {
+                return Err("nothing was accepted, yet the optimizer state or center changed".into());
+            }
+            self.closed.insert(*round, self.now);
+            return Ok(());
+        }
+        let rule: Aggregator = aggregator.parse().map_err(|e| format!("aggregator {aggregator:?}: {e}"))?;
+        let base = self.base.as_ref().ok_or("no verified base to replay from")?;
+        let center = center_in.as_ref().map(|h| self.store.get_state(h)).transpose().map_err(|e| e.to_string())?;
+        let outer_state = match outer_state_in {
+            Some(h) => outer_from_state(self.store.get_state(h).map_err(|e| e.to_string())?),
+            None => Default::default(),
+        };
+        let moved =
+            aggregation::move_base(&rule, &inputs, *cap, self.store, base, center.as_ref(), outer, &outer_state)
+                .map_err(|e| format!("replay failed: {e}"))?;
+        for a in accepted {
+            let node = NodeId::new(a.node.clone()).map_err(|e| e.to_string())?;
+            let influence = moved.outcome.influence.get(&node).copied().unwrap_or(0.0);
+            if influence.to_bits() != a.influence.to_bits() {
+                return Err(format!("influence of {} replays as {influence}, recorded {}", a.node, a.influence));
+            }
+        }
+        let outer_out = outer_to_state(&moved.outer_state, &moved.base).map_err(|e| e.to_string())?;
+        if outer_out.map(|s| s.content_hash()) != *outer_state_out {
+            return Err("the replayed outer-optimizer state differs from the recorded one".into());
+        }
+        let replayed_center = moved.outcome.center.as_ref().map(ModelState::content_hash).or(*center_in);
+        if replayed_center != *center_out {
+            return Err("the replayed center differs from the recorded one".into());
+        }
+        let next = moved.base.content_hash();
+        self.report.replayed += 1;
+        // The blobs the next state refers to must be stored and intact.
+        for hash in [Some(&next), outer_state_out.as_ref(), center_out.as_ref()].into_iter().flatten() {
+            self.check_blob(hash).map_err(|e| format!("state blob: {e}"))?;
+        }
+        self.now.outer = *outer_state_out;
+        self.now.center = *center_out;
+        if next != self.now.base {
+            self.publish = Some((entry.seq, *round, next));
+            self.base = Some(moved.base);
+        } else {
+            self.closed.insert(*round, self.now);
+        }
+        Ok(())
+    }
+
+    /// Reads a blob whole and checks it against its name.
+    fn check_blob(&mut self, hash: &ContentHash) -> Result<(), String> {
+        self.store.get_state(hash).map_err(|e| e.to_string())?;
+        self.report.blobs += 1;
+        self.report.blob_bytes += self.blob_len(hash);
+        Ok(())
+    }
+
+    fn blob_len(&self, hash: &ContentHash) -> u64 {
+        std::fs::metadata(self.store.path_of(hash)).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The state database's head must be what the ledger says.
+    fn check_state(&self, journal: &SqliteJournal) -> Result<(), AuditError> {
+        let Some((config, head)) = journal.load()? else {
+            return Err(AuditError::State("no consortium in the state database".into()));
+        };
+        let config_hash = ContentHash(*blake3::hash(&config).as_bytes());
+        if config_hash != self.config_hash {
+            return Err(AuditError::State(format!(
+                "stored configuration hashes to {config_hash}, the genesis records {}",
+                self.config_hash
+            )));
+        }
+        let now = Point { base: head.base_hash, outer: head.outer_state, center: head.center };
+        if now != self.now {
+            return Err(AuditError::State(format!(
+                "current base {}, the ledger ends at {}",
+                head.base_hash, self.now.base
+            )));
+        }
+        let open = self.open.as_ref().map(|o| o.round);
+        if head.round != self.last_closed || head.open != open {
+            return Err(AuditError::State(format!(
+                "head says round {} closed and {:?} open, the ledger {} and {open:?}",
+                head.round, head.open, self.last_closed
+            )));
+        }
+        Ok(())
+    }
+}
