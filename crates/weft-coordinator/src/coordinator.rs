@@ -5,6 +5,8 @@
 
 mod durable;
 
+pub use durable::roll_back;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use weft_core::aggregate::OuterError;
@@ -623,7 +625,7 @@ impl<M: Measure> Coordinator<M> {
             center_out: self.center_hash,
             contributions_root: weft_ledger::merkle_root(&pending.leaves),
             contributions: pending.leaves.len(),
-            governance_hash: record.governance.as_ref().map(|g| json_hash(g)),
+            governance_hash: record.governance.as_ref().map(json_hash),
         };
         let mut events = vec![decision_event];
         if record.base_changed {

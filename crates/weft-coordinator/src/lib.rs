@@ -16,7 +16,7 @@ pub use aggregation::MoveError;
 pub use audit::{verify, AuditError, AuditReport};
 pub use blobs::{BlobStore, StoreError};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
-pub use coordinator::{Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};
+pub use coordinator::{roll_back, Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};
 pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
     GovernanceState, ReputationRow,

@@ -85,8 +85,8 @@ fn run(c: &mut Coordinator<Distance>, rounds: u64) -> Vec<ContentHash> {
             Some(state) => state,
             None => (c.open_round().unwrap(), Default::default()),
         };
-        for i in 0..NODES.len() {
-            if !done.contains(NODES[i]) {
+        for (i, node) in NODES.iter().enumerate() {
+            if !done.contains(*node) {
                 c.submit(contribution(c, i, announcement.round)).unwrap();
             }
         }
@@ -99,9 +99,9 @@ fn run(c: &mut Coordinator<Distance>, rounds: u64) -> Vec<ContentHash> {
 fn a_durable_run_equals_an_in_memory_run_and_verifies() {
     for rule in [Aggregator::WeightedMean, "centered-clipping:0.5:2".parse().unwrap(), Aggregator::Median] {
         let tmp = tempfile::tempdir().unwrap();
-        let memory = run(&mut coordinator(&tmp.path().join("memory"), rule.clone()), 3);
+        let memory = run(&mut coordinator(&tmp.path().join("memory"), rule), 3);
         let dir = tmp.path().join("durable");
-        let on_disk = run(&mut durable(&dir, rule.clone()), 3);
+        let on_disk = run(&mut durable(&dir, rule), 3);
         assert_eq!(memory, on_disk, "{rule}");
         let report = verify(&dir, None).unwrap();
         // Round 3 overshoots (momentum): every delta then falls below the floor.
@@ -117,11 +117,11 @@ fn a_durable_run_equals_an_in_memory_run_and_verifies() {
 fn a_restart_after_any_step_continues_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let rule = Aggregator::WeightedMean;
-    let reference = run(&mut coordinator(&tmp.path().join("reference"), rule.clone()), 3);
+    let reference = run(&mut coordinator(&tmp.path().join("reference"), rule), 3);
     // Stop after every step of round 2 in turn (open, each submission, close) and restart.
     for stop_after in 0..6 {
         let dir = tmp.path().join(format!("restart-{stop_after}"));
-        let mut c = durable(&dir, rule.clone());
+        let mut c = durable(&dir, rule);
         run(&mut c, 1);
         let round = c.open_round().unwrap().round;
         for i in 0..stop_after.min(NODES.len()) {
@@ -131,7 +131,7 @@ fn a_restart_after_any_step_continues_bit_for_bit() {
             c.close_round().unwrap();
         }
         drop(c);
-        let mut c = durable(&dir, rule.clone());
+        let mut c = durable(&dir, rule);
         run(&mut c, 3);
         assert_eq!(c.base_hash(), reference[2], "stopped after step {stop_after}");
         verify(&dir, None).unwrap();

@@ -15,5 +15,5 @@ pub use chain::{Chain, ChainError, Fault};
 pub use entry::{Accepted, Entry, Event, Refusal, Rejected};
 pub use manifest::ContributionManifest;
 pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
-pub use proof::{ContributionProof, ProofCheckError};
+pub use proof::{ContributionProof, ProofCheckError, ProveError};
 pub use signing::{KeyError, PublicKey, Signature, SigningKey};

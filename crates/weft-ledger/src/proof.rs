@@ -36,7 +36,60 @@ pub enum ProofCheckError {
     Inclusion(#[from] ProofError),
 }
 
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProveError {
+    #[error("the ledger has no consortium_created entry")]
+    NoGenesis,
+    #[error("no contribution from {node} was received in round {round}")]
+    NotReceived { node: String, round: u64 },
+    #[error("round {0} has not been decided yet")]
+    Undecided(u64),
+    #[error(transparent)]
+    Proof(#[from] ProofError),
+}
+
 impl ContributionProof {
+    /// Builds the proof for `node`'s contribution to `round` from a checked ledger. When a node
+    /// sent more than once, the contribution that was measured is proven (else the last one).
+    pub fn build(entries: &[Entry], node: &str, round: u64) -> Result<Self, ProveError> {
+        let coordinator_key = entries
+            .iter()
+            .find_map(|e| match &e.event {
+                Event::ConsortiumCreated { coordinator_key, .. } => Some(*coordinator_key),
+                _ => None,
+            })
+            .ok_or(ProveError::NoGenesis)?;
+        let received: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| matches!(&e.event, Event::ContributionReceived { round: r, .. } if *r == round))
+            .collect();
+        let mine = |e: &&Entry| matches!(&e.event, Event::ContributionReceived { node: n, .. } if n == node);
+        let measured = |e: &&Entry| matches!(&e.event, Event::ContributionReceived { delta_hash: Some(_), .. });
+        let index = received
+            .iter()
+            .position(|e| mine(e) && measured(e))
+            .or_else(|| received.iter().rposition(mine))
+            .ok_or_else(|| ProveError::NotReceived { node: node.to_owned(), round })?;
+        let evaluation = entries
+            .iter()
+            .find(|e| matches!(&e.event, Event::Evaluation { round: r, node: n, .. } if *r == round && n == node))
+            .filter(|_| measured(&received[index]))
+            .cloned();
+        let decision = entries
+            .iter()
+            .find(|e| matches!(&e.event, Event::Decision { round: r, .. } if *r == round))
+            .cloned()
+            .ok_or(ProveError::Undecided(round))?;
+        let leaves: Vec<_> = received.iter().map(|e| e.leaf()).collect();
+        Ok(ContributionProof {
+            coordinator_key,
+            received: received[index].clone(),
+            evaluation,
+            decision,
+            inclusion: InclusionProof::new(&leaves, index)?,
+        })
+    }
+
     /// Checks every signature and hash and the inclusion. With `trusted`, the proof must be
     /// signed by that key (otherwise compare `coordinator_key` with the consortium's).
     pub fn check(&self, trusted: Option<PublicKey>) -> Result<(), ProofCheckError> {

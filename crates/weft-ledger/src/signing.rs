@@ -50,7 +50,7 @@ impl SigningKey {
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     pub fn sign(&self, message: &[u8]) -> Signature {
@@ -58,19 +58,21 @@ impl SigningKey {
     }
 }
 
-/// An ed25519 public key, shown as 64 hex digits.
+/// An ed25519 public key (compressed, checked to be a valid point when parsed), shown as 64
+/// hex digits.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKey(ed25519_dalek::VerifyingKey);
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
     /// Strict verification: rejects small-order keys and non-canonical signatures.
     pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.0) else { return false };
         let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
-        self.0.verify_strict(message, &signature).is_ok() && self.0.verify(message, &signature).is_ok()
+        key.verify_strict(message, &signature).is_ok() && key.verify(message, &signature).is_ok()
     }
 
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 }
 
@@ -78,13 +80,13 @@ impl FromStr for PublicKey {
     type Err = KeyError;
     fn from_str(text: &str) -> Result<Self, KeyError> {
         let bytes = decode_hex::<32>(text, "an ed25519 public key")?;
-        ed25519_dalek::VerifyingKey::from_bytes(&bytes).map(PublicKey).map_err(|_| KeyError::PublicKey)
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes).map(|_| PublicKey(bytes)).map_err(|_| KeyError::PublicKey)
     }
 }
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, self.0.as_bytes())
+        write_hex(f, &self.0)
     }
 }
 

@@ -122,6 +122,24 @@ impl AdamW {
         self.step
     }
 
+    /// The first and second moments, in the model's parameter order (for saving).
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// An optimizer continuing from saved moments and step count. `None` if the moments do
+    /// not fit the model.
+    pub fn restore(settings: AdamWSettings, model: &Gpt, m: Vec<f32>, v: Vec<f32>, step: u64) -> Option<Self> {
+        let mut adamw = Self::new(settings, model);
+        if m.len() != adamw.m.len() || v.len() != adamw.v.len() {
+            return None;
+        }
+        adamw.m = m;
+        adamw.v = v;
+        adamw.step = step;
+        Some(adamw)
+    }
+
     /// One update from the model's current gradients; returns the gradient norm before clipping.
     pub fn update(&mut self, model: &mut Gpt) -> f64 {
         let s = self.settings;

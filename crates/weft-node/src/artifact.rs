@@ -38,6 +38,9 @@ pub struct ArtifactManifest {
     pub model: GptConfig,
     pub metrics: LocalMetrics,
     pub file: String,
+    /// AdamW steps over the node's life after this round (its moments are in `optimizer.safetensors`).
+    #[serde(default)]
+    pub optimizer_steps: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -50,10 +53,19 @@ pub struct SovereignArtifact {
 impl SovereignArtifact {
     pub const MODEL_FILE: &'static str = "model.safetensors";
     pub const MANIFEST_FILE: &'static str = "manifest.json";
+    pub const OPTIMIZER_FILE: &'static str = "optimizer.safetensors";
 
-    /// Writes weights and manifest into `dir` (each file atomically: temp file, fsync, rename).
-    pub fn write(dir: &Path, manifest: ArtifactManifest, weights: &ModelState) -> std::io::Result<Self> {
+    /// Writes weights, optimizer state and manifest into `dir`, each file atomically (temp file,
+    /// fsync, rename) and the manifest last: an artifact is complete once its manifest exists.
+    pub fn write(
+        dir: &Path,
+        manifest: ArtifactManifest,
+        weights: &ModelState,
+        optimizer: &ModelState,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let bytes = optimizer.to_safetensors(None).map_err(std::io::Error::other)?;
+        write_atomic(&dir.join(Self::OPTIMIZER_FILE), &bytes)?;
         let meta = HashMap::from([
             ("weft.node".to_owned(), manifest.node.to_string()),
             ("weft.round".to_owned(), manifest.round.to_string()),
@@ -61,9 +73,25 @@ impl SovereignArtifact {
         ]);
         let bytes = weights.to_safetensors(Some(meta)).map_err(std::io::Error::other)?;
         write_atomic(&dir.join(Self::MODEL_FILE), &bytes)?;
+        weft_core::crash::point("artifact-before-manifest");
         let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
         write_atomic(&dir.join(Self::MANIFEST_FILE), &json)?;
         Ok(SovereignArtifact { manifest, dir: dir.to_owned() })
+    }
+
+    /// Reads a complete artifact (one with a manifest) from `dir`.
+    pub fn read(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join(Self::MANIFEST_FILE);
+        let manifest = serde_json::from_slice(&std::fs::read(&path)?)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        Ok(SovereignArtifact { manifest, dir: dir.to_owned() })
+    }
+
+    /// The optimizer state saved with the artifact.
+    pub fn load_optimizer(&self) -> std::io::Result<ModelState> {
+        let path = self.dir.join(Self::OPTIMIZER_FILE);
+        ModelState::from_safetensors(&std::fs::read(&path)?)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
     }
 
     /// Reads the weights back and checks them against the manifest's hash.
@@ -91,5 +119,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -8,6 +8,17 @@ use weft_core::{ContentHash, Contribution, Delta, ModelState, NodeId, StateError
 use weft_model::{AdamW, AdamWSettings, Gpt, GptConfig, ModelError, SplitMix64};
 
 use crate::artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
+
+/// AdamW's moments as a storable state.
+fn moments_state(m: &[f32], v: &[f32]) -> Result<ModelState, StateError> {
+    let mut state = ModelState::new();
+    for (name, data) in [("m", m), ("v", v)] {
+        let tensor = weft_core::Tensor::new(vec![data.len()], data.to_vec())
+            .map_err(|e| StateError::Format(format!("optimizer moment {name}: {e}")))?;
+        state.insert(name, tensor);
+    }
+    Ok(state)
+}
 use crate::corpus::LocalCorpus;
 
 /// How a node trains each round.
@@ -123,10 +134,20 @@ impl Node {
         if actual != base_hash {
             return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
         }
+        let dir = self.dir.join(format!("round-{round:04}"));
+        // A cycle completed before a restart is not trained again: same artifact, same delta.
+        if let Ok(artifact) = SovereignArtifact::read(&dir) {
+            if artifact.manifest.base_hash == base_hash && artifact.manifest.round == round {
+                return self.resume_cycle(artifact, base);
+            }
+        }
         let mut model =
             Gpt::from_state(self.config, base).map_err(|source| NodeError::Model { node: self.id.clone(), source })?;
         let eval_rows = self.settings.batch_rows.max(1);
         let validation_loss_before = model.loss_per_byte(self.corpus.validation(), eval_rows);
+        if self.optimizer.is_none() {
+            self.optimizer = self.saved_optimizer(round, &model)?;
+        }
         let optimizer = self.optimizer.get_or_insert_with(|| AdamW::new(self.settings.adamw, &model));
         let mut rng = SplitMix64::derive(self.settings.seed, self.id.as_str(), round);
         let report = optimizer.train(
@@ -138,6 +159,9 @@ impl Node {
             on_step,
         );
         let local = model.to_state();
+        let (m, v) = optimizer.moments();
+        let optimizer_steps = optimizer.steps_taken();
+        let moments = moments_state(m, v).map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
         let metrics = LocalMetrics {
             steps: report.steps,
             tokens: report.tokens,
@@ -156,16 +180,54 @@ impl Node {
             model: self.config,
             metrics: metrics.clone(),
             file: SovereignArtifact::MODEL_FILE.to_owned(),
+            optimizer_steps,
         };
-        let dir = self.dir.join(format!("round-{round:04}"));
-        let artifact = SovereignArtifact::write(&dir, manifest, &local).map_err(|source| NodeError::Artifact {
-            node: self.id.clone(),
-            dir: dir.clone(),
-            source,
-        })?;
+        weft_core::crash::point("node-trained");
+        let artifact = SovereignArtifact::write(&dir, manifest, &local, &moments)
+            .map_err(|source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source })?;
+        self.contribution_of(artifact, base, &local)
+    }
+
+    /// The contribution of a cycle already kept on disk; the optimizer continues from its state.
+    fn resume_cycle(&mut self, artifact: SovereignArtifact, base: &ModelState) -> Result<Cycle, NodeError> {
+        let io = |source| NodeError::Artifact { node: self.id.clone(), dir: artifact.dir.clone(), source };
+        let local = artifact.load_weights().map_err(io)?;
+        let model = Gpt::from_state(self.config, &local)
+            .map_err(|source| NodeError::Model { node: self.id.clone(), source })?;
+        self.optimizer = Some(self.optimizer_from(&artifact, &model)?);
+        tracing::info!(node = %self.id, round = artifact.manifest.round, "cycle already on disk: sending it again");
+        self.contribution_of(artifact, base, &local)
+    }
+
+    /// AdamW as saved by the latest complete cycle before `round`, if there is one.
+    fn saved_optimizer(&self, round: u64, model: &Gpt) -> Result<Option<AdamW>, NodeError> {
+        let latest =
+            (1..round).rev().find_map(|r| SovereignArtifact::read(&self.dir.join(format!("round-{r:04}"))).ok());
+        latest.map(|artifact| self.optimizer_from(&artifact, model)).transpose()
+    }
+
+    fn optimizer_from(&self, artifact: &SovereignArtifact, model: &Gpt) -> Result<AdamW, NodeError> {
+        let io = |source| NodeError::Artifact { node: self.id.clone(), dir: artifact.dir.clone(), source };
+        let saved = artifact.load_optimizer().map_err(io)?;
+        let (m, v) = match (saved.get("m"), saved.get("v")) {
+            (Some(m), Some(v)) => (m.data().to_vec(), v.data().to_vec()),
+            _ => return Err(io(std::io::Error::other("optimizer state lacks its moments"))),
+        };
+        AdamW::restore(self.settings.adamw, model, m, v, artifact.manifest.optimizer_steps)
+            .ok_or_else(|| io(std::io::Error::other("optimizer state does not fit the model")))
+    }
+
+    fn contribution_of(
+        &mut self,
+        artifact: SovereignArtifact,
+        base: &ModelState,
+        local: &ModelState,
+    ) -> Result<Cycle, NodeError> {
+        let metrics = artifact.manifest.metrics.clone();
+        let round = artifact.manifest.round;
+        let base_hash = artifact.manifest.base_hash;
         self.latest = Some(artifact.clone());
-        let delta =
-            Delta::between(base, &local).map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
+        let delta = Delta::between(base, local).map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
         let declared = BTreeMap::from([
             ("train_loss".to_owned(), metrics.train_loss),
             ("final_train_loss".to_owned(), metrics.final_train_loss),

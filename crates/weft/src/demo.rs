@@ -10,7 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{
     BlobStore, CanaryRegistry, Coordinator, Governance, GovernanceSettings, GovernanceState, HeldoutSet, Member,
-    RoundRecord, SubmitError, Visibility,
+    RoundRecord, SqliteJournal, SubmitError, Visibility,
 };
 use weft_core::quality::LossTable;
 use weft_core::{Aggregator, ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
@@ -260,7 +260,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let base = Gpt::init(config, args.seed)?.to_state();
     let parameters = base.num_values();
     let measure = HeldoutSet::new(config, heldout, 32)?;
-    let store = BlobStore::open(out.join("coordinator").join("deltas"))?;
+    // The coordinator's durable state: journal, ledger and blobs. Running the same command
+    // again with the same --out continues the run (after a crash, too).
+    let storage = out.join("coordinator");
+    let resuming = storage.join(SqliteJournal::DATABASE).is_file();
+    if resuming && attack.is_some() {
+        bail!(
+            "{} holds a run to continue, but --attack cannot be resumed (the attack harness keeps its state in memory); use a new --out",
+            out.display()
+        );
+    }
+    let store = BlobStore::open(storage.join("blobs"))?;
     let mut coordinator =
         Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
     if let Some(registry) = registry {
@@ -269,9 +279,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(scale) = args.probe_scale {
         coordinator = coordinator.with_probe_scale(scale)?;
     }
-    save_base(&out, 0, &coordinator)?;
     let initial_hash = coordinator.base_hash();
     let initial_loss = coordinator.base_loss().clone();
+    let run_settings = serde_json::json!({
+        "model": config,
+        "seed": args.seed,
+        "languages": languages,
+        "node": settings,
+        "attack": args.attack.map(|kind| (kind, args.attackers, args.attack_scale)),
+    });
+    let journal = SqliteJournal::open(&storage)?;
+    coordinator = coordinator.durable(Box::new(journal), run_settings)?;
+    if resuming {
+        println!("continuing the run in {} after round {}", out.display(), coordinator.round());
+    } else {
+        save_base(&out, 0, &coordinator)?;
+    }
 
     println!(
         "weft demo: {} nodes ({}), {} rounds of {} local steps, model {} layers × {} heads × width {} × context {} ({} parameters), seed {}",
@@ -308,11 +331,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("round 0 base {}  held-out loss {}", initial_hash.short(), table::losses(&initial_loss));
 
-    let mut rounds = Vec::new();
-    for _ in 0..args.rounds {
-        let announcement = coordinator.open_round()?;
+    let mut rounds = coordinator.recorded_rounds()?;
+    while coordinator.round() < args.rounds {
+        // A round left open by a crash continues; nodes it already heard from are not asked again.
+        let (announcement, done) = match coordinator.open_round_state() {
+            Some(state) => state,
+            None => (coordinator.open_round()?, Default::default()),
+        };
+        let pending: Vec<&mut Node> = nodes.iter_mut().filter(|n| !done.contains(n.id().as_str())).collect();
         let mut contributions =
-            train_all(&mut nodes, announcement.round, args.local_steps, coordinator.base(), announcement.base_hash)?;
+            train_all(pending, announcement.round, args.local_steps, coordinator.base(), announcement.base_hash)?;
         if let Some(attack) = attack.as_mut() {
             attack.apply(announcement.round, &mut contributions[first_attacker..]);
         }
@@ -452,7 +480,7 @@ fn describe_outer(outer: &OuterOptimizer) -> String {
 
 /// Trains every node on the announced base, in parallel, with one progress bar each.
 fn train_all(
-    nodes: &mut [Node],
+    nodes: Vec<&mut Node>,
     round: u64,
     steps: u64,
     base: &weft_core::ModelState,
@@ -463,7 +491,7 @@ fn train_all(
         .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?;
     let results = std::thread::scope(|scope| {
         let handles: Vec<_> = nodes
-            .iter_mut()
+            .into_iter()
             .map(|node| {
                 let bar = bars.add(ProgressBar::new(steps));
                 bar.set_style(style.clone());

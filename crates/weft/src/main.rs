@@ -4,6 +4,7 @@ mod attack;
 mod data;
 mod demo;
 mod inspect;
+mod ledger;
 mod reputation;
 mod simulate;
 mod table;
@@ -27,8 +28,29 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Many simulated devices with a tiny model in one process: round time and peak memory.
     Simulate(simulate::SimulateArgs),
+    /// The tamper-evident ledger of a coordinator: verify, show, prove, check-proof.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
+    /// Operate a coordinator's storage.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+    /// A node's side.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Make the base of an earlier round current again (a ledger entry; nothing is deleted).
+    Rollback(ledger::RollbackArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Bundle a node's sovereign artifacts with ledger proofs of its contributions.
+    Export(ledger::ExportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +64,9 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Reputation(args) => reputation::run(args),
         Command::Simulate(args) => simulate::run(args),
+        Command::Ledger(command) => ledger::run(command),
+        Command::Coordinator(CoordinatorCommand::Rollback(args)) => ledger::rollback(args),
+        Command::Node(NodeCommand::Export(args)) => ledger::export(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -156,34 +156,70 @@ impl<M: Measure> Coordinator<M> {
         Ok(())
     }
 
-    /// Makes the base of `to_round` (0: the genesis base) current again, with the outer
-    /// optimizer's state and center it had then. Nothing is deleted; the rollback is a ledger
-    /// entry, and rolling forward again is another rollback. Reputation is not rolled back: what
-    /// nodes did stays on their record. The next round continues the numbering.
+    /// Every closed round's record, from the journal (empty in memory-only mode).
+    pub fn recorded_rounds(&self) -> Result<Vec<crate::RoundRecord>, CoordinatorError> {
+        match &self.journal {
+            Some(journal) => Ok(journal.rounds()?.into_iter().map(|(record, _)| record).collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Makes the base of `to_round` (0: the genesis base) current again; see [`roll_back`].
     pub fn rollback(&mut self, to_round: u64) -> Result<Entry, CoordinatorError> {
         self.usable()?;
         if let Some(pending) = &self.open {
             return Err(CoordinatorError::RollbackWhileOpen(pending.round));
         }
-        if to_round > self.round {
-            return Err(CoordinatorError::RollbackTarget { to: to_round, last: self.round });
-        }
-        let journal = self.journal.as_ref().ok_or(CoordinatorError::NotDurable)?;
-        let target = journal.head_after(to_round)?.ok_or(CoordinatorError::MissingRound(to_round))?;
-        let previous_base_hash = self.base_hash;
-        self.set_model_state(&target)?;
-        let event = Event::RolledBack {
-            to_round,
-            after_round: self.round,
-            previous_base_hash,
-            base_hash: target.base_hash,
-            outer_state: target.outer_state,
-            center: target.center,
-        };
-        let mut entries = self.commit(None, Rows::default(), vec![event])?;
-        tracing::warn!(to_round, base = %self.base_hash.short(), "rolled back");
-        entries.pop().ok_or(CoordinatorError::Broken)
+        let journal = self.journal.as_mut().ok_or(CoordinatorError::NotDurable)?;
+        let (head, entry) = roll_back(journal.as_mut(), &self.store, to_round)?;
+        self.set_model_state(&head)?;
+        Ok(entry)
     }
+}
+
+/// Makes the base of `to_round` (0: the genesis base) current again in a journal, with the
+/// outer optimizer's state and center it had then. Nothing is deleted; the rollback is a ledger
+/// entry, and rolling forward again is another rollback. Reputation is not rolled back: what
+/// nodes did stays on their record. The next round continues the numbering. Works on the
+/// journal alone, so an operator can run it with the coordinator stopped.
+pub fn roll_back(
+    journal: &mut dyn Journal,
+    store: &crate::BlobStore,
+    to_round: u64,
+) -> Result<(Head, Entry), CoordinatorError> {
+    let (_, head) = journal.load()?.ok_or(CoordinatorError::MissingRound(0))?;
+    if let Some(open) = head.open {
+        return Err(CoordinatorError::RollbackWhileOpen(open));
+    }
+    if to_round > head.round {
+        return Err(CoordinatorError::RollbackTarget { to: to_round, last: head.round });
+    }
+    let target = journal.head_after(to_round)?.ok_or(CoordinatorError::MissingRound(to_round))?;
+    // Every blob the restored state needs must be there and intact before anything changes.
+    for hash in [Some(target.base_hash), target.outer_state, target.center].into_iter().flatten() {
+        store.get_state(&hash)?;
+    }
+    let restored = Head {
+        round: head.round,
+        open: None,
+        base_hash: target.base_hash,
+        outer_state: target.outer_state,
+        center: target.center,
+        base_loss: target.base_loss,
+        governance: head.governance,
+    };
+    let event = Event::RolledBack {
+        to_round,
+        after_round: head.round,
+        previous_base_hash: head.base_hash,
+        base_hash: restored.base_hash,
+        outer_state: restored.outer_state,
+        center: restored.center,
+    };
+    let mut entries = journal.commit(&restored, Rows::default(), vec![event])?;
+    let entry = entries.pop().ok_or(CoordinatorError::Broken)?;
+    tracing::warn!(to_round, base = %restored.base_hash.short(), "rolled back");
+    Ok((restored, entry))
 }
 
 /// Top-level keys whose values differ, for the mismatch message.
