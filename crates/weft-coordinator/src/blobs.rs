@@ -81,12 +81,31 @@ impl BlobStore {
         if actual != *hash {
             return Err(StoreError::Corrupt { path, expected: *hash, actual });
         }
-        let canonical =
-            state.to_safetensors(None).map_err(|source| StoreError::Format { path: path.clone(), source })?;
-        if canonical != bytes {
-            return Err(StoreError::NotCanonical { path });
-        }
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| StoreError::Format { path: path.clone(), source: StateError::Format(e.to_string()) })?;
+        check_canonical(&path, &bytes, &file)?;
         Ok(state)
+    }
+
+    /// Checks a stored blob byte for byte without decoding it (one streaming read): the header
+    /// is canonical and the tensors hash to the blob's name. Returns its size.
+    pub fn check(&self, hash: &ContentHash) -> Result<u64, StoreError> {
+        let mapped = self.map(hash)?;
+        let reader = mapped.reader()?;
+        let mut hasher = CanonicalHasher::new(reader.file.len());
+        let mut names: Vec<String> = reader.file.names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        for name in &names {
+            let view = reader.view(name)?;
+            let len: usize = view.shape().iter().product();
+            hasher.begin_tensor(name, view.shape(), len);
+            hasher.update_le_bytes(view.data());
+        }
+        let actual = hasher.finish();
+        if actual != *hash {
+            return Err(StoreError::Corrupt { path: mapped.path.clone(), expected: *hash, actual });
+        }
+        Ok(mapped.map.len() as u64)
     }
 
     /// Memory-maps a stored delta for streaming reads.
@@ -109,10 +128,13 @@ pub struct MappedDelta {
 }
 
 impl MappedDelta {
-    /// Parses the header; tensors are then read one by one with [`DeltaReader::read`].
+    /// Parses the header and checks it is canonical (so that the content hash, checked at the
+    /// end, covers every byte of the file); tensors are then read one by one with
+    /// [`DeltaReader::read`].
     pub fn reader(&self) -> Result<DeltaReader<'_>, StoreError> {
         let file = SafeTensors::deserialize(&self.map)
             .map_err(|e| StoreError::Format { path: self.path.clone(), source: StateError::Format(e.to_string()) })?;
+        check_canonical(&self.path, &self.map, &file)?;
         let hasher = CanonicalHasher::new(file.len());
         Ok(DeltaReader { source: self, file, hasher, current: None })
     }
@@ -171,11 +193,11 @@ impl<'a> DeltaReader<'a> {
         if start == 0 {
             self.hasher.begin_tensor(name, view.shape(), total);
         }
+        let bytes = &raw[start * 4..(start + len) * 4];
         out.clear();
-        out.extend(
-            raw[start * 4..(start + len) * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-        self.hasher.update(out);
+        out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        // The stored bytes are the canonical little-endian form: hashed as they are.
+        self.hasher.update_le_bytes(bytes);
         self.current = Some((name.to_owned(), start + len));
         Ok(())
     }
@@ -194,6 +216,26 @@ impl<'a> DeltaReader<'a> {
         }
         Ok(())
     }
+}
+
+/// The file must be exactly the canonical header followed by the tensors' data: with the
+/// content hash over the data, every byte is then accounted for.
+fn check_canonical(path: &Path, bytes: &[u8], file: &SafeTensors<'_>) -> Result<(), StoreError> {
+    let mut layout = Vec::new();
+    let mut data = 0usize;
+    for (name, view) in file.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(StoreError::NotCanonical { path: path.to_owned() });
+        }
+        data += view.data().len();
+        layout.push((name, view.shape().to_vec()));
+    }
+    let header = ModelState::canonical_header(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+        .map_err(|source| StoreError::Format { path: path.to_owned(), source })?;
+    if !bytes.starts_with(&header) || bytes.len() != header.len() + data {
+        return Err(StoreError::NotCanonical { path: path.to_owned() });
+    }
+    Ok(())
 }
 
 /// Temp file, fsync, rename, fsync the directory: a crash leaves either nothing or the whole

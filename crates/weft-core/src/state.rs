@@ -150,6 +150,34 @@ impl ModelState {
         safetensors::serialize(views, metadata).map_err(|e| StateError::Format(e.to_string()))
     }
 
+    /// The first bytes of [`to_safetensors(None)`](Self::to_safetensors) for f32 tensors of these
+    /// names and shapes: the 8-byte header length and the JSON header, padded to 8 bytes. Built
+    /// with the safetensors crate's own header type, so that a stored file can be checked to be
+    /// canonical without re-encoding its data.
+    pub fn canonical_header<'a>(
+        tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ) -> Result<Vec<u8>, StateError> {
+        use safetensors::tensor::{Metadata, TensorInfo};
+        let mut sorted: Vec<(&str, &[usize])> = tensors.into_iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        let mut offset = 0;
+        let mut infos = Vec::with_capacity(sorted.len());
+        for (name, shape) in sorted {
+            let len = numel(shape).saturating_mul(4);
+            infos.push((
+                name.to_owned(),
+                TensorInfo { dtype: Dtype::F32, shape: shape.to_vec(), data_offsets: (offset, offset + len) },
+            ));
+            offset += len;
+        }
+        let metadata = Metadata::new(None, infos).map_err(|e| StateError::Format(e.to_string()))?;
+        let mut json = serde_json::to_string(&metadata).map_err(|e| StateError::Format(e.to_string()))?.into_bytes();
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut header = (json.len() as u64).to_le_bytes().to_vec();
+        header.extend_from_slice(&json);
+        Ok(header)
+    }
+
     /// Decodes a safetensors buffer. Only f32 tensors are accepted; shapes and offsets are
     /// validated by the safetensors parser, values are not (see [`check_finite`](Self::check_finite)).
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, StateError> {
@@ -173,7 +201,6 @@ impl ModelState {
 /// every tensor.
 pub struct CanonicalHasher {
     hasher: blake3::Hasher,
-    block: Vec<u8>,
 }
 
 impl CanonicalHasher {
@@ -181,7 +208,7 @@ impl CanonicalHasher {
         let mut hasher = blake3::Hasher::new();
         hasher.update(HASH_DOMAIN);
         hasher.update(&(tensor_count as u64).to_le_bytes());
-        CanonicalHasher { hasher, block: Vec::with_capacity(16 * 1024) }
+        CanonicalHasher { hasher }
     }
 
     /// The name, the dtype, the shape and the little-endian bytes, each length-prefixed so no two
@@ -204,13 +231,38 @@ impl CanonicalHasher {
         h.update(&((len * 4) as u64).to_le_bytes());
     }
 
+    /// The next values of the current tensor as little-endian bytes (as stored in safetensors),
+    /// hashed without conversion.
+    pub fn update_le_bytes(&mut self, bytes: &[u8]) {
+        // BLAKE3's tree splits large inputs across threads with the same result.
+        if bytes.len() >= 1 << 20 {
+            self.hasher.update_rayon(bytes);
+        } else {
+            self.hasher.update(bytes);
+        }
+    }
+
     /// The next values of the current tensor, in order.
     pub fn update(&mut self, data: &[f32]) {
+        #[cfg(target_endian = "little")]
+        {
+            // SAFETY: f32 has no padding and any alignment satisfies u8; on a little-endian
+            // machine these bytes are exactly the canonical little-endian form.
+            let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+            self.update_le_bytes(bytes);
+        }
+        #[cfg(not(target_endian = "little"))]
+        self.update_converted(data);
+    }
+
+    #[cfg(not(target_endian = "little"))]
+    fn update_converted(&mut self, data: &[f32]) {
         // In blocks, so that a large tensor needs no second full-size byte copy.
+        let mut block = Vec::with_capacity(16 * 1024);
         for chunk in data.chunks(4096) {
-            self.block.clear();
-            self.block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-            self.hasher.update(&self.block);
+            block.clear();
+            block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            self.hasher.update(&block);
         }
     }
 
@@ -261,6 +313,25 @@ mod tests {
         let back = ModelState::from_safetensors(&bytes).unwrap();
         assert_eq!(back, state);
         assert_eq!(back.content_hash(), state.content_hash());
+    }
+
+    proptest::proptest! {
+        /// The header written by `to_safetensors` is exactly `canonical_header`, whatever the
+        /// names (including ones that sort differently as bytes and as chars) and shapes.
+        #[test]
+        fn canonical_header_is_the_prefix_to_safetensors_writes(
+            shapes in proptest::collection::btree_map("[a-zA-Z_.0-9é]{1,12}", proptest::collection::vec(0usize..4, 0..3), 1..6)
+        ) {
+            let mut state = ModelState::new();
+            for (name, shape) in &shapes {
+                state.insert(name.clone(), Tensor::zeros(shape.clone()));
+            }
+            let bytes = state.to_safetensors(None).unwrap();
+            let header = ModelState::canonical_header(state.iter().map(|(n, t)| (n, t.shape()))).unwrap();
+            proptest::prop_assert_eq!(&bytes[..header.len()], &header[..]);
+            let data: usize = state.iter().map(|(_, t)| t.data().len() * 4).sum();
+            proptest::prop_assert_eq!(bytes.len(), header.len() + data);
+        }
     }
 
     #[test]

@@ -39,8 +39,13 @@ fn weft(args: &[&str], crash_at: Option<&str>) -> Output {
 }
 
 fn run(out: &Path, crash_at: Option<&str>) -> Output {
+    run_with(out, crash_at, &[])
+}
+
+fn run_with(out: &Path, crash_at: Option<&str>, extra: &[&str]) -> Output {
     let json = out.with_extension("json");
     let mut args = RUN.to_vec();
+    args.extend_from_slice(extra);
     args.extend_from_slice(&["--out", out.to_str().unwrap(), "--json", json.to_str().unwrap()]);
     weft(&args, crash_at)
 }
@@ -84,6 +89,26 @@ fn a_crash_at_any_point_loses_nothing_and_changes_no_bit() {
         }
     }
     assert_eq!(crashes, 20);
+}
+
+/// With governance, a restart mid-round scores the committed contributions again from the
+/// stored deltas; reputation and bases come out the same.
+#[test]
+fn governance_state_survives_a_crash_mid_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report =
+        |out: &Path| -> Value { serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap() };
+    let reference = tmp.path().join("reference");
+    assert!(run_with(&reference, None, &["--governance"]).status.success());
+    for spec in ["contribution-measured:5", "journal-before-commit:9"] {
+        let out = tmp.path().join(spec.replace(':', "-"));
+        assert!(!run_with(&out, Some(spec), &["--governance"]).status.success());
+        let resumed = run_with(&out, None, &["--governance"]);
+        assert!(resumed.status.success(), "{spec}: {}", String::from_utf8_lossy(&resumed.stderr));
+        assert_eq!(base_hashes(&out), base_hashes(&reference), "{spec}");
+        let last = |r: &Value| r["rounds"][2]["governance"]["reputation"].clone();
+        assert_eq!(last(&report(&out)), last(&report(&reference)), "{spec}: reputation differs");
+    }
 }
 
 #[test]
