@@ -296,6 +296,11 @@ impl<M: Measure> Coordinator<M> {
         &self.manifests
     }
 
+    /// The key that signs the ledger (durable mode).
+    pub fn public_key(&self) -> Option<weft_ledger::PublicKey> {
+        self.journal.as_ref().and_then(|j| j.public_key())
+    }
+
     pub fn store(&self) -> &BlobStore {
         &self.store
     }
@@ -400,6 +405,16 @@ impl<M: Measure> Coordinator<M> {
     /// its content hash. The base is never touched here. Every outcome is recorded (and, in
     /// durable mode, committed with its ledger entries before this returns).
     pub fn submit(&mut self, contribution: Contribution) -> Result<Receipt, SubmitError> {
+        self.submit_signed(contribution, None)
+    }
+
+    /// [`submit`](Self::submit) for a contribution whose manifest the node signed (networked
+    /// mode): the signature goes into the ledger with it.
+    pub fn submit_signed(
+        &mut self,
+        contribution: Contribution,
+        signature: Option<weft_ledger::Signature>,
+    ) -> Result<Receipt, SubmitError> {
         self.usable()?;
         let Some(pending) = self.open.as_ref() else {
             return Err(SubmitError::Rejected(Rejection::NoOpenRound));
@@ -442,7 +457,7 @@ impl<M: Measure> Coordinator<M> {
                 round,
                 node: record.node.clone(),
                 manifest_hash: manifest_of(&contribution, contribution.delta.content_hash()).hash(),
-                node_signature: None,
+                node_signature: signature,
                 delta_hash: None,
                 refused: Some(Refusal { code: reason.code().to_owned(), detail: reason.to_string() }),
             };
@@ -469,7 +484,7 @@ impl<M: Measure> Coordinator<M> {
                 round,
                 node: record.node.clone(),
                 manifest_hash: manifest_of(&contribution, delta_hash).hash(),
-                node_signature: None,
+                node_signature: signature,
                 delta_hash: Some(delta_hash),
                 refused: None,
             },

@@ -9,8 +9,8 @@ use clap::ValueEnum;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{
-    BlobStore, CanaryRegistry, Coordinator, Governance, GovernanceSettings, GovernanceState, HeldoutSet, Member,
-    RoundRecord, SqliteJournal, SubmitError, Visibility,
+    CanaryRegistry, Coordinator, Governance, GovernanceSettings, GovernanceState, RoundRecord, SqliteJournal,
+    SubmitError, Visibility,
 };
 use weft_core::quality::LossTable;
 use weft_core::{Aggregator, ContentHash, NodeId, OuterOptimizer, Policy, Weighting};
@@ -18,6 +18,7 @@ use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{write_atomic, LocalCorpus, Node, NodeSettings};
 
 use crate::attack::{Attack, AttackKind};
+use crate::consortium::RunSettings;
 use crate::data;
 use crate::table;
 
@@ -142,6 +143,13 @@ pub struct DemoArgs {
     /// Data directory (udhr/ and corpora/); default: the repository's data/.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Run as separate processes on this machine: `weft coordinator serve` and one `weft node
+    /// join` per node, over mutual TLS on loopback (same bases as in one process).
+    #[arg(long)]
+    pub processes: bool,
+    /// With --processes: how deltas travel (f32, f16, bf16, int8).
+    #[arg(long, default_value = "f32")]
+    pub encoding: String,
 }
 
 /// The JSON report. Its schema is documented in the README.
@@ -174,6 +182,9 @@ struct NodeInfo {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.processes {
+        return processes(&args);
+    }
     let started = Instant::now();
     let config = GptConfig { layers: args.layers, heads: args.heads, width: args.width, context: args.context };
     config.validate().context("--layers/--heads/--width/--context")?;
@@ -229,12 +240,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let mut nodes = Vec::new();
     let mut members = Vec::new();
-    let mut heldout = BTreeMap::new();
     let mut infos = Vec::new();
     for (index, language) in languages.iter().enumerate() {
         let id = NodeId::new(format!("node-{language}"))?;
         // The held-out text ships with the project; check it before fetching anything.
-        heldout.insert(language.clone(), data::heldout(&data_dir, language)?);
+        data::heldout(&data_dir, language)?;
         let mut bytes = data::corpus(&data_dir, language)?;
         let attacker = index >= first_attacker;
         match attack.as_ref().map(|a| a.kind) {
@@ -254,12 +264,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let corpus = LocalCorpus::from_bytes(bytes);
         let dir = out.join("nodes").join(id.as_str());
         nodes.push(Node::new(id.clone(), language.clone(), corpus, config, settings, dir)?);
-        members.push(Member { node: id, language: language.clone() });
+        members.push((id.to_string(), language.clone()));
     }
 
-    let base = Gpt::init(config, args.seed)?.to_state();
-    let parameters = base.num_values();
-    let measure = HeldoutSet::new(config, heldout, 32)?;
     // The coordinator's durable state: journal, ledger and blobs. Running the same command
     // again with the same --out continues the run (after a crash, too).
     let storage = out.join("coordinator");
@@ -270,26 +277,32 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             out.display()
         );
     }
-    let store = BlobStore::open(storage.join("blobs"))?;
+    let run = RunSettings {
+        model: config,
+        seed: args.seed,
+        members,
+        policy,
+        aggregator,
+        outer,
+        probe_scale: args.probe_scale,
+        node: settings,
+    };
+    let governance = match registry {
+        Some(registry) => Some(Governance::new(governance_settings(&args)?, registry, config, 32)?),
+        None => None,
+    };
+    let attack_settings = args.attack.map(|kind| (kind, args.attackers, args.attack_scale));
     let mut coordinator =
-        Coordinator::new(base, members, policy, outer, measure, store)?.with_aggregator(aggregator)?;
-    if let Some(registry) = registry {
-        coordinator = coordinator.with_governance(Governance::new(governance_settings(&args)?, registry, config, 32)?);
-    }
-    if let Some(scale) = args.probe_scale {
-        coordinator = coordinator.with_probe_scale(scale)?;
-    }
-    let initial_hash = coordinator.base_hash();
-    let initial_loss = coordinator.base_loss().clone();
-    let run_settings = serde_json::json!({
-        "model": config,
-        "seed": args.seed,
-        "languages": languages,
-        "node": settings,
-        "attack": args.attack.map(|kind| (kind, args.attackers, args.attack_scale)),
-    });
-    let journal = SqliteJournal::open(&storage)?;
-    coordinator = coordinator.durable(Box::new(journal), run_settings)?;
+        run.coordinator(&data_dir, &storage, governance, serde_json::json!({ "attack": attack_settings }))?;
+    let parameters = coordinator.base().num_values();
+    let genesis = Gpt::init(config, args.seed)?.to_state();
+    let initial_hash = genesis.content_hash();
+    let initial_loss = if coordinator.base_hash() == initial_hash {
+        coordinator.base_loss().clone()
+    } else {
+        coordinator.measure(&genesis)?
+    };
+    drop(genesis);
     if resuming {
         println!("continuing the run in {} after round {}", out.display(), coordinator.round());
     } else {
@@ -413,6 +426,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("final base {}  ({:.1} s)", report.final_base_hash, report.seconds);
     Ok(())
+}
+
+/// `--processes`: the same consortium as separate processes. Only the settings a consortium
+/// config carries are passed on; the in-process harnesses (attacks, governance) are refused.
+fn processes(args: &DemoArgs) -> anyhow::Result<()> {
+    if args.attack.is_some() || args.governance || args.out.is_some() || args.json.is_some() {
+        bail!("--processes runs the honest consortium; --attack, --governance, --out and --json are for the in-process demo");
+    }
+    let languages = choose_languages(&args.languages, args.nodes)?;
+    let nodes: Vec<(String, String)> = languages.iter().map(|l| (format!("node-{l}"), l.clone())).collect();
+    let extra: Vec<String> = [
+        ("--seed", args.seed.to_string()),
+        ("--local-steps", args.local_steps.to_string()),
+        ("--batch", args.batch.to_string()),
+        ("--layers", args.layers.to_string()),
+        ("--heads", args.heads.to_string()),
+        ("--width", args.width.to_string()),
+        ("--context", args.context.to_string()),
+        ("--encoding", args.encoding.clone()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .collect();
+    crate::net::demo_processes(&nodes, args.rounds, &extra, args.data.as_deref())
 }
 
 /// Governance parameters: `--governance-config` (every parameter, JSON) with single flags on top.

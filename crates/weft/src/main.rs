@@ -1,10 +1,12 @@
 //! `weft`: governed consortium training of language models.
 
 mod attack;
+mod consortium;
 mod data;
 mod demo;
 mod inspect;
 mod ledger;
+mod net;
 mod reputation;
 mod simulate;
 mod table;
@@ -31,7 +33,10 @@ enum Command {
     /// The tamper-evident ledger of a coordinator: verify, show, prove, check-proof.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
-    /// Operate a coordinator's storage.
+    /// Provision a networked consortium.
+    #[command(subcommand)]
+    Consortium(ConsortiumCommand),
+    /// The coordinator: serve a consortium over the network, operate its storage.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
     /// A node's side.
@@ -42,13 +47,23 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ConsortiumCommand {
+    /// Create a consortium: CA, coordinator identity, one startup kit per node, roster, config.
+    Init(net::InitArgs),
+}
+
+#[derive(Subcommand)]
 enum CoordinatorCommand {
+    /// Run the consortium's rounds over gRPC with mutual TLS until they are all done.
+    Serve(net::ServeArgs),
     /// Make the base of an earlier round current again (a ledger entry; nothing is deleted).
     Rollback(ledger::RollbackArgs),
 }
 
 #[derive(Subcommand)]
 enum NodeCommand {
+    /// Take part in a consortium from a startup kit: dial out, train each round, upload.
+    Join(net::JoinArgs),
     /// Bundle a node's sovereign artifacts with ledger proofs of its contributions.
     Export(ledger::ExportArgs),
 }
@@ -65,7 +80,10 @@ fn main() -> std::process::ExitCode {
         Command::Reputation(args) => reputation::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Ledger(command) => ledger::run(command),
+        Command::Consortium(ConsortiumCommand::Init(args)) => net::init(args),
+        Command::Coordinator(CoordinatorCommand::Serve(args)) => net::serve(args),
         Command::Coordinator(CoordinatorCommand::Rollback(args)) => ledger::rollback(args),
+        Command::Node(NodeCommand::Join(args)) => net::join(args),
         Command::Node(NodeCommand::Export(args)) => ledger::export(args),
     };
     match result {

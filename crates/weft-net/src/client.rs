@@ -1,0 +1,291 @@
+//! `weft node join`: a node dials out to its coordinator (behind NAT or a firewall, it never
+//! listens), polls for rounds, trains on each announced base, and uploads a signed delta.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use weft_core::{ContentHash, ModelState};
+use weft_ledger::{ContributionManifest, SigningKey};
+use weft_model::{AdamWSettings, GptConfig};
+use weft_node::{LocalCorpus, Node, NodeSettings};
+
+use crate::config::{read_text, read_toml, KitFiles, NodeKit};
+use crate::encoding::{self, Encoding};
+use crate::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
+use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL};
+
+/// A node's startup kit, read from its directory.
+pub struct Kit {
+    pub config: NodeKit,
+    ca: String,
+    certificate: String,
+    key: String,
+    signing: SigningKey,
+}
+
+impl Kit {
+    pub fn read(dir: &Path) -> Result<Self, NetError> {
+        let config: NodeKit = read_toml(&dir.join(KitFiles::CONFIG))?;
+        let signing_path = dir.join(KitFiles::SIGNING_KEY);
+        let signing = SigningKey::from_hex(&read_text(&signing_path)?)
+            .map_err(|e| NetError::Key(signing_path.display().to_string(), e.to_string()))?;
+        Ok(Kit {
+            config,
+            ca: read_text(&dir.join(KitFiles::CA))?,
+            certificate: read_text(&dir.join(KitFiles::CERTIFICATE))?,
+            key: read_text(&dir.join(KitFiles::TLS_KEY))?,
+            signing,
+        })
+    }
+
+    /// Replaces the manifest-signing key (tests use it to forge signatures).
+    pub fn with_signing_key(mut self, key: SigningKey) -> Self {
+        self.signing = key;
+        self
+    }
+}
+
+/// What one node did in a networked run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Participation {
+    pub rounds: Vec<RoundOutcome>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoundOutcome {
+    pub round: u64,
+    pub accepted: bool,
+    pub code: String,
+    pub detail: String,
+    pub quality: f64,
+    pub wire_bytes: u64,
+}
+
+/// How long a node keeps trying to reach its coordinator before giving up.
+pub struct JoinOptions {
+    pub give_up_after: Duration,
+    pub poll: Duration,
+}
+
+impl Default for JoinOptions {
+    fn default() -> Self {
+        JoinOptions { give_up_after: Duration::from_secs(120), poll: Duration::from_millis(200) }
+    }
+}
+
+async fn connect(kit: &Kit) -> Result<ConsortiumClient<Channel>, NetError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&kit.ca))
+        .identity(Identity::from_pem(&kit.certificate, &kit.key))
+        .domain_name(kit.config.server_name.clone());
+    let endpoint = Endpoint::from_shared(format!("https://{}", kit.config.address))
+        .map_err(|e| NetError::Address(kit.config.address.clone(), e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| NetError::Transport(format!("{e:?}")))?;
+    Ok(ConsortiumClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// Connects and joins, retrying with exponential backoff (0.1 s doubling to 5 s).
+async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<ConsortiumClient<Channel>, NetError> {
+    let started = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let mut client = connect(kit).await?;
+            let reply = client.join(proto::JoinRequest { protocol: PROTOCOL }).await?.into_inner();
+            tracing::info!(node = %reply.node, consortium = %reply.consortium, coordinator_key = %reply.coordinator_key, "joined");
+            Ok::<_, NetError>(client)
+        };
+        match attempt.await {
+            Ok(client) => return Ok(client),
+            // The coordinator answered and said no: retrying will not help.
+            Err(NetError::Refused(status)) if status.code() != tonic::Code::Unavailable => {
+                return Err(NetError::Refused(status))
+            }
+            Err(e) if started.elapsed() >= options.give_up_after => return Err(e),
+            Err(e) => {
+                tracing::info!("coordinator not reachable ({e}); retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Takes part in rounds until the coordinator says the consortium is finished.
+pub async fn join(
+    kit: Kit,
+    corpus: LocalCorpus,
+    artifacts: PathBuf,
+    options: JoinOptions,
+) -> Result<Participation, NetError> {
+    let mut client = join_with_backoff(&kit, &options).await?;
+    let mut corpus = Some(corpus);
+    let mut node: Option<Node> = None;
+    let mut done = Participation::default();
+    let mut last_attempt = 0u64;
+    loop {
+        let state = match client.heartbeat(proto::HeartbeatRequest {}).await {
+            Ok(state) => state.into_inner(),
+            Err(status) => {
+                tracing::warn!("heartbeat failed ({status}); reconnecting");
+                client = join_with_backoff(&kit, &options).await?;
+                continue;
+            }
+        };
+        let phase = proto::Phase::try_from(state.phase).unwrap_or(proto::Phase::Unspecified);
+        match phase {
+            proto::Phase::Finished => return Ok(done),
+            proto::Phase::Open if !state.submitted && state.round > last_attempt => {
+                last_attempt = state.round;
+                let outcome = contribute(&mut client, &kit, &state, &mut node, &mut corpus, &artifacts).await;
+                match outcome {
+                    Ok(outcome) => {
+                        if outcome.accepted {
+                            tracing::info!(
+                                round = outcome.round,
+                                quality = outcome.quality,
+                                bytes = outcome.wire_bytes,
+                                "contribution accepted for measurement"
+                            );
+                        } else {
+                            tracing::warn!(round = outcome.round, code = %outcome.code, "contribution refused: {}", outcome.detail);
+                        }
+                        done.rounds.push(outcome);
+                    }
+                    Err(NetError::Refused(status)) if status.code() == tonic::Code::Unavailable => {
+                        tracing::warn!("lost the coordinator mid-round ({status}); reconnecting");
+                        last_attempt = state.round - 1;
+                        client = join_with_backoff(&kit, &options).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => tokio::time::sleep(options.poll).await,
+        }
+    }
+}
+
+/// One round: fetch the base, train, encode, sign, upload.
+async fn contribute(
+    client: &mut ConsortiumClient<Channel>,
+    kit: &Kit,
+    state: &proto::RoundState,
+    node: &mut Option<Node>,
+    corpus: &mut Option<LocalCorpus>,
+    artifacts: &Path,
+) -> Result<RoundOutcome, NetError> {
+    let base_hash: ContentHash =
+        state.base_hash.parse().map_err(|_| NetError::Protocol("a base hash that is not 64 hex digits".into()))?;
+    let base = fetch_base(client, base_hash, artifacts).await?;
+    let training = state.training.ok_or_else(|| NetError::Protocol("a round without training settings".into()))?;
+    let config = GptConfig {
+        layers: training.layers as usize,
+        heads: training.heads as usize,
+        width: training.width as usize,
+        context: training.context as usize,
+    };
+    let settings = NodeSettings {
+        steps: training.local_steps,
+        batch_rows: training.batch_rows as usize,
+        adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
+        seed: training.seed,
+    };
+    let mut trainer = match node.take() {
+        Some(n) => n,
+        None => {
+            let corpus = corpus.take().ok_or_else(|| NetError::Protocol("the corpus was lost".into()))?;
+            let id = weft_core::NodeId::new(kit.config.id.clone()).map_err(|e| NetError::Protocol(e.to_string()))?;
+            Node::new(id, kit.config.language.clone(), corpus, config, settings, artifacts.to_owned())?
+        }
+    };
+    let round = state.round;
+    let (trainer, cycle) = tokio::task::spawn_blocking(move || {
+        let cycle = trainer.run_cycle(round, &base, base_hash, |_, _| {});
+        (trainer, cycle)
+    })
+    .await
+    .map_err(|e| NetError::Protocol(e.to_string()))?;
+    *node = Some(trainer);
+    let contribution = cycle?.contribution;
+    let encoding = Encoding::from_proto(state.encoding).ok_or_else(|| NetError::Protocol("unknown encoding".into()))?;
+    let encoded = encoding::encode(contribution.delta.state(), encoding)?;
+    // Sign the delta as the coordinator will decode it.
+    let sent = encoding::decode(&encoded, encoding, contribution.delta.state())?;
+    let manifest = ContributionManifest {
+        node: kit.config.id.clone(),
+        round,
+        base_hash,
+        delta_hash: sent.content_hash(),
+        token_count: contribution.token_count,
+        declared: contribution.declared.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect(),
+    };
+    drop(sent);
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| NetError::Protocol(e.to_string()))?;
+    let signature = kit.signing.sign(&manifest);
+    let header = proto::UploadHeader {
+        manifest,
+        signature: signature.0.to_vec(),
+        encoding: encoding.to_proto() as i32,
+        encoded_bytes: encoded.len() as u64,
+    };
+    let receipt = upload(client, header, encoded).await?;
+    Ok(RoundOutcome {
+        round,
+        accepted: receipt.accepted,
+        code: receipt.code,
+        detail: receipt.detail,
+        quality: receipt.quality,
+        wire_bytes: receipt.wire_bytes,
+    })
+}
+
+/// The header, then the encoded delta in chunks cut as the stream is read.
+pub async fn upload(
+    client: &mut ConsortiumClient<Channel>,
+    header: proto::UploadHeader,
+    encoded: Vec<u8>,
+) -> Result<proto::UploadReceipt, NetError> {
+    let chunks = encoded.len().div_ceil(CHUNK);
+    let head = std::iter::once(proto::UploadPart { part: Some(Part::Header(header)) });
+    let body = (0..chunks).map(move |i| {
+        let end = ((i + 1) * CHUNK).min(encoded.len());
+        proto::UploadPart { part: Some(Part::Data(encoded[i * CHUNK..end].to_vec())) }
+    });
+    Ok(client.upload(tokio_stream::iter(head.chain(body))).await?.into_inner())
+}
+
+/// The base by hash: from the node's cache, or streamed from the coordinator and checked.
+async fn fetch_base(
+    client: &mut ConsortiumClient<Channel>,
+    hash: ContentHash,
+    artifacts: &Path,
+) -> Result<ModelState, NetError> {
+    let cache = artifacts.join("bases").join(format!("{hash}.safetensors"));
+    if let Ok(bytes) = std::fs::read(&cache) {
+        if let Ok(state) = ModelState::from_safetensors(&bytes) {
+            if state.content_hash() == hash {
+                return Ok(state);
+            }
+        }
+    }
+    let mut stream = client.fetch_base(proto::FetchBaseRequest { base_hash: hash.to_string() }).await?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let state = ModelState::from_safetensors(&bytes)
+        .map_err(|e| NetError::Protocol(format!("the base received is unreadable: {e}")))?;
+    let actual = state.content_hash();
+    if actual != hash {
+        return Err(NetError::Protocol(format!("the base received hashes to {actual}, announced {hash}")));
+    }
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = weft_node::write_atomic(&cache, &bytes);
+    }
+    Ok(state)
+}
