@@ -52,7 +52,8 @@ impl RunSettings {
         config.model.validate().context("[model]")?;
         let p = &config.policy;
         let policy = Policy::new(p.floor, p.cap, p.quorum, weighting(&p.weighting)?).context("[policy]")?;
-        if config.training.batch == 0 || config.training.local_steps == 0 || !(config.training.lr > 0.0) {
+        let lr_ok = config.training.lr.is_finite() && config.training.lr > 0.0;
+        if config.training.batch == 0 || config.training.local_steps == 0 || !lr_ok {
             bail!("[training]: batch, local_steps and lr must be positive");
         }
         Ok(RunSettings {
