@@ -74,7 +74,8 @@ impl Default for JoinOptions {
     }
 }
 
-async fn connect(kit: &Kit) -> Result<ConsortiumClient<Channel>, NetError> {
+/// A TLS channel to the coordinator, authenticated by the kit's certificate.
+pub async fn connect(kit: &Kit) -> Result<ConsortiumClient<Channel>, NetError> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&kit.ca))
         .identity(Identity::from_pem(&kit.certificate, &kit.key))
@@ -86,6 +87,19 @@ async fn connect(kit: &Kit) -> Result<ConsortiumClient<Channel>, NetError> {
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| NetError::Transport(format!("{e:?}")))?;
     Ok(ConsortiumClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// A refusal that retrying cannot change (as opposed to a lost connection).
+fn definitive(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::NotFound
+    )
 }
 
 /// Connects and joins, retrying with exponential backoff (0.1 s doubling to 5 s).
@@ -102,9 +116,7 @@ async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<Consortiu
         match attempt.await {
             Ok(client) => return Ok(client),
             // The coordinator answered and said no: retrying will not help.
-            Err(NetError::Refused(status)) if status.code() != tonic::Code::Unavailable => {
-                return Err(NetError::Refused(status))
-            }
+            Err(NetError::Refused(status)) if definitive(&status) => return Err(NetError::Refused(status)),
             Err(e) if started.elapsed() >= options.give_up_after => return Err(e),
             Err(e) => {
                 tracing::info!("coordinator not reachable ({e}); retrying in {wait:?}");
@@ -156,7 +168,8 @@ pub async fn join(
                         }
                         done.rounds.push(outcome);
                     }
-                    Err(NetError::Refused(status)) if status.code() == tonic::Code::Unavailable => {
+                    Err(NetError::Refused(status)) if !definitive(&status) => {
+                        // The coordinator went away (a restart, the network): try this round again.
                         tracing::warn!("lost the coordinator mid-round ({status}); reconnecting");
                         last_attempt = state.round - 1;
                         client = join_with_backoff(&kit, &options).await?;
@@ -259,7 +272,7 @@ pub async fn upload(
 }
 
 /// The base by hash: from the node's cache, or streamed from the coordinator and checked.
-async fn fetch_base(
+pub async fn fetch_base(
     client: &mut ConsortiumClient<Channel>,
     hash: ContentHash,
     artifacts: &Path,

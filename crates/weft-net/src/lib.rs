@@ -7,6 +7,7 @@ pub mod config;
 pub mod encoding;
 pub mod provision;
 pub mod server;
+pub mod tls;
 
 /// The generated protocol (proto/weft/v1/consortium.proto).
 #[allow(clippy::all, missing_docs)]

@@ -79,6 +79,23 @@ fn signing_key() -> Result<SigningKey, ProvisionError> {
     Ok(SigningKey::from_seed(seed))
 }
 
+/// A client certificate for `common_name` and `public_key`, issued by the consortium CA in
+/// `dir` (`ca.key`; the CA's subject is rebuilt from the consortium's name). Returns the
+/// certificate PEM and its fingerprint.
+pub fn issue_client_certificate(
+    dir: &Path,
+    name: &str,
+    common_name: &str,
+    public_key: &impl rcgen::PublicKeyData,
+) -> Result<(String, String), ProvisionError> {
+    let ca_key_path = dir.join("ca.key");
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?)?;
+    let issuer = Issuer::new(ca_params(name)?, ca_key);
+    let cert =
+        leaf_params(common_name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(public_key, &issuer)?;
+    Ok((cert.pem(), fingerprint(cert.der())))
+}
+
 /// Creates the consortium in `dir` (which must not exist) for `nodes` (id, language).
 pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -> Result<Roster, ProvisionError> {
     if dir.exists() {
@@ -136,4 +153,92 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -
     write_toml(&dir.join("roster.toml"), &roster)?;
     write_toml(&dir.join("consortium.toml"), config)?;
     Ok(roster)
+}
+
+/// What a site sends the consortium to join when it makes its own keys (`weft node keygen`):
+/// public material only.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipRequest {
+    pub id: String,
+    pub language: String,
+    /// The node's TLS public key: an uncompressed P-256 point, hex.
+    pub tls_public_key: String,
+    pub signing_key: weft_ledger::PublicKey,
+}
+
+/// A P-256 public key received from a site, to certify.
+struct SitePublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for SitePublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// `weft node keygen`: the site makes its TLS and signing keys in `kit` (private, mode 0600)
+/// and writes `request.toml`, the only file it sends to the consortium.
+pub fn keygen(kit: &Path, id: &str, language: &str) -> Result<MembershipRequest, ProvisionError> {
+    weft_core::NodeId::new(id.to_owned()).map_err(|e| ProvisionError::NodeId(id.to_owned(), e.to_string()))?;
+    std::fs::create_dir_all(kit).map_err(io(kit))?;
+    let key = KeyPair::generate()?;
+    write_private(&kit.join(KitFiles::TLS_KEY), key.serialize_pem().as_bytes())?;
+    let signing = signing_key()?;
+    write_private(&kit.join(KitFiles::SIGNING_KEY), signing.to_hex().as_bytes())?;
+    let request = MembershipRequest {
+        id: id.to_owned(),
+        language: language.to_owned(),
+        tls_public_key: key.public_key_raw().iter().map(|b| format!("{b:02x}")).collect(),
+        signing_key: signing.public(),
+    };
+    write_toml(&kit.join("request.toml"), &request)?;
+    Ok(request)
+}
+
+/// `weft consortium add-node`: certifies a site's public key with the consortium CA, adds the
+/// node to the roster, and writes the public half of its kit (`tls.pem`, `ca.pem`, `node.toml`)
+/// under `DIR/nodes/<id>/` to send back.
+pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, ProvisionError> {
+    use crate::config::read_toml;
+    weft_core::NodeId::new(request.id.clone())
+        .map_err(|e| ProvisionError::NodeId(request.id.clone(), e.to_string()))?;
+    let config: ConsortiumConfig = read_toml(&dir.join("consortium.toml"))?;
+    let roster_path = dir.join("roster.toml");
+    let mut roster: Roster = read_toml(&roster_path)?;
+    if roster.node.iter().any(|m| m.id == request.id) {
+        return Err(ProvisionError::NodeId(request.id.clone(), "already in the roster".into()));
+    }
+    let raw = (0..request.tls_public_key.len() / 2)
+        .map(|i| u8::from_str_radix(request.tls_public_key.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .ok()
+        .filter(|raw| raw.len() == 65 && raw[0] == 0x04)
+        .ok_or_else(|| {
+            ProvisionError::NodeId(request.id.clone(), "tls_public_key is not an uncompressed P-256 point".into())
+        })?;
+    let (certificate, print) = issue_client_certificate(dir, &config.name, &request.id, &SitePublicKey(raw))?;
+    let kit = dir.join("nodes").join(&request.id);
+    std::fs::create_dir_all(&kit).map_err(io(&kit))?;
+    write_public(&kit.join(KitFiles::CERTIFICATE), certificate.as_bytes())?;
+    let ca = std::fs::read(dir.join("ca.pem")).map_err(io(&dir.join("ca.pem")))?;
+    write_public(&kit.join(KitFiles::CA), &ca)?;
+    let node = NodeKit {
+        id: request.id.clone(),
+        language: request.language.clone(),
+        consortium: config.name.clone(),
+        address: config.address.clone(),
+        server_name: config.server_name.clone(),
+    };
+    write_toml(&kit.join(KitFiles::CONFIG), &node)?;
+    roster.node.push(Member {
+        id: request.id.clone(),
+        language: request.language.clone(),
+        certificate: print,
+        signing_key: request.signing_key,
+    });
+    write_toml(&roster_path, &roster)?;
+    Ok(kit)
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_stream::Stream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use weft_coordinator::{Coordinator, Measure, RoundRecord, SubmitError};
 use weft_core::{ContentHash, Contribution, Delta, NodeId};
@@ -88,9 +88,10 @@ pub async fn serve<M: Measure + Send + 'static>(
         .map_err(|e| NetError::Address(options.config.address.clone(), e.to_string()))?
         .next()
         .ok_or_else(|| NetError::Address(options.config.address.clone(), "resolves to nothing".into()))?;
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&options.certificate, &options.key))
-        .client_ca_root(Certificate::from_pem(&options.ca));
+    let tls = crate::tls::server_config(&options.certificate, &options.key, &options.ca)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| NetError::Address(options.config.address.clone(), e.to_string()))?;
     std::fs::create_dir_all(&options.spool).map_err(|source| NetError::Io { path: options.spool.clone(), source })?;
     let coordinator_key = coordinator.public_key().map(|k| k.to_string()).unwrap_or_default();
     let (values, tensors) = (coordinator.base().num_values(), coordinator.base().len());
@@ -115,13 +116,12 @@ pub async fn serve<M: Measure + Send + 'static>(
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
-        .tls_config(tls)
-        .map_err(|e| NetError::Tls(e.to_string()))?
-        .add_service(service)
-        .serve_with_shutdown(address, async {
+    let server = Server::builder().add_service(service).serve_with_incoming_shutdown(
+        crate::tls::incoming(listener, tls),
+        async {
             let _ = stopped.await;
-        });
+        },
+    );
     let server = tokio::spawn(server);
     tracing::info!(%address, "coordinator serving");
     let outcome = drive(shared.clone()).await;
@@ -219,7 +219,7 @@ impl<M: Measure> Service<M> {
         match self.shared.options.roster.by_certificate(&print) {
             Some(member) => Ok(member.clone()),
             None => {
-                tracing::warn!(certificate = %print, "refused: a certificate signed by the consortium CA but not in the roster");
+                tracing::warn!(code = "unknown_certificate", certificate = %print, "refused: a certificate signed by the consortium CA but not in the roster");
                 Err(Status::permission_denied(format!("unknown_certificate: {print} is not in the roster")))
             }
         }

@@ -50,6 +50,8 @@ enum Command {
 enum ConsortiumCommand {
     /// Create a consortium: CA, coordinator identity, one startup kit per node, roster, config.
     Init(net::InitArgs),
+    /// Admit a node that made its own keys (`weft node keygen`): certify it, add it to the roster.
+    AddNode(net::AddNodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -64,6 +66,8 @@ enum CoordinatorCommand {
 enum NodeCommand {
     /// Take part in a consortium from a startup kit: dial out, train each round, upload.
     Join(net::JoinArgs),
+    /// Make this node's keys on site and the public request to send to the consortium.
+    Keygen(net::KeygenArgs),
     /// Bundle a node's sovereign artifacts with ledger proofs of its contributions.
     Export(ledger::ExportArgs),
 }
@@ -84,6 +88,8 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(CoordinatorCommand::Serve(args)) => net::serve(args),
         Command::Coordinator(CoordinatorCommand::Rollback(args)) => ledger::rollback(args),
         Command::Node(NodeCommand::Join(args)) => net::join(args),
+        Command::Node(NodeCommand::Keygen(args)) => net::keygen(args),
+        Command::Consortium(ConsortiumCommand::AddNode(args)) => net::add_node(args),
         Command::Node(NodeCommand::Export(args)) => ledger::export(args),
     };
     match result {

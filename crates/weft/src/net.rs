@@ -279,3 +279,40 @@ fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The kit directory to create keys in (private keys never leave it).
+    pub kit: PathBuf,
+    #[arg(long)]
+    pub id: String,
+    #[arg(long)]
+    pub language: String,
+}
+
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let request = weft_net::provision::keygen(&args.kit, &args.id, &args.language)?;
+    println!("{}: keys made in {} (tls.key, signing.key: keep them here)", request.id, args.kit.display());
+    println!(
+        "send {} to the consortium; put the tls.pem, ca.pem and node.toml it returns into this kit",
+        args.kit.join("request.toml").display()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct AddNodeArgs {
+    /// The consortium directory.
+    pub dir: PathBuf,
+    /// The site's request.toml (from `weft node keygen`).
+    #[arg(long)]
+    pub request: PathBuf,
+}
+
+pub fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
+    let request: weft_net::provision::MembershipRequest = read_toml(&args.request)?;
+    let kit = weft_net::provision::add_node(&args.dir, &request)?;
+    println!("{} added to the roster; send back {} (tls.pem, ca.pem, node.toml)", request.id, kit.display());
+    println!("a running coordinator reads the roster at start: restart it to admit the node");
+    Ok(())
+}

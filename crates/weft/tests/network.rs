@@ -1,0 +1,438 @@
+//! The networked consortium as separate processes of the real binary on loopback: a coordinator
+//! and nodes over mutual TLS. A test that plays a misbehaving node speaks the protocol itself
+//! (weft-net's client) from the test process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_net::client::{connect, fetch_base, upload, Kit};
+use weft_net::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
+
+const TINY: &[&str] =
+    &["--local-steps", "4", "--layers", "1", "--heads", "2", "--width", "16", "--context", "16", "--batch", "4"];
+
+fn weft() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_weft"));
+    command.env_remove("WEFT_CRASH_AT");
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the process when dropped, so a failed test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn wait(&mut self, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("a weft process did not finish within {limit:?}");
+    }
+}
+
+fn init(dir: &Path, port: u16, nodes: &[&str], rounds: u64, deadline: u64) {
+    let mut command = weft();
+    command.args(["consortium", "init"]).arg(dir).args(["--address", &format!("127.0.0.1:{port}")]);
+    command.args(["--rounds", &rounds.to_string(), "--deadline-secs", &deadline.to_string()]).args(TINY);
+    for node in nodes {
+        command.args(["--node", node]);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn serve(dir: &Path, log: &str) -> Running {
+    let stdout = std::fs::File::create(dir.join(format!("{log}.out"))).unwrap();
+    let stderr = std::fs::File::create(dir.join(format!("{log}.err"))).unwrap();
+    let child = weft()
+        .args(["coordinator", "serve"])
+        .arg(dir)
+        .args(["--linger-secs", "2", "--json"])
+        .arg(dir.join(format!("{log}.json")))
+        .env("WEFT_LOG", "info")
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    Running(child)
+}
+
+fn join(dir: &Path, node: &str) -> Running {
+    let kit = dir.join("nodes").join(node);
+    let stdout = std::fs::File::create(dir.join(format!("{node}.out"))).unwrap();
+    let child = weft()
+        .args(["node", "join"])
+        .arg(&kit)
+        .args(["--give-up-after", "60", "--json"])
+        .arg(dir.join(format!("{node}.json")))
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Running(child)
+}
+
+fn hashes(report: &Path) -> Vec<String> {
+    let report: Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    report["rounds"].as_array().unwrap().iter().map(|r| r["base_hash"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The bases `weft demo` computes in one process for the same consortium.
+fn demo_hashes(dir: &Path, languages: &str, rounds: u64) -> Vec<String> {
+    let json = dir.join("demo.json");
+    let nodes = languages.split(',').count().to_string();
+    let out = weft()
+        .args(["demo", "--nodes", &nodes, "--languages", languages, "--rounds", &rounds.to_string(), "--json"])
+        .arg(&json)
+        .args(TINY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    hashes(&json)
+}
+
+fn closed_rounds(storage: &Path) -> i64 {
+    let Ok(db) =
+        rusqlite::Connection::open_with_flags(storage.join("state.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    db.query_row("SELECT COUNT(*) FROM rounds", [], |r| r.get(0)).unwrap_or(0)
+}
+
+#[test]
+fn three_node_processes_give_the_in_process_bases_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init(&dir, free_port(), &["node-de:de", "node-en:en", "node-fr:fr"], 2, 120);
+    let mut coordinator = serve(&dir, "serve");
+    let mut nodes: Vec<Running> = ["node-de", "node-en", "node-fr"].iter().map(|n| join(&dir, n)).collect();
+    for node in &mut nodes {
+        assert!(node.wait(Duration::from_secs(120)), "a node failed");
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("serve.err")).unwrap());
+    let networked = hashes(&dir.join("serve.json"));
+    assert_eq!(networked, demo_hashes(tmp.path(), "de,en,fr", 2));
+
+    let storage = dir.join("coordinator");
+    let verify = weft().args(["ledger", "verify"]).arg(&storage).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    // Every contribution in the ledger carries its node's signature.
+    let shown = weft().args(["ledger", "show", "--json"]).arg(&storage).output().unwrap();
+    let entries: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let received: Vec<&Value> =
+        entries.as_array().unwrap().iter().filter_map(|e| e["event"].get("contribution_received")).collect();
+    assert_eq!(received.len(), 6);
+    assert!(received.iter().all(|r| r["node_signature"].as_str().is_some_and(|s| s.len() == 128)));
+    // Bytes on the wire are reported per node and round: f32 is the canonical safetensors size.
+    let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    assert!(report["wire_bytes"]["1"]["node-de"].as_u64().unwrap() > 10_000);
+}
+
+#[test]
+fn nodes_wait_for_a_late_coordinator_and_survive_its_restart_mid_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init(&dir, free_port(), &["node-de:de", "node-en:en"], 3, 120);
+    // Nodes first: they retry with backoff until the coordinator is up.
+    let mut nodes: Vec<Running> = ["node-de", "node-en"].iter().map(|n| join(&dir, n)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut first = serve(&dir, "first");
+    let storage = dir.join("coordinator");
+    let started = Instant::now();
+    while closed_rounds(&storage) < 1 {
+        assert!(started.elapsed() < Duration::from_secs(60), "round 1 never closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL, then a new coordinator on the same storage and port.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let mut second = serve(&dir, "second");
+    for node in &mut nodes {
+        assert!(node.wait(Duration::from_secs(120)), "a node failed after the restart");
+    }
+    assert!(second.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("second.err")).unwrap());
+    let verify = weft().args(["ledger", "verify", "--json"]).arg(&storage).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let report: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    let expected = demo_hashes(tmp.path(), "de,en", 3);
+    assert_eq!(report["final_base_hash"].as_str().unwrap(), expected[2]);
+    assert_eq!(report["rounds"], 3);
+}
+
+#[test]
+fn a_late_node_is_not_waited_for_and_joins_the_next_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init(&dir, free_port(), &["node-de:de", "node-en:en", "node-fr:fr"], 2, 4);
+    let mut coordinator = serve(&dir, "serve");
+    let mut early: Vec<Running> = ["node-de", "node-en"].iter().map(|n| join(&dir, n)).collect();
+    let storage = dir.join("coordinator");
+    let started = Instant::now();
+    while closed_rounds(&storage) < 1 {
+        assert!(started.elapsed() < Duration::from_secs(30), "round 1 waited past its deadline");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut late = join(&dir, "node-fr");
+    assert!(late.wait(Duration::from_secs(60)));
+    for node in &mut early {
+        assert!(node.wait(Duration::from_secs(60)));
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)));
+    let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    let contributors = |round: usize| report["rounds"][round]["contributions"].as_array().unwrap().len();
+    assert_eq!((contributors(0), contributors(1)), (2, 3), "round 1 closed at its deadline without node-fr");
+    let fr: Value = serde_json::from_slice(&std::fs::read(dir.join("node-fr.json")).unwrap()).unwrap();
+    assert_eq!(fr["rounds"][0]["round"], 2);
+}
+
+// ---- a node that misbehaves, played by the test itself ----
+
+async fn wait_for_round(client: &mut ConsortiumClient<tonic::transport::Channel>, round: u64) -> proto::RoundState {
+    let started = Instant::now();
+    loop {
+        let state = client.heartbeat(proto::HeartbeatRequest {}).await.unwrap().into_inner();
+        if state.phase == proto::Phase::Open as i32 && state.round == round {
+            return state;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "round {round} never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Prepared {
+    header: proto::UploadHeader,
+    bytes: Vec<u8>,
+}
+
+/// A small honest-looking delta for the open round, encoded and signed with `key`.
+async fn prepare(
+    client: &mut ConsortiumClient<tonic::transport::Channel>,
+    state: &proto::RoundState,
+    node: &str,
+    key: &weft_ledger::SigningKey,
+    artifacts: &Path,
+) -> Prepared {
+    let base_hash: weft_core::ContentHash = state.base_hash.parse().unwrap();
+    let base = fetch_base(client, base_hash, artifacts).await.unwrap();
+    let mut delta = weft_core::ModelState::new();
+    for (name, t) in base.iter() {
+        let data = (0..t.data().len()).map(|i| (i as f32 * 0.37).sin() * 1e-4).collect();
+        delta.insert(name, weft_core::Tensor::new(t.shape().to_vec(), data).unwrap());
+    }
+    let bytes = weft_net::encoding::encode(&delta, weft_net::encoding::Encoding::F32).unwrap();
+    let manifest = weft_ledger::ContributionManifest {
+        node: node.to_owned(),
+        round: state.round,
+        base_hash,
+        delta_hash: delta.content_hash(),
+        token_count: 1,
+        declared: Default::default(),
+    };
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let signature = key.sign(&manifest).0.to_vec();
+    let header = proto::UploadHeader {
+        manifest,
+        signature,
+        encoding: proto::Encoding::F32 as i32,
+        encoded_bytes: bytes.len() as u64,
+    };
+    Prepared { header, bytes }
+}
+
+async fn send(client: &mut ConsortiumClient<tonic::transport::Channel>, p: &Prepared) -> proto::UploadReceipt {
+    upload(client, p.header.clone(), p.bytes.clone()).await.unwrap()
+}
+
+fn kit_with(dir: &Path, from: &str, name: &str, certificate: &str, key: &str) -> PathBuf {
+    let kit = dir.join(name);
+    std::fs::create_dir_all(&kit).unwrap();
+    for file in ["node.toml", "ca.pem", "signing.key"] {
+        std::fs::copy(dir.join("nodes").join(from).join(file), kit.join(file)).unwrap();
+    }
+    std::fs::write(kit.join("tls.pem"), certificate).unwrap();
+    std::fs::write(kit.join("tls.key"), key).unwrap();
+    kit
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    let port = free_port();
+    init(&dir, port, &["node-de:de", "node-en:en"], 2, 120);
+    let mut coordinator = serve(&dir, "serve");
+    let mut honest = join(&dir, "node-de");
+    // The test is node-en.
+    let kit_dir = dir.join("nodes").join("node-en");
+    let own_key =
+        weft_ledger::SigningKey::from_hex(&std::fs::read_to_string(kit_dir.join("signing.key")).unwrap()).unwrap();
+    let kit = Kit::read(&kit_dir).unwrap();
+    let mut client = {
+        let started = Instant::now();
+        loop {
+            match connect(&kit).await {
+                Ok(c) => break c,
+                Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("cannot reach the coordinator: {e}"),
+            }
+        }
+    };
+    let state = wait_for_round(&mut client, 1).await;
+    let artifacts = tmp.path().join("artifacts");
+    let good = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+
+    // A signature by a key that is not node-en's.
+    let forger = weft_ledger::SigningKey::from_seed([42; 32]);
+    let forged = prepare(&mut client, &state, "node-en", &forger, &artifacts).await;
+    assert_eq!(send(&mut client, &forged).await.code, "bad_signature");
+    // Claiming to be another node.
+    let impostor = prepare(&mut client, &state, "node-de", &own_key, &artifacts).await;
+    assert_eq!(send(&mut client, &impostor).await.code, "identity_mismatch");
+    // A manifest whose delta hash is not the delta's.
+    let mut mismatched = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    let last = mismatched.bytes.len() - 1;
+    mismatched.bytes[last] ^= 0x40;
+    assert_eq!(send(&mut client, &mismatched).await.code, "delta_hash_mismatch");
+    // Garbage where the delta should be.
+    let mut garbage = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    garbage.bytes = vec![0x5a; garbage.bytes.len()];
+    assert_eq!(send(&mut client, &garbage).await.code, "malformed_delta");
+    // More bytes than announced, and fewer (the stream ends early, as when a node dies mid-upload).
+    let mut oversize = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    oversize.bytes.extend_from_slice(&[0; 16]);
+    oversize.header.encoded_bytes -= 16;
+    assert_eq!(send(&mut client, &oversize).await.code, "oversize");
+    let mut truncated = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    truncated.bytes.truncate(truncated.bytes.len() / 2);
+    assert_eq!(send(&mut client, &truncated).await.code, "truncated");
+    // An upload with no header.
+    let no_header = client
+        .upload(tokio_stream::iter(vec![proto::UploadPart { part: Some(Part::Data(vec![1, 2, 3])) }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(no_header.code, "missing_header");
+    // Garbage bytes on the port: the coordinator drops that connection and keeps serving.
+    {
+        use std::io::Write;
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = raw.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(1000));
+    }
+    // A certificate the consortium CA signed for someone outside the roster.
+    let outsider_key = rcgen::KeyPair::generate().unwrap();
+    let (outsider_cert, _) =
+        weft_net::provision::issue_client_certificate(&dir, "weft", "intruder", &outsider_key).unwrap();
+    let outsider =
+        Kit::read(&kit_with(&dir, "node-en", "outsider", &outsider_cert, &outsider_key.serialize_pem())).unwrap();
+    let mut intruder = connect(&outsider).await.unwrap();
+    let refused = intruder.heartbeat(proto::HeartbeatRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("unknown_certificate"), "{}", refused.message());
+    // A certificate from another CA does not get past the TLS handshake.
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let stranger_cert =
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&stranger_key).unwrap();
+    let stranger =
+        Kit::read(&kit_with(&dir, "node-en", "stranger", &stranger_cert.pem(), &stranger_key.serialize_pem())).unwrap();
+    let handshake = async {
+        connect(&stranger).await?.heartbeat(proto::HeartbeatRequest {}).await.map_err(weft_net::NetError::from)
+    };
+    assert!(handshake.await.is_err(), "a certificate from another CA was accepted");
+
+    // After all that, the real contribution is taken, and a second one is refused.
+    let receipt = send(&mut client, &good).await;
+    assert!(receipt.accepted, "{} {}", receipt.code, receipt.detail);
+    assert_eq!(receipt.wire_bytes, good.bytes.len() as u64);
+    assert_eq!(send(&mut client, &good).await.code, "duplicate_node");
+
+    // Round 2: the round-1 manifest replayed is refused; a fresh one is taken.
+    let state = wait_for_round(&mut client, 2).await;
+    assert_eq!(send(&mut client, &good).await.code, "replayed_manifest");
+    let fresh = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    assert!(send(&mut client, &fresh).await.accepted);
+    assert!(honest.wait(Duration::from_secs(60)));
+    assert!(coordinator.wait(Duration::from_secs(60)));
+    let log = std::fs::read_to_string(dir.join("serve.err")).unwrap();
+    for code in [
+        "bad_signature",
+        "identity_mismatch",
+        "delta_hash_mismatch",
+        "truncated",
+        "unknown_certificate",
+        "tls_handshake",
+    ] {
+        assert!(log.contains(code), "the coordinator's log does not name {code}");
+    }
+    let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init(&dir, free_port(), &["node-de:de"], 1, 60);
+    let site = tmp.path().join("site-en");
+    let out =
+        weft().args(["node", "keygen"]).arg(&site).args(["--id", "node-en", "--language", "en"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let request = std::fs::read_to_string(site.join("request.toml")).unwrap();
+    assert!(!request.contains("PRIVATE"), "the request must carry no private key");
+    let out = weft()
+        .args(["consortium", "add-node"])
+        .arg(&dir)
+        .arg("--request")
+        .arg(site.join("request.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("nodes").join("node-en").join("tls.key").exists(), "the consortium never holds the site's key");
+    for file in ["tls.pem", "ca.pem", "node.toml"] {
+        std::fs::copy(dir.join("nodes").join("node-en").join(file), site.join(file)).unwrap();
+    }
+    let again = weft()
+        .args(["consortium", "add-node"])
+        .arg(&dir)
+        .arg("--request")
+        .arg(site.join("request.toml"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a node cannot be added twice");
+    // The admitted site takes part in a round.
+    let mut coordinator = serve(&dir, "serve");
+    let mut de = join(&dir, "node-de");
+    let site_out = std::fs::File::create(tmp.path().join("site.out")).unwrap();
+    let mut en = Running(
+        weft()
+            .args(["node", "join"])
+            .arg(&site)
+            .args(["--give-up-after", "60"])
+            .stdout(site_out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(en.wait(Duration::from_secs(60)) && de.wait(Duration::from_secs(60)));
+    assert!(coordinator.wait(Duration::from_secs(60)));
+    let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    assert_eq!(report["rounds"][0]["contributions"].as_array().unwrap().len(), 2);
+}
