@@ -431,8 +431,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// `--processes`: the same consortium as separate processes. Only the settings a consortium
 /// config carries are passed on; the in-process harnesses (attacks, governance) are refused.
 fn processes(args: &DemoArgs) -> anyhow::Result<()> {
-    if args.attack.is_some() || args.governance || args.out.is_some() || args.json.is_some() {
-        bail!("--processes runs the honest consortium; --attack, --governance, --out and --json are for the in-process demo");
+    if args.attack.is_some() || args.governance || args.out.is_some() {
+        bail!("--processes runs the honest consortium; --attack, --governance and --out are for the in-process demo");
     }
     let languages = choose_languages(&args.languages, args.nodes)?;
     let nodes: Vec<(String, String)> = languages.iter().map(|l| (format!("node-{l}"), l.clone())).collect();
@@ -449,7 +449,7 @@ fn processes(args: &DemoArgs) -> anyhow::Result<()> {
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_owned(), value])
     .collect();
-    crate::net::demo_processes(&nodes, args.rounds, &extra, args.data.as_deref())
+    crate::net::demo_processes(&nodes, args.rounds, &extra, args.data.as_deref(), args.json.as_deref())
 }
 
 /// Governance parameters: `--governance-config` (every parameter, JSON) with single flags on top.

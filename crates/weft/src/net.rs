@@ -154,12 +154,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (rounds, wire_bytes) = runtime.block_on(weft_net::server::serve(coordinator, options))?;
     for record in &rounds {
         let wire: u64 = wire_bytes.get(&record.round).map_or(0, |m| m.values().sum());
+        let losses: Vec<String> = record.heldout_loss.iter().map(|(l, v)| format!("{l} {v:.4}")).collect();
         println!(
-            "round {}: {} accepted · base {} · {:.1} MB of deltas on the wire",
+            "round {}: {} accepted · base {} · {:.2} MB of deltas on the wire · held-out {}",
             record.round,
             record.accepted,
             record.base_hash.short(),
-            wire as f64 / 1e6
+            wire as f64 / 1e6,
+            losses.join(" ")
         );
     }
     let final_base_hash = rounds.last().map(|r| r.base_hash.to_string()).unwrap_or_default();
@@ -232,6 +234,7 @@ pub fn demo_processes(
     rounds: u64,
     extra_init: &[String],
     data: Option<&Path>,
+    json: Option<&Path>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the weft binary")?;
     let dir = tempfile::tempdir().context("creating a scratch directory")?;
@@ -248,9 +251,12 @@ pub fn demo_processes(
         bail!("weft consortium init failed");
     }
     let mut serve = std::process::Command::new(&exe);
-    serve.args(["coordinator", "serve"]).arg(&consortium);
+    serve.args(["coordinator", "serve"]).arg(&consortium).args(["--linger-secs", "1"]);
     if let Some(data) = data {
         serve.arg("--data").arg(data);
+    }
+    if let Some(json) = json {
+        serve.arg("--json").arg(json);
     }
     let mut coordinator = serve.spawn().context("starting the coordinator")?;
     let mut children = Vec::new();
