@@ -12,7 +12,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
 bw = load("bandwidth.json")
 results = {"date": str(datetime.date.today()), "machine": {"cpu": cpu, "threads": bw["threads"], "rustc": rustc},
-           "bandwidth": bw, "aggregation": [], "training": [], "safetensors": load("safetensors.json"), "simulate": [], "ledger": []}
+           "bandwidth": bw, "aggregation": [], "training": [], "safetensors": load("safetensors.json"), "simulate": [], "ledger": [], "network": []}
 lines = [
     "# Benchmarks", "",
     f"`bench/run`, {results['date']} — {cpu}, {bw['threads']} threads, {rustc}. Every ratio is measured in this one run.",
@@ -71,7 +71,22 @@ for path in sorted(src.glob("ledger-*.json")):
     results["ledger"].append(led)
     lines.append(f"| {led['nodes']} × {led['values'] / 1e6:g}M × {led['rounds']} | {led['delta_bytes'] / 1e9:.2f} GB | {led['verify_seconds']:.2f} s |"
                  f" {led['seconds_per_round']:.3f} s | {led['seconds_per_gb_of_deltas']:.2f} s | {led['verify_over_baseline']:.1f}× |")
-lines += ["", "Round overhead over loopback needs the networked mode (not built yet) and is not measured here."]
+lines += ["", "## Network (`weft coordinator serve` / `weft node join` protocol)", "",
+          "Separate processes on loopback over mutual TLS (examples/net_bench.rs: the real server and client code; synthetic f32"
+          " deltas, a sampled measure). *Wire* = header to last byte spooled to disk; *upload* = until the receipt, which also"
+          " covers decoding, hashing, the coordinator's measurement, storing the delta (fsync) and the ledger commit."
+          " Goal: ≥ 1 GB/s for a 400 MB delta; coordinator memory must not grow with the number of nodes.", "",
+          "| nodes × delta | wire (slowest node) | upload until receipt | coordinator peak RSS |", "|---|---|---|---|"]
+for path in sorted(src.glob("net-nodes-*.json"), key=lambda p: (int(p.stem.split("-")[2]), -int(p.stem.split("-")[3]))):
+    nodes_, length = path.stem.split("-")[2:4]
+    n = load(path.name)
+    c = load(f"net-coordinator-{nodes_}-{length}.json")
+    results["network"].append({"nodes": n, "coordinator": c})
+    size = n["bytes_per_node"] / 1e6
+    slowest = max(n["upload_seconds"])
+    lines.append(f"| {nodes_} × {size:.0f} MB | {n['wire_gbs']:.2f} GB/s | {int(nodes_) * n['bytes_per_node'] / slowest / 1e9:.2f} GB/s"
+                 f" ({slowest:.2f} s) | {c['peak_rss'] / 1e6:.0f} MB |")
+lines += ["", "Round overhead (a round's wall time minus its slowest node's training) for 8 nodes is not measured yet."]
 pathlib.Path(md_path).write_text("\n".join(lines) + "\n")
 pathlib.Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
 print("\n".join(lines))

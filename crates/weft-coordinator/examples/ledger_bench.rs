@@ -1,6 +1,6 @@
 //! `weft ledger verify` throughput, for `bench/run`: builds a durable consortium of N nodes
-//! sending deltas of LEN f32 for R rounds (synthetic deltas, a cheap measure: the coordinator's
-//! own evaluation is not what is timed), then times `verify` against the baseline of reading
+//! sending deltas of LEN f32 for R rounds (synthetic deltas, [`SampledDistance`] as the measure: the
+//! coordinator's own evaluation is not what is timed), then times `verify` against the baseline of reading
 //! every stored blob once and hashing its bytes with BLAKE3 on every core (the least any integrity check of
 //! the same blobs must do). Prints one JSON line.
 //!
@@ -9,25 +9,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use weft_coordinator::{verify, BlobStore, Coordinator, Measure, MeasureError, Member, SqliteJournal};
-use weft_core::quality::LossTable;
+use weft_coordinator::{verify, BlobStore, Coordinator, Member, SampledDistance, SqliteJournal};
 use weft_core::{Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
-
-/// Quality = how much a state moved toward 1.0 on a 4096-value sample: cheap at any size.
-struct Sample;
-
-impl Measure for Sample {
-    fn heldout_loss(&mut self, state: &ModelState) -> Result<LossTable, MeasureError> {
-        let (_, t) = state.iter().next().ok_or(MeasureError::Empty("state".into()))?;
-        let sample = &t.data()[..t.data().len().min(4096)];
-        let loss = sample.iter().map(|v| f64::from(v - 1.0).powi(2)).sum::<f64>() / sample.len() as f64;
-        Ok(LossTable::from([("x".to_owned(), loss)]))
-    }
-
-    fn languages(&self) -> Vec<String> {
-        vec!["x".into()]
-    }
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,9 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let policy = Policy::new(-1e9, 1.0, 0.0, Weighting::Equal)?;
     let store = BlobStore::open(dir.join("blobs"))?;
-    let mut coordinator = Coordinator::new(base, members, policy, OuterOptimizer::DILOCO, Sample, store)?
-        .with_aggregator(Aggregator::WeightedMean)?
-        .durable(Box::new(SqliteJournal::open(&dir)?), serde_json::json!({"bench": "ledger"}))?;
+    let mut coordinator =
+        Coordinator::new(base, members, policy, OuterOptimizer::DILOCO, SampledDistance { sample: 4096 }, store)?
+            .with_aggregator(Aggregator::WeightedMean)?
+            .durable(Box::new(SqliteJournal::open(&dir)?), serde_json::json!({"bench": "ledger"}))?;
     let built = Instant::now();
     for round in 1..=rounds {
         coordinator.open_round()?;

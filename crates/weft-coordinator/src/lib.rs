@@ -22,5 +22,5 @@ pub use governance::{
     GovernanceState, ReputationRow,
 };
 pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
-pub use measure::{HeldoutSet, Measure, MeasureError};
+pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};

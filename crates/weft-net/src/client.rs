@@ -13,7 +13,7 @@ use weft_node::{LocalCorpus, Node, NodeSettings};
 use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
-use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL};
+use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// A node's startup kit, read from its directory.
 pub struct Kit {
@@ -84,7 +84,9 @@ pub async fn connect(kit: &Kit) -> Result<ConsortiumClient<Channel>, NetError> {
         .map_err(|e| NetError::Address(kit.config.address.clone(), e.to_string()))?
         .tls_config(tls)
         .map_err(|e| NetError::Tls(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(2 * WINDOW);
     let channel = endpoint.connect().await.map_err(|e| NetError::Transport(format!("{e:?}")))?;
     Ok(ConsortiumClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
 }

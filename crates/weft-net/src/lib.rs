@@ -18,9 +18,13 @@ pub mod proto {
 /// The protocol version nodes and coordinator must share.
 pub const PROTOCOL: u32 = 1;
 /// Bytes per streamed chunk.
-pub const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 4 << 20;
 /// Largest gRPC message either side accepts (a chunk plus framing).
 pub const MAX_MESSAGE: usize = 4 * CHUNK;
+/// HTTP/2 flow-control window per stream, in bytes (the connection gets twice this).
+pub const WINDOW: u32 = 4 << 20;
+/// Largest HTTP/2 frame the coordinator accepts (the protocol's maximum is 16 MiB − 1).
+pub const FRAME: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

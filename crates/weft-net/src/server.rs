@@ -24,7 +24,7 @@ use weft_ledger::{ContributionManifest, Signature};
 use crate::config::{fingerprint, ConsortiumConfig, Member, Roster};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_server::ConsortiumServer, upload_part::Part};
-use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL};
+use crate::{NetError, CHUNK, FRAME, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// What a served consortium is told to do.
 pub struct ServeOptions {
@@ -49,11 +49,50 @@ struct View {
     base_hash: ContentHash,
     deadline: Option<Instant>,
     submitted: BTreeSet<String>,
-    base_bytes: Arc<Vec<u8>>,
+    /// The current base's blob (canonical safetensors), streamed to nodes that fetch it.
+    base_path: Option<PathBuf>,
+}
+
+/// The round engine on a thread of its own: every measurement, check and aggregation runs
+/// there, one at a time, in arrival order. (Also keeps the allocator's memory in one place:
+/// deltas freed on many threads would each leave memory cached in their own malloc arena.)
+struct Engine<M: Measure> {
+    jobs: std::sync::mpsc::Sender<Job<M>>,
+}
+
+type Job<M> = Box<dyn FnOnce(&mut Coordinator<M>) + Send>;
+
+impl<M: Measure + Send + 'static> Engine<M> {
+    fn start(mut coordinator: Coordinator<M>) -> Result<Self, NetError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job<M>>();
+        std::thread::Builder::new()
+            .name("weft-engine".into())
+            .spawn(move || {
+                for job in queue {
+                    job(&mut coordinator);
+                }
+            })
+            .map_err(|e| NetError::Transport(format!("starting the engine thread: {e}")))?;
+        Ok(Engine { jobs })
+    }
+
+    /// Runs `f` on the engine thread and waits for its result.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Coordinator<M>) -> R + Send + 'static,
+    ) -> Result<R, NetError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |c| {
+                let _ = done.send(f(c));
+            }))
+            .map_err(|_| NetError::Transport("the engine thread has stopped".into()))?;
+        result.await.map_err(|_| NetError::Transport("the engine thread has stopped".into()))
+    }
 }
 
 struct Shared<M: Measure> {
-    engine: Mutex<Coordinator<M>>,
+    engine: Engine<M>,
     view: Mutex<View>,
     submitted: Notify,
     options: ServeOptions,
@@ -102,9 +141,9 @@ pub async fn serve<M: Measure + Send + 'static>(
             base_hash: coordinator.base_hash(),
             deadline: None,
             submitted: BTreeSet::new(),
-            base_bytes: Arc::new(Vec::new()),
+            base_path: None,
         }),
-        engine: Mutex::new(coordinator),
+        engine: Engine::start(coordinator)?,
         submitted: Notify::new(),
         options,
         coordinator_key,
@@ -116,12 +155,15 @@ pub async fn serve<M: Measure + Send + 'static>(
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder().add_service(service).serve_with_incoming_shutdown(
-        crate::tls::incoming(listener, tls),
-        async {
+    // HTTP/2 windows sized for megabyte chunks: the defaults (64 KiB) stall a fast link.
+    let server = Server::builder()
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(2 * WINDOW)
+        .max_frame_size(Some(FRAME))
+        .add_service(service)
+        .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), async {
             let _ = stopped.await;
-        },
-    );
+        });
     let server = tokio::spawn(server);
     tracing::info!(%address, "coordinator serving");
     let outcome = drive(shared.clone()).await;
@@ -137,8 +179,8 @@ pub async fn serve<M: Measure + Send + 'static>(
     Ok((records, wire))
 }
 
-/// An open round: number, base hash, nodes already heard, the base's bytes.
-type Opened = (u64, ContentHash, BTreeSet<String>, Vec<u8>);
+/// An open round: number, base hash, nodes already heard, the base's blob.
+type Opened = (u64, ContentHash, BTreeSet<String>, PathBuf);
 
 /// Opens, waits for, and closes every remaining round.
 async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Vec<RoundRecord>, NetError> {
@@ -146,20 +188,20 @@ async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Ve
     let rounds = shared.options.config.rounds;
     let deadline = Duration::from_secs(shared.options.config.round_deadline_secs);
     loop {
-        let s = shared.clone();
-        let opened = tokio::task::spawn_blocking(move || -> Result<Option<Opened>, NetError> {
-            let mut engine = lock(&s.engine);
-            let (announcement, done) = match engine.open_round_state() {
-                Some(state) => state,
-                None if engine.round() >= rounds => return Ok(None),
-                None => (engine.open_round()?, BTreeSet::new()),
-            };
-            let bytes = engine.base().to_safetensors(None).map_err(|e| NetError::Transport(e.to_string()))?;
-            Ok(Some((announcement.round, announcement.base_hash, done, bytes)))
-        })
-        .await
-        .map_err(|e| NetError::Transport(e.to_string()))??;
-        let Some((round, base_hash, done, bytes)) = opened else { break };
+        let opened = shared
+            .engine
+            .run(move |engine| -> Result<Option<Opened>, NetError> {
+                let (announcement, done) = match engine.open_round_state() {
+                    Some(state) => state,
+                    None if engine.round() >= rounds => return Ok(None),
+                    None => (engine.open_round()?, BTreeSet::new()),
+                };
+                // Nodes download the base from its blob, streamed from disk.
+                let path = engine.store().path_of(&announcement.base_hash);
+                Ok(Some((announcement.round, announcement.base_hash, done, path)))
+            })
+            .await??;
+        let Some((round, base_hash, done, base_path)) = opened else { break };
         let closes_at = Instant::now() + deadline;
         {
             let mut view = lock(&shared.view);
@@ -169,7 +211,7 @@ async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Ve
                 base_hash,
                 deadline: Some(closes_at),
                 submitted: done,
-                base_bytes: Arc::new(bytes),
+                base_path: Some(base_path),
             };
         }
         tracing::info!(round, base = %base_hash.short(), "round open");
@@ -189,10 +231,7 @@ async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Ve
             view.phase = proto::Phase::Waiting;
             view.deadline = None;
         }
-        let s = shared.clone();
-        let record = tokio::task::spawn_blocking(move || lock(&s.engine).close_round())
-            .await
-            .map_err(|e| NetError::Transport(e.to_string()))??;
+        let record = shared.engine.run(|engine| engine.close_round()).await??;
         tracing::info!(round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
         {
             let mut view = lock(&shared.view);
@@ -280,19 +319,41 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
 
     async fn fetch_base(&self, request: Request<proto::FetchBaseRequest>) -> Result<Response<ChunkStream>, Status> {
         self.member(&request)?;
-        let bytes = {
+        let path = {
             let view = lock(&self.shared.view);
-            if request.get_ref().base_hash != view.base_hash.to_string() || view.base_bytes.is_empty() {
-                return Err(Status::not_found(format!("base {} is not the current base", request.get_ref().base_hash)));
+            match &view.base_path {
+                Some(path) if request.get_ref().base_hash == view.base_hash.to_string() => path.clone(),
+                _ => {
+                    return Err(Status::not_found(format!(
+                        "base {} is not the current base",
+                        request.get_ref().base_hash
+                    )))
+                }
             }
-            view.base_bytes.clone()
         };
-        let chunks = bytes.len().div_ceil(CHUNK);
-        // Chunks are cut as the stream is read: one chunk in flight per request.
-        let stream = tokio_stream::iter((0..chunks).map(move |i| {
-            let end = ((i + 1) * CHUNK).min(bytes.len());
-            Ok(proto::Chunk { data: bytes[i * CHUNK..end].to_vec() })
-        }));
+        let mut file =
+            tokio::fs::File::open(&path).await.map_err(|e| Status::internal(format!("the base's blob: {e}")))?;
+        // Read from disk as the node reads the stream: at most two chunks in memory per download.
+        let (send, receive) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let mut data = Vec::with_capacity(CHUNK);
+                match (&mut file).take(CHUNK as u64).read_to_end(&mut data).await {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        if send.send(Ok(proto::Chunk { data })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = send.send(Err(Status::internal(format!("reading the base: {e}")))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receive);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -303,25 +364,24 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
         let member = self.member(&request)?;
         let mut parts = request.into_inner();
         let mut wire = 0u64;
-        let receipt = match self.receive(&member, &mut parts, &mut wire).await {
-            Ok(quality) => proto::UploadReceipt {
-                accepted: true,
-                code: String::new(),
-                detail: String::new(),
-                quality,
-                wire_bytes: wire,
-            },
+        let started = Instant::now();
+        let mut spooled = None;
+        let outcome = self.receive(&member, &mut parts, &mut wire, &mut spooled).await;
+        let wire_seconds = spooled.unwrap_or_else(|| started.elapsed()).as_secs_f64();
+        let process_seconds = started.elapsed().as_secs_f64() - wire_seconds;
+        let mut receipt =
+            proto::UploadReceipt { wire_bytes: wire, wire_seconds, process_seconds, ..Default::default() };
+        match outcome {
+            Ok(quality) => {
+                receipt.accepted = true;
+                receipt.quality = quality;
+            }
             Err(r) => {
                 tracing::warn!(node = %member.id, code = r.code, "upload refused: {}", r.detail);
-                proto::UploadReceipt {
-                    accepted: false,
-                    code: r.code.to_owned(),
-                    detail: r.detail,
-                    quality: 0.0,
-                    wire_bytes: wire,
-                }
+                receipt.code = r.code.to_owned();
+                receipt.detail = r.detail;
             }
-        };
+        }
         Ok(Response::new(receipt))
     }
 }
@@ -333,7 +393,9 @@ impl<M: Measure + Send + 'static> Service<M> {
         member: &Member,
         parts: &mut Streaming<proto::UploadPart>,
         wire: &mut u64,
+        spooled: &mut Option<Duration>,
     ) -> Result<f64, Refusal> {
+        let started = Instant::now();
         let header = match parts.message().await {
             Ok(Some(proto::UploadPart { part: Some(Part::Header(h)) })) => h,
             Ok(_) => return Err(refuse("missing_header", "an upload starts with its header")),
@@ -374,6 +436,7 @@ impl<M: Measure + Send + 'static> Service<M> {
         // Spool to disk, chunk by chunk, never past the announced size.
         let spool = self.shared.options.spool.join(format!("{}-{}.upload", member.id, manifest.round));
         let mut file = tokio::fs::File::create(&spool).await.map_err(|e| refuse("internal", e.to_string()))?;
+        file.set_max_buf_size(CHUNK);
         loop {
             match parts.message().await {
                 Ok(Some(proto::UploadPart { part: Some(Part::Data(data)) })) => {
@@ -400,6 +463,7 @@ impl<M: Measure + Send + 'static> Service<M> {
         }
         file.flush().await.map_err(|e| refuse("internal", e.to_string()))?;
         drop(file);
+        *spooled = Some(started.elapsed());
         if *wire != header.encoded_bytes {
             let _ = tokio::fs::remove_file(&spool).await;
             return Err(refuse(
@@ -416,13 +480,13 @@ impl<M: Measure + Send + 'static> Service<M> {
             .insert(member.id.clone(), *wire);
 
         // Decode and submit under the engine's lock: one delta in memory at a time.
-        let shared = self.shared.clone();
         let node = member.id.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<f64, Refusal> {
+        let job = move |engine: &mut Coordinator<M>| -> Result<f64, Refusal> {
+            // Read on the engine thread: however many uploads finish together, one encoded and
+            // one decoded delta are in memory at a time.
             let bytes = std::fs::read(&spool).map_err(|e| refuse("internal", e.to_string()));
             let _ = std::fs::remove_file(&spool);
             let bytes = bytes?;
-            let mut engine = lock(&shared.engine);
             match engine.open_round_state() {
                 Some((a, _)) if a.round == manifest.round => {}
                 _ => {
@@ -456,9 +520,8 @@ impl<M: Measure + Send + 'static> Service<M> {
                 Err(SubmitError::Rejected(reason)) => Err(Refusal { code: reason.code(), detail: reason.to_string() }),
                 Err(SubmitError::Internal(e)) => Err(refuse("internal", e.to_string())),
             }
-        })
-        .await
-        .map_err(|e| refuse("internal", e.to_string()))?;
+        };
+        let result = self.shared.engine.run(job).await.map_err(|e| refuse("internal", e.to_string()))?;
         if result.is_ok() {
             lock(&self.shared.view).submitted.insert(member.id.clone());
             self.shared.submitted.notify_one();
