@@ -96,14 +96,14 @@ async fn serve_round(dir: &Path, values: usize) -> Result<(), Error> {
         roster,
     };
     let started = Instant::now();
-    let (records, wire) = serve(coordinator, options).await?;
-    let bytes: u64 = wire.values().flat_map(|m| m.values()).sum();
+    let served = serve(coordinator, options).await?;
+    let bytes: u64 = served.wire_bytes.values().flat_map(|m| m.values()).sum();
     println!(
         "{}",
         serde_json::json!({
             "role": "coordinator",
             "values": values,
-            "nodes": records.first().map_or(0, |r| r.contributions.len()),
+            "nodes": served.rounds.first().map_or(0, |r| r.contributions.len()),
             "bytes_received": bytes,
             "seconds": started.elapsed().as_secs_f64(),
             "peak_rss": peak_rss(),

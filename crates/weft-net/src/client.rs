@@ -60,6 +60,8 @@ pub struct RoundOutcome {
     pub detail: String,
     pub quality: f64,
     pub wire_bytes: u64,
+    /// Seconds this node spent training for the round.
+    pub train_seconds: f64,
 }
 
 /// How long a node keeps trying to reach its coordinator before giving up.
@@ -218,6 +220,7 @@ async fn contribute(
         }
     };
     let round = state.round;
+    let training_started = std::time::Instant::now();
     let (trainer, cycle) = tokio::task::spawn_blocking(move || {
         let cycle = trainer.run_cycle(round, &base, base_hash, |_, _| {});
         (trainer, cycle)
@@ -225,6 +228,7 @@ async fn contribute(
     .await
     .map_err(|e| NetError::Protocol(e.to_string()))?;
     *node = Some(trainer);
+    let train_seconds = training_started.elapsed().as_secs_f64();
     let contribution = cycle?.contribution;
     let encoding = Encoding::from_proto(state.encoding).ok_or_else(|| NetError::Protocol("unknown encoding".into()))?;
     let encoded = encoding::encode(contribution.delta.state(), encoding)?;
@@ -255,6 +259,7 @@ async fn contribute(
         detail: receipt.detail,
         quality: receipt.quality,
         wire_bytes: receipt.wire_bytes,
+        train_seconds,
     })
 }
 

@@ -43,6 +43,17 @@ pub struct ServeOptions {
 /// Bytes each node sent per round.
 pub type WireBytes = BTreeMap<u64, BTreeMap<String, u64>>;
 
+/// What a served run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Served {
+    /// The rounds closed by this run.
+    pub rounds: Vec<RoundRecord>,
+    /// round → node → bytes of delta received.
+    pub wire_bytes: WireBytes,
+    /// round → seconds from opening to the closed record.
+    pub round_seconds: BTreeMap<u64, f64>,
+}
+
 struct View {
     phase: proto::Phase,
     round: u64,
@@ -121,7 +132,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub async fn serve<M: Measure + Send + 'static>(
     coordinator: Coordinator<M>,
     options: ServeOptions,
-) -> Result<(Vec<RoundRecord>, WireBytes), NetError> {
+) -> Result<Served, NetError> {
     let address = tokio::net::lookup_host(&options.config.address)
         .await
         .map_err(|e| NetError::Address(options.config.address.clone(), e.to_string()))?
@@ -174,17 +185,20 @@ pub async fn serve<M: Measure + Send + 'static>(
         Ok(Err(e)) => return Err(NetError::Transport(e.to_string())),
         Err(e) => return Err(NetError::Transport(e.to_string())),
     }
-    let records = outcome?;
+    let (rounds, round_seconds) = outcome?;
     let wire = lock(&shared.wire).clone();
-    Ok((records, wire))
+    Ok(Served { rounds, wire_bytes: wire, round_seconds })
 }
 
 /// An open round: number, base hash, nodes already heard, the base's blob.
 type Opened = (u64, ContentHash, BTreeSet<String>, PathBuf);
 
 /// Opens, waits for, and closes every remaining round.
-async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Vec<RoundRecord>, NetError> {
+async fn drive<M: Measure + Send + 'static>(
+    shared: Arc<Shared<M>>,
+) -> Result<(Vec<RoundRecord>, BTreeMap<u64, f64>), NetError> {
     let mut records = Vec::new();
+    let mut seconds = BTreeMap::new();
     let rounds = shared.options.config.rounds;
     let deadline = Duration::from_secs(shared.options.config.round_deadline_secs);
     loop {
@@ -202,7 +216,8 @@ async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Ve
             })
             .await??;
         let Some((round, base_hash, done, base_path)) = opened else { break };
-        let closes_at = Instant::now() + deadline;
+        let opened_at = Instant::now();
+        let closes_at = opened_at + deadline;
         {
             let mut view = lock(&shared.view);
             *view = View {
@@ -238,11 +253,12 @@ async fn drive<M: Measure + Send + 'static>(shared: Arc<Shared<M>>) -> Result<Ve
             view.base_hash = record.base_hash;
             view.submitted.clear();
         }
+        seconds.insert(record.round, opened_at.elapsed().as_secs_f64());
         records.push(record);
     }
     lock(&shared.view).phase = proto::Phase::Finished;
     tracing::info!("all rounds done");
-    Ok(records)
+    Ok((records, seconds))
 }
 
 struct Service<M: Measure> {

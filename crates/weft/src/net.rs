@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde::Serialize;
 use weft_model::GptConfig;
 use weft_net::config::{read_text, read_toml, ConsortiumConfig, KitFiles, PolicySettings, Roster, Training};
 use weft_net::encoding::Encoding;
@@ -119,14 +118,6 @@ pub struct ServeArgs {
     pub linger_secs: u64,
 }
 
-#[derive(Serialize)]
-struct ServeReport {
-    rounds: Vec<weft_coordinator::RoundRecord>,
-    /// round → node → bytes of delta received.
-    wire_bytes: weft_net::server::WireBytes,
-    final_base_hash: String,
-}
-
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config: ConsortiumConfig = read_toml(&args.dir.join("consortium.toml"))?;
     let roster_path = args.dir.join("roster.toml");
@@ -151,9 +142,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     println!("coordinator listening on {} for {} nodes", options.config.address, options.roster.node.len());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let (rounds, wire_bytes) = runtime.block_on(weft_net::server::serve(coordinator, options))?;
-    for record in &rounds {
-        let wire: u64 = wire_bytes.get(&record.round).map_or(0, |m| m.values().sum());
+    let served = runtime.block_on(weft_net::server::serve(coordinator, options))?;
+    for record in &served.rounds {
+        let wire: u64 = served.wire_bytes.get(&record.round).map_or(0, |m| m.values().sum());
         let losses: Vec<String> = record.heldout_loss.iter().map(|(l, v)| format!("{l} {v:.4}")).collect();
         println!(
             "round {}: {} accepted · base {} · {:.2} MB of deltas on the wire · held-out {}",
@@ -164,10 +155,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             losses.join(" ")
         );
     }
-    let final_base_hash = rounds.last().map(|r| r.base_hash.to_string()).unwrap_or_default();
+    let final_base_hash = served.rounds.last().map(|r| r.base_hash.to_string()).unwrap_or_default();
     if let Some(path) = &args.json {
-        let report = ServeReport { rounds, wire_bytes, final_base_hash: final_base_hash.clone() };
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+        std::fs::write(path, serde_json::to_vec_pretty(&served)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("final base {final_base_hash}");
