@@ -109,8 +109,30 @@ struct Shared<M: Measure> {
     options: ServeOptions,
     coordinator_key: String,
     wire: Mutex<WireBytes>,
+    uploads: std::sync::atomic::AtomicU64,
     values: usize,
     tensors: usize,
+}
+
+/// An upload in progress. If the node goes away mid-stream (killed, connection reset), the
+/// server drops the upload's task without a refusal to send: this logs it and removes the
+/// partial spool file.
+struct Progress {
+    node: String,
+    wire: u64,
+    spool: Option<PathBuf>,
+    finished: bool,
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(spool) = &self.spool {
+            let _ = std::fs::remove_file(spool);
+        }
+        if !self.finished {
+            tracing::warn!(node = %self.node, code = "truncated", "upload refused: the stream broke after {} bytes (the node went away)", self.wire);
+        }
+    }
 }
 
 /// A refusal to send back to the node (and log).
@@ -159,6 +181,7 @@ pub async fn serve<M: Measure + Send + 'static>(
         options,
         coordinator_key,
         wire: Mutex::new(BTreeMap::new()),
+        uploads: std::sync::atomic::AtomicU64::new(0),
         values,
         tensors,
     });
@@ -379,10 +402,12 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
     ) -> Result<Response<proto::UploadReceipt>, Status> {
         let member = self.member(&request)?;
         let mut parts = request.into_inner();
-        let mut wire = 0u64;
+        let mut progress = Progress { node: member.id.clone(), wire: 0, spool: None, finished: false };
         let started = Instant::now();
         let mut spooled = None;
-        let outcome = self.receive(&member, &mut parts, &mut wire, &mut spooled).await;
+        let outcome = self.receive(&member, &mut parts, &mut progress, &mut spooled).await;
+        progress.finished = true;
+        let wire = progress.wire;
         let wire_seconds = spooled.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         let process_seconds = started.elapsed().as_secs_f64() - wire_seconds;
         let mut receipt =
@@ -408,7 +433,7 @@ impl<M: Measure + Send + 'static> Service<M> {
         &self,
         member: &Member,
         parts: &mut Streaming<proto::UploadPart>,
-        wire: &mut u64,
+        progress: &mut Progress,
         spooled: &mut Option<Duration>,
     ) -> Result<f64, Refusal> {
         let started = Instant::now();
@@ -450,7 +475,11 @@ impl<M: Measure + Send + 'static> Service<M> {
         self.check_round(&manifest)?;
 
         // Spool to disk, chunk by chunk, never past the announced size.
-        let spool = self.shared.options.spool.join(format!("{}-{}.upload", member.id, manifest.round));
+        // Unique per upload: a node may retry while an earlier attempt is still being torn down.
+        let serial = self.shared.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spool = self.shared.options.spool.join(format!("{}-{}-{serial}.upload", member.id, manifest.round));
+        progress.spool = Some(spool.clone());
+        let wire = &mut progress.wire;
         let mut file = tokio::fs::File::create(&spool).await.map_err(|e| refuse("internal", e.to_string()))?;
         file.set_max_buf_size(CHUNK);
         loop {
@@ -497,6 +526,7 @@ impl<M: Measure + Send + 'static> Service<M> {
 
         // Decode and submit under the engine's lock: one delta in memory at a time.
         let node = member.id.clone();
+        let shared = self.shared.clone();
         let job = move |engine: &mut Coordinator<M>| -> Result<f64, Refusal> {
             // Read on the engine thread: however many uploads finish together, one encoded and
             // one decoded delta are in memory at a time.
@@ -532,16 +562,18 @@ impl<M: Measure + Send + 'static> Service<M> {
                 declared: manifest.declared.clone(),
             };
             match engine.submit_signed(contribution, Some(signature)) {
-                Ok(receipt) => Ok(receipt.quality),
+                Ok(receipt) => {
+                    // Recorded here, not by the upload's task: the task may be gone (the node
+                    // hung up) while its contribution counts.
+                    lock(&shared.view).submitted.insert(node);
+                    shared.submitted.notify_one();
+                    Ok(receipt.quality)
+                }
                 Err(SubmitError::Rejected(reason)) => Err(Refusal { code: reason.code(), detail: reason.to_string() }),
                 Err(SubmitError::Internal(e)) => Err(refuse("internal", e.to_string())),
             }
         };
         let result = self.shared.engine.run(job).await.map_err(|e| refuse("internal", e.to_string()))?;
-        if result.is_ok() {
-            lock(&self.shared.view).submitted.insert(member.id.clone());
-            self.shared.submitted.notify_one();
-        }
         result
     }
 

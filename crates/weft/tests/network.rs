@@ -276,7 +276,9 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("consortium");
     let port = free_port();
-    init(&dir, port, &["node-de:de", "node-en:en"], 2, 120);
+    // node-fr never shows up: each round stays open until its deadline, long enough for the
+    // test's uploads (a duplicate is refused as such only while the round is open).
+    init(&dir, port, &["node-de:de", "node-en:en", "node-fr:fr"], 2, 10);
     let mut coordinator = serve(&dir, "serve");
     let mut honest = join(&dir, "node-de");
     // The test is node-en.
@@ -324,6 +326,25 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     let mut truncated = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     truncated.bytes.truncate(truncated.bytes.len() / 2);
     assert_eq!(send(&mut client, &truncated).await.code, "truncated");
+    // A manifest for another base than the current one.
+    let mut stale = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
+    let mut manifest: weft_ledger::ContributionManifest = serde_json::from_slice(&stale.header.manifest).unwrap();
+    manifest.base_hash = weft_core::ContentHash([7; 32]);
+    stale.header.manifest = serde_json::to_vec(&manifest).unwrap();
+    stale.header.signature = own_key.sign(&stale.header.manifest).0.to_vec();
+    assert_eq!(send(&mut client, &stale).await.code, "stale_base");
+    // A node that dies mid-upload: the connection goes away with half the delta sent.
+    {
+        let mut dying = connect(&kit).await.unwrap();
+        let half = good.bytes.len() / 2;
+        let parts = vec![
+            proto::UploadPart { part: Some(Part::Header(good.header.clone())) },
+            proto::UploadPart { part: Some(Part::Data(good.bytes[..half].to_vec())) },
+        ];
+        let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(parts), tokio_stream::pending());
+        let cut = tokio::time::timeout(Duration::from_millis(500), dying.upload(stream)).await;
+        assert!(cut.is_err(), "the half-sent upload cannot complete");
+    }
     // An upload with no header.
     let no_header = client
         .upload(tokio_stream::iter(vec![proto::UploadPart { part: Some(Part::Data(vec![1, 2, 3])) }]))
@@ -372,7 +393,9 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     assert!(honest.wait(Duration::from_secs(60)));
     assert!(coordinator.wait(Duration::from_secs(60)));
     let log = std::fs::read_to_string(dir.join("serve.err")).unwrap();
+    assert!(log.contains("the stream broke"), "the upload cut mid-way is logged");
     for code in [
+        "stale_base",
         "bad_signature",
         "identity_mismatch",
         "delta_hash_mismatch",
