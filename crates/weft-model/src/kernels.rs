@@ -11,7 +11,7 @@ const LN_EPS: f32 = 1e-5;
 
 /// Dot product with eight independent accumulators, so that the compiler can vectorise it while
 /// the summation order stays fixed.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -28,7 +28,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o += w * v;
@@ -123,11 +123,79 @@ pub fn layernorm_backward(
 
 /// `out[n, o] = bias[o] + Σ_c inp[n, c] · w[o, c]`.
 pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize, oc: usize) {
+    let wide = wide_vectors();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     out.par_chunks_mut(oc).zip(inp.par_chunks(c)).for_each(|(o_row, x)| {
-        for (o, (out_v, w_row)) in o_row.iter_mut().zip(w.chunks_exact(c)).enumerate() {
-            *out_v = bias.map_or(0.0, |b| b[o]) + dot(x, w_row);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
+            return unsafe { avx2::forward_row(o_row, x, w, bias, c) };
         }
+        forward_row(o_row, x, w, bias, c);
     });
+}
+
+#[inline(always)]
+fn forward_row(o_row: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize) {
+    for (o, (out_v, w_row)) in o_row.iter_mut().zip(w.chunks_exact(c)).enumerate() {
+        *out_v = bias.map_or(0.0, |b| b[o]) + dot(x, w_row);
+    }
+}
+
+#[inline(always)]
+fn input_grad_row(di: &mut [f32], d: &[f32], w: &[f32], c: usize) {
+    di.fill(0.0);
+    for (&g, w_row) in d.iter().zip(w.chunks_exact(c)) {
+        axpy(di, g, w_row);
+    }
+}
+
+#[inline(always)]
+fn weight_grad_row(dw_row: &mut [f32], o: usize, dout: &[f32], inp: &[f32], n: usize, c: usize, oc: usize) {
+    for row in 0..n {
+        axpy(dw_row, dout[row * oc + o], &inp[row * c..][..c]);
+    }
+}
+
+/// Whether the matmul rows may run the AVX2 build of the same loops. The loops have the same
+/// operations in the same order either way (AVX2 only widens the eight accumulators into one
+/// register; Rust never fuses a multiply and an add), so the results are bitwise identical on
+/// any x86-64 CPU — tested against the portable build below.
+fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::env::var_os("WEFT_NO_AVX2").is_none() && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The matmul rows compiled for AVX2 (runtime-selected by [`wide_vectors`]).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn forward_row(o_row: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize) {
+        super::forward_row(o_row, x, w, bias, c)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn input_grad_row(di: &mut [f32], d: &[f32], w: &[f32], c: usize) {
+        super::input_grad_row(di, d, w, c)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn weight_grad_row(
+        dw_row: &mut [f32],
+        o: usize,
+        dout: &[f32],
+        inp: &[f32],
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
+        super::weight_grad_row(dw_row, o, dout, inp, n, c, oc)
+    }
 }
 
 /// Overwrites `dinp`; accumulates `dw` and `dbias`.
@@ -142,17 +210,25 @@ pub fn matmul_backward(
     c: usize,
     oc: usize,
 ) {
+    let wide = wide_vectors();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     dinp.par_chunks_mut(c).zip(dout.par_chunks(oc)).for_each(|(di, d)| {
-        di.fill(0.0);
-        for (&g, w_row) in d.iter().zip(w.chunks_exact(c)) {
-            axpy(di, g, w_row);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
+            return unsafe { avx2::input_grad_row(di, d, w, c) };
         }
+        input_grad_row(di, d, w, c);
     });
     let n = dout.len() / oc;
     dw.par_chunks_mut(c).enumerate().for_each(|(o, dw_row)| {
-        for row in 0..n {
-            axpy(dw_row, dout[row * oc + o], &inp[row * c..][..c]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: as above.
+            return unsafe { avx2::weight_grad_row(dw_row, o, dout, inp, n, c, oc) };
         }
+        weight_grad_row(dw_row, o, dout, inp, n, c, oc);
     });
     if let Some(db) = dbias {
         db.par_iter_mut().enumerate().for_each(|(o, b)| {
@@ -310,6 +386,34 @@ pub fn crossentropy_backward(dlogits: &mut [f32], probs: &[f32], targets: &[u8],
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_rows_match_the_portable_rows_bit_for_bit() {
+        assert!(std::arch::is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let (c, oc, n) = (37, 11, 5);
+        let values = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let (x, w, bias, dout) = (values(c, 1), values(oc * c, 2), values(oc, 3), values(n * oc, 4));
+        let inp = values(n * c, 5);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let (mut a, mut b) = (vec![0.0; oc], vec![0.0; oc]);
+        forward_row(&mut a, &x, &w, Some(&bias), c);
+        // SAFETY: AVX2 asserted above.
+        unsafe { avx2::forward_row(&mut b, &x, &w, Some(&bias), c) };
+        assert_eq!(bits(&a), bits(&b));
+        let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+        input_grad_row(&mut a, &dout[..oc], &w, c);
+        unsafe { avx2::input_grad_row(&mut b, &dout[..oc], &w, c) };
+        assert_eq!(bits(&a), bits(&b));
+        let (mut a, mut b) = (values(c, 6), values(c, 6));
+        weight_grad_row(&mut a, 3, &dout, &inp, n, c, oc);
+        unsafe { avx2::weight_grad_row(&mut b, 3, &dout, &inp, n, c, oc) };
+        assert_eq!(bits(&a), bits(&b));
+    }
 
     #[test]
     fn dot_matches_naive_sum_closely() {
