@@ -32,6 +32,11 @@ pub enum ProvisionError {
     Random(String),
     #[error("node id '{0}': {1}")]
     NodeId(String, String),
+    #[error(
+        "the consortium in {0} has already started: its roster is committed in the ledger's genesis, and \
+         changing membership mid-run is not supported yet; admit nodes before the first `weft coordinator serve`"
+    )]
+    Started(PathBuf),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ProvisionError + '_ {
@@ -206,6 +211,11 @@ pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, Prov
     weft_core::NodeId::new(request.id.clone())
         .map_err(|e| ProvisionError::NodeId(request.id.clone(), e.to_string()))?;
     let config: ConsortiumConfig = read_toml(&dir.join("consortium.toml"))?;
+    // The roster is part of the configuration the ledger's genesis commits to.
+    let storage = dir.join(&config.storage).join("state.sqlite");
+    if storage.exists() {
+        return Err(ProvisionError::Started(dir.to_owned()));
+    }
     let roster_path = dir.join("roster.toml");
     let mut roster: Roster = read_toml(&roster_path)?;
     if roster.node.iter().any(|m| m.id == request.id) {

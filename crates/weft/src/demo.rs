@@ -434,6 +434,24 @@ fn processes(args: &DemoArgs) -> anyhow::Result<()> {
     if args.attack.is_some() || args.governance || args.out.is_some() {
         bail!("--processes runs the honest consortium; --attack, --governance and --out are for the in-process demo");
     }
+    // The consortium config `weft consortium init` writes carries the demo's default policy.
+    let defaults = [
+        ("--lr", args.lr == 3e-3),
+        ("--floor", args.floor == 0.0),
+        ("--cap", args.cap == 0.5),
+        ("--quorum", args.quorum == 0.5),
+        ("--weighting", matches!(args.weighting, WeightingArg::Quality)),
+        ("--aggregator", args.aggregator == "norm-bound:adaptive:1"),
+        ("--outer", matches!(args.outer, OuterArg::Plain) && args.outer_lr.is_none()),
+        ("--probe-scale", args.probe_scale.is_none()),
+    ];
+    let changed: Vec<&str> = defaults.iter().filter(|(_, default)| !default).map(|(flag, _)| *flag).collect();
+    if !changed.is_empty() {
+        bail!(
+            "--processes runs `weft consortium init`'s default policy; {} would be ignored (run `weft consortium init`, edit consortium.toml, then serve and join)",
+            changed.join(", ")
+        );
+    }
     let languages = choose_languages(&args.languages, args.nodes)?;
     let nodes: Vec<(String, String)> = languages.iter().map(|l| (format!("node-{l}"), l.clone())).collect();
     let extra: Vec<String> = [

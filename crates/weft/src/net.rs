@@ -309,6 +309,6 @@ pub fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let request: weft_net::provision::MembershipRequest = read_toml(&args.request)?;
     let kit = weft_net::provision::add_node(&args.dir, &request)?;
     println!("{} added to the roster; send back {} (tls.pem, ca.pem, node.toml)", request.id, kit.display());
-    println!("a running coordinator reads the roster at start: restart it to admit the node");
+    println!("the coordinator admits it when it first serves this consortium");
     Ok(())
 }

@@ -458,4 +458,22 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
     assert!(coordinator.wait(Duration::from_secs(60)));
     let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
     assert_eq!(report["rounds"][0]["contributions"].as_array().unwrap().len(), 2);
+    // Once the consortium has started, its roster is committed in the ledger: no silent change.
+    let late_site = tmp.path().join("site-fr");
+    assert!(weft()
+        .args(["node", "keygen"])
+        .arg(&late_site)
+        .args(["--id", "node-fr", "--language", "fr"])
+        .status()
+        .unwrap()
+        .success());
+    let refused = weft()
+        .args(["consortium", "add-node"])
+        .arg(&dir)
+        .arg("--request")
+        .arg(late_site.join("request.toml"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already started"));
 }
