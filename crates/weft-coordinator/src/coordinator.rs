@@ -431,7 +431,13 @@ impl<M: Measure> Coordinator<M> {
             weight: 0.0,
             capped: false,
             influence: 0.0,
-            declared: contribution.declared.clone(),
+            // Recorded as sent, less what JSON (and so the journal and ledger) cannot carry.
+            declared: contribution
+                .declared
+                .iter()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             token_count: contribution.token_count,
             delta_hash: None,
             delta_norm: None,

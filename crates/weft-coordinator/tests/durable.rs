@@ -248,3 +248,19 @@ fn any_single_byte_change_to_a_stored_blob_is_caught() {
     let err = verify(&dir, None);
     assert!(matches!(err, Err(AuditError::State(_))), "{err:?}");
 }
+
+#[test]
+fn a_non_finite_declared_metric_is_not_kept_and_breaks_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = durable(tmp.path(), Aggregator::WeightedMean);
+    let round = c.open_round().unwrap().round;
+    for i in 0..NODES.len() {
+        let mut contribution = contribution(&c, i, round);
+        contribution.declared.insert("train_loss".into(), f64::NAN);
+        contribution.declared.insert("grad_norm".into(), f64::INFINITY);
+        c.submit(contribution).unwrap();
+    }
+    let record = c.close_round().unwrap();
+    assert!(record.contributions.iter().all(|r| r.declared.keys().eq(["validation_gain"])));
+    verify(tmp.path(), None).unwrap();
+}
