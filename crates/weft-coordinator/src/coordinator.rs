@@ -310,11 +310,11 @@ impl<M: Measure> Coordinator<M> {
         Ok(self.measure.heldout_loss(state)?)
     }
 
-    /// The open round, if any, and the nodes whose contribution it has recorded (accepted for
-    /// measurement or refused).
+    /// The open round, if any, and the nodes whose contribution it has taken for measurement
+    /// (a node refused at the checks may still send a valid one).
     pub fn open_round_state(&self) -> Option<(Announcement, BTreeSet<String>)> {
         let pending = self.open.as_ref()?;
-        let nodes = pending.records.iter().map(|r| r.node.clone()).collect();
+        let nodes = pending.records.iter().filter(|r| r.delta_hash.is_some()).map(|r| r.node.clone()).collect();
         Some((Announcement { round: pending.round, base_hash: self.base_hash }, nodes))
     }
 
