@@ -61,6 +61,7 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
             momentum: 0.9,
             probe_scale: None,
         },
+        governance: None,
     };
     let members: Vec<(String, String)> = (0..nodes).map(|i| (format!("node-{i:02}"), "x".into())).collect();
     weft_net::provision::init(dir, &config, &members)?;

@@ -40,6 +40,20 @@ pub struct ConsortiumConfig {
     pub model: GptConfig,
     pub training: Training,
     pub policy: PolicySettings,
+    /// Canary scoring with a secret reserve and reputation-driven weights (as `weft demo
+    /// --governance`); absent: the policy alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governance: Option<GovernanceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GovernanceConfig {
+    /// Canary registry manifest (default: the data directory's `canaries/canaries.json`).
+    pub canaries: Option<PathBuf>,
+    /// Every governance parameter (defaults as documented).
+    #[serde(default)]
+    pub settings: weft_coordinator::GovernanceSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

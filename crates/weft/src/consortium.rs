@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use weft_coordinator::{BlobStore, Coordinator, Governance, HeldoutSet, Member, SqliteJournal};
+use weft_coordinator::{
+    BlobStore, CanaryRegistry, Coordinator, Governance, HeldoutSet, Member, SqliteJournal, Visibility,
+};
 use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_net::config::ConsortiumConfig;
@@ -25,6 +27,22 @@ pub struct RunSettings {
     pub outer: OuterOptimizer,
     pub probe_scale: Option<f32>,
     pub node: NodeSettings,
+}
+
+/// The canary registry for `languages` (default manifest: the data directory's
+/// `canaries/canaries.json`), checked to have an active public set for each.
+pub fn canary_registry(
+    data_dir: &Path,
+    manifest: Option<&Path>,
+    languages: &[String],
+) -> anyhow::Result<CanaryRegistry> {
+    let manifest = manifest.map(Path::to_owned).unwrap_or_else(|| data_dir.join("canaries").join("canaries.json"));
+    let mut registry = CanaryRegistry::load(&manifest)?;
+    registry.retain_topics(languages);
+    for language in languages {
+        registry.active(language, Visibility::Public)?;
+    }
+    Ok(registry)
 }
 
 pub fn weighting(name: &str) -> anyhow::Result<Weighting> {

@@ -218,13 +218,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let first_attacker = languages.len() - if attack.is_some() { args.attackers } else { 0 };
     let data_dir = data::data_dir(args.data.clone());
     let registry = if args.governance {
-        let manifest = args.canaries.clone().unwrap_or_else(|| data_dir.join("canaries").join("canaries.json"));
-        let mut registry = CanaryRegistry::load(&manifest)?;
-        registry.retain_topics(&languages);
-        for language in &languages {
-            registry.active(language, Visibility::Public)?;
-        }
-        Some(registry)
+        Some(crate::consortium::canary_registry(&data_dir, args.canaries.as_deref(), &languages)?)
     } else {
         None
     };
@@ -431,8 +425,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// `--processes`: the same consortium as separate processes. Only the settings a consortium
 /// config carries are passed on; the in-process harnesses (attacks, governance) are refused.
 fn processes(args: &DemoArgs) -> anyhow::Result<()> {
-    if args.attack.is_some() || args.governance || args.out.is_some() {
-        bail!("--processes runs the honest consortium; --attack, --governance and --out are for the in-process demo");
+    if args.attack.is_some() || args.out.is_some() || args.canaries.is_some() || args.governance_config.is_some() {
+        bail!("--processes runs the honest consortium; --attack, --out, --canaries and --governance-config are for the in-process demo");
     }
     // The consortium config `weft consortium init` writes carries the demo's default policy.
     let defaults = [
@@ -444,6 +438,13 @@ fn processes(args: &DemoArgs) -> anyhow::Result<()> {
         ("--aggregator", args.aggregator == "norm-bound:adaptive:1"),
         ("--outer", matches!(args.outer, OuterArg::Plain) && args.outer_lr.is_none()),
         ("--probe-scale", args.probe_scale.is_none()),
+        (
+            "--exploration/--goodhart-margin/--half-life/--w-max",
+            args.exploration.is_none()
+                && args.goodhart_margin.is_none()
+                && args.half_life.is_none()
+                && args.w_max.is_none(),
+        ),
     ];
     let changed: Vec<&str> = defaults.iter().filter(|(_, default)| !default).map(|(flag, _)| *flag).collect();
     if !changed.is_empty() {
@@ -466,6 +467,7 @@ fn processes(args: &DemoArgs) -> anyhow::Result<()> {
     ]
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .chain(args.governance.then(|| "--governance".to_owned()))
     .collect();
     crate::net::demo_processes(&nodes, args.rounds, &extra, args.data.as_deref(), args.json.as_deref())
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use weft_model::GptConfig;
-use weft_net::config::{read_text, read_toml, ConsortiumConfig, KitFiles, PolicySettings, Roster, Training};
+use weft_net::config::{
+    read_text, read_toml, ConsortiumConfig, GovernanceConfig, KitFiles, PolicySettings, Roster, Training,
+};
 use weft_net::encoding::Encoding;
 use weft_net::server::ServeOptions;
 use weft_node::LocalCorpus;
@@ -49,6 +51,9 @@ pub struct InitArgs {
     pub width: usize,
     #[arg(long, default_value_t = 64)]
     pub context: usize,
+    /// Govern with canaries and reputation (the `[governance]` section, default settings).
+    #[arg(long)]
+    pub governance: bool,
 }
 
 /// The consortium config `weft consortium init` writes: the demo's defaults.
@@ -75,6 +80,7 @@ pub fn default_config(args: &InitArgs) -> anyhow::Result<ConsortiumConfig> {
             momentum: 0.9,
             probe_scale: None,
         },
+        governance: args.governance.then(|| GovernanceConfig { canaries: None, settings: Default::default() }),
     })
 }
 
@@ -127,7 +133,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let run = RunSettings::from_config(&config, members)?;
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
-    let coordinator = run.coordinator(&data_dir, &storage, None, serde_json::json!({ "networked": config.name }))?;
+    let governance = match &config.governance {
+        Some(g) => {
+            let languages: Vec<String> = run.members.iter().map(|(_, l)| l.clone()).collect();
+            let registry = crate::consortium::canary_registry(&data_dir, g.canaries.as_deref(), &languages)?;
+            Some(weft_coordinator::Governance::new(g.settings, registry, run.model, 32)?)
+        }
+        None => None,
+    };
+    let coordinator =
+        run.coordinator(&data_dir, &storage, governance, serde_json::json!({ "networked": config.name }))?;
     if coordinator.round() > 0 || coordinator.open_round_state().is_some() {
         println!("continuing after round {} from {}", coordinator.round(), storage.display());
     }

@@ -477,3 +477,27 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already started"));
 }
+
+/// `weft demo --processes` (init, serve, join as processes) with canary governance: the same
+/// bases and the same reputation table as the in-process demo.
+#[test]
+fn governance_over_the_network_matches_the_in_process_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |processes: bool, json: &Path| {
+        let mut command = weft();
+        command.args(["demo", "--nodes", "3", "--rounds", "2", "--governance", "--json"]).arg(json).args(TINY);
+        if processes {
+            command.arg("--processes");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        report
+    };
+    let local = run(false, &tmp.path().join("local.json"));
+    let networked = run(true, &tmp.path().join("networked.json"));
+    for round in 0..2 {
+        assert_eq!(local["rounds"][round]["base_hash"], networked["rounds"][round]["base_hash"]);
+        assert_eq!(local["rounds"][round]["governance"], networked["rounds"][round]["governance"]);
+    }
+}
