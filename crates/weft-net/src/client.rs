@@ -38,12 +38,6 @@ impl Kit {
             signing,
         })
     }
-
-    /// Replaces the manifest-signing key (tests use it to forge signatures).
-    pub fn with_signing_key(mut self, key: SigningKey) -> Self {
-        self.signing = key;
-        self
-    }
 }
 
 /// What one node did in a networked run.
