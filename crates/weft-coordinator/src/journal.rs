@@ -63,6 +63,8 @@ pub enum JournalError {
     ReadOnly(PathBuf),
     #[error("cannot draw a random key: {0}")]
     Random(String),
+    #[error("{0} is in use by another coordinator (it holds {0}/coordinator.lock); stop it first")]
+    InUse(PathBuf),
 }
 
 /// What the round engine needs from durable storage. Every method that changes state is one
@@ -100,6 +102,9 @@ CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY, line BLOB NOT NULL);
 
 /// The embedded default: `<dir>/state.sqlite` and the signing key `<dir>/coordinator.key`.
 pub struct SqliteJournal {
+    /// Held while a writer has the journal open: two coordinators on one storage would
+    /// interleave their ledgers. The OS releases it when the process dies, however it dies.
+    _lock: Option<std::fs::File>,
     dir: PathBuf,
     db: PathBuf,
     conn: Connection,
@@ -116,6 +121,18 @@ impl SqliteJournal {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, JournalError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io { path: dir.clone(), source })?;
+        let lock_path = dir.join("coordinator.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| JournalError::Io { path: lock_path.clone(), source })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(JournalError::InUse(dir)),
+            Err(std::fs::TryLockError::Error(source)) => return Err(JournalError::Io { path: lock_path, source }),
+        }
         let key = load_or_create_key(&dir.join(Self::KEY_FILE))?;
         let db = dir.join(Self::DATABASE);
         let sql = |source| JournalError::Sql { path: db.clone(), source };
@@ -123,7 +140,7 @@ impl SqliteJournal {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
-        let mut journal = SqliteJournal { dir, db, conn, key: None, chain: Chain::new(None) };
+        let mut journal = SqliteJournal { _lock: Some(lock), dir, db, conn, key: None, chain: Chain::new(None) };
         journal.chain = match journal.last_entry()? {
             Some(last) => Chain::continue_from(key.public(), last.seq + 1, last.hash),
             None => Chain::new(Some(key.public())),
@@ -144,7 +161,7 @@ impl SqliteJournal {
         }
         let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|source| JournalError::Sql { path: db.clone(), source })?;
-        Ok(SqliteJournal { dir, db, conn, key: None, chain: Chain::new(None) })
+        Ok(SqliteJournal { _lock: None, dir, db, conn, key: None, chain: Chain::new(None) })
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> JournalError + '_ {

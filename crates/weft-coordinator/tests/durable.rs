@@ -139,6 +139,18 @@ fn a_restart_after_any_step_continues_bit_for_bit() {
 }
 
 #[test]
+fn one_storage_serves_one_coordinator_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = SqliteJournal::open(tmp.path()).unwrap();
+    let second = SqliteJournal::open(tmp.path());
+    assert!(matches!(second, Err(weft_coordinator::JournalError::InUse(_))));
+    // Reading (verify, show) is always allowed.
+    assert!(SqliteJournal::read(tmp.path()).is_ok());
+    drop(first);
+    assert!(SqliteJournal::open(tmp.path()).is_ok());
+}
+
+#[test]
 fn a_different_configuration_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     run(&mut durable(tmp.path(), Aggregator::WeightedMean), 1);
