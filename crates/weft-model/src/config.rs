@@ -47,7 +47,7 @@ impl GptConfig {
                 return Err(ConfigError::TooLarge { field, value, max });
             }
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(ConfigError::Heads { width: self.width, heads: self.heads });
         }
         Ok(())
