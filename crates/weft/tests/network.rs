@@ -333,7 +333,8 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     stale.header.manifest = serde_json::to_vec(&manifest).unwrap();
     stale.header.signature = own_key.sign(&stale.header.manifest).0.to_vec();
     assert_eq!(send(&mut client, &stale).await.code, "stale_base");
-    // A node that dies mid-upload: the connection goes away with half the delta sent.
+    // A node that dies mid-upload: the connection goes away with half the delta sent, once the
+    // coordinator has started spooling it.
     {
         let mut dying = connect(&kit).await.unwrap();
         let half = good.bytes.len() / 2;
@@ -342,8 +343,21 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
             proto::UploadPart { part: Some(Part::Data(good.bytes[..half].to_vec())) },
         ];
         let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(parts), tokio_stream::pending());
-        let cut = tokio::time::timeout(Duration::from_millis(500), dying.upload(stream)).await;
-        assert!(cut.is_err(), "the half-sent upload cannot complete");
+        let upload = tokio::spawn(async move { dying.upload(stream).await });
+        let incoming = dir.join("coordinator").join("incoming");
+        let started = Instant::now();
+        while !std::fs::read_dir(&incoming).map(|d| d.count() > 0).unwrap_or(false) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the coordinator never started spooling");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        upload.abort();
+        assert!(upload.await.is_err(), "the half-sent upload cannot complete");
+        // Its spool file goes away with it.
+        let started = Instant::now();
+        while std::fs::read_dir(&incoming).map(|d| d.count() > 0).unwrap_or(false) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the partial upload's spool file was left behind");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     // An upload with no header.
     let no_header = client
