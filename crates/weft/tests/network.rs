@@ -180,7 +180,7 @@ fn nodes_wait_for_a_late_coordinator_and_survive_its_restart_mid_run() {
 fn a_late_node_is_not_waited_for_and_joins_the_next_round() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("consortium");
-    init(&dir, free_port(), &["node-de:de", "node-en:en", "node-fr:fr"], 2, 4);
+    init(&dir, free_port(), &["node-de:de", "node-en:en", "node-fr:fr"], 2, 8);
     let mut coordinator = serve(&dir, "serve");
     let mut early: Vec<Running> = ["node-de", "node-en"].iter().map(|n| join(&dir, n)).collect();
     let storage = dir.join("coordinator");
