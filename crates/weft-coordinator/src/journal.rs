@@ -362,9 +362,7 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, JournalError> {
     match std::fs::read_to_string(path) {
         Ok(text) => SigningKey::from_hex(&text).map_err(|e| key_error(e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| JournalError::Random(e.to_string()))?;
-            let key = SigningKey::from_seed(seed);
+            let key = SigningKey::generate().map_err(|e| JournalError::Random(e.to_string()))?;
             write_private(path, key.to_hex().as_bytes())
                 .map_err(|source| JournalError::Io { path: path.to_owned(), source })?;
             Ok(key)
@@ -373,7 +371,9 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, JournalError> {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a new file only its owner can read (mode 0600 on Unix), synced to disk: for private
+/// keys. Refuses to overwrite.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

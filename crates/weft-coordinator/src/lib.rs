@@ -21,6 +21,6 @@ pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
     GovernanceState, ReputationRow,
 };
-pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
+pub use journal::{write_private, Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};

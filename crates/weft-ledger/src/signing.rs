@@ -12,6 +12,8 @@ pub enum KeyError {
     Hex { what: &'static str, digits: usize },
     #[error("not a valid ed25519 public key")]
     PublicKey,
+    #[error("cannot draw a random key: {0}")]
+    Random(String),
 }
 
 fn decode_hex<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N], KeyError> {
@@ -35,6 +37,13 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
 pub struct SigningKey(ed25519_dalek::SigningKey);
 
 impl SigningKey {
+    /// A new key from the operating system's random source.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self::from_seed(seed))
+    }
+
     pub fn from_seed(seed: [u8; 32]) -> Self {
         SigningKey(ed25519_dalek::SigningKey::from_bytes(&seed))
     }

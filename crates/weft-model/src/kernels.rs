@@ -163,12 +163,16 @@ fn weight_grad_row(dw_row: &mut [f32], o: usize, dout: &[f32], inp: &[f32], n: u
 /// register; Rust never fuses a multiply and an add), so the results are bitwise identical on
 /// any x86-64 CPU — tested against the portable build below.
 fn wide_vectors() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::env::var_os("WEFT_NO_AVX2").is_none() && std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    // Decided once per process (`WEFT_NO_AVX2` forces the portable build, for comparison).
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("WEFT_NO_AVX2").is_none() && std::arch::is_x86_feature_detected!("avx2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// The matmul rows compiled for AVX2 (runtime-selected by [`wide_vectors`]).

@@ -45,13 +45,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ProvisionError + '_ {
 
 /// Writes a file readable by its owner only (private keys).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(io(path))?;
-    file.write_all(bytes).map_err(io(path))
+    weft_coordinator::write_private(path, bytes).map_err(io(path))
 }
 
 fn write_public(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
@@ -79,9 +73,7 @@ fn leaf_params(
 }
 
 fn signing_key() -> Result<SigningKey, ProvisionError> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| ProvisionError::Random(e.to_string()))?;
-    Ok(SigningKey::from_seed(seed))
+    SigningKey::generate().map_err(|e| ProvisionError::Random(e.to_string()))
 }
 
 /// A client certificate for `common_name` and `public_key`, issued by the consortium CA in
