@@ -701,17 +701,19 @@ impl<M: Measure> Coordinator<M> {
         let base_loss = self.measure.heldout_loss(&moved.base)?;
         let durable = self.journal.is_some();
         let base_hash = if durable { self.store.put_state(&moved.base)? } else { moved.base.content_hash() };
-        let outer = aggregation::outer_to_state(&moved.outer_state, &moved.base).map_err(CoordinatorError::Base)?;
-        let outer_hash = match &outer {
-            Some(state) if durable => Some(self.store.put_state(state)?),
-            Some(state) => Some(state.content_hash()),
-            None => None,
-        };
-        let center_hash = match &moved.outcome.center {
-            Some(center) if durable => Some(self.store.put_state(center)?),
-            Some(center) => Some(center.content_hash()),
-            None => None,
-        };
+        // The optimizer state and center are named only for the ledger: in memory-only mode
+        // they are neither copied nor hashed.
+        let (mut outer_hash, mut center_hash) = (None, None);
+        if durable {
+            if let Some(state) =
+                aggregation::outer_to_state(&moved.outer_state, &moved.base).map_err(CoordinatorError::Base)?
+            {
+                outer_hash = Some(self.store.put_state(&state)?);
+            }
+            if let Some(center) = &moved.outcome.center {
+                center_hash = Some(self.store.put_state(center)?);
+            }
+        }
         weft_core::crash::point("round-blobs-stored");
         Ok(NextBase {
             base: moved.base,
