@@ -227,16 +227,15 @@ async fn contribute(
     let encoding = Encoding::from_proto(state.encoding).ok_or_else(|| NetError::Protocol("unknown encoding".into()))?;
     let encoded = encoding::encode(contribution.delta.state(), encoding)?;
     // Sign the delta as the coordinator will decode it.
-    let sent = encoding::decode(&encoded, encoding, contribution.delta.state())?;
+    let delta_hash = encoding::sent_hash(contribution.delta.state(), &encoded, encoding)?;
     let manifest = ContributionManifest {
         node: kit.config.id.clone(),
         round,
         base_hash,
-        delta_hash: sent.content_hash(),
+        delta_hash,
         token_count: contribution.token_count,
         declared: contribution.declared.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect(),
     };
-    drop(sent);
     let manifest = serde_json::to_vec(&manifest).map_err(|e| NetError::Protocol(e.to_string()))?;
     let signature = kit.signing.sign(&manifest);
     let header = proto::UploadHeader {

@@ -2,14 +2,14 @@
 //! safetensors file, so any tool can read what was sent.
 //!
 //! A node signs the content hash of the delta *as the coordinator will decode it*
-//! ([`decoded`]), so a lossy encoding is checked exactly like a lossless one.
+//! ([`sent_hash`]), so a lossy encoding is checked exactly like a lossless one.
 
 use std::str::FromStr;
 
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use weft_core::{ModelState, StateError, Tensor};
+use weft_core::{ContentHash, ModelState, StateError, Tensor};
 
 use crate::proto;
 
@@ -187,11 +187,12 @@ pub fn decode(bytes: &[u8], encoding: Encoding, layout: &ModelState) -> Result<M
     Ok(state)
 }
 
-/// The delta exactly as the coordinator will decode it.
-pub fn decoded(delta: &ModelState, encoding: Encoding) -> Result<ModelState, EncodingError> {
+/// The content hash of `delta` as the coordinator will decode it from `encoded` (its
+/// encoding). Lossless f32 decodes to the delta itself: no second copy is made.
+pub fn sent_hash(delta: &ModelState, encoded: &[u8], encoding: Encoding) -> Result<ContentHash, EncodingError> {
     match encoding {
-        Encoding::F32 => Ok(delta.clone()),
-        _ => decode(&encode(delta, encoding)?, encoding, delta),
+        Encoding::F32 => Ok(delta.content_hash()),
+        _ => Ok(decode(encoded, encoding, delta)?.content_hash()),
     }
 }
 
@@ -212,6 +213,7 @@ mod tests {
         let bytes = encode(&d, Encoding::F32).unwrap();
         assert_eq!(bytes, d.to_safetensors(None).unwrap());
         assert_eq!(decode(&bytes, Encoding::F32, &d).unwrap(), d);
+        assert_eq!(sent_hash(&d, &bytes, Encoding::F32).unwrap(), d.content_hash());
     }
 
     #[test]
@@ -222,7 +224,8 @@ mod tests {
             let bytes = encode(&d, encoding).unwrap();
             assert!(bytes.len() < f32_size, "{encoding:?}");
             let back = decode(&bytes, encoding, &d).unwrap();
-            assert_eq!(back, decoded(&d, encoding).unwrap());
+            assert_eq!(back.content_hash(), sent_hash(&d, &bytes, encoding).unwrap());
+            assert_ne!(back.content_hash(), d.content_hash(), "{encoding:?} is lossy on this delta");
             for ((_, a), (_, b)) in d.iter().zip(back.iter()) {
                 let max = a.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 for (x, y) in a.data().iter().zip(b.data()) {

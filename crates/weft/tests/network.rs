@@ -423,6 +423,11 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
 
+/// `weft consortium add-node DIR --request SITE/request.toml`.
+fn add_node(dir: &Path, site: &Path) -> std::process::Output {
+    weft().args(["consortium", "add-node"]).arg(dir).arg("--request").arg(site.join("request.toml")).output().unwrap()
+}
+
 #[test]
 fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
     let tmp = tempfile::tempdir().unwrap();
@@ -434,25 +439,13 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let request = std::fs::read_to_string(site.join("request.toml")).unwrap();
     assert!(!request.contains("PRIVATE"), "the request must carry no private key");
-    let out = weft()
-        .args(["consortium", "add-node"])
-        .arg(&dir)
-        .arg("--request")
-        .arg(site.join("request.toml"))
-        .output()
-        .unwrap();
+    let out = add_node(&dir, &site);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!dir.join("nodes").join("node-en").join("tls.key").exists(), "the consortium never holds the site's key");
     for file in ["tls.pem", "ca.pem", "node.toml"] {
         std::fs::copy(dir.join("nodes").join("node-en").join(file), site.join(file)).unwrap();
     }
-    let again = weft()
-        .args(["consortium", "add-node"])
-        .arg(&dir)
-        .arg("--request")
-        .arg(site.join("request.toml"))
-        .output()
-        .unwrap();
+    let again = add_node(&dir, &site);
     assert!(!again.status.success(), "a node cannot be added twice");
     // The admitted site takes part in a round.
     let mut coordinator = serve(&dir, "serve");
@@ -481,13 +474,7 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
         .status()
         .unwrap()
         .success());
-    let refused = weft()
-        .args(["consortium", "add-node"])
-        .arg(&dir)
-        .arg("--request")
-        .arg(late_site.join("request.toml"))
-        .output()
-        .unwrap();
+    let refused = add_node(&dir, &late_site);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already started"));
 }
