@@ -7,6 +7,9 @@
 
 use rayon::prelude::*;
 
+use crate::elementary::{exp, tanh};
+use crate::gemm::{gemm, wide_vectors, Lhs, Start};
+
 const LN_EPS: f32 = 1e-5;
 
 /// Dot product with eight independent accumulators, so that the compiler can vectorise it while
@@ -123,83 +126,21 @@ pub fn layernorm_backward(
 
 /// `out[n, o] = bias[o] + Σ_c inp[n, c] · w[o, c]`.
 pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize, oc: usize) {
-    let wide = wide_vectors();
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = wide;
-    out.par_chunks_mut(oc).zip(inp.par_chunks(c)).for_each(|(o_row, x)| {
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
-            return unsafe { avx2::forward_row(o_row, x, w, bias, c) };
+    // The micro-kernel wants the output columns contiguous: `wᵀ` is [c, oc]. Transposing costs
+    // c·oc moves against n·c·oc multiply-adds.
+    let mut wt = vec![0.0f32; c * oc];
+    // In 16 × 16 blocks, so that neither side is walked a whole row apart per element.
+    for o0 in (0..oc).step_by(16) {
+        for i0 in (0..c).step_by(16) {
+            for o in o0..(o0 + 16).min(oc) {
+                for i in i0..(i0 + 16).min(c) {
+                    wt[i * oc + o] = w[o * c + i];
+                }
+            }
         }
-        forward_row(o_row, x, w, bias, c);
-    });
-}
-
-#[inline(always)]
-fn forward_row(o_row: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize) {
-    for (o, (out_v, w_row)) in o_row.iter_mut().zip(w.chunks_exact(c)).enumerate() {
-        *out_v = bias.map_or(0.0, |b| b[o]) + dot(x, w_row);
     }
-}
-
-#[inline(always)]
-fn input_grad_row(di: &mut [f32], d: &[f32], w: &[f32], c: usize) {
-    di.fill(0.0);
-    for (&g, w_row) in d.iter().zip(w.chunks_exact(c)) {
-        axpy(di, g, w_row);
-    }
-}
-
-#[inline(always)]
-fn weight_grad_row(dw_row: &mut [f32], o: usize, dout: &[f32], inp: &[f32], n: usize, c: usize, oc: usize) {
-    for row in 0..n {
-        axpy(dw_row, dout[row * oc + o], &inp[row * c..][..c]);
-    }
-}
-
-/// Whether the matmul rows may run the AVX2 build of the same loops. The loops have the same
-/// operations in the same order either way (AVX2 only widens the eight accumulators into one
-/// register; Rust never fuses a multiply and an add), so the results are bitwise identical on
-/// any x86-64 CPU — tested against the portable build below.
-fn wide_vectors() -> bool {
-    // Decided once per process (`WEFT_NO_AVX2` forces the portable build, for comparison).
-    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WIDE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("WEFT_NO_AVX2").is_none() && std::arch::is_x86_feature_detected!("avx2")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
-}
-
-/// The matmul rows compiled for AVX2 (runtime-selected by [`wide_vectors`]).
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn forward_row(o_row: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, c: usize) {
-        super::forward_row(o_row, x, w, bias, c)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn input_grad_row(di: &mut [f32], d: &[f32], w: &[f32], c: usize) {
-        super::input_grad_row(di, d, w, c)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn weight_grad_row(
-        dw_row: &mut [f32],
-        o: usize,
-        dout: &[f32],
-        inp: &[f32],
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) {
-        super::weight_grad_row(dw_row, o, dout, inp, n, c, oc)
-    }
+    let start = bias.map_or(Start::Zero, Start::Bias);
+    gemm(out, oc, Lhs { data: inp, row_stride: c, k_stride: 1 }, &wt, oc, c, start);
 }
 
 /// Overwrites `dinp`; accumulates `dw` and `dbias`.
@@ -214,32 +155,19 @@ pub fn matmul_backward(
     c: usize,
     oc: usize,
 ) {
-    let wide = wide_vectors();
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = wide;
-    dinp.par_chunks_mut(c).zip(dout.par_chunks(oc)).for_each(|(di, d)| {
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
-            return unsafe { avx2::input_grad_row(di, d, w, c) };
-        }
-        input_grad_row(di, d, w, c);
-    });
+    // dinp[n, c] = Σ_o dout[n, o] · w[o, c]
+    gemm(dinp, c, Lhs { data: dout, row_stride: oc, k_stride: 1 }, w, c, oc, Start::Zero);
+    // dw[o, c] += Σ_n dout[n, o] · inp[n, c]  (doutᵀ is a strided view, not a copy)
     let n = dout.len() / oc;
-    dw.par_chunks_mut(c).enumerate().for_each(|(o, dw_row)| {
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: as above.
-            return unsafe { avx2::weight_grad_row(dw_row, o, dout, inp, n, c, oc) };
-        }
-        weight_grad_row(dw_row, o, dout, inp, n, c, oc);
-    });
+    gemm(dw, c, Lhs { data: dout, row_stride: 1, k_stride: oc }, inp, c, n, Start::Accumulate);
     if let Some(db) = dbias {
-        db.par_iter_mut().enumerate().for_each(|(o, b)| {
-            for row in 0..n {
-                *b += dout[row * oc + o];
+        // Row by row, so the adds run along contiguous memory; each output still sums the rows
+        // in order.
+        for d in dout.chunks_exact(oc) {
+            for (b, &g) in db.iter_mut().zip(d) {
+                *b += g;
             }
-        });
+        }
     }
 }
 
@@ -264,7 +192,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: u
                     }
                     let mut sum = 0.0;
                     for v in row[..=t].iter_mut() {
-                        *v = (*v - max).exp();
+                        *v = exp(*v - max);
                         sum += *v;
                     }
                     let inv = 1.0 / sum;
@@ -293,6 +221,7 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f3
         .for_each(|(((dqkv_b, dout_b), qkv_b), att_b)| {
             dqkv_b.fill(0.0);
             let mut datt = vec![0.0f32; t_len];
+            let mut dq = vec![0.0f32; hs];
             for t in 0..t_len {
                 for h in 0..nh {
                     let row = &att_b[(h * t_len + t) * t_len..][..t_len];
@@ -304,15 +233,17 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f3
                     }
                     let weighted: f32 = row[..=t].iter().zip(&datt[..=t]).map(|(a, g)| a * g).sum();
                     let q_off = t * 3 * c + h * hs;
+                    let q = &qkv_b[q_off..][..hs];
+                    // dq gathers in its own buffer: written in place it would alias dk's rows and
+                    // the compiler would not vectorise either.
+                    dq.fill(0.0);
                     for t2 in 0..=t {
                         let dpre = row[t2] * (datt[t2] - weighted) * scale;
                         let k_off = t2 * 3 * c + c + h * hs;
-                        // dq += dpre · k ; dk += dpre · q  (q and k live in disjoint ranges)
-                        for i in 0..hs {
-                            dqkv_b[q_off + i] += dpre * qkv_b[k_off + i];
-                            dqkv_b[k_off + i] += dpre * qkv_b[q_off + i];
-                        }
+                        axpy(&mut dq, dpre, &qkv_b[k_off..][..hs]);
+                        axpy(&mut dqkv_b[k_off..][..hs], dpre, q);
                     }
+                    dqkv_b[q_off..][..hs].copy_from_slice(&dq);
                 }
             }
         });
@@ -321,26 +252,63 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f3
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/π)
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    let wide = wide_vectors();
     out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            let cube = 0.044715 * x * x * x;
-            *o = 0.5 * x * (1.0 + (GELU_SCALE * (x + cube)).tanh());
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
+            return unsafe { avx2::gelu_forward_chunk(o, x) };
         }
+        gelu_forward_chunk(o, x)
     });
+}
+
+#[inline(always)]
+fn gelu_forward_chunk(out: &mut [f32], inp: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(inp) {
+        let cube = 0.044715 * x * x * x;
+        *o = 0.5 * x * (1.0 + tanh(GELU_SCALE * (x + cube)));
+    }
 }
 
 /// Overwrites `dinp`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    let wide = wide_vectors();
     dinp.par_chunks_mut(4096).zip(inp.par_chunks(4096)).zip(dout.par_chunks(4096)).for_each(|((di, x), d)| {
-        for ((di, &x), &d) in di.iter_mut().zip(x).zip(d) {
-            let cube = 0.044715 * x * x * x;
-            let arg = GELU_SCALE * (x + cube);
-            let th = arg.tanh();
-            let sech2 = 1.0 - th * th;
-            let local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-            *di = local * d;
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: as above.
+            return unsafe { avx2::gelu_backward_chunk(di, x, d) };
         }
+        gelu_backward_chunk(di, x, d)
     });
+}
+
+#[inline(always)]
+fn gelu_backward_chunk(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
+        let cube = 0.044715 * x * x * x;
+        let arg = GELU_SCALE * (x + cube);
+        let th = tanh(arg);
+        let sech2 = 1.0 - th * th;
+        let local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+        *di = local * d;
+    }
+}
+
+/// GELU compiled for AVX2: the same operations in the same order (Rust never fuses a multiply
+/// and an add), eight lanes at a time instead of four, so the same bits (tested).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gelu_forward_chunk(out: &mut [f32], inp: &[f32]) {
+        super::gelu_forward_chunk(out, inp)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gelu_backward_chunk(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        super::gelu_backward_chunk(dinp, inp, dout)
+    }
 }
 
 pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
@@ -356,7 +324,7 @@ pub fn softmax_crossentropy(probs: &mut [f32], logits: &[f32], targets: &[u8], m
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for (p, &l) in p.iter_mut().zip(l) {
-            *p = (l - max).exp();
+            *p = exp(l - max);
             sum += *p;
         }
         let inv = 1.0 / sum;
@@ -393,29 +361,19 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_rows_match_the_portable_rows_bit_for_bit() {
+    fn gelu_in_avx2_gives_the_portable_bits() {
         assert!(std::arch::is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
-        let (c, oc, n) = (37, 11, 5);
-        let values = |len: usize, seed: u32| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
-                .collect()
-        };
-        let (x, w, bias, dout) = (values(c, 1), values(oc * c, 2), values(oc, 3), values(n * oc, 4));
-        let inp = values(n * c, 5);
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
+        let d: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        let (mut a, mut b) = (vec![0.0; oc], vec![0.0; oc]);
-        forward_row(&mut a, &x, &w, Some(&bias), c);
+        let (mut a, mut b) = (vec![0.0; 1000], vec![0.0; 1000]);
+        gelu_forward_chunk(&mut a, &x);
         // SAFETY: AVX2 asserted above.
-        unsafe { avx2::forward_row(&mut b, &x, &w, Some(&bias), c) };
+        unsafe { avx2::gelu_forward_chunk(&mut b, &x) };
         assert_eq!(bits(&a), bits(&b));
-        let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
-        input_grad_row(&mut a, &dout[..oc], &w, c);
-        unsafe { avx2::input_grad_row(&mut b, &dout[..oc], &w, c) };
-        assert_eq!(bits(&a), bits(&b));
-        let (mut a, mut b) = (values(c, 6), values(c, 6));
-        weight_grad_row(&mut a, 3, &dout, &inp, n, c, oc);
-        unsafe { avx2::weight_grad_row(&mut b, 3, &dout, &inp, n, c, oc) };
+        gelu_backward_chunk(&mut a, &x, &d);
+        // SAFETY: as above.
+        unsafe { avx2::gelu_backward_chunk(&mut b, &x, &d) };
         assert_eq!(bits(&a), bits(&b));
     }
 

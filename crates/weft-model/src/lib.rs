@@ -9,6 +9,8 @@
 //! padding mask and global-norm clipping are exactly what the round engine needs.
 
 mod config;
+mod elementary;
+mod gemm;
 mod kernels;
 mod layout;
 mod model;

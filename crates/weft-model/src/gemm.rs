@@ -1,0 +1,331 @@
+//! Matrix products of the trainer, `C = start + A·B`, with one summation order per output.
+//!
+//! Every output element is its `start` followed by one fused multiply-add per `k`, in increasing
+//! `k`: `acc = fma(a[m, k], b[k, j], acc)`. Blocking, threads and vector width only decide which
+//! outputs are computed together, never the order within one. A fused multiply-add is exactly
+//! rounded whether the CPU computes it or `f32::mul_add` does in software, so the AVX2 build and
+//! the portable build give the same bits, on any thread count (tested below).
+//!
+//! The AVX2 build is a register-blocked micro-kernel in the style of BLIS: a tile of 6 rows ×
+//! 16 columns lives in twelve vector registers while `k` runs, so each step loads two vectors
+//! of `B` and six scalars of `A` for twelve fused multiply-adds.
+
+use rayon::prelude::*;
+
+/// The left operand: element `(m, k)` is `data[m * row_stride + k * k_stride]`, so a transposed
+/// view (the weight gradient's `doutᵀ`) costs nothing.
+#[derive(Clone, Copy)]
+pub struct Lhs<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub k_stride: usize,
+}
+
+/// What each output starts from before the products are added.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    Zero,
+    /// `bias[j]` for column `j`.
+    Bias(&'a [f32]),
+    /// The value already in `C` (gradients accumulate).
+    Accumulate,
+}
+
+/// Rows per parallel task. Small enough that the narrowest weight gradient (128 rows) still
+/// splits into several tasks for two threads.
+const ROWS_PER_TASK: usize = 24;
+
+/// `c[m, j] = start + Σ_k a[m, k] · b[k·ldb + j]` for the `cols`-column row-major matrix `c`.
+///
+/// Panics if an operand is shorter than its shape says (a bug in the caller, not bad input:
+/// shapes come from a validated configuration).
+pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+    if cols == 0 || c.is_empty() {
+        return;
+    }
+    assert_eq!(c.len() % cols, 0, "output is not a whole number of rows");
+    let rows = c.len() / cols;
+    if depth > 0 {
+        assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");
+        assert!(ldb >= cols && b.len() >= (depth - 1) * ldb + cols, "right operand too short");
+    }
+    if let Start::Bias(bias) = start {
+        assert!(bias.len() >= cols, "bias too short");
+    }
+    let wide = wide_vectors();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
+    if depth == 0 {
+        return portable_block(c, cols, a, b, ldb, 0, start);
+    }
+    c.par_chunks_mut(ROWS_PER_TASK * cols).enumerate().for_each(|(task, block)| {
+        let a = Lhs { data: &a.data[task * ROWS_PER_TASK * a.row_stride..], ..a };
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the operand lengths
+            // were checked above for every row, and `a` was advanced to this block's first row.
+            return unsafe { avx2::block(block, cols, a, b, ldb, depth, start) };
+        }
+        portable_block(block, cols, a, b, ldb, depth, start);
+    });
+}
+
+/// The definition of the product, row by row; the compiler vectorises the inner loop over `j`.
+fn portable_block(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+    for (m, row) in c.chunks_exact_mut(cols).enumerate() {
+        match start {
+            Start::Zero => row.fill(0.0),
+            Start::Bias(bias) => row.copy_from_slice(&bias[..cols]),
+            Start::Accumulate => {}
+        }
+        for k in 0..depth {
+            let av = a.data[m * a.row_stride + k * a.k_stride];
+            for (o, &bv) in row.iter_mut().zip(&b[k * ldb..][..cols]) {
+                *o = av.mul_add(bv, *o);
+            }
+        }
+    }
+}
+
+/// Whether the products may run the AVX2 micro-kernel. Decided once per process;
+/// `WEFT_NO_AVX2` forces the portable build (for comparison: same bits, slower).
+pub fn wide_vectors() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("WEFT_NO_AVX2").is_none()
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Lhs, Start};
+    use std::arch::x86_64::*;
+
+    const MR: usize = 6;
+    /// Depth per pass: a 16-column panel of `B` (16 KB) stays in L1 while the rows go by.
+    const KC: usize = 256;
+
+    /// How a tile's accumulators begin: a later depth pass resumes from what the previous one
+    /// stored, which keeps each output's order of operations unchanged.
+    #[derive(Clone, Copy)]
+    enum Init {
+        Zero,
+        Bias(*const f32),
+        Load,
+    }
+
+    /// Pointers and strides of one tile; `a`, `b`, `c` point at its first row / depth / column.
+    #[derive(Clone, Copy)]
+    struct Tile {
+        a: *const f32,
+        a_rs: usize,
+        a_ks: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        depth: usize,
+        init: Init,
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a`, `b` and `start`'s bias cover `c.len() / cols` rows,
+    /// `depth` and `cols` (checked by [`super::gemm`]).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+        let rows = c.len() / cols;
+        if depth == 0 {
+            return super::portable_block(c, cols, a, b, ldb, 0, start);
+        }
+        let mut k0 = 0;
+        while k0 < depth {
+            let kc = KC.min(depth - k0);
+            let mut j = 0;
+            while j < cols {
+                let width = if cols - j >= 16 {
+                    16
+                } else if cols - j >= 8 {
+                    8
+                } else {
+                    cols - j
+                };
+                let init = match (k0, start) {
+                    (0, Start::Zero) => Init::Zero,
+                    (0, Start::Bias(bias)) => Init::Bias(bias.as_ptr().add(j)),
+                    _ => Init::Load,
+                };
+                let mut m = 0;
+                while m < rows {
+                    let mr = MR.min(rows - m);
+                    let tile = Tile {
+                        a: a.data.as_ptr().add(m * a.row_stride + k0 * a.k_stride),
+                        a_rs: a.row_stride,
+                        a_ks: a.k_stride,
+                        b: b.as_ptr().add(k0 * ldb + j),
+                        ldb,
+                        c: c.as_mut_ptr().add(m * cols + j),
+                        ldc: cols,
+                        depth: kc,
+                        init,
+                    };
+                    match (width, mr) {
+                        (16, 6) => vector_tile::<6, 2>(tile),
+                        (16, 5) => vector_tile::<5, 2>(tile),
+                        (16, 4) => vector_tile::<4, 2>(tile),
+                        (16, 3) => vector_tile::<3, 2>(tile),
+                        (16, 2) => vector_tile::<2, 2>(tile),
+                        (16, _) => vector_tile::<1, 2>(tile),
+                        (8, 6) => vector_tile::<6, 1>(tile),
+                        (8, 5) => vector_tile::<5, 1>(tile),
+                        (8, 4) => vector_tile::<4, 1>(tile),
+                        (8, 3) => vector_tile::<3, 1>(tile),
+                        (8, 2) => vector_tile::<2, 1>(tile),
+                        (8, _) => vector_tile::<1, 1>(tile),
+                        _ => scalar_tile(tile, mr, width),
+                    }
+                    m += mr;
+                }
+                j += width;
+            }
+            k0 += kc;
+        }
+    }
+
+    /// `R` rows × `V` vectors of eight columns, accumulated in registers across the depth.
+    #[inline(always)]
+    unsafe fn vector_tile<const R: usize, const V: usize>(t: Tile) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, lane) in row.iter_mut().enumerate() {
+                *lane = match t.init {
+                    Init::Zero => _mm256_setzero_ps(),
+                    Init::Bias(bias) => _mm256_loadu_ps(bias.add(8 * v)),
+                    Init::Load => _mm256_loadu_ps(t.c.add(r * t.ldc + 8 * v)),
+                };
+            }
+        }
+        for k in 0..t.depth {
+            let bk = t.b.add(k * t.ldb);
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, lane) in bv.iter_mut().enumerate() {
+                *lane = _mm256_loadu_ps(bk.add(8 * v));
+            }
+            let ak = t.a.add(k * t.a_ks);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*ak.add(r * t.a_rs));
+                for (lane, &bl) in row.iter_mut().zip(&bv) {
+                    *lane = _mm256_fmadd_ps(av, bl, *lane);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                _mm256_storeu_ps(t.c.add(r * t.ldc + 8 * v), *lane);
+            }
+        }
+    }
+
+    /// The last columns of a matrix whose width is not a multiple of eight.
+    #[inline(always)]
+    unsafe fn scalar_tile(t: Tile, rows: usize, cols: usize) {
+        for r in 0..rows {
+            for j in 0..cols {
+                let out = t.c.add(r * t.ldc + j);
+                let mut acc = match t.init {
+                    Init::Zero => 0.0,
+                    Init::Bias(bias) => *bias.add(j),
+                    Init::Load => *out,
+                };
+                for k in 0..t.depth {
+                    acc = (*t.a.add(r * t.a_rs + k * t.a_ks)).mul_add(*t.b.add(k * t.ldb + j), acc);
+                }
+                *out = acc;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// The definition, one output at a time.
+    fn reference(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+        for (m, row) in c.chunks_exact_mut(cols).enumerate() {
+            for (j, out) in row.iter_mut().enumerate() {
+                let mut acc = match start {
+                    Start::Zero => 0.0,
+                    Start::Bias(bias) => bias[j],
+                    Start::Accumulate => *out,
+                };
+                for k in 0..depth {
+                    acc = a.data[m * a.row_stride + k * a.k_stride].mul_add(b[k * ldb + j], acc);
+                }
+                *out = acc;
+            }
+        }
+    }
+
+    #[test]
+    fn every_build_gives_the_definitions_bits_on_ragged_shapes() {
+        // Rows, columns and depths that leave remainders in every blocking dimension, including
+        // a depth past one pass of the AVX2 kernel (256).
+        for &(rows, cols, depth) in &[(1, 1, 1), (7, 9, 3), (13, 23, 5), (25, 40, 300), (50, 17, 257), (6, 16, 0)] {
+            for (s, transposed) in [(0u32, false), (1, true)] {
+                let a_data = values(rows * depth + 1, 11 + s);
+                let a = if transposed {
+                    Lhs { data: &a_data, row_stride: 1, k_stride: rows }
+                } else {
+                    Lhs { data: &a_data, row_stride: depth, k_stride: 1 }
+                };
+                let ldb = cols + 3;
+                let b = values(depth * ldb + 1, 12 + s);
+                let bias = values(cols, 13 + s);
+                for start in [Start::Zero, Start::Bias(&bias), Start::Accumulate] {
+                    let initial = values(rows * cols, 14 + s);
+                    let mut expected = initial.clone();
+                    reference(&mut expected, cols, a, &b, ldb, depth, start);
+                    let mut through_gemm = initial.clone();
+                    gemm(&mut through_gemm, cols, a, &b, ldb, depth, start);
+                    assert_eq!(bits(&through_gemm), bits(&expected), "gemm {rows}×{cols}×{depth}");
+                    let mut portable = initial.clone();
+                    portable_block(&mut portable, cols, a, &b, ldb, depth, start);
+                    assert_eq!(bits(&portable), bits(&expected), "portable {rows}×{cols}×{depth}");
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        let mut wide = initial.clone();
+                        // SAFETY: features checked; shapes as above.
+                        unsafe { avx2::block(&mut wide, cols, a, &b, ldb, depth, start) };
+                        assert_eq!(bits(&wide), bits(&expected), "avx2 {rows}×{cols}×{depth}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_are_right() {
+        // [[1, 2], [3, 4]] · [[5, 6], [7, 8]] + bias [1, -1]
+        let mut c = [0.0; 4];
+        let a = Lhs { data: &[1.0, 2.0, 3.0, 4.0], row_stride: 2, k_stride: 1 };
+        gemm(&mut c, 2, a, &[5.0, 6.0, 7.0, 8.0], 2, 2, Start::Bias(&[1.0, -1.0]));
+        assert_eq!(c, [20.0, 21.0, 44.0, 49.0]);
+    }
+}
