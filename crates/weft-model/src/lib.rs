@@ -14,6 +14,7 @@ mod gemm;
 mod kernels;
 mod layout;
 mod model;
+pub mod profile;
 mod rng;
 mod train;
 

@@ -5,6 +5,7 @@ use weft_core::ModelState;
 use crate::config::{GptConfig, VOCAB};
 use crate::kernels::*;
 use crate::layout::{self, Entry, ModelError};
+use crate::profile::span;
 use crate::rng::SplitMix64;
 use crate::train::Batch;
 
@@ -184,27 +185,35 @@ impl Gpt {
         acts.targets.copy_from_slice(&batch.targets);
         acts.mask.copy_from_slice(&batch.mask);
         let p = layout::split(&self.entries, &self.params);
-        encoder_forward(&mut acts.encoded, &acts.tokens, p.wte, p.wpe, t, c);
+        span("encoder.forward", || encoder_forward(&mut acts.encoded, &acts.tokens, p.wte, p.wpe, t, c));
         for l in 0..self.config.layers {
             let (done, rest) = acts.layers.split_at_mut(l);
             let residual = if l == 0 { &acts.encoded } else { &done[l - 1].res3 };
             let a = &mut rest[0];
             let w = &p.blocks[l];
-            layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, residual, w[0], w[1], c);
-            matmul_forward(&mut a.qkv, &a.ln1, w[2], Some(w[3]), c, 3 * c);
-            attention_forward(&mut a.atty, &mut a.att, &a.qkv, t, c, self.config.heads);
-            matmul_forward(&mut a.attproj, &a.atty, w[4], Some(w[5]), c, c);
-            residual_forward(&mut a.res2, residual, &a.attproj);
-            layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, w[6], w[7], c);
-            matmul_forward(&mut a.fch, &a.ln2, w[8], Some(w[9]), c, 4 * c);
-            gelu_forward(&mut a.fch_gelu, &a.fch);
-            matmul_forward(&mut a.fcproj, &a.fch_gelu, w[10], Some(w[11]), 4 * c, c);
-            residual_forward(&mut a.res3, &a.res2, &a.fcproj);
+            span("layernorm.forward", || {
+                layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, residual, w[0], w[1], c)
+            });
+            span("matmul.forward", || matmul_forward(&mut a.qkv, &a.ln1, w[2], Some(w[3]), c, 3 * c));
+            span("attention.forward", || attention_forward(&mut a.atty, &mut a.att, &a.qkv, t, c, self.config.heads));
+            span("matmul.forward", || matmul_forward(&mut a.attproj, &a.atty, w[4], Some(w[5]), c, c));
+            span("residual.forward", || residual_forward(&mut a.res2, residual, &a.attproj));
+            span("layernorm.forward", || {
+                layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.res2, w[6], w[7], c)
+            });
+            span("matmul.forward", || matmul_forward(&mut a.fch, &a.ln2, w[8], Some(w[9]), c, 4 * c));
+            span("gelu.forward", || gelu_forward(&mut a.fch_gelu, &a.fch));
+            span("matmul.forward", || matmul_forward(&mut a.fcproj, &a.fch_gelu, w[10], Some(w[11]), 4 * c, c));
+            span("residual.forward", || residual_forward(&mut a.res3, &a.res2, &a.fcproj));
         }
         let last = acts.layers.last().map_or(&acts.encoded, |a| &a.res3);
-        layernorm_forward(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, last, p.lnf_w, p.lnf_b, c);
-        matmul_forward(&mut acts.logits, &acts.lnf, p.wte, None, c, VOCAB);
-        let (loss, count) = softmax_crossentropy(&mut acts.probs, &acts.logits, &acts.targets, &acts.mask, VOCAB);
+        span("layernorm.forward", || {
+            layernorm_forward(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, last, p.lnf_w, p.lnf_b, c)
+        });
+        span("matmul.forward", || matmul_forward(&mut acts.logits, &acts.lnf, p.wte, None, c, VOCAB));
+        let (loss, count) = span("softmax_crossentropy.forward", || {
+            softmax_crossentropy(&mut acts.probs, &acts.logits, &acts.targets, &acts.mask, VOCAB)
+        });
         acts.count = count;
         (loss, count)
     }
@@ -219,21 +228,27 @@ impl Gpt {
         let g = layout::split_mut(&self.entries, &mut self.grads);
         let (gwte, gwpe, mut gblocks, glnf_w, glnf_b) = (g.wte, g.wpe, g.blocks, g.lnf_w, g.lnf_b);
 
-        crossentropy_backward(&mut acts.d_logits, &acts.probs, &acts.targets, &acts.mask, acts.count, VOCAB);
-        matmul_backward(&mut acts.d_c, gwte, None, &acts.d_logits, &acts.lnf, p.wte, c, VOCAB);
+        span("softmax_crossentropy.backward", || {
+            crossentropy_backward(&mut acts.d_logits, &acts.probs, &acts.targets, &acts.mask, acts.count, VOCAB)
+        });
+        span("matmul.backward", || {
+            matmul_backward(&mut acts.d_c, gwte, None, &acts.d_logits, &acts.lnf, p.wte, c, VOCAB)
+        });
         let last = acts.layers.last().map_or(&acts.encoded, |a| &a.res3);
         acts.d_res.fill(0.0);
-        layernorm_backward(
-            &mut acts.d_res,
-            glnf_w,
-            glnf_b,
-            &acts.d_c,
-            last,
-            p.lnf_w,
-            &acts.lnf_mean,
-            &acts.lnf_rstd,
-            c,
-        );
+        span("layernorm.backward", || {
+            layernorm_backward(
+                &mut acts.d_res,
+                glnf_w,
+                glnf_b,
+                &acts.d_c,
+                last,
+                p.lnf_w,
+                &acts.lnf_mean,
+                &acts.lnf_rstd,
+                c,
+            )
+        });
 
         for l in (0..self.config.layers).rev() {
             let residual = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].res3 };
@@ -243,17 +258,58 @@ impl Gpt {
             let [g_ln1w, g_ln1b, g_qkvw, g_qkvb, g_projw, g_projb, g_ln2w, g_ln2b, g_fcw, g_fcb, g_fcprojw, g_fcprojb] =
                 gw;
             // d_res holds dL/d(res3); res3 = res2 + fcproj.
-            matmul_backward(&mut acts.d_4c_gelu, g_fcprojw, Some(g_fcprojb), &acts.d_res, &a.fch_gelu, w[10], 4 * c, c);
-            gelu_backward(&mut acts.d_4c, &a.fch, &acts.d_4c_gelu);
-            matmul_backward(&mut acts.d_c, g_fcw, Some(g_fcb), &acts.d_4c, &a.ln2, w[8], c, 4 * c);
-            layernorm_backward(&mut acts.d_res, g_ln2w, g_ln2b, &acts.d_c, &a.res2, w[6], &a.ln2_mean, &a.ln2_rstd, c);
+            span("matmul.backward", || {
+                matmul_backward(
+                    &mut acts.d_4c_gelu,
+                    g_fcprojw,
+                    Some(g_fcprojb),
+                    &acts.d_res,
+                    &a.fch_gelu,
+                    w[10],
+                    4 * c,
+                    c,
+                )
+            });
+            span("gelu.backward", || gelu_backward(&mut acts.d_4c, &a.fch, &acts.d_4c_gelu));
+            span("matmul.backward", || {
+                matmul_backward(&mut acts.d_c, g_fcw, Some(g_fcb), &acts.d_4c, &a.ln2, w[8], c, 4 * c)
+            });
+            span("layernorm.backward", || {
+                layernorm_backward(
+                    &mut acts.d_res,
+                    g_ln2w,
+                    g_ln2b,
+                    &acts.d_c,
+                    &a.res2,
+                    w[6],
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    c,
+                )
+            });
             // d_res now holds dL/d(res2); res2 = residual + attproj.
-            matmul_backward(&mut acts.d_c, g_projw, Some(g_projb), &acts.d_res, &a.atty, w[4], c, c);
-            attention_backward(&mut acts.d_3c, &acts.d_c, &a.qkv, &a.att, t, c, nh);
-            matmul_backward(&mut acts.d_c, g_qkvw, Some(g_qkvb), &acts.d_3c, &a.ln1, w[2], c, 3 * c);
-            layernorm_backward(&mut acts.d_res, g_ln1w, g_ln1b, &acts.d_c, residual, w[0], &a.ln1_mean, &a.ln1_rstd, c);
+            span("matmul.backward", || {
+                matmul_backward(&mut acts.d_c, g_projw, Some(g_projb), &acts.d_res, &a.atty, w[4], c, c)
+            });
+            span("attention.backward", || attention_backward(&mut acts.d_3c, &acts.d_c, &a.qkv, &a.att, t, c, nh));
+            span("matmul.backward", || {
+                matmul_backward(&mut acts.d_c, g_qkvw, Some(g_qkvb), &acts.d_3c, &a.ln1, w[2], c, 3 * c)
+            });
+            span("layernorm.backward", || {
+                layernorm_backward(
+                    &mut acts.d_res,
+                    g_ln1w,
+                    g_ln1b,
+                    &acts.d_c,
+                    residual,
+                    w[0],
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    c,
+                )
+            });
         }
-        encoder_backward(gwte, gwpe, &acts.d_res, &acts.tokens, t, c);
+        span("encoder.backward", || encoder_backward(gwte, gwpe, &acts.d_res, &acts.tokens, t, c));
     }
 
     /// Mean next-byte loss in nats per byte over `text`, predicting every byte after the first.

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::Gpt;
+use crate::profile::span;
 use crate::rng::SplitMix64;
 
 /// `rows` sequences of `len` positions: `inputs[i]` predicts `targets[i]` where `mask[i]` is 1.
@@ -183,11 +184,11 @@ impl AdamW {
         let tail_from = steps - steps / 4;
         let (mut sum, mut tail_sum, mut tail_n) = (0.0, 0.0, 0u64);
         for step in 0..steps {
-            let batch = Batch::sample(corpus, rows, len, rng);
+            let batch = span("batch", || Batch::sample(corpus, rows, len, rng));
             let (loss_sum, count) = model.forward(&batch);
             let loss = if count > 0.0 { loss_sum / count } else { 0.0 };
             model.backward();
-            report.last_grad_norm = self.update(model);
+            report.last_grad_norm = span("adamw", || self.update(model));
             report.tokens += batch.tokens();
             sum += loss;
             if step >= tail_from {
