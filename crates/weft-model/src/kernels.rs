@@ -336,9 +336,11 @@ mod avx2 {
 }
 
 pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
-    for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-        *o = a + b;
-    }
+    out.par_chunks_mut(4096).zip(a.par_chunks(4096)).zip(b.par_chunks(4096)).for_each(|((o, a), b)| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    });
 }
 
 /// Softmax over the vocabulary and the masked cross-entropy. Writes probabilities into `probs`

@@ -1,5 +1,6 @@
 //! Local training: batches drawn from a node's own bytes, AdamW with global-norm clipping.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Gpt;
@@ -51,6 +52,9 @@ impl Batch {
         self.mask.iter().filter(|&&m| m != 0.0).count() as u64
     }
 }
+
+/// Parameters per parallel block of the update (and of the gradient norm's partial sums).
+const UPDATE_BLOCK: usize = 1 << 14;
 
 /// AdamW hyper-parameters. Weight decay applies to matrices and embeddings only.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,7 +149,15 @@ impl AdamW {
     pub fn update(&mut self, model: &mut Gpt) -> f64 {
         let s = self.settings;
         let (params, grads) = model.params_and_grads();
-        let norm = grads.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
+        // Σ g² in fixed blocks, each summed in order, then the block sums in order: the same
+        // bits for any thread count.
+        let norm = grads
+            .par_chunks(UPDATE_BLOCK)
+            .map(|block| block.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum::<f64>()
+            .sqrt();
         let clip = if s.clip_norm > 0.0 && norm > f64::from(s.clip_norm) {
             (f64::from(s.clip_norm) / norm) as f32
         } else {
@@ -156,15 +168,24 @@ impl AdamW {
         let lr = s.lr * warm;
         let bc1 = 1.0 - s.beta1.powi(self.step.min(i32::MAX as u64) as i32);
         let bc2 = 1.0 - s.beta2.powi(self.step.min(i32::MAX as u64) as i32);
-        for i in 0..params.len() {
-            let g = grads[i] * clip;
-            self.m[i] = s.beta1 * self.m[i] + (1.0 - s.beta1) * g;
-            self.v[i] = s.beta2 * self.v[i] + (1.0 - s.beta2) * g * g;
-            let m_hat = self.m[i] / bc1;
-            let v_hat = self.v[i] / bc2;
-            let wd = if self.decay[i] { s.weight_decay * params[i] } else { 0.0 };
-            params[i] -= lr * (m_hat / (v_hat.sqrt() + s.eps) + wd);
-        }
+        params
+            .par_chunks_mut(UPDATE_BLOCK)
+            .zip(grads.par_chunks(UPDATE_BLOCK))
+            .zip(self.m.par_chunks_mut(UPDATE_BLOCK).zip(self.v.par_chunks_mut(UPDATE_BLOCK)))
+            .zip(self.decay.par_chunks(UPDATE_BLOCK))
+            .for_each(|(((params, grads), (m, v)), decay)| {
+                // Settings as locals, so that the compiler keeps them in registers.
+                let (beta1, beta2, eps, weight_decay) = (s.beta1, s.beta2, s.eps, s.weight_decay);
+                for i in 0..params.len() {
+                    let g = grads[i] * clip;
+                    m[i] = beta1 * m[i] + (1.0 - beta1) * g;
+                    v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
+                    let m_hat = m[i] / bc1;
+                    let v_hat = v[i] / bc2;
+                    let wd = if decay[i] { weight_decay * params[i] } else { 0.0 };
+                    params[i] -= lr * (m_hat / (v_hat.sqrt() + eps) + wd);
+                }
+            });
         norm
     }
 
