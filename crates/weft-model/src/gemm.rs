@@ -45,16 +45,7 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
     }
     assert_eq!(c.len() % cols, 0, "output is not a whole number of rows");
     let rows = c.len() / cols;
-    if depth > 0 {
-        assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");
-        assert!(ldb >= cols && b.len() >= (depth - 1) * ldb + cols, "right operand too short");
-    }
-    if let Start::Bias(bias) = start {
-        assert!(bias.len() >= cols, "bias too short");
-    }
-    let wide = wide_vectors();
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = wide;
+    check_operands(rows, cols, a, b, ldb, depth, start);
     if depth == 0 {
         return portable_block(c, cols, rows, cols, a, b, ldb, 0, start);
     }
@@ -62,7 +53,7 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
         let a = Lhs { data: &a.data[task * ROWS_PER_TASK * a.row_stride..], ..a };
         let rows = block.len() / cols;
         #[cfg(target_arch = "x86_64")]
-        if wide {
+        if wide_vectors() {
             // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the operand lengths
             // were checked above for every row, and `a` was advanced to this block's first row.
             return unsafe { avx2::block(block, cols, rows, cols, a, b, ldb, depth, start) };
@@ -89,6 +80,17 @@ pub fn gemm_serial(
         return;
     }
     assert!(ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "output too short");
+    check_operands(rows, cols, a, b, ldb, depth, start);
+    #[cfg(target_arch = "x86_64")]
+    if depth > 0 && wide_vectors() {
+        // SAFETY: as in `gemm`; every row of the window was checked above.
+        return unsafe { avx2::block(c, ldc, rows, cols, a, b, ldb, depth, start) };
+    }
+    portable_block(c, ldc, rows, cols, a, b, ldb, depth, start);
+}
+
+/// The bounds the AVX2 block relies on, for `rows ≥ 1` rows and `cols ≥ 1` columns.
+fn check_operands(rows: usize, cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
     if depth > 0 {
         assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");
         assert!(ldb >= cols && b.len() >= (depth - 1) * ldb + cols, "right operand too short");
@@ -96,12 +98,6 @@ pub fn gemm_serial(
     if let Start::Bias(bias) = start {
         assert!(bias.len() >= cols, "bias too short");
     }
-    #[cfg(target_arch = "x86_64")]
-    if depth > 0 && wide_vectors() {
-        // SAFETY: as in `gemm`; every row of the window was checked above.
-        return unsafe { avx2::block(c, ldc, rows, cols, a, b, ldb, depth, start) };
-    }
-    portable_block(c, ldc, rows, cols, a, b, ldb, depth, start);
 }
 
 /// The definition of the product, row by row; the compiler vectorises the inner loop over `j`.
@@ -162,19 +158,15 @@ fn fma_by_rounding_to_odd(a: f32, b: f32, c: f32) -> f32 {
     f64::from_bits(bits.wrapping_add(if inexact_even { step } else { 0 })) as f32
 }
 
-/// Whether the products may run the AVX2 micro-kernel. Decided once per process;
+/// Whether the products (and GELU) may run their AVX2 builds. Decided once per process;
 /// `WEFT_NO_AVX2` forces the portable build (for comparison: same bits, slower).
+#[cfg(target_arch = "x86_64")]
 pub fn wide_vectors() -> bool {
     static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WIDE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("WEFT_NO_AVX2").is_none()
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        std::env::var_os("WEFT_NO_AVX2").is_none()
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     })
 }
 

@@ -8,7 +8,9 @@
 use rayon::prelude::*;
 
 use crate::elementary::{exp, tanh};
-use crate::gemm::{gemm, gemm_serial, wide_vectors, Lhs, Start};
+#[cfg(target_arch = "x86_64")]
+use crate::gemm::wide_vectors;
+use crate::gemm::{gemm, gemm_serial, Lhs, Start};
 
 const LN_EPS: f32 = 1e-5;
 
@@ -276,10 +278,9 @@ pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f3
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/π)
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-    let wide = wide_vectors();
     out.par_chunks_mut(4096).zip(inp.par_chunks(4096)).for_each(|(o, x)| {
         #[cfg(target_arch = "x86_64")]
-        if wide {
+        if wide_vectors() {
             // SAFETY: `wide_vectors` checked that this CPU has AVX2.
             return unsafe { avx2::gelu_forward_chunk(o, x) };
         }
@@ -297,10 +298,9 @@ fn gelu_forward_chunk(out: &mut [f32], inp: &[f32]) {
 
 /// Overwrites `dinp`.
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    let wide = wide_vectors();
     dinp.par_chunks_mut(4096).zip(inp.par_chunks(4096)).zip(dout.par_chunks(4096)).for_each(|((di, x), d)| {
         #[cfg(target_arch = "x86_64")]
-        if wide {
+        if wide_vectors() {
             // SAFETY: as above.
             return unsafe { avx2::gelu_backward_chunk(di, x, d) };
         }

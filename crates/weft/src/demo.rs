@@ -40,6 +40,43 @@ pub enum OuterArg {
     Nesterov,
 }
 
+/// The transformer's shape: the same flags and defaults for `weft demo` and
+/// `weft consortium init`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ModelArgs {
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads per block.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Context length in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub context: usize,
+}
+
+impl ModelArgs {
+    /// The validated configuration; an error names the flags.
+    pub fn config(&self) -> anyhow::Result<GptConfig> {
+        let config = GptConfig { layers: self.layers, heads: self.heads, width: self.width, context: self.context };
+        config.validate().context("--layers/--heads/--width/--context")?;
+        Ok(config)
+    }
+
+    /// The same flags, to pass on to another `weft` command.
+    fn flags(&self) -> [(&'static str, String); 4] {
+        [
+            ("--layers", self.layers.to_string()),
+            ("--heads", self.heads.to_string()),
+            ("--width", self.width.to_string()),
+            ("--context", self.context.to_string()),
+        ]
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Number of rounds.
@@ -122,18 +159,8 @@ pub struct DemoArgs {
     /// Nesterov momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
-    /// Transformer blocks.
-    #[arg(long, default_value_t = 2)]
-    pub layers: usize,
-    /// Attention heads per block.
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 64)]
-    pub width: usize,
-    /// Context length in bytes.
-    #[arg(long, default_value_t = 64)]
-    pub context: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Keep every artifact here (nodes' sovereign models, bases, deltas, manifests, records).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -186,8 +213,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         return processes(&args);
     }
     let started = Instant::now();
-    let config = GptConfig { layers: args.layers, heads: args.heads, width: args.width, context: args.context };
-    config.validate().context("--layers/--heads/--width/--context")?;
+    let config = args.model.config()?;
     let weighting = match args.weighting {
         WeightingArg::Quality => Weighting::Quality,
         WeightingArg::Equal => Weighting::Equal,
@@ -459,13 +485,10 @@ fn processes(args: &DemoArgs) -> anyhow::Result<()> {
         ("--seed", args.seed.to_string()),
         ("--local-steps", args.local_steps.to_string()),
         ("--batch", args.batch.to_string()),
-        ("--layers", args.layers.to_string()),
-        ("--heads", args.heads.to_string()),
-        ("--width", args.width.to_string()),
-        ("--context", args.context.to_string()),
         ("--encoding", args.encoding.clone()),
     ]
     .into_iter()
+    .chain(args.model.flags())
     .flat_map(|(flag, value)| [flag.to_owned(), value])
     .chain(args.governance.then(|| "--governance".to_owned()))
     .collect();

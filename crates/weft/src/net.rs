@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use weft_model::GptConfig;
 use weft_net::config::{
     read_text, read_toml, ConsortiumConfig, GovernanceConfig, KitFiles, PolicySettings, Roster, Training,
 };
@@ -43,14 +42,8 @@ pub struct InitArgs {
     pub local_steps: u64,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    #[arg(long, default_value_t = 2)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 64)]
-    pub width: usize,
-    #[arg(long, default_value_t = 64)]
-    pub context: usize,
+    #[command(flatten)]
+    pub model: crate::demo::ModelArgs,
     /// Govern with canaries and reputation (the `[governance]` section, default settings).
     #[arg(long)]
     pub governance: bool,
@@ -67,7 +60,7 @@ pub fn default_config(args: &InitArgs) -> anyhow::Result<ConsortiumConfig> {
         round_deadline_secs: args.deadline_secs,
         encoding: args.encoding.parse::<Encoding>().context("--encoding")?,
         storage: "coordinator".into(),
-        model: GptConfig { layers: args.layers, heads: args.heads, width: args.width, context: args.context },
+        model: args.model.config()?,
         training: Training { local_steps: args.local_steps, batch: args.batch, lr: 3e-3 },
         policy: PolicySettings {
             floor: 0.0,
@@ -86,7 +79,6 @@ pub fn default_config(args: &InitArgs) -> anyhow::Result<ConsortiumConfig> {
 
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
     let config = default_config(&args)?;
-    config.model.validate().context("--layers/--heads/--width/--context")?;
     let nodes: Vec<(String, String)> = args
         .nodes
         .iter()
