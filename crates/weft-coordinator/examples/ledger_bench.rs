@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use weft_coordinator::{verify, BlobStore, Coordinator, Member, SampledDistance, SqliteJournal};
+use weft_coordinator::{verify, Coordinator, FsBlobStore, Member, SampledDistance, SqliteJournal};
 use weft_core::{Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.insert(format!("t{t}"), Tensor::new(vec![len / 4], vec![0.0; len / 4])?);
     }
     let policy = Policy::new(-1e9, 1.0, 0.0, Weighting::Equal)?;
-    let store = BlobStore::open(dir.join("blobs"))?;
+    let store = std::sync::Arc::new(FsBlobStore::open(dir.join("blobs"))?);
     let mut coordinator =
         Coordinator::new(base, members, policy, OuterOptimizer::DILOCO, SampledDistance { sample: 4096 }, store)?
             .with_aggregator(Aggregator::WeightedMean)?

@@ -12,11 +12,10 @@ use rayon::prelude::*;
 use weft_core::aggregate::{axpy, LengthError};
 use weft_core::policy::capped_weights;
 use weft_core::robust::{clip_factor, krum_select, median, reduce_sorted_columns, ColumnPick};
-use weft_core::{
-    Aggregator, ContentHash, ModelState, NodeId, NormBound, OuterOptimizer, OuterState, StateError, Tensor,
-};
+use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound, OuterOptimizer, StateError};
 
-use crate::blobs::{BlobStore, StoreError};
+use crate::head::ModelPoint;
+use crate::store::{BlobStore, StoreError};
 
 /// Values per delta read at once by column-wise rules.
 const CHUNK: usize = 64 * 1024;
@@ -31,20 +30,25 @@ pub(crate) struct Accepted {
     pub norm: f64,
 }
 
-pub(crate) struct Outcome {
-    pub step: ModelState,
-    /// The coefficient each node's delta actually carried in the step (for column-wise rules,
-    /// its nominal share W/n).
-    pub influence: BTreeMap<NodeId, f64>,
-    /// Centered clipping's final center, kept for the next round.
-    pub center: Option<ModelState>,
+/// How accepted deltas become the next point: the aggregator, the cap (Multi-Krum re-applies it
+/// to the deltas it selects) and the outer optimizer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepRules {
+    pub aggregator: Aggregator,
+    pub cap: f64,
+    pub outer: OuterOptimizer,
 }
 
-/// The base after one round: the aggregator's step, then the outer optimizer.
-pub(crate) struct Moved {
-    pub base: ModelState,
-    pub outer_state: BTreeMap<String, OuterState>,
-    pub outcome: Outcome,
+/// The coefficient each node's delta actually carried in the step (for column-wise rules, its
+/// nominal share W/n).
+pub(crate) type Influence = BTreeMap<NodeId, f64>;
+
+/// The aggregator's output, before the outer optimizer.
+struct Step {
+    step: ModelState,
+    influence: Influence,
+    /// Centered clipping's final center, kept for the next round.
+    center: Option<ModelState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,66 +61,46 @@ pub enum MoveError {
     NonFinite(StateError),
 }
 
-/// Moves `base` by the step of `rule` over `accepted`, through `outer`. Shared by the round
-/// engine and `weft ledger verify`'s replay so that both compute the same bits. Works on copies.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn move_base(
-    rule: &Aggregator,
+/// The point after one round: `rules`' step over `accepted` from `point`, through the outer
+/// optimizer. Shared by the round engine and `weft ledger verify`'s replay so that both compute
+/// the same bits. Works on copies: `point` is untouched.
+pub(crate) fn advance(
+    point: &ModelPoint,
+    rules: &StepRules,
     accepted: &[Accepted],
-    cap: f64,
-    store: &BlobStore,
-    base: &ModelState,
-    center: Option<&ModelState>,
-    outer: &OuterOptimizer,
-    outer_state: &BTreeMap<String, OuterState>,
-) -> Result<Moved, MoveError> {
-    let outcome = aggregate(rule, accepted, cap, store, base, center)?;
-    let mut next = base.clone();
-    let mut outer_state = outer_state.clone();
-    for ((name, tensor), (_, step)) in next.iter_mut().zip(outcome.step.iter()) {
-        let state = outer_state.entry(name.to_owned()).or_default();
-        outer.apply(tensor.data_mut(), step.data(), state)?;
+    store: &dyn BlobStore,
+) -> Result<(ModelPoint, Influence), MoveError> {
+    let Step { step, influence, center } =
+        aggregate(&rules.aggregator, accepted, rules.cap, store, &point.base, point.center.as_ref())?;
+    let mut base = point.base.clone();
+    let mut momentum = point.momentum.clone();
+    for ((name, tensor), (_, step)) in base.iter_mut().zip(step.iter()) {
+        let state = momentum.entry(name.to_owned()).or_default();
+        rules.outer.apply(tensor.data_mut(), step.data(), state)?;
     }
-    next.check_finite().map_err(MoveError::NonFinite)?;
-    if !outer.keeps_state() {
-        outer_state.clear();
+    base.check_finite().map_err(MoveError::NonFinite)?;
+    if !rules.outer.keeps_state() {
+        momentum.clear();
     }
-    Ok(Moved { base: next, outer_state, outcome })
+    let center = center.or_else(|| point.center.clone());
+    Ok((ModelPoint { base, momentum, center }, influence))
 }
 
-/// The outer optimizer's momentum as a storable state (tensors shaped as the base's); `None`
-/// when it holds nothing.
-pub(crate) fn outer_to_state(
-    outer_state: &BTreeMap<String, OuterState>,
-    base: &ModelState,
-) -> Result<Option<ModelState>, StateError> {
-    let mut state = ModelState::new();
-    for (name, tensor) in base.iter() {
-        if let Some(s) = outer_state.get(name).filter(|s| !s.velocity.is_empty()) {
-            let velocity = Tensor::new(tensor.shape().to_vec(), s.velocity.clone()).map_err(|_| StateError::Shape {
-                name: name.to_owned(),
-                expected: tensor.shape().to_vec(),
-                got: vec![s.velocity.len()],
-            })?;
-            state.insert(name, velocity);
-        }
-    }
-    Ok((!state.is_empty()).then_some(state))
-}
-
-pub(crate) fn outer_from_state(state: ModelState) -> BTreeMap<String, OuterState> {
-    state.iter().map(|(name, t)| (name.to_owned(), OuterState { velocity: t.data().to_vec() })).collect()
+/// What stays with the base: `1 − Σ influence` (in node order, so a replay gives the same bits),
+/// the cap's unassigned share plus whatever the aggregator held back.
+pub(crate) fn unassigned_share(influence: &Influence) -> f64 {
+    (1.0 - influence.values().sum::<f64>()).max(0.0)
 }
 
 /// Computes the step of `rule` over `accepted` (sorted by node id), for tensors laid out as `base`.
-pub(crate) fn aggregate(
+fn aggregate(
     rule: &Aggregator,
     accepted: &[Accepted],
     cap: f64,
-    store: &BlobStore,
+    store: &dyn BlobStore,
     base: &ModelState,
     previous_center: Option<&ModelState>,
-) -> Result<Outcome, StoreError> {
+) -> Result<Step, StoreError> {
     let total: f64 = accepted.iter().map(|a| a.weight).sum();
     let n = accepted.len();
     let nominal = || accepted.iter().map(|a| (a.node.clone(), total / n as f64)).collect();
@@ -135,12 +119,12 @@ pub(crate) fn aggregate(
         }
         Aggregator::Median => {
             let step = columns(accepted, store, base, ColumnPick::Median)?;
-            Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
+            Ok(Step { step: scaled(step, total), influence: nominal(), center: None })
         }
         Aggregator::TrimmedMean { beta } => {
             let k = Aggregator::trimmed(beta, n);
             let step = columns(accepted, store, base, ColumnPick::Trimmed(k))?;
-            Ok(Outcome { step: scaled(step, total), influence: nominal(), center: None })
+            Ok(Step { step: scaled(step, total), influence: nominal(), center: None })
         }
         Aggregator::MultiKrum { f, m } => {
             let dist2 = pairwise_distances(accepted, store, base)?;
@@ -160,44 +144,37 @@ pub(crate) fn aggregate(
 fn linear(
     accepted: &[Accepted],
     coefficients: Vec<f64>,
-    store: &BlobStore,
+    store: &dyn BlobStore,
     base: &ModelState,
-) -> Result<Outcome, StoreError> {
+) -> Result<Step, StoreError> {
     let mut step = base.zeros_like();
     let mut scratch = Vec::new();
     for (a, &c) in accepted.iter().zip(&coefficients) {
         if c == 0.0 {
             continue;
         }
-        let mapped = store.map(&a.hash)?;
-        let mut reader = mapped.reader()?;
+        let blob = store.open(&a.hash)?;
+        let mut reader = blob.reader()?;
         for (name, tensor) in step.iter_mut() {
             reader.read(name, &mut scratch)?;
-            add(tensor.data_mut(), c as f32, &scratch, &store.path_of(&a.hash), name)?;
+            axpy(tensor.data_mut(), c as f32, &scratch).map_err(|e| reader.fault(name, e))?;
         }
         reader.verify()?;
     }
     let influence = accepted.iter().zip(coefficients).map(|(a, c)| (a.node.clone(), c)).collect();
-    Ok(Outcome { step, influence, center: None })
-}
-
-fn add(out: &mut [f32], c: f32, x: &[f32], path: &std::path::Path, name: &str) -> Result<(), StoreError> {
-    axpy(out, c, x).map_err(|e| StoreError::Format {
-        path: path.to_owned(),
-        source: weft_core::StateError::Format(format!("tensor '{name}': {e}")),
-    })
+    Ok(Step { step, influence, center: None })
 }
 
 /// Calls `visit(name, offset, chunks)` for every chunk of every tensor, with the same range of
 /// every delta, then checks every delta's hash.
 fn for_each_chunk(
     accepted: &[Accepted],
-    store: &BlobStore,
+    store: &dyn BlobStore,
     base: &ModelState,
     mut visit: impl FnMut(&str, usize, &[Vec<f32>]),
 ) -> Result<(), StoreError> {
-    let mapped = accepted.iter().map(|a| store.map(&a.hash)).collect::<Result<Vec<_>, _>>()?;
-    let mut readers = mapped.iter().map(|m| m.reader()).collect::<Result<Vec<_>, _>>()?;
+    let blobs = accepted.iter().map(|a| store.open(&a.hash)).collect::<Result<Vec<_>, _>>()?;
+    let mut readers = blobs.iter().map(|b| b.reader()).collect::<Result<Vec<_>, _>>()?;
     let mut chunks = vec![Vec::new(); accepted.len()];
     for (name, tensor) in base.iter() {
         let len = tensor.len();
@@ -223,7 +200,7 @@ fn for_each_chunk(
 /// Median or trimmed mean of every coordinate's column of n values.
 fn columns(
     accepted: &[Accepted],
-    store: &BlobStore,
+    store: &dyn BlobStore,
     base: &ModelState,
     pick: ColumnPick,
 ) -> Result<ModelState, StoreError> {
@@ -238,7 +215,7 @@ fn columns(
 }
 
 /// Squared L2 distances between every pair of deltas, `dist2[i·n + j]`.
-fn pairwise_distances(accepted: &[Accepted], store: &BlobStore, base: &ModelState) -> Result<Vec<f64>, StoreError> {
+fn pairwise_distances(accepted: &[Accepted], store: &dyn BlobStore, base: &ModelState) -> Result<Vec<f64>, StoreError> {
     let n = accepted.len();
     let mut dist2 = vec![0.0f64; n * n];
     for_each_chunk(accepted, store, base, |_, _, chunks| {
@@ -269,10 +246,10 @@ fn centered_clipping(
     total: f64,
     tau: f64,
     iterations: usize,
-    store: &BlobStore,
+    store: &dyn BlobStore,
     base: &ModelState,
     previous_center: Option<&ModelState>,
-) -> Result<Outcome, StoreError> {
+) -> Result<Step, StoreError> {
     let mut center = match previous_center {
         Some(c) if c.check_layout(base).is_ok() => c.clone(),
         _ => base.zeros_like(),
@@ -284,8 +261,8 @@ fn centered_clipping(
         // ‖Δᵢ − v‖ for every delta: one streaming pass each.
         let mut factors = Vec::with_capacity(accepted.len());
         for a in accepted {
-            let mapped = store.map(&a.hash)?;
-            let mut reader = mapped.reader()?;
+            let blob = store.open(&a.hash)?;
+            let mut reader = blob.reader()?;
             let mut sq = 0.0f64;
             for (name, v) in center.iter() {
                 reader.read(name, &mut scratch)?;
@@ -307,17 +284,17 @@ fn centered_clipping(
     }
     let influence = accepted.iter().zip(&last).map(|(a, c)| (a.node.clone(), c * total)).collect();
     let step = scaled(center.clone(), total);
-    Ok(Outcome { step, influence, center: Some(center) })
+    Ok(Step { step, influence, center: Some(center) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemoryBlobStore;
     use weft_core::{Delta, Tensor};
 
-    fn setup(values: &[[f32; 3]]) -> (tempfile::TempDir, BlobStore, ModelState, Vec<Accepted>) {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(tmp.path()).unwrap();
+    fn setup(values: &[[f32; 3]]) -> (MemoryBlobStore, ModelState, Vec<Accepted>) {
+        let store = MemoryBlobStore::new();
         let mut base = ModelState::new();
         base.insert("w", Tensor::zeros(vec![3]));
         let n = values.len();
@@ -330,17 +307,17 @@ mod tests {
                 let delta = Delta::from_state(s);
                 Accepted {
                     node: NodeId::new(format!("n{i}")).unwrap(),
-                    hash: store.put(&delta).unwrap(),
+                    hash: store.put(delta.state()).unwrap(),
                     weight: 1.0 / n as f64,
                     norm: delta.norm(),
                 }
             })
             .collect();
-        (tmp, store, base, accepted)
+        (store, base, accepted)
     }
 
     fn step(rule: Aggregator, values: &[[f32; 3]]) -> Vec<f32> {
-        let (_tmp, store, base, accepted) = setup(values);
+        let (store, base, accepted) = setup(values);
         aggregate(&rule, &accepted, 1.0, &store, &base, None).unwrap().step.get("w").unwrap().data().to_vec()
     }
 
@@ -366,7 +343,7 @@ mod tests {
 
     #[test]
     fn krum_keeps_the_cap_and_reports_who_it_dropped() {
-        let (_tmp, store, base, accepted) = setup(&HONEST_AND_ONE_ATTACKER);
+        let (store, base, accepted) = setup(&HONEST_AND_ONE_ATTACKER);
         let out = aggregate(&Aggregator::MultiKrum { f: 1, m: 2 }, &accepted, 0.4, &store, &base, None).unwrap();
         assert_eq!(out.influence[&NodeId::new("n4").unwrap()], 0.0);
         assert!(out.influence.values().all(|&w| w <= 0.4));
@@ -375,8 +352,7 @@ mod tests {
 
     #[test]
     fn column_rules_stream_tensors_longer_than_a_chunk() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(tmp.path()).unwrap();
+        let store = MemoryBlobStore::new();
         let len = CHUNK * 2 + 5;
         let mut base = ModelState::new();
         base.insert("big", Tensor::zeros(vec![len]));
@@ -387,7 +363,7 @@ mod tests {
                 let delta = Delta::from_state(s);
                 Accepted {
                     node: NodeId::new(format!("n{i}")).unwrap(),
-                    hash: store.put(&delta).unwrap(),
+                    hash: store.put(delta.state()).unwrap(),
                     weight: 1.0 / 3.0,
                     norm: delta.norm(),
                 }

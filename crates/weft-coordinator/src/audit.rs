@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use weft_core::{Aggregator, ContentHash, ModelState, NodeId};
+use weft_core::{Aggregator, ContentHash, NodeId};
 use weft_ledger::{merkle_root, Chain, ChainError, Entry, Event, PublicKey};
 
-use crate::aggregation::{self, outer_from_state, outer_to_state, Accepted};
-use crate::blobs::BlobStore;
+use crate::aggregation::{self, Accepted, StepRules};
+use crate::head::{ModelPoint, ModelRefs};
 use crate::journal::{Journal, JournalError, SqliteJournal};
+use crate::store::{BlobStore, FsBlobStore, StoreError};
 
 /// What a successful verification covered.
 #[derive(Clone, Debug, Serialize)]
@@ -41,14 +42,8 @@ pub enum AuditError {
     Empty,
     #[error("state database disagrees with the ledger: {0}")]
     State(String),
-}
-
-/// The model-side state after a round closed.
-#[derive(Clone, Copy, PartialEq, Debug)]
-struct Point {
-    base: ContentHash,
-    outer: Option<ContentHash>,
-    center: Option<ContentHash>,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 struct OpenRound {
@@ -60,14 +55,15 @@ struct OpenRound {
 
 /// Walks the ledger; see the module documentation.
 struct Auditor<'a> {
-    store: &'a BlobStore,
+    store: &'a dyn BlobStore,
     chain: Chain,
     config_hash: ContentHash,
     roster_hash: ContentHash,
-    now: Point,
-    /// The base `now.base` as verified, kept for the next replay.
-    base: Option<ModelState>,
-    closed: BTreeMap<u64, Point>,
+    /// The model-side state the ledger says is current.
+    now: ModelRefs,
+    /// The point `now` names, as verified (replayed or read from the store), for the next replay.
+    point: Option<ModelPoint>,
+    closed: BTreeMap<u64, ModelRefs>,
     last_closed: u64,
     open: Option<OpenRound>,
     /// A decision whose replay moved the base: the next entry must publish this hash.
@@ -78,15 +74,15 @@ struct Auditor<'a> {
 /// Verifies the coordinator storage in `dir` (`state.sqlite` and `blobs/`).
 pub fn verify(dir: &Path, trusted: Option<PublicKey>) -> Result<AuditReport, AuditError> {
     let journal = SqliteJournal::read(dir)?;
-    let store = BlobStore::open(dir.join("blobs")).map_err(|e| AuditError::State(e.to_string()))?;
     let lines = journal.ledger()?;
+    let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
         store: &store,
         chain: Chain::new(trusted),
         config_hash: ContentHash([0; 32]),
         roster_hash: ContentHash([0; 32]),
-        now: Point { base: ContentHash([0; 32]), outer: None, center: None },
-        base: None,
+        now: ModelRefs { base_hash: ContentHash([0; 32]), outer_state: None, center: None },
+        point: None,
         closed: BTreeMap::new(),
         last_closed: 0,
         open: None,
@@ -123,7 +119,7 @@ pub fn verify(dir: &Path, trusted: Option<PublicKey>) -> Result<AuditReport, Aud
     report.entries = auditor.chain.len();
     report.head = auditor.chain.head();
     report.rounds = auditor.last_closed;
-    report.final_base_hash = auditor.now.base;
+    report.final_base_hash = auditor.now.base_hash;
     Ok(report)
 }
 
@@ -153,9 +149,9 @@ impl Auditor<'_> {
                 self.report.coordinator_key = Some(*coordinator_key);
                 self.config_hash = *config_hash;
                 self.roster_hash = *roster_hash;
-                let base = self.store.get_state(base_hash).map_err(|e| fault(format!("genesis base: {e}")))?;
-                self.base = Some(base);
-                self.now = Point { base: *base_hash, outer: None, center: None };
+                self.now = ModelRefs { base_hash: *base_hash, outer_state: None, center: None };
+                let point = ModelPoint::load(self.store, &self.now).map_err(|e| fault(format!("genesis base: {e}")))?;
+                self.point = Some(point);
                 self.closed.insert(0, self.now);
             }
             Event::RoundOpened { round, base_hash, config_hash, roster_hash } => {
@@ -165,8 +161,11 @@ impl Auditor<'_> {
                 if *round != self.last_closed + 1 {
                     return Err(fault(format!("opens round {round} after round {}", self.last_closed)));
                 }
-                if *base_hash != self.now.base {
-                    return Err(fault(format!("announces base {base_hash}, the current base is {}", self.now.base)));
+                if *base_hash != self.now.base_hash {
+                    return Err(fault(format!(
+                        "announces base {base_hash}, the current base is {}",
+                        self.now.base_hash
+                    )));
                 }
                 if *config_hash != self.config_hash || *roster_hash != self.roster_hash {
                     return Err(fault("configuration or roster hash differs from the genesis".into()));
@@ -202,13 +201,13 @@ impl Auditor<'_> {
                         "publishes {base_hash}, the replay of round {decided} gives {expected}"
                     )));
                 }
-                if *previous_base_hash != self.now.base {
+                if *previous_base_hash != self.now.base_hash {
                     return Err(fault(format!(
                         "previous base {previous_base_hash}, the current base is {}",
-                        self.now.base
+                        self.now.base_hash
                     )));
                 }
-                self.now.base = *base_hash;
+                self.now.base_hash = *base_hash;
                 self.closed.insert(*round, self.now);
             }
             Event::RolledBack { to_round, after_round, previous_base_hash, base_hash, outer_state, center } => {
@@ -218,11 +217,11 @@ impl Auditor<'_> {
                 let Some(target) = self.closed.get(to_round) else {
                     return Err(fault(format!("round {to_round} never closed")));
                 };
-                let restored = Point { base: *base_hash, outer: *outer_state, center: *center };
-                if *target != restored || *previous_base_hash != self.now.base {
+                let restored = ModelRefs { base_hash: *base_hash, outer_state: *outer_state, center: *center };
+                if *target != restored || *previous_base_hash != self.now.base_hash {
                     return Err(fault(format!("does not restore the state recorded after round {to_round}")));
                 }
-                self.base = Some(self.store.get_state(base_hash).map_err(|e| fault(e.to_string()))?);
+                self.point = Some(ModelPoint::load(self.store, &restored).map_err(|e| fault(e.to_string()))?);
                 self.now = restored;
                 self.report.rollbacks += 1;
             }
@@ -243,6 +242,7 @@ impl Auditor<'_> {
         let Event::Decision {
             round,
             accepted,
+            unassigned,
             aggregator,
             cap,
             outer,
@@ -268,7 +268,7 @@ impl Auditor<'_> {
                 open.leaves.len()
             ));
         }
-        if *outer_state_in != self.now.outer || *center_in != self.now.center {
+        if *outer_state_in != self.now.outer_state || *center_in != self.now.center {
             return Err("outer-optimizer state or center in differs from the state after the last round".into());
         }
         // Every referenced delta is checked byte for byte, once: those not accepted here,
@@ -291,26 +291,24 @@ impl Auditor<'_> {
             if *outer_state_out != *outer_state_in || *center_out != *center_in {
                 return Err("nothing was accepted, yet the optimizer state or center changed".into());
             }
+            if *unassigned != 1.0 {
+                return Err(format!("nothing was accepted, yet the unassigned share is {unassigned}, not 1"));
+            }
             self.closed.insert(*round, self.now);
             return Ok(());
         }
-        let rule: Aggregator = aggregator.parse().map_err(|e| format!("aggregator {aggregator:?}: {e}"))?;
-        let base = self.base.as_ref().ok_or("no verified base to replay from")?;
-        let center = center_in.as_ref().map(|h| self.store.get_state(h)).transpose().map_err(|e| e.to_string())?;
-        let outer_state = match outer_state_in {
-            Some(h) => outer_from_state(self.store.get_state(h).map_err(|e| e.to_string())?),
-            None => Default::default(),
-        };
-        let moved =
-            aggregation::move_base(&rule, &inputs, *cap, self.store, base, center.as_ref(), outer, &outer_state)
-                .map_err(|e| format!("replay failed: {e}"))?;
+        let aggregator: Aggregator = aggregator.parse().map_err(|e| format!("aggregator {aggregator:?}: {e}"))?;
+        let rules = StepRules { aggregator, cap: *cap, outer: *outer };
+        let point = self.point.as_ref().ok_or("no verified base to replay from")?;
+        let (next, influence) =
+            aggregation::advance(point, &rules, &inputs, self.store).map_err(|e| format!("replay failed: {e}"))?;
         for a in accepted {
             let node = NodeId::new(a.node.clone()).map_err(|e| e.to_string())?;
-            let influence = moved.outcome.influence.get(&node).copied().unwrap_or(0.0);
-            if influence.to_bits() != a.influence.to_bits() {
-                return Err(format!("influence of {} replays as {influence}, recorded {}", a.node, a.influence));
+            let replayed = influence.get(&node).copied().unwrap_or(0.0);
+            if replayed.to_bits() != a.influence.to_bits() {
+                return Err(format!("influence of {} replays as {replayed}, recorded {}", a.node, a.influence));
             }
-            if influence == 0.0 {
+            if replayed == 0.0 {
                 // A linear rule skips a zero coefficient without reading the delta.
                 self.check_blob(&a.delta_hash).map_err(|e| format!("delta of {}: {e}", a.node))?;
             } else {
@@ -318,41 +316,43 @@ impl Auditor<'_> {
                 self.report.blob_bytes += self.blob_len(&a.delta_hash);
             }
         }
-        let outer_out = outer_to_state(&moved.outer_state, &moved.base).map_err(|e| e.to_string())?;
-        if outer_out.map(|s| s.content_hash()) != *outer_state_out {
+        let replayed_unassigned = aggregation::unassigned_share(&influence);
+        if replayed_unassigned.to_bits() != unassigned.to_bits() {
+            return Err(format!("the unassigned share replays as {replayed_unassigned}, recorded {unassigned}"));
+        }
+        let refs = next.refs().map_err(|e| e.to_string())?;
+        if refs.outer_state != *outer_state_out {
             return Err("the replayed outer-optimizer state differs from the recorded one".into());
         }
-        let replayed_center = moved.outcome.center.as_ref().map(ModelState::content_hash).or(*center_in);
-        if replayed_center != *center_out {
+        if refs.center != *center_out {
             return Err("the replayed center differs from the recorded one".into());
         }
-        let next = moved.base.content_hash();
         self.report.replayed += 1;
         // The blobs the next state refers to must be stored and intact.
-        for hash in [Some(&next), outer_state_out.as_ref(), center_out.as_ref()].into_iter().flatten() {
+        for hash in [Some(&refs.base_hash), refs.outer_state.as_ref(), refs.center.as_ref()].into_iter().flatten() {
             self.check_blob(hash).map_err(|e| format!("state blob: {e}"))?;
         }
-        self.now.outer = *outer_state_out;
-        self.now.center = *center_out;
-        if next != self.now.base {
-            self.publish = Some((entry.seq, *round, next));
-            self.base = Some(moved.base);
+        self.now.outer_state = refs.outer_state;
+        self.now.center = refs.center;
+        if refs.base_hash != self.now.base_hash {
+            self.publish = Some((entry.seq, *round, refs.base_hash));
         } else {
             self.closed.insert(*round, self.now);
         }
+        self.point = Some(next);
         Ok(())
     }
 
     /// Reads a blob whole and checks it against its name.
     fn check_blob(&mut self, hash: &ContentHash) -> Result<(), String> {
-        let bytes = self.store.check(hash).map_err(|e| e.to_string())?;
+        let bytes = self.store.open(hash).and_then(|blob| blob.check()).map_err(|e| e.to_string())?;
         self.report.blobs += 1;
         self.report.blob_bytes += bytes;
         Ok(())
     }
 
     fn blob_len(&self, hash: &ContentHash) -> u64 {
-        std::fs::metadata(self.store.path_of(hash)).map(|m| m.len()).unwrap_or(0)
+        self.store.open(hash).map(|blob| blob.bytes().len() as u64).unwrap_or(0)
     }
 
     /// The state database's head must be what the ledger says.
@@ -367,11 +367,10 @@ impl Auditor<'_> {
                 self.config_hash
             )));
         }
-        let now = Point { base: head.base_hash, outer: head.outer_state, center: head.center };
-        if now != self.now {
+        if head.model != self.now {
             return Err(AuditError::State(format!(
                 "current base {}, the ledger ends at {}",
-                head.base_hash, self.now.base
+                head.model.base_hash, self.now.base_hash
             )));
         }
         let open = self.open.as_ref().map(|o| o.round);

@@ -1,31 +1,38 @@
 //! The round engine: open a round, take contributions one by one, close it.
 //!
+//! A round's life, as the methods below read:
+//! * [`open_round`](Coordinator::open_round) announces the round and the base;
+//! * [`submit`](Coordinator::submit) checks a contribution, measures it on the held-out sets,
+//!   stores its delta and admits it (or refuses it, with a named reason);
+//! * [`close_round`](Coordinator::close_round) decides (policy, governance, quorum), advances the
+//!   model point with the aggregator and the outer optimizer, records and publishes.
+//!
 //! In durable mode (see [`durable`]) every step is committed to a [`Journal`] together with the
 //! ledger entries that describe it, and a restarted coordinator continues where it stopped.
 
 mod durable;
 
-pub use durable::roll_back;
+pub use durable::{roll_back, ConfigDifference, DurableCoordinator};
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use weft_core::aggregate::OuterError;
 use weft_core::contribution::{self, OpenRound};
 use weft_core::quality::{measured_quality, LossTable};
 use weft_core::{
-    Aggregator, AggregatorError, ContentHash, Contribution, ModelState, NodeId, OuterOptimizer, OuterState, Policy,
-    PolicyError, Rejection, StateError, Weighting,
+    Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta, ModelState, NodeId, OuterOptimizer,
+    Policy, PolicyError, Rejection, StateError, Weighting,
 };
+use weft_ledger::{ContributionManifest, Event, Refusal, Signature};
 
-use weft_ledger::{ContributionManifest, Event, Refusal};
-
-use crate::aggregation::{self, Accepted, MoveError};
+use crate::aggregation::{self, Accepted, Influence, MoveError, StepRules};
 use crate::governance::{Governance, GovernanceError};
+use crate::head::{ModelHead, ModelPoint, ModelRefs};
 use crate::journal::{Head, Journal, JournalError, Rows};
-
-use crate::blobs::{BlobStore, StoreError};
 use crate::measure::{Measure, MeasureError};
 use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
+use crate::store::{BlobStore, StoreError};
 
 /// A member of the consortium: a node id and the language (jurisdiction) it speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +79,7 @@ pub enum CoordinatorError {
     #[error("node {0} is listed twice in the roster")]
     DuplicateMember(NodeId),
     #[error("the initial base is unusable: {0}")]
-    Base(StateError),
+    Base(#[source] StateError),
     #[error("round {0} is already open")]
     RoundOpen(u64),
     #[error("no round is open")]
@@ -83,13 +90,14 @@ pub enum CoordinatorError {
     Journal(#[from] JournalError),
     #[error("an earlier write to the journal failed; restart the coordinator from its journal")]
     Broken,
-    #[error("this coordinator keeps no journal (durable mode is off)")]
+    #[error("the journal has no signing key (it was opened read-only)")]
     NotDurable,
     #[error(
-        "{dir} holds a consortium created with a different configuration ({keys} differ); \
-         start it with the settings it was created with, or use a new directory"
+        "{dir} holds a consortium created with a different configuration ({}); \
+         start it with the settings it was created with, or use a new directory",
+        differences.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
-    ConfigMismatch { dir: std::path::PathBuf, keys: String },
+    ConfigMismatch { dir: std::path::PathBuf, differences: Vec<ConfigDifference> },
     #[error("cannot roll back to round {to}: the last closed round is {last}")]
     RollbackTarget { to: u64, last: u64 },
     #[error("cannot roll back while round {0} is open")]
@@ -107,65 +115,93 @@ pub enum SubmitError {
     Internal(#[from] CoordinatorError),
 }
 
+/// What the coordinator measured of an admitted contribution, kept until the round closes.
+#[derive(Clone, Copy, Debug)]
+struct Admitted {
+    quality: f64,
+    /// What the node declared as its quality; only the `declared` weighting baseline reads it.
+    declared_quality: f64,
+    delta_hash: ContentHash,
+    delta_norm: f64,
+}
+
+/// The round being collected.
 struct Pending {
     round: u64,
-    /// Nodes whose contribution passed the checks this round (one each).
-    received: BTreeSet<NodeId>,
+    /// Every contribution received, in arrival order, refused ones included.
     records: Vec<ContributionRecord>,
-    measured: Vec<(NodeId, f64)>,
-    /// What each measured node declared as its quality (`quality`, else `validation_gain`);
-    /// used only by the [`Weighting::Declared`] baseline.
-    declared: Vec<(NodeId, f64)>,
-    /// Content hash and L2 norm of each measured delta.
-    deltas: BTreeMap<NodeId, (ContentHash, f64)>,
+    /// The contributions that passed the checks and were measured (one per node).
+    admitted: BTreeMap<NodeId, Admitted>,
     /// Merkle leaves of this round's `contribution_received` ledger entries (durable mode).
     leaves: Vec<ContentHash>,
 }
 
 impl Pending {
     fn new(round: u64) -> Self {
-        Pending {
-            round,
-            received: BTreeSet::new(),
-            records: Vec::new(),
-            measured: Vec::new(),
-            declared: Vec::new(),
-            deltas: BTreeMap::new(),
-            leaves: Vec::new(),
-        }
+        Pending { round, records: Vec::new(), admitted: BTreeMap::new(), leaves: Vec::new() }
+    }
+
+    /// Takes a measured contribution into the round: the one place a node becomes a candidate,
+    /// whether it just arrived or is restored from the journal after a restart.
+    fn admit(&mut self, record: ContributionRecord, admitted: Admitted) {
+        self.admitted.insert(record.node.clone(), admitted);
+        self.records.push(record);
+    }
+
+    /// The scores the policy weighs: measured quality, or the declared one for the baseline.
+    fn scores(&self, weighting: Weighting) -> Vec<(NodeId, f64)> {
+        let score = |a: &Admitted| if weighting == Weighting::Declared { a.declared_quality } else { a.quality };
+        self.admitted.iter().map(|(node, a)| (node.clone(), score(a))).collect()
+    }
+
+    /// The decision's accepted deltas, in node-id order: arrival order never changes a bit.
+    fn accepted(&self, decision: &Decision) -> Vec<Accepted> {
+        decision
+            .weights
+            .iter()
+            .filter_map(|(node, &weight)| {
+                let a = self.admitted.get(node)?;
+                Some(Accepted { node: node.clone(), hash: a.delta_hash, weight, norm: a.delta_norm })
+            })
+            .collect()
     }
 }
 
-pub struct Coordinator<M: Measure> {
-    roster: BTreeMap<NodeId, String>,
-    roster_ids: BTreeSet<NodeId>,
+/// The consortium's rules for a round, fixed when it was created.
+#[derive(Clone, Copy, Debug)]
+struct Rules {
     policy: Policy,
-    outer: OuterOptimizer,
-    outer_state: BTreeMap<String, OuterState>,
     aggregator: Aggregator,
-    governance: Option<Governance>,
-    /// Centered clipping's center from the last round that moved the base.
-    center: Option<ModelState>,
-    base: ModelState,
-    base_hash: ContentHash,
-    base_loss: LossTable,
-    /// The last closed round (0 before the first).
-    round: u64,
-    measure: M,
+    outer: OuterOptimizer,
     /// A delta is measured as `base + probe_scale · Δ`: by default 1/N (N = roster size), the
     /// share it would get under equal weighting, so that quality reflects the delta at the size
     /// it can enter the base rather than a whole local model that has drifted to its own data.
     probe_scale: f32,
-    store: BlobStore,
+}
+
+impl Rules {
+    fn step(&self) -> StepRules {
+        StepRules { aggregator: self.aggregator, cap: self.policy.cap, outer: self.outer }
+    }
+}
+
+pub struct Coordinator<M: Measure> {
+    /// node → language.
+    roster: BTreeMap<NodeId, String>,
+    roster_ids: BTreeSet<NodeId>,
+    rules: Rules,
+    governance: Option<Governance>,
+    head: ModelHead,
+    /// The last closed round (0 before the first).
+    round: u64,
+    measure: M,
+    store: Arc<dyn BlobStore>,
     open: Option<Pending>,
     manifests: BTreeMap<NodeId, NodeManifest>,
     /// Durable mode: every step is committed here with its ledger entries.
     journal: Option<Box<dyn Journal>>,
     /// A journal write failed: memory may be ahead of disk, so nothing more is accepted.
     broken: bool,
-    /// Blob hashes of the outer optimizer's state and of the center (durable mode).
-    outer_hash: Option<ContentHash>,
-    center_hash: Option<ContentHash>,
     config_hash: ContentHash,
     roster_hash: ContentHash,
 }
@@ -177,7 +213,7 @@ impl<M: Measure> Coordinator<M> {
         policy: Policy,
         outer: OuterOptimizer,
         mut measure: M,
-        store: BlobStore,
+        store: Arc<dyn BlobStore>,
     ) -> Result<Self, CoordinatorError> {
         policy.validate()?;
         outer.validate()?;
@@ -195,28 +231,22 @@ impl<M: Measure> Coordinator<M> {
         }
         base.check_finite().map_err(CoordinatorError::Base)?;
         let base_loss = measure.heldout_loss(&base)?;
+        let refs = ModelRefs { base_hash: base.content_hash(), outer_state: None, center: None };
         let manifests = roster
             .iter()
             .map(|(node, language)| {
                 let manifest =
-                    NodeManifest { node: node.to_string(), language: language.clone(), contributions: Vec::new() };
+                    NodeManifest { node: node.clone(), language: language.clone(), contributions: Vec::new() };
                 (node.clone(), manifest)
             })
             .collect();
         let probe_scale = 1.0 / roster.len() as f32;
         Ok(Coordinator {
-            probe_scale,
             roster_ids: roster.keys().cloned().collect(),
             roster,
-            policy,
-            outer,
-            outer_state: BTreeMap::new(),
-            aggregator: Aggregator::WeightedMean,
+            rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale },
             governance: None,
-            center: None,
-            base_hash: base.content_hash(),
-            base,
-            base_loss,
+            head: ModelHead { point: ModelPoint::new(base), refs, base_loss },
             round: 0,
             measure,
             store,
@@ -224,8 +254,6 @@ impl<M: Measure> Coordinator<M> {
             manifests,
             journal: None,
             broken: false,
-            outer_hash: None,
-            center_hash: None,
             config_hash: ContentHash([0; 32]),
             roster_hash: ContentHash([0; 32]),
         })
@@ -236,7 +264,7 @@ impl<M: Measure> Coordinator<M> {
         if !(scale > 0.0 && scale <= 1.0) {
             return Err(CoordinatorError::ProbeScale(scale));
         }
-        self.probe_scale = scale;
+        self.rules.probe_scale = scale;
         Ok(self)
     }
 
@@ -248,7 +276,7 @@ impl<M: Measure> Coordinator<M> {
         if self.roster.len() < needed {
             return Err(CoordinatorError::RosterTooSmall { rule: rule.to_string(), needed, roster: self.roster.len() });
         }
-        self.aggregator = rule;
+        self.rules.aggregator = rule;
         Ok(self)
     }
 
@@ -263,24 +291,24 @@ impl<M: Measure> Coordinator<M> {
     }
 
     pub fn aggregator(&self) -> &Aggregator {
-        &self.aggregator
+        &self.rules.aggregator
     }
 
     pub fn probe_scale(&self) -> f32 {
-        self.probe_scale
+        self.rules.probe_scale
     }
 
     pub fn base(&self) -> &ModelState {
-        &self.base
+        self.head.base()
     }
 
     pub fn base_hash(&self) -> ContentHash {
-        self.base_hash
+        self.head.base_hash()
     }
 
     /// Held-out loss per language of the current base.
     pub fn base_loss(&self) -> &LossTable {
-        &self.base_loss
+        &self.head.base_loss
     }
 
     /// The last closed round.
@@ -289,19 +317,15 @@ impl<M: Measure> Coordinator<M> {
     }
 
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        &self.rules.policy
     }
 
     pub fn manifests(&self) -> &BTreeMap<NodeId, NodeManifest> {
         &self.manifests
     }
 
-    /// The key that signs the ledger (durable mode).
-    pub fn public_key(&self) -> Option<weft_ledger::PublicKey> {
-        self.journal.as_ref().and_then(|j| j.public_key())
-    }
-
-    pub fn store(&self) -> &BlobStore {
+    /// The blob store: bases, deltas and optimizer state by content hash.
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
         &self.store
     }
 
@@ -312,10 +336,10 @@ impl<M: Measure> Coordinator<M> {
 
     /// The open round, if any, and the nodes whose contribution it has taken for measurement
     /// (a node refused at the checks may still send a valid one).
-    pub fn open_round_state(&self) -> Option<(Announcement, BTreeSet<String>)> {
+    pub fn open_round_state(&self) -> Option<(Announcement, BTreeSet<NodeId>)> {
         let pending = self.open.as_ref()?;
-        let nodes = pending.records.iter().filter(|r| r.delta_hash.is_some()).map(|r| r.node.clone()).collect();
-        Some((Announcement { round: pending.round, base_hash: self.base_hash }, nodes))
+        let nodes = pending.admitted.keys().cloned().collect();
+        Some((Announcement { round: pending.round, base_hash: self.base_hash() }, nodes))
     }
 
     pub fn open_round(&mut self) -> Result<Announcement, CoordinatorError> {
@@ -325,24 +349,21 @@ impl<M: Measure> Coordinator<M> {
         }
         let round = self.round + 1;
         self.begin(round)?;
-        let event = Event::RoundOpened {
-            round,
-            base_hash: self.base_hash,
-            config_hash: self.config_hash,
-            roster_hash: self.roster_hash,
-        };
+        let base_hash = self.base_hash();
+        let event =
+            Event::RoundOpened { round, base_hash, config_hash: self.config_hash, roster_hash: self.roster_hash };
         if let Err(e) = self.commit(Some(round), Rows::default(), vec![event]) {
             self.open = None;
             return Err(e);
         }
-        tracing::info!(round, base = %self.base_hash.short(), "round opened");
-        Ok(Announcement { round, base_hash: self.base_hash })
+        tracing::info!(round, base = %base_hash.short(), "round opened");
+        Ok(Announcement { round, base_hash })
     }
 
     /// Starts round `round` in memory: governance scores the base on its canaries.
     fn begin(&mut self, round: u64) -> Result<(), CoordinatorError> {
         if let Some(g) = self.governance.as_mut() {
-            g.open(round, &self.base)?;
+            g.open(round, self.head.base())?;
         }
         self.open = Some(Pending::new(round));
         Ok(())
@@ -356,14 +377,12 @@ impl<M: Measure> Coordinator<M> {
     }
 
     /// The state a restart continues from.
-    fn head(&self, open: Option<u64>) -> Head {
+    fn journal_head(&self, open: Option<u64>) -> Head {
         Head {
             round: self.round,
             open,
-            base_hash: self.base_hash,
-            outer_state: self.outer_hash,
-            center: self.center_hash,
-            base_loss: self.base_loss.clone(),
+            model: self.head.refs,
+            base_loss: self.head.base_loss.clone(),
             governance: self.governance.as_ref().map(|g| g.state().clone()),
         }
     }
@@ -376,7 +395,7 @@ impl<M: Measure> Coordinator<M> {
         rows: Rows<'_>,
         events: Vec<Event>,
     ) -> Result<Vec<weft_ledger::Entry>, CoordinatorError> {
-        let head = self.head(open);
+        let head = self.journal_head(open);
         let Some(journal) = self.journal.as_mut() else { return Ok(Vec::new()) };
         journal.commit(&head, rows, events).map_err(|e| {
             self.broken = true;
@@ -385,25 +404,10 @@ impl<M: Measure> Coordinator<M> {
         })
     }
 
-    /// Quality and held-out losses of a delta at the probe scale (on the public canaries when
-    /// governance runs).
-    fn score(&mut self, node: &NodeId, delta: &weft_core::Delta) -> Result<(f64, LossTable), CoordinatorError> {
-        let candidate = delta.applied_to(&self.base, self.probe_scale).map_err(CoordinatorError::Base)?;
-        match self.governance.as_mut() {
-            Some(g) => {
-                let whole = delta.applied_to(&self.base, 1.0).map_err(CoordinatorError::Base)?;
-                Ok(g.score(node, &candidate, &whole)?)
-            }
-            None => {
-                let heldout = self.measure.heldout_loss(&candidate)?;
-                Ok((measured_quality(&self.base_loss, &heldout), heldout))
-            }
-        }
-    }
-
-    /// Checks a contribution, measures `base + Δ` on the held-out sets, and stores the delta by
-    /// its content hash. The base is never touched here. Every outcome is recorded (and, in
-    /// durable mode, committed with its ledger entries before this returns).
+    /// Checks a contribution, measures it on the held-out sets at the probe scale
+    /// (`base + s·Δ`), and stores the delta by its content hash. The base is never touched here.
+    /// Every outcome is recorded (and, in durable mode, committed with its ledger entries before
+    /// this returns).
     pub fn submit(&mut self, contribution: Contribution) -> Result<Receipt, SubmitError> {
         self.submit_signed(contribution, None)
     }
@@ -413,209 +417,266 @@ impl<M: Measure> Coordinator<M> {
     pub fn submit_signed(
         &mut self,
         contribution: Contribution,
-        signature: Option<weft_ledger::Signature>,
+        signature: Option<Signature>,
     ) -> Result<Receipt, SubmitError> {
         self.usable()?;
-        let Some(pending) = self.open.as_ref() else {
+        let Some(round) = self.open.as_ref().map(|p| p.round) else {
             return Err(SubmitError::Rejected(Rejection::NoOpenRound));
         };
-        let round = pending.round;
-        let language = self.roster.get(&contribution.node).cloned();
-        let mut record = ContributionRecord {
-            node: contribution.node.to_string(),
-            language,
-            accepted: false,
-            reason: None,
-            detail: None,
-            quality: None,
-            weight: 0.0,
-            capped: false,
-            influence: 0.0,
-            // Recorded as sent, less what JSON (and so the journal and ledger) cannot carry.
-            declared: contribution
-                .declared
-                .iter()
-                .filter(|(_, v)| v.is_finite())
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            token_count: contribution.token_count,
-            delta_hash: None,
-            delta_norm: None,
-            heldout_loss: None,
-        };
-        let open = OpenRound {
-            round,
-            base: &self.base,
-            base_hash: self.base_hash,
-            roster: &self.roster_ids,
-            received: &pending.received,
-        };
-        if let Err(reason) = contribution::check(&contribution, &open) {
-            if let (Some(g), true) = (self.governance.as_mut(), self.roster.contains_key(&contribution.node)) {
-                if !matches!(reason, Rejection::DuplicateNode) {
-                    g.failed(&contribution.node);
-                }
-            }
-            tracing::warn!(node = %contribution.node, reason = reason.code(), "contribution rejected: {reason}");
-            record.reason = Some(reason.code().to_owned());
-            record.detail = Some(reason.to_string());
-            let received = Event::ContributionReceived {
-                round,
-                node: record.node.clone(),
-                manifest_hash: manifest_of(&contribution, contribution.delta.content_hash()).hash(),
-                node_signature: signature,
-                delta_hash: None,
-                refused: Some(Refusal { code: reason.code().to_owned(), detail: reason.to_string() }),
-            };
-            let entries =
-                self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, vec![received])?;
-            if let Some(pending) = self.open.as_mut() {
-                pending.leaves.extend(entries.iter().map(weft_ledger::Entry::leaf));
-                pending.records.push(record);
-            }
+        let record = ContributionRecord::arrived(&contribution, self.roster.get(&contribution.node).cloned());
+        if let Err(reason) = self.check(&contribution, round) {
+            self.refuse(round, &contribution, record, signature, &reason)?;
             return Err(SubmitError::Rejected(reason));
         }
-        // Measured at its fair share of the step (see `probe_scale`).
+        // Measured at its fair share of the step (see `Rules::probe_scale`).
         let (quality, heldout) = self.score(&contribution.node, &contribution.delta)?;
-        weft_core::crash::point("contribution-measured");
-        let delta_hash = self.store.put(&contribution.delta).map_err(CoordinatorError::from)?;
-        let norm = contribution.delta.norm();
-        record.quality = quality.is_finite().then_some(quality);
-        record.delta_hash = Some(delta_hash);
-        record.delta_norm = Some(norm);
+        weft_durable::crash::point("contribution-measured");
+        let delta_hash = self.store.put(contribution.delta.state()).map_err(CoordinatorError::from)?;
+        let admitted = Admitted {
+            quality,
+            declared_quality: record.declared_quality(),
+            delta_hash,
+            delta_norm: contribution.delta.norm(),
+        };
+        self.admit(round, &contribution, record, signature, admitted, heldout)?;
+        tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
+        Ok(Receipt { node: contribution.node, quality, delta_hash })
+    }
+
+    /// The structural checks against the open round, cheapest first.
+    fn check(&self, contribution: &Contribution, round: u64) -> Result<(), Rejection> {
+        let received = self.open.as_ref().map(|p| p.admitted.keys().cloned().collect()).unwrap_or_default();
+        let open = OpenRound {
+            round,
+            base: self.head.base(),
+            base_hash: self.base_hash(),
+            roster: &self.roster_ids,
+            received: &received,
+        };
+        contribution::check(contribution, &open)
+    }
+
+    /// Records a contribution refused at the checks (a failed audit for governance).
+    fn refuse(
+        &mut self,
+        round: u64,
+        contribution: &Contribution,
+        mut record: ContributionRecord,
+        signature: Option<Signature>,
+        reason: &Rejection,
+    ) -> Result<(), CoordinatorError> {
+        if self.roster.contains_key(&contribution.node) && !matches!(reason, Rejection::DuplicateNode) {
+            if let Some(g) = self.governance.as_mut() {
+                g.failed(&contribution.node);
+            }
+        }
+        tracing::warn!(node = %contribution.node, reason = reason.code().as_str(), "contribution rejected: {reason}");
+        record.reject(reason);
+        let received = Event::ContributionReceived {
+            round,
+            node: contribution.node.to_string(),
+            manifest_hash: manifest_of(contribution, contribution.delta.content_hash()).hash(),
+            node_signature: signature,
+            delta_hash: None,
+            refused: Some(Refusal { code: reason.code().to_string(), detail: reason.to_string() }),
+        };
+        let rows = Rows { contribution: Some((round, &record)), closed: None };
+        let entries = self.commit(Some(round), rows, vec![received])?;
+        if let Some(pending) = self.open.as_mut() {
+            pending.leaves.extend(entries.iter().map(weft_ledger::Entry::leaf));
+            pending.records.push(record);
+        }
+        Ok(())
+    }
+
+    /// Commits a measured contribution with its ledger entries, then admits it to the round.
+    fn admit(
+        &mut self,
+        round: u64,
+        contribution: &Contribution,
+        mut record: ContributionRecord,
+        signature: Option<Signature>,
+        admitted: Admitted,
+        heldout: LossTable,
+    ) -> Result<(), CoordinatorError> {
+        record.quality = admitted.quality.is_finite().then_some(admitted.quality);
+        record.delta_hash = Some(admitted.delta_hash);
+        record.delta_norm = Some(admitted.delta_norm);
         // JSON (and so the journal) cannot carry an infinite loss: such a table is not kept.
         record.heldout_loss = heldout.values().all(|v| v.is_finite()).then(|| heldout.clone());
         let events = vec![
             Event::ContributionReceived {
                 round,
-                node: record.node.clone(),
-                manifest_hash: manifest_of(&contribution, delta_hash).hash(),
+                node: contribution.node.to_string(),
+                manifest_hash: manifest_of(contribution, admitted.delta_hash).hash(),
                 node_signature: signature,
-                delta_hash: Some(delta_hash),
+                delta_hash: Some(admitted.delta_hash),
                 refused: None,
             },
             Event::Evaluation {
                 round,
-                node: record.node.clone(),
+                node: contribution.node.to_string(),
                 quality: record.quality,
                 heldout_loss: heldout.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect(),
-                delta_norm: norm,
+                delta_norm: admitted.delta_norm,
             },
         ];
         let entries = self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, events)?;
-        let claim = contribution.declared.get("quality").or(contribution.declared.get("validation_gain"));
         if let Some(pending) = self.open.as_mut() {
             pending.leaves.extend(entries.first().map(weft_ledger::Entry::leaf));
-            pending.received.insert(contribution.node.clone());
-            pending.records.push(record);
-            pending.measured.push((contribution.node.clone(), quality));
-            pending.declared.push((contribution.node.clone(), claim.copied().unwrap_or(f64::NAN)));
-            pending.deltas.insert(contribution.node.clone(), (delta_hash, norm));
+            pending.admit(record, admitted);
         }
-        tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
-        Ok(Receipt { node: contribution.node, quality, delta_hash })
+        Ok(())
     }
 
-    /// Applies the policy, aggregates the accepted deltas tensor by tensor from the store, moves
-    /// the base with the outer optimizer, and returns the round's record. If nothing is accepted
-    /// (or the quorum is missed) the base stays bitwise unchanged.
+    /// Quality and held-out losses of a delta at the probe scale (on the public canaries when
+    /// governance runs).
+    fn score(&mut self, node: &NodeId, delta: &Delta) -> Result<(f64, LossTable), CoordinatorError> {
+        let base = self.head.base();
+        let candidate = delta.applied_to(base, self.rules.probe_scale).map_err(CoordinatorError::Base)?;
+        match self.governance.as_mut() {
+            Some(g) => {
+                let whole = delta.applied_to(base, 1.0).map_err(CoordinatorError::Base)?;
+                Ok(g.score(node, &candidate, &whole)?)
+            }
+            None => {
+                let heldout = self.measure.heldout_loss(&candidate)?;
+                Ok((measured_quality(&self.head.base_loss, &heldout), heldout))
+            }
+        }
+    }
+
+    /// Decides, advances the model point with the accepted deltas, records and publishes the
+    /// round. If nothing is accepted (or the quorum is missed) the base stays bitwise unchanged.
+    /// On an error nothing has changed and the round can be closed again.
     pub fn close_round(&mut self) -> Result<RoundRecord, CoordinatorError> {
-        let Some(mut pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
-        let scores = if self.policy.weighting == Weighting::Declared { &pending.declared } else { &pending.measured };
-        let mut decision = self.policy.decide(scores, self.roster.len());
-        if let Some(g) = self.governance.as_ref() {
-            g.adjust(&mut decision, self.policy.cap);
-        }
-        let required = self.policy.required(self.roster.len());
-        if decision.weights.len() < required && !decision.weights.is_empty() {
-            // Governance removed some: the quorum is judged on what is left.
-            let accepted = decision.weights.len();
-            for node in std::mem::take(&mut decision.weights).into_keys() {
-                decision.rejected.insert(node, Rejection::QuorumNotMet { accepted, required });
+        self.usable()?;
+        let Some(pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
+        let decision = self.decide(&pending);
+        let accepted = pending.accepted(&decision);
+        let advanced = match self.advance(&accepted) {
+            Ok(advanced) => advanced,
+            Err(e) => {
+                self.open = Some(pending);
+                return Err(e);
             }
-            decision.capped.clear();
-            decision.unassigned = 1.0;
-        }
-        // Accepted deltas in node-id order: arrival order never changes a bit of the result.
-        let accepted: Vec<Accepted> = decision
-            .weights
-            .iter()
-            .filter_map(|(node, &weight)| {
-                pending.deltas.get(node).map(|&(hash, norm)| Accepted { node: node.clone(), hash, weight, norm })
-            })
-            .collect();
-        if !accepted.is_empty() {
-            if let Err(AggregatorError::TooFew { rule, needed, got }) = self.aggregator.check_inputs(accepted.len()) {
-                for a in &accepted {
-                    let reason = Rejection::TooFewForAggregator { rule: rule.clone(), accepted: got, needed };
-                    decision.rejected.insert(a.node.clone(), reason);
-                }
-                decision.weights.clear();
-                decision.capped.clear();
-                decision.unassigned = 1.0;
+        };
+        let refs_in = self.head.refs;
+        let influence = match advanced {
+            Some((head, influence)) => {
+                self.head = head;
+                influence
             }
-        }
-        let previous_base_hash = self.base_hash;
-        let (outer_in, center_in) = (self.outer_hash, self.center_hash);
-        let mut influence = BTreeMap::new();
-        if !decision.weights.is_empty() {
-            match self.move_base(&accepted) {
-                Ok(moved) => {
-                    self.base_hash = moved.base_hash;
-                    self.base = moved.base;
-                    self.outer_state = moved.outer_state;
-                    self.outer_hash = moved.outer_hash;
-                    if moved.center.is_some() {
-                        self.center = moved.center;
-                        self.center_hash = moved.center_hash;
-                    }
-                    influence = moved.influence;
-                    self.base_loss = moved.base_loss;
-                }
-                Err(e) => {
-                    // Leave the round closable again: nothing was changed.
-                    self.open = Some(pending);
-                    return Err(e);
-                }
-            }
-        }
+            None => Influence::new(),
+        };
         let governance = self.governance.as_mut().and_then(Governance::commit);
-        for record in &mut pending.records {
-            let Ok(node) = NodeId::new(record.node.clone()) else { continue };
-            if record.delta_hash.is_none() {
-                continue; // rejected by the checks; reason already set
+        self.round = pending.round;
+        let record = self.round_record(pending.records, &decision, &influence, refs_in.base_hash, governance);
+        let events = self.round_events(&record, &accepted, refs_in, &pending.leaves);
+        self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
+        self.add_to_manifests(&record);
+        tracing::info!(round = record.round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
+        Ok(record)
+    }
+
+    /// The policy's weights; then governance's (Goodhart detector, reputation) and the quorum on
+    /// what is left; then the aggregator's minimum number of inputs. Changes nothing.
+    fn decide(&self, pending: &Pending) -> Decision {
+        let roster = self.roster.len();
+        let policy = &self.rules.policy;
+        let mut decision = policy.decide(&pending.scores(policy.weighting), roster);
+        if let Some(g) = self.governance.as_ref() {
+            g.adjust(&mut decision, policy.cap);
+            policy.check_quorum(&mut decision, roster);
+        }
+        if !decision.weights.is_empty() {
+            if let Err(AggregatorError::TooFew { rule, needed, got }) =
+                self.rules.aggregator.check_inputs(decision.weights.len())
+            {
+                decision.reject_all(|_| Rejection::TooFewForAggregator { rule: rule.clone(), accepted: got, needed });
             }
-            if let Some(&w) = decision.weights.get(&node) {
+        }
+        decision
+    }
+
+    /// `next = base + outer(step)`, with the step computed by the aggregator from the store,
+    /// the new base measured, and (in durable mode) everything stored as blobs before anything
+    /// refers to it. `None` when nothing was accepted. Works on copies: an error leaves the
+    /// coordinator untouched.
+    fn advance(&mut self, accepted: &[Accepted]) -> Result<Option<(ModelHead, Influence)>, CoordinatorError> {
+        if accepted.is_empty() {
+            return Ok(None);
+        }
+        let (point, influence) = aggregation::advance(&self.head.point, &self.rules.step(), accepted, &*self.store)?;
+        weft_durable::crash::point("round-aggregated");
+        let base_loss = self.measure.heldout_loss(&point.base)?;
+        let refs = if self.journal.is_some() {
+            point.store(&*self.store)?
+        } else {
+            // Memory-only: the optimizer state and center are neither copied nor hashed (only
+            // the ledger names them).
+            ModelRefs { base_hash: point.base.content_hash(), outer_state: None, center: None }
+        };
+        weft_durable::crash::point("round-blobs-stored");
+        Ok(Some((ModelHead { point, refs, base_loss }, influence)))
+    }
+
+    /// The round's record: each contribution's decision, weight and influence, and what stayed
+    /// with the base.
+    fn round_record(
+        &self,
+        mut contributions: Vec<ContributionRecord>,
+        decision: &Decision,
+        influence: &Influence,
+        previous_base_hash: ContentHash,
+        governance: Option<crate::governance::GovernanceRecord>,
+    ) -> RoundRecord {
+        for record in contributions.iter_mut().filter(|r| r.delta_hash.is_some()) {
+            if let Some(&w) = decision.weights.get(&record.node) {
                 record.accepted = true;
                 record.weight = w;
-                record.influence = influence.get(&node).copied().unwrap_or(0.0);
-                record.capped = decision.capped.contains(&node);
-            } else if let Some(reason) = decision.rejected.get(&node) {
-                record.reason = Some(reason.code().to_owned());
-                record.detail = Some(reason.to_string());
+                record.influence = influence.get(&record.node).copied().unwrap_or(0.0);
+                record.capped = decision.capped.contains(&record.node);
+            } else if let Some(reason) = decision.rejected.get(&record.node) {
+                record.reject(reason);
             }
         }
-        self.round = pending.round;
-        let record = RoundRecord {
-            round: pending.round,
+        let base_hash = self.base_hash();
+        RoundRecord {
+            round: self.round,
             previous_base_hash,
-            base_hash: self.base_hash,
-            base_changed: self.base_hash != previous_base_hash,
-            unassigned_share: decision.unassigned,
-            quorum_required: self.policy.required(self.roster.len()),
-            probe_scale: self.probe_scale,
-            aggregator: self.aggregator.to_string(),
+            base_hash,
+            base_changed: base_hash != previous_base_hash,
+            unassigned_share: if influence.is_empty() {
+                decision.unassigned
+            } else {
+                aggregation::unassigned_share(influence)
+            },
+            quorum_required: self.rules.policy.required(self.roster.len()),
+            probe_scale: self.rules.probe_scale,
+            aggregator: self.rules.aggregator.to_string(),
             governance,
             accepted: decision.weights.len(),
-            contributions: pending.records,
-            heldout_loss: self.base_loss.clone(),
-        };
-        let decision_event = Event::Decision {
+            contributions,
+            heldout_loss: self.head.base_loss.clone(),
+        }
+    }
+
+    /// The ledger entries of a closed round: the decision, and the new base if it moved.
+    fn round_events(
+        &self,
+        record: &RoundRecord,
+        accepted: &[Accepted],
+        refs_in: ModelRefs,
+        leaves: &[ContentHash],
+    ) -> Vec<Event> {
+        let refs_out = self.head.refs;
+        let decision = Event::Decision {
             round: record.round,
             accepted: accepted
                 .iter()
                 .filter_map(|a| {
-                    let r = record.contributions.iter().find(|r| r.accepted && r.node == a.node.as_str())?;
+                    let r = record.contributions.iter().find(|r| r.accepted && r.node == a.node)?;
                     Some(weft_ledger::Accepted {
                         node: a.node.to_string(),
                         delta_hash: a.hash,
@@ -631,43 +692,43 @@ impl<M: Measure> Coordinator<M> {
                 .iter()
                 .filter(|r| !r.accepted)
                 .map(|r| weft_ledger::Rejected {
-                    node: r.node.clone(),
-                    code: r.reason.clone().unwrap_or_default(),
+                    node: r.node.to_string(),
+                    code: r.reason.map(|c| c.to_string()).unwrap_or_default(),
                     detail: r.detail.clone().unwrap_or_default(),
                 })
                 .collect(),
             unassigned: record.unassigned_share,
             aggregator: record.aggregator.clone(),
-            cap: self.policy.cap,
-            outer: self.outer,
-            outer_state_in: outer_in,
-            outer_state_out: self.outer_hash,
-            center_in,
-            center_out: self.center_hash,
-            contributions_root: weft_ledger::merkle_root(&pending.leaves),
-            contributions: pending.leaves.len(),
+            cap: self.rules.policy.cap,
+            outer: self.rules.outer,
+            outer_state_in: refs_in.outer_state,
+            outer_state_out: refs_out.outer_state,
+            center_in: refs_in.center,
+            center_out: refs_out.center,
+            contributions_root: weft_ledger::merkle_root(leaves),
+            contributions: leaves.len(),
             governance_hash: record.governance.as_ref().map(json_hash),
         };
-        let mut events = vec![decision_event];
+        let mut events = vec![decision];
         if record.base_changed {
             events.push(Event::BasePublished {
                 round: record.round,
-                previous_base_hash,
-                base_hash: self.base_hash,
-                heldout_loss: self.base_loss.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect(),
+                previous_base_hash: record.previous_base_hash,
+                base_hash: record.base_hash,
+                heldout_loss: record
+                    .heldout_loss
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.is_finite().then_some(*v)))
+                    .collect(),
             });
         }
-        self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
-        self.add_to_manifests(&record);
-        tracing::info!(round = record.round, accepted = record.accepted, base = %self.base_hash.short(), "round closed");
-        Ok(record)
+        events
     }
 
     /// Each node's manifest gains its entry of a closed round.
     fn add_to_manifests(&mut self, record: &RoundRecord) {
         for r in &record.contributions {
-            let Ok(node) = NodeId::new(r.node.clone()) else { continue };
-            if let Some(manifest) = self.manifests.get_mut(&node) {
+            if let Some(manifest) = self.manifests.get_mut(&r.node) {
                 manifest.contributions.push(ManifestEntry {
                     round: record.round,
                     base_hash: record.previous_base_hash,
@@ -675,69 +736,13 @@ impl<M: Measure> Coordinator<M> {
                     token_count: r.token_count,
                     quality: r.quality,
                     accepted: r.accepted,
-                    reason: r.reason.clone(),
+                    reason: r.reason,
                     weight: r.weight,
                     declared: r.declared.clone(),
                 });
             }
         }
     }
-
-    /// `next = base + outer(step)`, with the step computed by the aggregator from the store
-    /// (see [`aggregation`]), measured, and (in durable mode) stored as blobs before anything
-    /// refers to it. Works on copies: an error leaves the coordinator untouched.
-    fn move_base(&mut self, accepted: &[Accepted]) -> Result<NextBase, CoordinatorError> {
-        let moved = aggregation::move_base(
-            &self.aggregator,
-            accepted,
-            self.policy.cap,
-            &self.store,
-            &self.base,
-            self.center.as_ref(),
-            &self.outer,
-            &self.outer_state,
-        )?;
-        weft_core::crash::point("round-aggregated");
-        let base_loss = self.measure.heldout_loss(&moved.base)?;
-        let durable = self.journal.is_some();
-        let base_hash = if durable { self.store.put_state(&moved.base)? } else { moved.base.content_hash() };
-        // The optimizer state and center are named only for the ledger: in memory-only mode
-        // they are neither copied nor hashed.
-        let (mut outer_hash, mut center_hash) = (None, None);
-        if durable {
-            if let Some(state) =
-                aggregation::outer_to_state(&moved.outer_state, &moved.base).map_err(CoordinatorError::Base)?
-            {
-                outer_hash = Some(self.store.put_state(&state)?);
-            }
-            if let Some(center) = &moved.outcome.center {
-                center_hash = Some(self.store.put_state(center)?);
-            }
-        }
-        weft_core::crash::point("round-blobs-stored");
-        Ok(NextBase {
-            base: moved.base,
-            base_hash,
-            base_loss,
-            outer_state: moved.outer_state,
-            outer_hash,
-            center: moved.outcome.center,
-            center_hash,
-            influence: moved.outcome.influence,
-        })
-    }
-}
-
-/// A round's new base and everything that moves with it.
-struct NextBase {
-    base: ModelState,
-    base_hash: ContentHash,
-    base_loss: LossTable,
-    outer_state: BTreeMap<String, OuterState>,
-    outer_hash: Option<ContentHash>,
-    center: Option<ModelState>,
-    center_hash: Option<ContentHash>,
-    influence: BTreeMap<NodeId, f64>,
 }
 
 /// What a node states about its contribution (signed by the node in networked mode).

@@ -69,17 +69,17 @@ pub enum GovernanceError {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GovernanceState {
     /// node → topic → standing.
-    pub standings: BTreeMap<String, BTreeMap<String, Standing>>,
+    pub standings: BTreeMap<NodeId, BTreeMap<String, Standing>>,
     /// Scored reveals per canary set id.
     pub reveals: BTreeMap<String, u64>,
     /// Rounds in which each node was caught overfitting the public canaries.
-    pub flagged: BTreeMap<String, Vec<u64>>,
+    pub flagged: BTreeMap<NodeId, Vec<u64>>,
 }
 
 /// What governance measured about one contribution.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CanaryScore {
-    pub node: String,
+    pub node: NodeId,
     /// Public-canary gain per topic of the probe `base + s·Δ`.
     pub public_gain: LossTable,
     /// Secret-reserve gain per topic of the whole update `base + Δ`.
@@ -94,7 +94,7 @@ pub struct CanaryScore {
 /// One row of the reputation table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReputationRow {
-    pub node: String,
+    pub node: NodeId,
     pub topic: String,
     /// Evidence mass N.
     pub n: f64,
@@ -224,7 +224,7 @@ impl Governance {
     }
 
     /// Scores one contribution: `probe = base + s·Δ` gives its quality (mean public gain) and
-    /// `whole = base + Δ` its Goodhart gap (mean public gain − mean secret gain of the whole
+    /// `whole = base + Δ` (the whole local update) its Goodhart gap (mean public gain − mean secret gain of the whole
     /// local update, where memorised canaries show most). Returns the quality and the probe's
     /// public losses.
     pub(crate) fn score(
@@ -249,7 +249,7 @@ impl Governance {
         let flagged = goodhart_gap > self.settings.goodhart_margin;
         open.scores.insert(
             node.clone(),
-            CanaryScore { node: node.to_string(), public_gain, secret_gain, quality, goodhart_gap, flagged },
+            CanaryScore { node: node.clone(), public_gain, secret_gain, quality, goodhart_gap, flagged },
         );
         Ok((quality, public))
     }
@@ -300,7 +300,7 @@ impl Governance {
         // This round's evidence.
         let round = open.round;
         for (node, score) in &open.scores {
-            let standings = self.state.standings.entry(node.to_string()).or_default();
+            let standings = self.state.standings.entry(node.clone()).or_default();
             for topic in &topics {
                 let s = standings.entry(topic.clone()).or_default();
                 s.advance(round, &params);
@@ -317,11 +317,11 @@ impl Governance {
                 }
             }
             if score.flagged {
-                self.state.flagged.entry(node.to_string()).or_default().push(round);
+                self.state.flagged.entry(node.clone()).or_default().push(round);
             }
         }
         for node in &open.failed {
-            let standings = self.state.standings.entry(node.to_string()).or_default();
+            let standings = self.state.standings.entry(node.clone()).or_default();
             for topic in &topics {
                 let s = standings.entry(topic.clone()).or_default();
                 s.advance(round, &params);
@@ -348,7 +348,7 @@ impl Governance {
     /// it is still a newcomer.
     fn standing_summary(&self, node: &NodeId, round: u64, topics: &[String]) -> (f64, bool, f64) {
         let params = self.settings.reputation;
-        let Some(standings) = self.state.standings.get(node.as_str()) else { return (0.0, true, 1.0) };
+        let Some(standings) = self.state.standings.get(node) else { return (0.0, true, 1.0) };
         let (mut reputation, mut trust) = (0.0, 0.0);
         let mut newcomer = true;
         for topic in topics {
@@ -375,12 +375,12 @@ pub fn reputation_table(state: &GovernanceState, topics: &[String], params: &Rep
         let reputations: BTreeMap<NodeId, f64> = state
             .standings
             .iter()
-            .filter_map(|(node, s)| Some((NodeId::new(node.clone()).ok()?, s.get(topic)?.reputation(params))))
+            .filter_map(|(node, s)| Some((node.clone(), s.get(topic)?.reputation(params))))
             .collect();
         let votes = vote_weights(&reputations, params.w_max);
         for (node, standings) in &state.standings {
             let Some(s) = standings.get(topic) else { continue };
-            let vote_weight = NodeId::new(node.clone()).ok().and_then(|n| votes.get(&n).copied()).unwrap_or(0.0);
+            let vote_weight = votes.get(node).copied().unwrap_or(0.0);
             rows.push(ReputationRow {
                 node: node.clone(),
                 topic: topic.clone(),

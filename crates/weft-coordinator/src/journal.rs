@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use weft_core::quality::LossTable;
-use weft_core::ContentHash;
 use weft_ledger::{Chain, ChainError, Entry, Event, PublicKey, SigningKey};
 
 use crate::governance::GovernanceState;
+use crate::head::ModelRefs;
 use crate::record::{ContributionRecord, RoundRecord};
 
 /// Everything the coordinator needs to continue after a restart.
@@ -28,11 +28,9 @@ pub struct Head {
     pub round: u64,
     /// The round open now, if any.
     pub open: Option<u64>,
-    pub base_hash: ContentHash,
-    /// Outer optimizer state (momentum), stored as a blob.
-    pub outer_state: Option<ContentHash>,
-    /// Centered clipping's center, stored as a blob.
-    pub center: Option<ContentHash>,
+    /// Base, outer-optimizer state and center, by blob hash.
+    #[serde(flatten)]
+    pub model: ModelRefs,
     /// Held-out loss of the base, so that a restart need not measure it again.
     pub base_loss: LossTable,
     pub governance: Option<GovernanceState>,
@@ -63,6 +61,12 @@ pub enum JournalError {
     ReadOnly(PathBuf),
     #[error("cannot draw a random key: {0}")]
     Random(String),
+    #[error("{0} holds no ledger: not a coordinator's state database")]
+    NoLedger(PathBuf),
+    #[error("{path} is not a coordinator's state database: {source}")]
+    NotState { path: PathBuf, source: rusqlite::Error },
+    #[error("{0} holds no coordinator state (no {db}); give a coordinator's storage directory, e.g. OUT/coordinator of `weft demo --out OUT`", db = SqliteJournal::DATABASE)]
+    NoState(PathBuf),
     #[error("{0} is in use by another coordinator (it holds {0}/coordinator.lock); stop it first")]
     InUse(PathBuf),
 }
@@ -149,18 +153,50 @@ impl SqliteJournal {
         Ok(journal)
     }
 
+    /// Opens the journal of an existing consortium for writing (operator commands such as
+    /// rollback): refused, with nothing created, when `dir` holds no coordinator state.
+    pub fn open_existing(dir: impl Into<PathBuf>) -> Result<Self, JournalError> {
+        let dir = dir.into();
+        let db = dir.join(Self::DATABASE);
+        if !db.is_file() {
+            return Err(JournalError::NoState(dir));
+        }
+        if !dir.join(Self::KEY_FILE).is_file() {
+            return Err(JournalError::Key { path: dir.join(Self::KEY_FILE), detail: "missing".into() });
+        }
+        Self::open(dir)
+    }
+
     /// Opens an existing journal read-only (for `weft ledger …`): nothing is created or changed.
     pub fn read(dir: impl Into<PathBuf>) -> Result<Self, JournalError> {
         let dir = dir.into();
         let db = dir.join(Self::DATABASE);
         if !db.is_file() {
-            return Err(JournalError::Io {
-                path: db,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no coordinator state here"),
-            });
+            return Err(JournalError::NoState(dir));
         }
-        let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|source| JournalError::Sql { path: db.clone(), source })?;
+        // A read-only connection to a WAL database creates `-wal` and `-shm` files beside it and
+        // cannot remove them when it closes. With no `-wal` file no writer is active (a
+        // coordinator that stopped cleanly removed it): the database is then opened as
+        // immutable, which creates nothing. With one, a coordinator runs (or crashed) and the
+        // files are already there.
+        let wal = dir.join(format!("{}-wal", Self::DATABASE));
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let opened = if wal.exists() {
+            Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        } else {
+            Connection::open_with_flags(format!("file:{}?immutable=1", uri_path(&db)), flags)
+        };
+        let not_state = |source| JournalError::NotState { path: db.clone(), source };
+        let conn = opened.map_err(not_state)?;
+        // An empty or foreign file opens (SQLite reads lazily): ask for the ledger now.
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map_err(not_state)
+        .and_then(|tables| match tables {
+            1 => Ok(()),
+            _ => Err(JournalError::NoLedger(db.clone())),
+        })?;
         Ok(SqliteJournal { _lock: None, dir, db, conn, key: None, chain: Chain::new(None) })
     }
 
@@ -221,7 +257,7 @@ impl SqliteJournal {
             tx.execute(
                 "INSERT INTO contributions (round, arrival, node, record)
                  VALUES (?1, (SELECT COUNT(*) FROM contributions WHERE round = ?1), ?2, ?3)",
-                params![round as i64, record.node, json],
+                params![round as i64, record.node.as_str(), json],
             )
             .map_err(sql)?;
         }
@@ -236,7 +272,7 @@ impl SqliteJournal {
             tx.execute("INSERT INTO ledger (seq, line) VALUES (?1, ?2)", params![entry.seq as i64, line])
                 .map_err(sql)?;
         }
-        weft_core::crash::point("journal-before-commit");
+        weft_durable::crash::point("journal-before-commit");
         tx.commit().map_err(sql)?;
         self.chain = chain;
         Ok(sealed.into_iter().map(|(entry, _)| entry).collect())
@@ -356,6 +392,18 @@ impl Journal for SqliteJournal {
     }
 }
 
+/// `path` as the path of an SQLite URI: `%`, `?` and `#` would be read as URI syntax.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' | '?' | '#' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The coordinator's signing key: 64 hex digits in a file only its owner can read.
 fn load_or_create_key(path: &Path) -> Result<SigningKey, JournalError> {
     let key_error = |detail: String| JournalError::Key { path: path.to_owned(), detail };
@@ -363,23 +411,10 @@ fn load_or_create_key(path: &Path) -> Result<SigningKey, JournalError> {
         Ok(text) => SigningKey::from_hex(&text).map_err(|e| key_error(e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SigningKey::generate().map_err(|e| JournalError::Random(e.to_string()))?;
-            write_private(path, key.to_hex().as_bytes())
+            weft_durable::write_private(path, key.to_hex().as_bytes())
                 .map_err(|source| JournalError::Io { path: path.to_owned(), source })?;
             Ok(key)
         }
         Err(source) => Err(JournalError::Io { path: path.to_owned(), source }),
     }
-}
-
-/// Writes a new file only its owner can read (mode 0600 on Unix), synced to disk: for private
-/// keys. Refuses to overwrite.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }

@@ -4,23 +4,28 @@
 
 mod aggregation;
 mod audit;
-mod blobs;
 mod canary;
 mod coordinator;
 mod governance;
+mod head;
 mod journal;
 mod measure;
 mod record;
+mod store;
 
 pub use aggregation::MoveError;
 pub use audit::{verify, AuditError, AuditReport};
-pub use blobs::{BlobStore, StoreError};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
-pub use coordinator::{roll_back, Announcement, Coordinator, CoordinatorError, Member, Receipt, SubmitError};
+pub use coordinator::{
+    roll_back, Announcement, ConfigDifference, Coordinator, CoordinatorError, DurableCoordinator, Member, Receipt,
+    SubmitError,
+};
 pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
     GovernanceState, ReputationRow,
 };
-pub use journal::{write_private, Head, Journal, JournalError, Rows, SqliteJournal};
+pub use head::{ModelHead, ModelPoint, ModelRefs};
+pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
+pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

@@ -4,19 +4,19 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use weft_core::quality::LossTable;
-use weft_core::ContentHash;
+use weft_core::{ContentHash, Contribution, NodeId, RejectionCode};
 
 use crate::governance::GovernanceRecord;
 
 /// The decision about one contribution, with everything needed to see why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContributionRecord {
-    pub node: String,
+    pub node: NodeId,
     /// The node's language per the roster (`null` for a node outside it).
     pub language: Option<String>,
     pub accepted: bool,
     /// Stable code of the rejection (`null` when accepted).
-    pub reason: Option<String>,
+    pub reason: Option<RejectionCode>,
     /// Human-readable explanation of the rejection.
     pub detail: Option<String>,
     /// Measured quality: mean held-out loss removed, nats/byte (`null` if never measured).
@@ -34,8 +34,48 @@ pub struct ContributionRecord {
     pub token_count: u64,
     pub delta_hash: Option<ContentHash>,
     pub delta_norm: Option<f64>,
-    /// Held-out loss of `base + Δ` alone, per language.
+    /// Held-out loss of the probe `base + s·Δ` (s: the round's probe scale), per language.
     pub heldout_loss: Option<LossTable>,
+}
+
+impl ContributionRecord {
+    /// The record of a contribution as it arrives: not yet checked, measured or decided.
+    pub fn arrived(contribution: &Contribution, language: Option<String>) -> Self {
+        ContributionRecord {
+            node: contribution.node.clone(),
+            language,
+            accepted: false,
+            reason: None,
+            detail: None,
+            quality: None,
+            weight: 0.0,
+            capped: false,
+            influence: 0.0,
+            // Recorded as sent, less what JSON (and so the journal and ledger) cannot carry.
+            declared: contribution
+                .declared
+                .iter()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            token_count: contribution.token_count,
+            delta_hash: None,
+            delta_norm: None,
+            heldout_loss: None,
+        }
+    }
+
+    /// Marks the record rejected with `reason`.
+    pub fn reject(&mut self, reason: &weft_core::Rejection) {
+        self.reason = Some(reason.code());
+        self.detail = Some(reason.to_string());
+    }
+
+    /// What the node declared as its quality (`quality`, else `validation_gain`); NaN if neither.
+    /// Used only by the `declared` weighting baseline.
+    pub fn declared_quality(&self) -> f64 {
+        self.declared.get("quality").or(self.declared.get("validation_gain")).copied().unwrap_or(f64::NAN)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,7 +85,9 @@ pub struct RoundRecord {
     pub base_hash: ContentHash,
     /// True when the base moved this round.
     pub base_changed: bool,
-    /// `1 − Σ wᵢ`: the share of the step left with the previous base.
+    /// What stayed with the previous base: `1 − Σ influenceᵢ`, the share the cap left unassigned
+    /// plus whatever the aggregator held back (a norm bound's clipping, Multi-Krum's dropped
+    /// deltas). 1 when the base did not move.
     pub unassigned_share: f64,
     pub quorum_required: usize,
     /// Each delta's quality was measured on `base + probe_scale · Δ`.
@@ -64,7 +106,7 @@ pub struct RoundRecord {
 /// The coordinator's record of one node: hashes and metrics, never its sovereign weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeManifest {
-    pub node: String,
+    pub node: NodeId,
     pub language: String,
     pub contributions: Vec<ManifestEntry>,
 }
@@ -77,7 +119,7 @@ pub struct ManifestEntry {
     pub token_count: u64,
     pub quality: Option<f64>,
     pub accepted: bool,
-    pub reason: Option<String>,
+    pub reason: Option<RejectionCode>,
     pub weight: f64,
     pub declared: BTreeMap<String, f64>,
 }

@@ -5,7 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use weft_coordinator::{verify, AuditError, BlobStore, Coordinator, Measure, MeasureError, Member, SqliteJournal};
+use std::sync::Arc;
+
+use weft_coordinator::{
+    verify, AuditError, BlobStore, Coordinator, DurableCoordinator, FsBlobStore, Measure, MeasureError, Member,
+    MemoryBlobStore, SqliteJournal,
+};
 use weft_core::quality::LossTable;
 use weft_core::{
     Aggregator, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting,
@@ -65,14 +70,17 @@ fn contribution(c: &Coordinator<Distance>, i: usize, round: u64) -> Contribution
 }
 
 fn coordinator(dir: &Path, rule: Aggregator) -> Coordinator<Distance> {
+    coordinator_on(Arc::new(FsBlobStore::open(dir.join("blobs")).unwrap()), rule)
+}
+
+fn coordinator_on(store: Arc<dyn BlobStore>, rule: Aggregator) -> Coordinator<Distance> {
     let members = NODES.iter().map(|n| Member { node: NodeId::new(*n).unwrap(), language: "x".into() }).collect();
     let policy = Policy::new(0.0, 0.4, 0.5, Weighting::Quality).unwrap();
     let outer = OuterOptimizer::Nesterov { lr: 0.7, momentum: 0.9 };
-    let store = BlobStore::open(dir.join("blobs")).unwrap();
     Coordinator::new(base(), members, policy, outer, Distance, store).unwrap().with_aggregator(rule).unwrap()
 }
 
-fn durable(dir: &Path, rule: Aggregator) -> Coordinator<Distance> {
+fn durable(dir: &Path, rule: Aggregator) -> DurableCoordinator<Distance> {
     let journal = SqliteJournal::open(dir).unwrap();
     coordinator(dir, rule).durable(Box::new(journal), serde_json::json!({"test": 1})).unwrap()
 }
@@ -103,6 +111,9 @@ fn a_durable_run_equals_an_in_memory_run_and_verifies() {
         let dir = tmp.path().join("durable");
         let on_disk = run(&mut durable(&dir, rule), 3);
         assert_eq!(memory, on_disk, "{rule}");
+        // The round engine needs no filesystem: any blob store gives the same bases.
+        let in_memory_store = run(&mut coordinator_on(Arc::new(MemoryBlobStore::new()), rule), 3);
+        assert_eq!(in_memory_store, on_disk, "{rule}");
         let report = verify(&dir, None).unwrap();
         // Round 3 overshoots (momentum): every delta then falls below the floor.
         let moved = on_disk.windows(2).filter(|w| w[0] != w[1]).count() as u64 + 1;
@@ -125,7 +136,8 @@ fn a_restart_after_any_step_continues_bit_for_bit() {
         run(&mut c, 1);
         let round = c.open_round().unwrap().round;
         for i in 0..stop_after.min(NODES.len()) {
-            c.submit(contribution(&c, i, round)).unwrap();
+            let sent = contribution(&c, i, round);
+            c.submit(sent).unwrap();
         }
         if stop_after == 5 {
             c.close_round().unwrap();
@@ -175,7 +187,8 @@ fn rollback_restores_an_earlier_base_and_is_itself_reversible() {
     let announcement = c.open_round().unwrap();
     assert_eq!((announcement.round, announcement.base_hash), (4, hashes[0]));
     for i in 0..NODES.len() {
-        c.submit(contribution(&c, i, 4)).unwrap();
+        let sent = contribution(&c, i, 4);
+        c.submit(sent).unwrap();
     }
     c.close_round().unwrap();
     c.rollback(3).unwrap();

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use weft_coordinator::{
-    BlobStore, CanaryRegistry, CanarySpec, Coordinator, Governance, GovernanceSettings, GovernanceState, HeldoutSet,
+    CanaryRegistry, CanarySpec, Coordinator, FsBlobStore, Governance, GovernanceSettings, GovernanceState, HeldoutSet,
     Member, RoundRecord, Visibility,
 };
 use weft_core::{Delta, NodeId, OuterOptimizer, Policy, Weighting};
@@ -108,7 +108,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
         Policy::new(0.0, 0.6, 0.0, Weighting::Quality).unwrap(),
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(config, heldout, 16).unwrap(),
-        BlobStore::open(tmp.path().join("store")).unwrap(),
+        std::sync::Arc::new(FsBlobStore::open(tmp.path().join("store")).unwrap()),
     )
     .unwrap()
     .with_governance(governance);
@@ -158,7 +158,7 @@ fn the_goodhart_detector_flags_a_node_that_trains_on_the_public_canaries() {
             }
         }
         let cheat = record.contributions.iter().find(|c| c.node == "node-fr").unwrap();
-        if cheat.reason.as_deref() == Some("canary_overfit") {
+        if cheat.reason == Some(weft_core::RejectionCode::CanaryOverfit) {
             flagged_rounds += 1;
             assert_eq!(cheat.weight, 0.0);
         }

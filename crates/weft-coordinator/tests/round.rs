@@ -4,8 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use weft_coordinator::{BlobStore, Coordinator, HeldoutSet, Member, RoundRecord, SubmitError};
-use weft_core::{Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
+use std::sync::Arc;
+
+use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, RoundRecord, SubmitError};
+use weft_core::{
+    Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, RejectionCode, Tensor, Weighting,
+};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
@@ -21,7 +25,7 @@ fn udhr(language: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 struct Consortium {
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     nodes: Vec<Node>,
     coordinator: Coordinator<HeldoutSet>,
 }
@@ -57,10 +61,10 @@ fn consortium_with(
     }
     let base = Gpt::init(CONFIG, seed).unwrap().to_state();
     let measure = HeldoutSet::new(CONFIG, heldout, 16).unwrap();
-    let store = BlobStore::open(tmp.path().join("store")).unwrap();
+    let store = Arc::new(FsBlobStore::open(tmp.path().join("store")).unwrap());
     let coordinator =
         Coordinator::new(base, members, policy, outer, measure, store).unwrap().with_aggregator(rule).unwrap();
-    Consortium { _tmp: tmp, nodes, coordinator }
+    Consortium { tmp, nodes, coordinator }
 }
 
 fn open_policy() -> Policy {
@@ -127,7 +131,7 @@ fn total_rejection_leaves_the_base_bitwise_unchanged() {
     assert!(!record.base_changed);
     assert_eq!(record.accepted, 0);
     assert_eq!(record.unassigned_share, 1.0);
-    assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("below_floor")));
+    assert!(record.contributions.iter().all(|r| r.reason == Some(RejectionCode::BelowFloor)));
     assert_eq!(c.coordinator.base_hash(), hash);
     assert_eq!(bits(c.coordinator.base()), before);
 }
@@ -156,7 +160,7 @@ fn quorum_missed_leaves_the_base_unchanged() {
     let record = c.close_with(contributions);
     assert_eq!(c.coordinator.base_hash(), hash);
     assert_eq!(record.quorum_required, 3);
-    assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("quorum_not_met")));
+    assert!(record.contributions.iter().all(|r| r.reason == Some(RejectionCode::QuorumNotMet)));
 }
 
 #[test]
@@ -171,16 +175,18 @@ fn malformed_contributions_are_rejected_by_name_and_never_touch_the_base() {
         Contribution { delta: Delta::from_state(state), ..good.clone() }
     };
     let cases = vec![
-        (with_delta(&|s| s.get_mut("wte").unwrap().data_mut()[7] = f32::NAN), "non_finite"),
-        (with_delta(&|s| s.get_mut("ln_f.bias").unwrap().data_mut()[0] = f32::NEG_INFINITY), "non_finite"),
-        (with_delta(&|s| drop(s.insert("wpe", Tensor::zeros(vec![16, 32])))), "wrong_shape"),
-        (with_delta(&|s| drop(s.remove("h.0.mlp.fc.bias"))), "missing_tensor"),
-        (with_delta(&|s| drop(s.insert("lm_head.weight", Tensor::zeros(vec![2])))), "unexpected_tensor"),
-        (Contribution { base_hash: weft_core::ContentHash([1; 32]), ..good.clone() }, "stale_base"),
-        (Contribution { round: 7, ..good.clone() }, "wrong_round"),
-        (Contribution { node: NodeId::new("mallory").unwrap(), ..good.clone() }, "unknown_node"),
+        (with_delta(&|s| s.get_mut("wte").unwrap().data_mut()[7] = f32::NAN), RejectionCode::NonFinite),
+        (with_delta(&|s| s.get_mut("ln_f.bias").unwrap().data_mut()[0] = f32::NEG_INFINITY), RejectionCode::NonFinite),
+        (with_delta(&|s| drop(s.insert("wpe", Tensor::zeros(vec![16, 32])))), RejectionCode::WrongShape),
+        (with_delta(&|s| drop(s.remove("h.0.mlp.fc.bias"))), RejectionCode::MissingTensor),
+        (with_delta(&|s| drop(s.insert("lm_head.weight", Tensor::zeros(vec![2])))), RejectionCode::UnexpectedTensor),
+        (Contribution { base_hash: weft_core::ContentHash([1; 32]), ..good.clone() }, RejectionCode::StaleBase),
+        (Contribution { round: 7, ..good.clone() }, RejectionCode::WrongRound),
+        (Contribution { node: NodeId::new("mallory").unwrap(), ..good.clone() }, RejectionCode::UnknownNode),
     ];
-    assert!(matches!(c.coordinator.submit(good.clone()), Err(SubmitError::Rejected(r)) if r.code() == "no_open_round"));
+    assert!(
+        matches!(c.coordinator.submit(good.clone()), Err(SubmitError::Rejected(r)) if r == weft_core::Rejection::NoOpenRound)
+    );
     c.coordinator.open_round().unwrap();
     for (contribution, code) in cases {
         match c.coordinator.submit(contribution) {
@@ -191,7 +197,7 @@ fn malformed_contributions_are_rejected_by_name_and_never_touch_the_base() {
     }
     c.coordinator.submit(good.clone()).unwrap();
     match c.coordinator.submit(good) {
-        Err(SubmitError::Rejected(reason)) => assert_eq!(reason.code(), "duplicate_node"),
+        Err(SubmitError::Rejected(reason)) => assert_eq!(reason, weft_core::Rejection::DuplicateNode),
         other => panic!("expected duplicate_node, got {other:?}"),
     }
     assert_eq!(c.coordinator.base_hash(), hash);
@@ -264,7 +270,7 @@ fn a_corrupted_stored_delta_is_caught_before_it_reaches_the_base() {
     for contribution in contributions {
         receipts.push(c.coordinator.submit(contribution).unwrap());
     }
-    let path = c.coordinator.store().path_of(&receipts[0].delta_hash);
+    let path = c.tmp.path().join("store").join(format!("{}.safetensors", receipts[0].delta_hash));
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() - 9;
     bytes[at] ^= 0x40;
@@ -322,7 +328,7 @@ fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_
         open_policy(),
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(CONFIG, heldout, 16).unwrap(),
-        BlobStore::open(tmp.path()).unwrap(),
+        Arc::new(FsBlobStore::open(tmp.path()).unwrap()),
     )
     .unwrap();
     let err = coordinator.with_aggregator("multi-krum:1:2".parse().unwrap()).err().unwrap();
@@ -336,5 +342,5 @@ fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_
     contributions.pop();
     let record = c.close_with(contributions);
     assert_eq!(c.coordinator.base_hash(), hash);
-    assert!(record.contributions.iter().all(|r| r.reason.as_deref() == Some("too_few_for_aggregator")));
+    assert!(record.contributions.iter().all(|r| r.reason == Some(RejectionCode::TooFewForAggregator)));
 }

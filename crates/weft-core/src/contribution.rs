@@ -37,6 +37,13 @@ impl NodeId {
     }
 }
 
+impl std::str::FromStr for NodeId {
+    type Err = NodeIdError;
+    fn from_str(id: &str) -> Result<Self, Self::Err> {
+        NodeId::new(id)
+    }
+}
+
 impl TryFrom<String> for NodeId {
     type Error = NodeIdError;
     fn try_from(id: String) -> Result<Self, Self::Error> {
@@ -50,9 +57,29 @@ impl From<NodeId> for String {
     }
 }
 
+// A node id is its string: the same order, equality and hash, so it can be looked up by `&str`.
+impl std::borrow::Borrow<str> for NodeId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for NodeId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        // `pad`, not `write_str`: tables align ids with `{:<14}`.
+        f.pad(&self.0)
     }
 }
 
@@ -103,27 +130,113 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// A stable machine-readable name for reports and logs.
-    pub fn code(&self) -> &'static str {
+    /// Its stable machine-readable name, for reports, the ledger and the wire.
+    pub fn code(&self) -> RejectionCode {
+        use RejectionCode as C;
         match self {
-            Rejection::NoOpenRound => "no_open_round",
-            Rejection::UnknownNode => "unknown_node",
-            Rejection::DuplicateNode => "duplicate_node",
-            Rejection::WrongRound { .. } => "wrong_round",
-            Rejection::StaleBase { .. } => "stale_base",
-            Rejection::Layout(StateError::MissingTensor { .. }) => "missing_tensor",
-            Rejection::Layout(StateError::UnexpectedTensor { .. }) => "unexpected_tensor",
-            Rejection::Layout(StateError::Shape { .. }) => "wrong_shape",
-            Rejection::Layout(StateError::Dtype { .. }) => "wrong_dtype",
-            Rejection::Layout(_) => "malformed_delta",
-            Rejection::NonFinite { .. } => "non_finite",
-            Rejection::Unmeasurable => "unmeasurable",
-            Rejection::BelowFloor { .. } => "below_floor",
-            Rejection::NonPositiveQuality { .. } => "non_positive_quality",
-            Rejection::QuorumNotMet { .. } => "quorum_not_met",
-            Rejection::TooFewForAggregator { .. } => "too_few_for_aggregator",
-            Rejection::CanaryOverfit { .. } => "canary_overfit",
+            Rejection::NoOpenRound => C::NoOpenRound,
+            Rejection::UnknownNode => C::UnknownNode,
+            Rejection::DuplicateNode => C::DuplicateNode,
+            Rejection::WrongRound { .. } => C::WrongRound,
+            Rejection::StaleBase { .. } => C::StaleBase,
+            Rejection::Layout(StateError::MissingTensor { .. }) => C::MissingTensor,
+            Rejection::Layout(StateError::UnexpectedTensor { .. }) => C::UnexpectedTensor,
+            Rejection::Layout(StateError::Shape { .. }) => C::WrongShape,
+            Rejection::Layout(StateError::Dtype { .. }) => C::WrongDtype,
+            Rejection::Layout(_) => C::MalformedDelta,
+            Rejection::NonFinite { .. } => C::NonFinite,
+            Rejection::Unmeasurable => C::Unmeasurable,
+            Rejection::BelowFloor { .. } => C::BelowFloor,
+            Rejection::NonPositiveQuality { .. } => C::NonPositiveQuality,
+            Rejection::QuorumNotMet { .. } => C::QuorumNotMet,
+            Rejection::TooFewForAggregator { .. } => C::TooFewForAggregator,
+            Rejection::CanaryOverfit { .. } => C::CanaryOverfit,
         }
+    }
+}
+
+/// The stable name of a [`Rejection`] (`stale_base`, `below_floor`, …): what records, the ledger
+/// and the network carry, so that a program can act on the reason without parsing prose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionCode {
+    NoOpenRound,
+    UnknownNode,
+    DuplicateNode,
+    WrongRound,
+    StaleBase,
+    MissingTensor,
+    UnexpectedTensor,
+    WrongShape,
+    WrongDtype,
+    MalformedDelta,
+    NonFinite,
+    Unmeasurable,
+    BelowFloor,
+    NonPositiveQuality,
+    QuorumNotMet,
+    CanaryOverfit,
+    TooFewForAggregator,
+}
+
+impl RejectionCode {
+    pub const ALL: [RejectionCode; 17] = [
+        RejectionCode::NoOpenRound,
+        RejectionCode::UnknownNode,
+        RejectionCode::DuplicateNode,
+        RejectionCode::WrongRound,
+        RejectionCode::StaleBase,
+        RejectionCode::MissingTensor,
+        RejectionCode::UnexpectedTensor,
+        RejectionCode::WrongShape,
+        RejectionCode::WrongDtype,
+        RejectionCode::MalformedDelta,
+        RejectionCode::NonFinite,
+        RejectionCode::Unmeasurable,
+        RejectionCode::BelowFloor,
+        RejectionCode::NonPositiveQuality,
+        RejectionCode::QuorumNotMet,
+        RejectionCode::CanaryOverfit,
+        RejectionCode::TooFewForAggregator,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::NoOpenRound => "no_open_round",
+            RejectionCode::UnknownNode => "unknown_node",
+            RejectionCode::DuplicateNode => "duplicate_node",
+            RejectionCode::WrongRound => "wrong_round",
+            RejectionCode::StaleBase => "stale_base",
+            RejectionCode::MissingTensor => "missing_tensor",
+            RejectionCode::UnexpectedTensor => "unexpected_tensor",
+            RejectionCode::WrongShape => "wrong_shape",
+            RejectionCode::WrongDtype => "wrong_dtype",
+            RejectionCode::MalformedDelta => "malformed_delta",
+            RejectionCode::NonFinite => "non_finite",
+            RejectionCode::Unmeasurable => "unmeasurable",
+            RejectionCode::BelowFloor => "below_floor",
+            RejectionCode::NonPositiveQuality => "non_positive_quality",
+            RejectionCode::QuorumNotMet => "quorum_not_met",
+            RejectionCode::CanaryOverfit => "canary_overfit",
+            RejectionCode::TooFewForAggregator => "too_few_for_aggregator",
+        }
+    }
+}
+
+impl fmt::Display for RejectionCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown rejection code {0:?}")]
+pub struct UnknownCode(pub String);
+
+impl std::str::FromStr for RejectionCode {
+    type Err = UnknownCode;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RejectionCode::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| UnknownCode(s.to_owned()))
     }
 }
 
@@ -197,11 +310,12 @@ mod tests {
         let good_hash = base().content_hash();
         let zeros = base().zeros_like();
         assert_eq!(verdict(&contribution("a", zeros.clone(), good_hash), &[]), Ok(()));
-        let cases: Vec<(Contribution, &[&str], &str)> = vec![
-            (contribution("mallory", zeros.clone(), good_hash), &[], "unknown_node"),
-            (contribution("a", zeros.clone(), good_hash), &["a"], "duplicate_node"),
-            (Contribution { round: 0, ..contribution("a", zeros.clone(), good_hash) }, &[], "wrong_round"),
-            (contribution("a", zeros.clone(), ContentHash([7; 32])), &[], "stale_base"),
+        use RejectionCode as C;
+        let cases: Vec<(Contribution, &[&str], RejectionCode)> = vec![
+            (contribution("mallory", zeros.clone(), good_hash), &[], C::UnknownNode),
+            (contribution("a", zeros.clone(), good_hash), &["a"], C::DuplicateNode),
+            (Contribution { round: 0, ..contribution("a", zeros.clone(), good_hash) }, &[], C::WrongRound),
+            (contribution("a", zeros.clone(), ContentHash([7; 32])), &[], C::StaleBase),
             (
                 {
                     let mut d = zeros.clone();
@@ -209,7 +323,7 @@ mod tests {
                     contribution("a", d, good_hash)
                 },
                 &[],
-                "missing_tensor",
+                C::MissingTensor,
             ),
             (
                 {
@@ -218,7 +332,7 @@ mod tests {
                     contribution("a", d, good_hash)
                 },
                 &[],
-                "unexpected_tensor",
+                C::UnexpectedTensor,
             ),
             (
                 {
@@ -227,7 +341,7 @@ mod tests {
                     contribution("a", d, good_hash)
                 },
                 &[],
-                "wrong_shape",
+                C::WrongShape,
             ),
             (
                 {
@@ -236,7 +350,7 @@ mod tests {
                     contribution("a", d, good_hash)
                 },
                 &[],
-                "non_finite",
+                C::NonFinite,
             ),
             (
                 {
@@ -245,12 +359,21 @@ mod tests {
                     contribution("a", d, good_hash)
                 },
                 &[],
-                "non_finite",
+                C::NonFinite,
             ),
         ];
         for (c, received, code) in cases {
             assert_eq!(verdict(&c, received).unwrap_err().code(), code);
         }
+    }
+
+    #[test]
+    fn codes_read_back_as_themselves_and_match_their_serde_names() {
+        for code in RejectionCode::ALL {
+            assert_eq!(code.as_str().parse::<RejectionCode>(), Ok(code));
+            assert_eq!(serde_json::to_value(code).unwrap(), serde_json::json!(code.as_str()));
+        }
+        assert!("no_such_code".parse::<RejectionCode>().is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 pub mod aggregate;
 pub mod contribution;
-pub mod crash;
+pub mod cpu;
 pub mod delta;
 pub mod hash;
 pub mod policy;
@@ -19,7 +19,7 @@ pub mod state;
 pub mod tensor;
 
 pub use aggregate::{OuterOptimizer, OuterState};
-pub use contribution::{Contribution, NodeId, Rejection};
+pub use contribution::{Contribution, NodeId, Rejection, RejectionCode};
 pub use delta::Delta;
 pub use hash::ContentHash;
 pub use policy::{Decision, Policy, PolicyError, Weighting};

@@ -57,6 +57,19 @@ pub struct Decision {
     pub unassigned: f64,
 }
 
+impl Decision {
+    /// Moves every accepted node to the rejected, each with `reason(accepted, node)` (`accepted`:
+    /// how many had been accepted): the base then stays bitwise unchanged.
+    pub fn reject_all(&mut self, reason: impl Fn(usize) -> Rejection) {
+        let accepted = self.weights.len();
+        for node in std::mem::take(&mut self.weights).into_keys() {
+            self.rejected.insert(node, reason(accepted));
+        }
+        self.capped.clear();
+        self.unassigned = 1.0;
+    }
+}
+
 impl Policy {
     pub fn new(floor: f64, cap: f64, quorum: f64, weighting: Weighting) -> Result<Self, PolicyError> {
         let policy = Policy { floor, cap, quorum, weighting };
@@ -116,21 +129,21 @@ impl Policy {
                 }
             }
         }
-        let required = self.required(roster_size);
-        let passed = scores.len();
-        if passed < required {
-            for (_, node) in scores {
-                let reason = Rejection::QuorumNotMet { accepted: passed, required };
-                decision.rejected.insert(node.clone(), reason);
-            }
-            decision.unassigned = 1.0;
-            return decision;
-        }
         let (weights, capped) = capped_weights(scores, self.cap);
         decision.unassigned = (1.0 - weights.values().sum::<f64>()).max(0.0);
         decision.weights = weights;
         decision.capped = capped;
+        self.check_quorum(&mut decision, roster_size);
         decision
+    }
+
+    /// Fewer accepted than ⌈quorum · roster⌉: everyone is rejected (`quorum_not_met`) and the
+    /// base stays unchanged. Applied after the policy and again after governance removed some.
+    pub fn check_quorum(&self, decision: &mut Decision, roster_size: usize) {
+        let required = self.required(roster_size);
+        if decision.weights.len() < required {
+            decision.reject_all(|accepted| Rejection::QuorumNotMet { accepted, required });
+        }
     }
 }
 
@@ -170,6 +183,7 @@ pub fn capped_weights(mut scores: Vec<(f64, &NodeId)>, cap: f64) -> (BTreeMap<No
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contribution::RejectionCode;
     use proptest::prelude::*;
 
     fn id(i: usize) -> NodeId {
@@ -184,7 +198,7 @@ mod tests {
     fn floor_rejects_and_cap_holds() {
         let p = Policy::new(0.1, 0.5, 0.0, Weighting::Quality).unwrap();
         let d = p.decide(&[(id(0), 5.0), (id(1), 0.5), (id(2), 0.05), (id(3), 0.5)], 4);
-        assert_eq!(d.rejected[&id(2)].code(), "below_floor");
+        assert_eq!(d.rejected[&id(2)].code(), RejectionCode::BelowFloor);
         assert_eq!(d.weights[&id(0)], 0.5);
         assert!((d.weights[&id(1)] - 0.25).abs() < 1e-12);
         assert!(d.capped.contains(&id(0)));
@@ -208,24 +222,24 @@ mod tests {
         let d = p.decide(&[(id(0), 1.0), (id(1), 1.0), (id(2), -1.0)], 4);
         assert!(d.weights.is_empty());
         assert_eq!(d.unassigned, 1.0);
-        assert_eq!(d.rejected[&id(0)].code(), "quorum_not_met");
-        assert_eq!(d.rejected[&id(2)].code(), "below_floor");
+        assert_eq!(d.rejected[&id(0)].code(), RejectionCode::QuorumNotMet);
+        assert_eq!(d.rejected[&id(2)].code(), RejectionCode::BelowFloor);
     }
 
     #[test]
     fn quality_weighting_needs_positive_quality_and_nan_is_unmeasurable() {
         let p = Policy::new(-1.0, 1.0, 0.0, Weighting::Quality).unwrap();
         let d = p.decide(&[(id(0), 0.0), (id(1), f64::NAN), (id(2), f64::INFINITY), (id(3), 0.2)], 4);
-        assert_eq!(d.rejected[&id(0)].code(), "non_positive_quality");
-        assert_eq!(d.rejected[&id(1)].code(), "unmeasurable");
-        assert_eq!(d.rejected[&id(2)].code(), "unmeasurable");
+        assert_eq!(d.rejected[&id(0)].code(), RejectionCode::NonPositiveQuality);
+        assert_eq!(d.rejected[&id(1)].code(), RejectionCode::Unmeasurable);
+        assert_eq!(d.rejected[&id(2)].code(), RejectionCode::Unmeasurable);
         assert_eq!(d.weights[&id(3)], 1.0);
     }
 
     #[test]
     fn duplicates_are_all_rejected() {
         let d = policy(1.0).decide(&[(id(0), 1.0), (id(0), 2.0), (id(1), 1.0)], 3);
-        assert_eq!(d.rejected[&id(0)].code(), "duplicate_node");
+        assert_eq!(d.rejected[&id(0)].code(), RejectionCode::DuplicateNode);
         assert_eq!(d.weights[&id(1)], 1.0);
     }
 

@@ -1,4 +1,5 @@
-//! Reputation per node per topic, exactly the seed's §9.9 ("Reputation math").
+//! Reputation per node per topic: the formulas of docs/reputation.md (the federation design's
+//! "Reputation math"), exactly.
 //!
 //! For node i, topic t, at round τ, from audits a with round t_a, difficulty d_a ∈ (0, 1] and
 //! outcome o_a ∈ [0, 1]:
@@ -336,7 +337,7 @@ mod tests {
         s
     }
 
-    /// The seed's table (§9.9) as executable scenarios, evaluated at round 100.
+    /// The source's table (docs/reputation.md) as executable scenarios, evaluated at round 100.
     #[test]
     fn the_seed_table_a_b_c_d() {
         let p = ReputationParams::default();

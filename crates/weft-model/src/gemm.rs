@@ -11,6 +11,8 @@
 //! of `B` and six scalars of `A` for twelve fused multiply-adds.
 
 use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
+use weft_core::cpu::wide_vectors;
 
 /// The left operand: element `(m, k)` is `data[m * row_stride + k * k_stride]`, so a transposed
 /// view (the weight gradient's `doutᵀ`) costs nothing.
@@ -156,18 +158,6 @@ fn fma_by_rounding_to_odd(a: f32, b: f32, c: f32) -> f32 {
     // One ulp toward the exact value: up in magnitude if the error has the sum's sign.
     let step = if (error > 0.0) == (sum > 0.0) { 1u64 } else { u64::MAX };
     f64::from_bits(bits.wrapping_add(if inexact_even { step } else { 0 })) as f32
-}
-
-/// Whether the products (and GELU) may run their AVX2 builds. Decided once per process;
-/// `WEFT_NO_AVX2` forces the portable build (for comparison: same bits, slower).
-#[cfg(target_arch = "x86_64")]
-pub fn wide_vectors() -> bool {
-    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WIDE.get_or_init(|| {
-        std::env::var_os("WEFT_NO_AVX2").is_none()
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    })
 }
 
 #[cfg(target_arch = "x86_64")]

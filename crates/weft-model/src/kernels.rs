@@ -8,9 +8,9 @@
 use rayon::prelude::*;
 
 use crate::elementary::{exp, tanh};
-#[cfg(target_arch = "x86_64")]
-use crate::gemm::wide_vectors;
 use crate::gemm::{gemm, gemm_serial, Lhs, Start};
+#[cfg(target_arch = "x86_64")]
+use weft_core::cpu::wide_vectors;
 
 const LN_EPS: f32 = 1e-5;
 

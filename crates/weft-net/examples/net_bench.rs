@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use weft_coordinator::{BlobStore, Coordinator, Member, SampledDistance, SqliteJournal};
+use weft_coordinator::{Coordinator, FsBlobStore, Member, SampledDistance, SqliteJournal};
 use weft_core::{ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting};
 use weft_ledger::{ContributionManifest, SigningKey};
 use weft_model::GptConfig;
@@ -54,16 +54,17 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
             floor: -1e9,
             cap: 1.0,
             quorum: 0.0,
-            weighting: "equal".into(),
-            aggregator: "mean".into(),
-            outer: "plain".into(),
+            weighting: Weighting::Equal,
+            aggregator: weft_core::Aggregator::WeightedMean,
+            outer: weft_net::config::OuterKind::Plain,
             outer_lr: None,
             momentum: 0.9,
             probe_scale: None,
         },
         governance: None,
     };
-    let members: Vec<(String, String)> = (0..nodes).map(|i| (format!("node-{i:02}"), "x".into())).collect();
+    let members: Vec<(NodeId, String)> =
+        (0..nodes).map(|i| Ok((NodeId::new(format!("node-{i:02}"))?, "x".to_owned()))).collect::<Result<_, Error>>()?;
     weft_net::provision::init(dir, &config, &members)?;
     Ok(())
 }
@@ -75,7 +76,7 @@ async fn serve_round(dir: &Path, values: usize) -> Result<(), Error> {
     let members = roster
         .node
         .iter()
-        .map(|m| Ok(Member { node: NodeId::new(m.id.clone())?, language: m.language.clone() }))
+        .map(|m| Ok(Member { node: m.id.clone(), language: m.language.clone() }))
         .collect::<Result<Vec<_>, Error>>()?;
     let policy = Policy::new(-1e9, 1.0, 0.0, Weighting::Equal)?;
     let coordinator = Coordinator::new(
@@ -84,7 +85,7 @@ async fn serve_round(dir: &Path, values: usize) -> Result<(), Error> {
         policy,
         OuterOptimizer::TAPESTRY,
         SampledDistance { sample: 4096 },
-        BlobStore::open(storage.join("blobs"))?,
+        std::sync::Arc::new(FsBlobStore::open(storage.join("blobs"))?),
     )?
     .durable(Box::new(SqliteJournal::open(&storage)?), serde_json::json!({"bench": "net"}))?;
     let options = ServeOptions {
@@ -137,7 +138,7 @@ async fn upload_all(dir: &Path, values: usize, nodes: usize) -> Result<(), Error
             let delta = synthetic(values, |j| ((j + i) % 1000) as f32 * 1e-6)?;
             let bytes = encoding::encode(&delta, Encoding::F32)?;
             let manifest = ContributionManifest {
-                node: kit.config.id.clone(),
+                node: kit.config.id.to_string(),
                 round: state.round,
                 base_hash: state.base_hash.parse().map_err(|_| "bad base hash")?,
                 delta_hash: delta.content_hash(),

@@ -13,6 +13,7 @@ use weft_node::{LocalCorpus, Node, NodeSettings};
 use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
+use crate::refusal::RefusalCode;
 use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// A node's startup kit, read from its directory.
@@ -50,12 +51,21 @@ pub struct Participation {
 pub struct RoundOutcome {
     pub round: u64,
     pub accepted: bool,
+    /// The refusal's code (empty when accepted); see [`refusal`](Self::refusal).
     pub code: String,
     pub detail: String,
     pub quality: f64,
     pub wire_bytes: u64,
     /// Seconds this node spent training for the round.
     pub train_seconds: f64,
+}
+
+impl RoundOutcome {
+    /// Why the coordinator refused the contribution, if it did and the code is one this build
+    /// knows (a newer coordinator may send others: `code` keeps the text).
+    pub fn refusal(&self) -> Option<RefusalCode> {
+        self.code.parse().ok()
+    }
 }
 
 /// How long a node keeps trying to reach its coordinator before giving up.
@@ -209,8 +219,14 @@ async fn contribute(
         Some(n) => n,
         None => {
             let corpus = corpus.take().ok_or_else(|| NetError::Protocol("the corpus was lost".into()))?;
-            let id = weft_core::NodeId::new(kit.config.id.clone()).map_err(|e| NetError::Protocol(e.to_string()))?;
-            Node::new(id, kit.config.language.clone(), corpus, config, settings, artifacts.to_owned())?
+            Node::new(
+                kit.config.id.clone(),
+                kit.config.language.clone(),
+                corpus,
+                config,
+                settings,
+                artifacts.to_owned(),
+            )?
         }
     };
     let round = state.round;
@@ -229,7 +245,7 @@ async fn contribute(
     // Sign the delta as the coordinator will decode it.
     let delta_hash = encoding::sent_hash(contribution.delta.state(), &encoded, encoding)?;
     let manifest = ContributionManifest {
-        node: kit.config.id.clone(),
+        node: kit.config.id.to_string(),
         round,
         base_hash,
         delta_hash,
@@ -298,7 +314,7 @@ pub async fn fetch_base(
     }
     if let Some(dir) = cache.parent() {
         let _ = std::fs::create_dir_all(dir);
-        let _ = weft_node::write_atomic(&cache, &bytes);
+        let _ = weft_durable::write_atomic(&cache, &bytes);
     }
     Ok(state)
 }

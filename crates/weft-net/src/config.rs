@@ -1,9 +1,16 @@
 //! The consortium's files: `consortium.toml` (what the consortium does), `roster.toml` (who is
 //! in it, with their public keys) and each node's `node.toml` (how it reaches the coordinator).
+//!
+//! The sections that describe a run ([`Training`], [`PolicySettings`], [`GovernanceConfig`],
+//! the model) are the same types `weft demo` builds from its flags, with their defaults here
+//! once; [`ConsortiumConfig::validate`] checks what only a networked consortium has.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+use weft_core::{Aggregator, NodeId, OuterOptimizer, Weighting};
 use weft_ledger::PublicKey;
 use weft_model::GptConfig;
 
@@ -15,7 +22,25 @@ pub enum ConfigError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
+    #[error("{path}: {source}")]
+    Setting { path: PathBuf, source: SettingError },
 }
+
+/// One setting out of its range: which (`policy.cap`, `training.lr`, …) and why. The binary
+/// names it as the flag or the `consortium.toml` key the user wrote.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{key}: {detail}")]
+pub struct SettingError {
+    pub key: &'static str,
+    pub detail: String,
+}
+
+fn setting(key: &'static str, detail: impl Into<String>) -> SettingError {
+    SettingError { key, detail: detail.into() }
+}
+
+/// Longest a round may stay open: a year. Longer is a typo, and would overflow the clock.
+pub const MAX_ROUND_DEADLINE_SECS: u64 = 365 * 24 * 3600;
 
 /// `consortium.toml`. Every field is documented in the README; unknown keys are refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,7 +55,7 @@ pub struct ConsortiumConfig {
     pub rounds: u64,
     pub seed: u64,
     /// A round closes when every roster node has contributed or this many seconds after it
-    /// opened, whichever comes first; a node that is late joins the next round.
+    /// opened, whichever comes first; a node that is late joins the next round. 1 s to a year.
     pub round_deadline_secs: u64,
     /// How deltas travel: f32 (lossless), f16, bf16, int8.
     pub encoding: Encoding,
@@ -46,6 +71,29 @@ pub struct ConsortiumConfig {
     pub governance: Option<GovernanceConfig>,
 }
 
+impl ConsortiumConfig {
+    /// What only a networked consortium has: a name, an address, a round deadline in range. The
+    /// run's own sections are checked where every run's are (the binary's `RunSettings`).
+    pub fn validate(&self) -> Result<(), SettingError> {
+        if self.name.trim().is_empty() {
+            return Err(setting("name", "must not be empty"));
+        }
+        if !self.address.contains(':') {
+            return Err(setting("address", format!("{:?} is not host:port", self.address)));
+        }
+        if !(1..=MAX_ROUND_DEADLINE_SECS).contains(&self.round_deadline_secs) {
+            return Err(setting(
+                "round_deadline_secs",
+                format!("must be between 1 and {MAX_ROUND_DEADLINE_SECS} (a year), got {}", self.round_deadline_secs),
+            ));
+        }
+        if self.rounds == 0 {
+            return Err(setting("rounds", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GovernanceConfig {
@@ -56,30 +104,126 @@ pub struct GovernanceConfig {
     pub settings: weft_coordinator::GovernanceSettings,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// How each node trains every round.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Training {
+    /// Local AdamW steps per round (K).
     pub local_steps: u64,
+    /// Sequences per local batch.
     pub batch: usize,
+    /// Local AdamW learning rate.
     pub lr: f32,
 }
 
+impl Default for Training {
+    fn default() -> Self {
+        Training { local_steps: 60, batch: 16, lr: 3e-3 }
+    }
+}
+
+impl Training {
+    pub fn validate(&self) -> Result<(), SettingError> {
+        if self.local_steps == 0 {
+            return Err(setting("training.local_steps", "must be at least 1"));
+        }
+        if self.batch == 0 {
+            return Err(setting("training.batch", "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(setting("training.lr", format!("must be a positive number, got {}", self.lr)));
+        }
+        Ok(())
+    }
+}
+
+/// The outer optimizer by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OuterKind {
+    /// base += lr · step (lr 1 is Tapestry's rule).
+    Plain,
+    /// Nesterov momentum on the aggregated step (DiLoCo).
+    Nesterov,
+}
+
+/// The consortium's rules: who is accepted, with which weight, and how the base moves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {
     pub floor: f64,
     pub cap: f64,
     pub quorum: f64,
-    /// `quality`, `equal` or `declared`.
-    pub weighting: String,
-    /// As `weft demo --aggregator`.
-    pub aggregator: String,
-    /// `plain` or `nesterov`.
-    pub outer: String,
+    pub weighting: Weighting,
+    /// As `weft demo --aggregator` (`norm-bound:adaptive:1`, `median`, …).
+    #[serde(serialize_with = "as_text", deserialize_with = "from_text")]
+    pub aggregator: Aggregator,
+    pub outer: OuterKind,
+    /// Default: 1.0 for plain, 0.7 for nesterov.
     pub outer_lr: Option<f32>,
     #[serde(default = "default_momentum")]
     pub momentum: f32,
+    /// Quality is measured on `base + probe_scale·Δ`; default 1/N.
     pub probe_scale: Option<f32>,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            floor: 0.0,
+            cap: 0.5,
+            quorum: 0.5,
+            weighting: Weighting::Quality,
+            aggregator: Aggregator::NormBound { bound: weft_core::NormBound::Adaptive(1.0) },
+            outer: OuterKind::Plain,
+            outer_lr: None,
+            momentum: default_momentum(),
+            probe_scale: None,
+        }
+    }
+}
+
+impl PolicySettings {
+    /// The policy, checked.
+    pub fn policy(&self) -> Result<weft_core::Policy, SettingError> {
+        use weft_core::PolicyError;
+        weft_core::Policy::new(self.floor, self.cap, self.quorum, self.weighting).map_err(|e| {
+            let key = match e {
+                PolicyError::Cap(_) => "policy.cap",
+                PolicyError::Floor(_) => "policy.floor",
+                PolicyError::Quorum(_) => "policy.quorum",
+            };
+            setting(key, e.to_string())
+        })
+    }
+
+    /// The outer optimizer with its defaults filled in, checked.
+    pub fn outer_optimizer(&self) -> Result<OuterOptimizer, SettingError> {
+        use weft_core::aggregate::OuterError;
+        let outer = match self.outer {
+            OuterKind::Plain => OuterOptimizer::Plain { lr: self.outer_lr.unwrap_or(1.0) },
+            OuterKind::Nesterov => {
+                OuterOptimizer::Nesterov { lr: self.outer_lr.unwrap_or(0.7), momentum: self.momentum }
+            }
+        };
+        outer.validate().map_err(|e| match e {
+            OuterError::LearningRate(_) => setting("policy.outer_lr", e.to_string()),
+            OuterError::Momentum(_) => setting("policy.momentum", e.to_string()),
+        })?;
+        Ok(outer)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingError> {
+        self.policy()?;
+        self.outer_optimizer()?;
+        self.aggregator.validate().map_err(|e| setting("policy.aggregator", e.to_string()))?;
+        if let Some(scale) = self.probe_scale {
+            if !(scale > 0.0 && scale <= 1.0) {
+                return Err(setting("policy.probe_scale", format!("must be in (0, 1], got {scale}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_server_name() -> String {
@@ -94,6 +238,58 @@ fn default_momentum() -> f32 {
     0.9
 }
 
+fn as_text<T: fmt::Display, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn from_text<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+    D: Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+/// BLAKE3 of a TLS certificate (DER): how the coordinator knows who dialled. 64 lowercase hex
+/// digits in `roster.toml`; anything else is refused when the roster is read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    /// The fingerprint of a certificate's DER bytes.
+    pub fn of(der: &[u8]) -> Self {
+        Fingerprint(blake3::hash(der).to_hex().to_string())
+    }
+}
+
+impl TryFrom<String> for Fingerprint {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        if text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Fingerprint(text))
+        } else {
+            Err(format!(
+                "certificate fingerprint {text:?} is not 64 lowercase hex digits (BLAKE3 of the DER certificate)"
+            ))
+        }
+    }
+}
+
+impl From<Fingerprint> for String {
+    fn from(f: Fingerprint) -> String {
+        f.0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `roster.toml`: one `[[node]]` per member.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,17 +301,17 @@ pub struct Roster {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
-    pub id: String,
+    pub id: NodeId,
     pub language: String,
     /// BLAKE3 of the node's TLS certificate (DER), hex: how the coordinator knows who dialled.
-    pub certificate: String,
+    pub certificate: Fingerprint,
     /// The node's ed25519 key: it signs every contribution manifest.
     pub signing_key: PublicKey,
 }
 
 impl Roster {
-    pub fn by_certificate(&self, fingerprint: &str) -> Option<&Member> {
-        self.node.iter().find(|m| m.certificate == fingerprint)
+    pub fn by_certificate(&self, fingerprint: &Fingerprint) -> Option<&Member> {
+        self.node.iter().find(|m| &m.certificate == fingerprint)
     }
 
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
@@ -124,6 +320,9 @@ impl Roster {
             return Err(invalid("the roster lists no node".into()));
         }
         for (i, m) in self.node.iter().enumerate() {
+            if m.language.trim().is_empty() {
+                return Err(invalid(format!("node {} has no language", m.id)));
+            }
             if self.node[..i].iter().any(|o| o.id == m.id) {
                 return Err(invalid(format!("node {} is listed twice", m.id)));
             }
@@ -133,13 +332,20 @@ impl Roster {
         }
         Ok(())
     }
+
+    /// Reads and checks `roster.toml`.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let roster: Roster = read_toml(path)?;
+        roster.check(path)?;
+        Ok(roster)
+    }
 }
 
 /// `node.toml` in a node's startup kit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeKit {
-    pub id: String,
+    pub id: NodeId,
     pub language: String,
     pub consortium: String,
     /// The coordinator's `host:port`.
@@ -156,6 +362,8 @@ impl KitFiles {
     pub const CERTIFICATE: &'static str = "tls.pem";
     pub const TLS_KEY: &'static str = "tls.key";
     pub const SIGNING_KEY: &'static str = "signing.key";
+    /// Where `weft node join` keeps the node's sovereign artifacts unless told otherwise.
+    pub const ARTIFACTS: &'static str = "artifacts";
 }
 
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -173,7 +381,65 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })
 }
 
-/// BLAKE3 of a certificate's DER bytes, hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    blake3::hash(der).to_hex().to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ConsortiumConfig {
+        ConsortiumConfig {
+            name: "test".into(),
+            address: "127.0.0.1:7443".into(),
+            server_name: default_server_name(),
+            rounds: 3,
+            seed: 0,
+            round_deadline_secs: 600,
+            encoding: Encoding::F32,
+            storage: default_storage(),
+            model: GptConfig { layers: 1, heads: 2, width: 16, context: 16 },
+            training: Training::default(),
+            policy: PolicySettings::default(),
+            governance: None,
+        }
+    }
+
+    #[test]
+    fn a_config_reads_back_as_written() {
+        let text = toml::to_string_pretty(&config()).unwrap();
+        assert!(text.contains("aggregator = \"norm-bound:adaptive:1\""), "{text}");
+        assert_eq!(toml::from_str::<ConsortiumConfig>(&text).unwrap(), config());
+    }
+
+    #[test]
+    fn settings_out_of_range_are_named() {
+        let key = |c: ConsortiumConfig| c.validate().unwrap_err().key;
+        assert_eq!(key(ConsortiumConfig { round_deadline_secs: 0, ..config() }), "round_deadline_secs");
+        assert_eq!(key(ConsortiumConfig { round_deadline_secs: u64::MAX, ..config() }), "round_deadline_secs");
+        assert_eq!(key(ConsortiumConfig { rounds: 0, ..config() }), "rounds");
+        assert!(config().validate().is_ok());
+        let policy = |p: PolicySettings| p.validate().unwrap_err().key;
+        assert_eq!(policy(PolicySettings { cap: 1.5, ..Default::default() }), "policy.cap");
+        assert_eq!(policy(PolicySettings { quorum: -0.1, ..Default::default() }), "policy.quorum");
+        assert_eq!(policy(PolicySettings { probe_scale: Some(0.0), ..Default::default() }), "policy.probe_scale");
+        assert_eq!(
+            policy(PolicySettings { outer: OuterKind::Nesterov, momentum: 1.0, ..Default::default() }),
+            "policy.momentum"
+        );
+        assert_eq!(Training { lr: f32::NAN, ..Default::default() }.validate().unwrap_err().key, "training.lr");
+        let text = toml::to_string_pretty(&config()).unwrap().replace("norm-bound:adaptive:1", "krum");
+        assert!(toml::from_str::<ConsortiumConfig>(&text).unwrap_err().to_string().contains("unknown aggregator"));
+    }
+
+    #[test]
+    fn roster_fingerprints_must_be_blake3_hex() {
+        assert!(Fingerprint::try_from("xyz".to_owned()).is_err());
+        assert!(Fingerprint::try_from("A".repeat(64)).is_err(), "uppercase is not what weft writes");
+        assert!(Fingerprint::try_from("a".repeat(64)).is_ok());
+        let key = weft_ledger::SigningKey::generate().unwrap().public();
+        let text =
+            format!("[[node]]\nid = \"n1\"\nlanguage = \"en\"\ncertificate = \"xyz\"\nsigning_key = \"{key}\"\n");
+        let err = toml::from_str::<Roster>(&text).unwrap_err().to_string();
+        assert!(err.contains("not 64 lowercase hex digits"), "{err}");
+        let text = text.replace("\"xyz\"", &format!("\"{}\"", "ab".repeat(32))).replace("\"n1\"", "\"../n1\"");
+        assert!(toml::from_str::<Roster>(&text).unwrap_err().to_string().contains("invalid node id"));
+    }
 }

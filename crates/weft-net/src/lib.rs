@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod encoding;
 pub mod provision;
+pub mod refusal;
 pub mod server;
 pub mod tls;
 
@@ -44,6 +45,10 @@ pub enum NetError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error("consortium.toml: {0}")]
+    Settings(#[from] config::SettingError),
+    #[error("round_deadline_secs: a round opened now would close past what the clock can represent")]
+    Deadline,
     #[error(transparent)]
     Encoding(#[from] encoding::EncodingError),
     #[error(transparent)]

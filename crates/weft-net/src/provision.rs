@@ -16,7 +16,9 @@ use rcgen::{
 };
 use weft_ledger::SigningKey;
 
-use crate::config::{fingerprint, write_toml, ConfigError, ConsortiumConfig, KitFiles, Member, NodeKit, Roster};
+use weft_core::NodeId;
+
+use crate::config::{write_toml, ConfigError, ConsortiumConfig, Fingerprint, KitFiles, Member, NodeKit, Roster};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -32,6 +34,10 @@ pub enum ProvisionError {
     Random(String),
     #[error("node id '{0}': {1}")]
     NodeId(String, String),
+    #[error("consortium.toml: {0}")]
+    Setting(#[from] crate::config::SettingError),
+    #[error("a consortium needs at least one node")]
+    NoNodes,
     #[error(
         "the consortium in {0} has already started: its roster is committed in the ledger's genesis, and \
          changing membership mid-run is not supported yet; admit nodes before the first `weft coordinator serve`"
@@ -45,7 +51,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ProvisionError + '_ {
 
 /// Writes a file readable by its owner only (private keys).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
-    weft_coordinator::write_private(path, bytes).map_err(io(path))
+    weft_durable::write_private(path, bytes).map_err(io(path))
 }
 
 fn write_public(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
@@ -84,22 +90,31 @@ pub fn issue_client_certificate(
     name: &str,
     common_name: &str,
     public_key: &impl rcgen::PublicKeyData,
-) -> Result<(String, String), ProvisionError> {
+) -> Result<(String, Fingerprint), ProvisionError> {
     let ca_key_path = dir.join("ca.key");
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?)?;
     let issuer = Issuer::new(ca_params(name)?, ca_key);
     let cert =
         leaf_params(common_name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(public_key, &issuer)?;
-    Ok((cert.pem(), fingerprint(cert.der())))
+    Ok((cert.pem(), Fingerprint::of(cert.der())))
 }
 
 /// Creates the consortium in `dir` (which must not exist) for `nodes` (id, language).
-pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -> Result<Roster, ProvisionError> {
+pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(NodeId, String)]) -> Result<Roster, ProvisionError> {
     if dir.exists() {
         return Err(ProvisionError::Exists(dir.to_owned()));
     }
-    for (id, _) in nodes {
-        weft_core::NodeId::new(id.clone()).map_err(|e| ProvisionError::NodeId(id.clone(), e.to_string()))?;
+    config.validate()?;
+    if nodes.is_empty() {
+        return Err(ProvisionError::NoNodes);
+    }
+    for (i, (id, language)) in nodes.iter().enumerate() {
+        if nodes[..i].iter().any(|(other, _)| other == id) {
+            return Err(ProvisionError::NodeId(id.to_string(), "listed twice".into()));
+        }
+        if language.trim().is_empty() {
+            return Err(ProvisionError::NodeId(id.to_string(), "no language".into()));
+        }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let ca_key = KeyPair::generate()?;
@@ -123,10 +138,11 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -
 
     let mut roster = Roster::default();
     for (id, language) in nodes {
-        let kit = dir.join("nodes").join(id);
+        let kit = dir.join("nodes").join(id.as_str());
         std::fs::create_dir_all(&kit).map_err(io(&kit))?;
         let key = KeyPair::generate()?;
-        let cert = leaf_params(id, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(&key, &issuer)?;
+        let cert =
+            leaf_params(id.as_str(), Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?.signed_by(&key, &issuer)?;
         write_public(&kit.join(KitFiles::CA), ca_cert.pem().as_bytes())?;
         write_public(&kit.join(KitFiles::CERTIFICATE), cert.pem().as_bytes())?;
         write_private(&kit.join(KitFiles::TLS_KEY), key.serialize_pem().as_bytes())?;
@@ -143,7 +159,7 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -
         roster.node.push(Member {
             id: id.clone(),
             language: language.clone(),
-            certificate: fingerprint(cert.der()),
+            certificate: Fingerprint::of(cert.der()),
             signing_key: signing.public(),
         });
     }
@@ -157,7 +173,7 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(String, String)]) -
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipRequest {
-    pub id: String,
+    pub id: NodeId,
     pub language: String,
     /// The node's TLS public key: an uncompressed P-256 point, hex.
     pub tls_public_key: String,
@@ -178,15 +194,17 @@ impl rcgen::PublicKeyData for SitePublicKey {
 
 /// `weft node keygen`: the site makes its TLS and signing keys in `kit` (private, mode 0600)
 /// and writes `request.toml`, the only file it sends to the consortium.
-pub fn keygen(kit: &Path, id: &str, language: &str) -> Result<MembershipRequest, ProvisionError> {
-    weft_core::NodeId::new(id.to_owned()).map_err(|e| ProvisionError::NodeId(id.to_owned(), e.to_string()))?;
+pub fn keygen(kit: &Path, id: &NodeId, language: &str) -> Result<MembershipRequest, ProvisionError> {
+    if language.trim().is_empty() {
+        return Err(ProvisionError::NodeId(id.to_string(), "no language".into()));
+    }
     std::fs::create_dir_all(kit).map_err(io(kit))?;
     let key = KeyPair::generate()?;
     write_private(&kit.join(KitFiles::TLS_KEY), key.serialize_pem().as_bytes())?;
     let signing = signing_key()?;
     write_private(&kit.join(KitFiles::SIGNING_KEY), signing.to_hex().as_bytes())?;
     let request = MembershipRequest {
-        id: id.to_owned(),
+        id: id.clone(),
         language: language.to_owned(),
         tls_public_key: key.public_key_raw().iter().map(|b| format!("{b:02x}")).collect(),
         signing_key: signing.public(),
@@ -200,8 +218,6 @@ pub fn keygen(kit: &Path, id: &str, language: &str) -> Result<MembershipRequest,
 /// under `DIR/nodes/<id>/` to send back.
 pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, ProvisionError> {
     use crate::config::read_toml;
-    weft_core::NodeId::new(request.id.clone())
-        .map_err(|e| ProvisionError::NodeId(request.id.clone(), e.to_string()))?;
     let config: ConsortiumConfig = read_toml(&dir.join("consortium.toml"))?;
     // The roster is part of the configuration the ledger's genesis commits to.
     let storage = dir.join(&config.storage).join("state.sqlite");
@@ -211,7 +227,7 @@ pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, Prov
     let roster_path = dir.join("roster.toml");
     let mut roster: Roster = read_toml(&roster_path)?;
     if roster.node.iter().any(|m| m.id == request.id) {
-        return Err(ProvisionError::NodeId(request.id.clone(), "already in the roster".into()));
+        return Err(ProvisionError::NodeId(request.id.to_string(), "already in the roster".into()));
     }
     let raw = (0..request.tls_public_key.len() / 2)
         .map(|i| u8::from_str_radix(request.tls_public_key.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
@@ -219,10 +235,10 @@ pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, Prov
         .ok()
         .filter(|raw| raw.len() == 65 && raw[0] == 0x04)
         .ok_or_else(|| {
-            ProvisionError::NodeId(request.id.clone(), "tls_public_key is not an uncompressed P-256 point".into())
+            ProvisionError::NodeId(request.id.to_string(), "tls_public_key is not an uncompressed P-256 point".into())
         })?;
-    let (certificate, print) = issue_client_certificate(dir, &config.name, &request.id, &SitePublicKey(raw))?;
-    let kit = dir.join("nodes").join(&request.id);
+    let (certificate, print) = issue_client_certificate(dir, &config.name, request.id.as_str(), &SitePublicKey(raw))?;
+    let kit = dir.join("nodes").join(request.id.as_str());
     std::fs::create_dir_all(&kit).map_err(io(&kit))?;
     write_public(&kit.join(KitFiles::CERTIFICATE), certificate.as_bytes())?;
     let ca = std::fs::read(dir.join("ca.pem")).map_err(io(&dir.join("ca.pem")))?;

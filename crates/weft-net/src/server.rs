@@ -17,13 +17,14 @@ use tokio::sync::Notify;
 use tokio_stream::Stream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
-use weft_coordinator::{Coordinator, Measure, RoundRecord, SubmitError};
-use weft_core::{ContentHash, Contribution, Delta, NodeId};
+use weft_coordinator::{BlobStore, DurableCoordinator, Measure, RoundRecord, SubmitError};
+use weft_core::{ContentHash, Contribution, Delta, NodeId, Rejection};
 use weft_ledger::{ContributionManifest, Signature};
 
-use crate::config::{fingerprint, ConsortiumConfig, Member, Roster};
+use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_server::ConsortiumServer, upload_part::Part};
+use crate::refusal::Refusal;
 use crate::{NetError, CHUNK, FRAME, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// What a served consortium is told to do.
@@ -41,10 +42,10 @@ pub struct ServeOptions {
 }
 
 /// Bytes each node sent per round.
-pub type WireBytes = BTreeMap<u64, BTreeMap<String, u64>>;
+pub type WireBytes = BTreeMap<u64, BTreeMap<NodeId, u64>>;
 
 /// What a served run did.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Served {
     /// The rounds closed by this run.
     pub rounds: Vec<RoundRecord>,
@@ -54,14 +55,14 @@ pub struct Served {
     pub round_seconds: BTreeMap<u64, f64>,
 }
 
+/// What the upload tasks see of the round, without waiting for the engine.
 struct View {
     phase: proto::Phase,
     round: u64,
+    /// The current base: nodes fetch it from the blob store by this hash.
     base_hash: ContentHash,
     deadline: Option<Instant>,
-    submitted: BTreeSet<String>,
-    /// The current base's blob (canonical safetensors), streamed to nodes that fetch it.
-    base_path: Option<PathBuf>,
+    submitted: BTreeSet<NodeId>,
 }
 
 /// The round engine on a thread of its own: every measurement, check and aggregation runs
@@ -71,10 +72,10 @@ struct Engine<M: Measure> {
     jobs: std::sync::mpsc::Sender<Job<M>>,
 }
 
-type Job<M> = Box<dyn FnOnce(&mut Coordinator<M>) + Send>;
+type Job<M> = Box<dyn FnOnce(&mut DurableCoordinator<M>) + Send>;
 
 impl<M: Measure + Send + 'static> Engine<M> {
-    fn start(mut coordinator: Coordinator<M>) -> Result<Self, NetError> {
+    fn start(mut coordinator: DurableCoordinator<M>) -> Result<Self, NetError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job<M>>();
         std::thread::Builder::new()
             .name("weft-engine".into())
@@ -90,7 +91,7 @@ impl<M: Measure + Send + 'static> Engine<M> {
     /// Runs `f` on the engine thread and waits for its result.
     async fn run<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Coordinator<M>) -> R + Send + 'static,
+        f: impl FnOnce(&mut DurableCoordinator<M>) -> R + Send + 'static,
     ) -> Result<R, NetError> {
         let (done, result) = tokio::sync::oneshot::channel();
         self.jobs
@@ -105,6 +106,8 @@ impl<M: Measure + Send + 'static> Engine<M> {
 struct Shared<M: Measure> {
     engine: Engine<M>,
     view: Mutex<View>,
+    /// The engine's blob store, read directly to stream bases (blobs never change once stored).
+    store: Arc<dyn BlobStore>,
     submitted: Notify,
     options: ServeOptions,
     coordinator_key: String,
@@ -118,7 +121,7 @@ struct Shared<M: Measure> {
 /// server drops the upload's task without a refusal to send: this logs it and removes the
 /// partial spool file.
 struct Progress {
-    node: String,
+    node: NodeId,
     wire: u64,
     spool: Option<PathBuf>,
     finished: bool,
@@ -135,26 +138,19 @@ impl Drop for Progress {
     }
 }
 
-/// A refusal to send back to the node (and log).
-struct Refusal {
-    code: &'static str,
-    detail: String,
-}
-
-fn refuse(code: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal { code, detail: detail.into() }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data: keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Serves until every round of the config is closed; returns the rounds closed by this run.
+/// The coordinator must be durable: nodes reconnect after a restart and their signed
+/// contributions go into its ledger.
 pub async fn serve<M: Measure + Send + 'static>(
-    coordinator: Coordinator<M>,
+    coordinator: DurableCoordinator<M>,
     options: ServeOptions,
 ) -> Result<Served, NetError> {
+    options.config.validate()?;
     let address = tokio::net::lookup_host(&options.config.address)
         .await
         .map_err(|e| NetError::Address(options.config.address.clone(), e.to_string()))?
@@ -174,8 +170,8 @@ pub async fn serve<M: Measure + Send + 'static>(
             base_hash: coordinator.base_hash(),
             deadline: None,
             submitted: BTreeSet::new(),
-            base_path: None,
         }),
+        store: coordinator.store().clone(),
         engine: Engine::start(coordinator)?,
         submitted: Notify::new(),
         options,
@@ -213,8 +209,8 @@ pub async fn serve<M: Measure + Send + 'static>(
     Ok(Served { rounds, wire_bytes: wire, round_seconds })
 }
 
-/// An open round: number, base hash, nodes already heard, the base's blob.
-type Opened = (u64, ContentHash, BTreeSet<String>, PathBuf);
+/// An open round: number, base hash, nodes already heard.
+type Opened = (u64, ContentHash, BTreeSet<NodeId>);
 
 /// Opens, waits for, and closes every remaining round.
 async fn drive<M: Measure + Send + 'static>(
@@ -224,6 +220,7 @@ async fn drive<M: Measure + Send + 'static>(
     let mut seconds = BTreeMap::new();
     let rounds = shared.options.config.rounds;
     let deadline = Duration::from_secs(shared.options.config.round_deadline_secs);
+    let closes = |opened: Instant| opened.checked_add(deadline).ok_or(NetError::Deadline);
     loop {
         let opened = shared
             .engine
@@ -233,24 +230,15 @@ async fn drive<M: Measure + Send + 'static>(
                     None if engine.round() >= rounds => return Ok(None),
                     None => (engine.open_round()?, BTreeSet::new()),
                 };
-                // Nodes download the base from its blob, streamed from disk.
-                let path = engine.store().path_of(&announcement.base_hash);
-                Ok(Some((announcement.round, announcement.base_hash, done, path)))
+                Ok(Some((announcement.round, announcement.base_hash, done)))
             })
             .await??;
-        let Some((round, base_hash, done, base_path)) = opened else { break };
+        let Some((round, base_hash, done)) = opened else { break };
         let opened_at = Instant::now();
-        let closes_at = opened_at + deadline;
+        let closes_at = closes(opened_at)?;
         {
             let mut view = lock(&shared.view);
-            *view = View {
-                phase: proto::Phase::Open,
-                round,
-                base_hash,
-                deadline: Some(closes_at),
-                submitted: done,
-                base_path: Some(base_path),
-            };
+            *view = View { phase: proto::Phase::Open, round, base_hash, deadline: Some(closes_at), submitted: done };
         }
         tracing::info!(round, base = %base_hash.short(), "round open");
         let roster = shared.options.roster.node.len();
@@ -293,7 +281,7 @@ impl<M: Measure> Service<M> {
     fn member<T>(&self, request: &Request<T>) -> Result<Member, Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let cert = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let print = fingerprint(cert.as_ref());
+        let print = Fingerprint::of(cert.as_ref());
         match self.shared.options.roster.by_certificate(&print) {
             Some(member) => Ok(member.clone()),
             None => {
@@ -320,7 +308,7 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
         Ok(Response::new(proto::JoinReply {
             protocol: PROTOCOL,
             consortium: self.shared.options.config.name.clone(),
-            node: member.id,
+            node: member.id.to_string(),
             coordinator_key: self.shared.coordinator_key.clone(),
         }))
     }
@@ -358,37 +346,21 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
 
     async fn fetch_base(&self, request: Request<proto::FetchBaseRequest>) -> Result<Response<ChunkStream>, Status> {
         self.member(&request)?;
-        let path = {
+        let hash = {
             let view = lock(&self.shared.view);
-            match &view.base_path {
-                Some(path) if request.get_ref().base_hash == view.base_hash.to_string() => path.clone(),
-                _ => {
-                    return Err(Status::not_found(format!(
-                        "base {} is not the current base",
-                        request.get_ref().base_hash
-                    )))
-                }
+            if request.get_ref().base_hash != view.base_hash.to_string() {
+                return Err(Status::not_found(format!("base {} is not the current base", request.get_ref().base_hash)));
             }
+            view.base_hash
         };
-        let mut file =
-            tokio::fs::File::open(&path).await.map_err(|e| Status::internal(format!("the base's blob: {e}")))?;
-        // Read from disk as the node reads the stream: at most two chunks in memory per download.
+        let blob = self.shared.store.open(&hash).map_err(|e| Status::internal(format!("the base's blob: {e}")))?;
+        // Chunks are copied out of the stored blob as the node reads the stream: at most two
+        // chunks in memory per download, whatever the model's size.
         let (send, receive) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            loop {
-                let mut data = Vec::with_capacity(CHUNK);
-                match (&mut file).take(CHUNK as u64).read_to_end(&mut data).await {
-                    Ok(0) => break,
-                    Ok(_) => {
-                        if send.send(Ok(proto::Chunk { data })).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = send.send(Err(Status::internal(format!("reading the base: {e}")))).await;
-                        break;
-                    }
+        tokio::task::spawn_blocking(move || {
+            for chunk in blob.bytes().chunks(CHUNK) {
+                if send.blocking_send(Ok(proto::Chunk { data: chunk.to_vec() })).is_err() {
+                    break;
                 }
             }
         });
@@ -417,10 +389,11 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 receipt.accepted = true;
                 receipt.quality = quality;
             }
-            Err(r) => {
-                tracing::warn!(node = %member.id, code = r.code, "upload refused: {}", r.detail);
-                receipt.code = r.code.to_owned();
-                receipt.detail = r.detail;
+            Err(refusal) => {
+                let code = refusal.code();
+                tracing::warn!(node = %member.id, code = code.as_str(), "upload refused: {refusal}");
+                receipt.code = code.to_string();
+                receipt.detail = refusal.to_string();
             }
         }
         Ok(Response::new(receipt))
@@ -439,40 +412,29 @@ impl<M: Measure + Send + 'static> Service<M> {
         let started = Instant::now();
         let header = match parts.message().await {
             Ok(Some(proto::UploadPart { part: Some(Part::Header(h)) })) => h,
-            Ok(_) => return Err(refuse("missing_header", "an upload starts with its header")),
-            Err(e) => return Err(refuse("transport", e.to_string())),
+            Ok(_) => return Err(Refusal::MissingHeader),
+            Err(status) => return Err(Refusal::Transport(status)),
         };
-        let manifest: ContributionManifest =
-            serde_json::from_slice(&header.manifest).map_err(|e| refuse("bad_manifest", e.to_string()))?;
-        if manifest.node != member.id {
-            return Err(refuse(
-                "identity_mismatch",
-                format!("the manifest names {}, the certificate is {}", manifest.node, member.id),
-            ));
+        let manifest: ContributionManifest = serde_json::from_slice(&header.manifest).map_err(Refusal::BadManifest)?;
+        if manifest.node != member.id.as_str() {
+            return Err(Refusal::IdentityMismatch { manifest: manifest.node, certificate: member.id.clone() });
         }
         let signature = <[u8; 64]>::try_from(header.signature.as_slice())
             .map(Signature)
-            .map_err(|_| refuse("bad_signature", "a signature is 64 bytes"))?;
+            .map_err(|_| Refusal::SignatureLength(header.signature.len()))?;
         if !member.signing_key.verify(&header.manifest, &signature) {
-            return Err(refuse("bad_signature", "the manifest's signature does not verify with the node's roster key"));
+            return Err(Refusal::BadSignature);
         }
         let config = &self.shared.options.config;
-        let encoding =
-            Encoding::from_proto(header.encoding).ok_or_else(|| refuse("bad_encoding", "unknown encoding"))?;
+        let encoding = Encoding::from_proto(header.encoding).ok_or(Refusal::UnknownEncoding(header.encoding))?;
         if encoding != config.encoding {
-            return Err(refuse(
-                "bad_encoding",
-                format!("the consortium sends {:?}, not {encoding:?}", config.encoding),
-            ));
+            return Err(Refusal::WrongEncoding { expected: config.encoding, got: encoding });
         }
         let max = config.encoding.max_bytes(self.shared.values, self.shared.tensors);
         if header.encoded_bytes > max {
-            return Err(refuse(
-                "oversize",
-                format!("{} bytes announced, at most {max} for this model", header.encoded_bytes),
-            ));
+            return Err(Refusal::Oversize { announced: header.encoded_bytes, max });
         }
-        self.check_round(&manifest)?;
+        self.check_round(&member.id, &manifest)?;
 
         // Spool to disk, chunk by chunk, never past the announced size.
         // Unique per upload: a node may retry while an earlier attempt is still being torn down.
@@ -480,7 +442,8 @@ impl<M: Measure + Send + 'static> Service<M> {
         let spool = self.shared.options.spool.join(format!("{}-{}-{serial}.upload", member.id, manifest.round));
         progress.spool = Some(spool.clone());
         let wire = &mut progress.wire;
-        let mut file = tokio::fs::File::create(&spool).await.map_err(|e| refuse("internal", e.to_string()))?;
+        let internal = |e: std::io::Error| Refusal::Internal(format!("spooling the upload: {e}"));
+        let mut file = tokio::fs::File::create(&spool).await.map_err(internal)?;
         file.set_max_buf_size(CHUNK);
         loop {
             match parts.message().await {
@@ -488,33 +451,27 @@ impl<M: Measure + Send + 'static> Service<M> {
                     *wire += data.len() as u64;
                     if *wire > header.encoded_bytes {
                         let _ = tokio::fs::remove_file(&spool).await;
-                        return Err(refuse(
-                            "oversize",
-                            format!("more than the {} bytes announced", header.encoded_bytes),
-                        ));
+                        return Err(Refusal::OverAnnounced { announced: header.encoded_bytes });
                     }
-                    file.write_all(&data).await.map_err(|e| refuse("internal", e.to_string()))?;
+                    file.write_all(&data).await.map_err(internal)?;
                 }
                 Ok(None) => break,
                 Ok(Some(_)) => {
                     let _ = tokio::fs::remove_file(&spool).await;
-                    return Err(refuse("bad_stream", "a second header in one upload"));
+                    return Err(Refusal::SecondHeader);
                 }
-                Err(e) => {
+                Err(status) => {
                     let _ = tokio::fs::remove_file(&spool).await;
-                    return Err(refuse("truncated", format!("the stream broke after {} bytes: {e}", *wire)));
+                    return Err(Refusal::StreamBroke { received: *wire, status });
                 }
             }
         }
-        file.flush().await.map_err(|e| refuse("internal", e.to_string()))?;
+        file.flush().await.map_err(internal)?;
         drop(file);
         *spooled = Some(started.elapsed());
         if *wire != header.encoded_bytes {
             let _ = tokio::fs::remove_file(&spool).await;
-            return Err(refuse(
-                "truncated",
-                format!("{} bytes received of the {} announced", *wire, header.encoded_bytes),
-            ));
+            return Err(Refusal::Truncated { received: *wire, announced: header.encoded_bytes });
         }
         self.shared
             .wire
@@ -527,34 +484,26 @@ impl<M: Measure + Send + 'static> Service<M> {
         // Decode and submit under the engine's lock: one delta in memory at a time.
         let node = member.id.clone();
         let shared = self.shared.clone();
-        let job = move |engine: &mut Coordinator<M>| -> Result<f64, Refusal> {
+        let job = move |engine: &mut DurableCoordinator<M>| -> Result<f64, Refusal> {
             // Read on the engine thread: however many uploads finish together, one encoded and
             // one decoded delta are in memory at a time.
-            let bytes = std::fs::read(&spool).map_err(|e| refuse("internal", e.to_string()));
+            let bytes =
+                std::fs::read(&spool).map_err(|e| Refusal::Internal(format!("reading the spooled upload: {e}")));
             let _ = std::fs::remove_file(&spool);
             let bytes = bytes?;
             match engine.open_round_state() {
                 Some((a, _)) if a.round == manifest.round => {}
-                _ => {
-                    return Err(refuse(
-                        "late",
-                        format!("round {} closed before the upload finished; join the next round", manifest.round),
-                    ))
-                }
+                _ => return Err(Refusal::ClosedMeanwhile { round: manifest.round }),
             }
-            let state = encoding::decode(&bytes, encoding, engine.base())
-                .map_err(|e| refuse("malformed_delta", e.to_string()))?;
+            let state = encoding::decode(&bytes, encoding, engine.base()).map_err(Refusal::MalformedDelta)?;
             drop(bytes);
             let delta = Delta::from_state(state);
             let actual = delta.content_hash();
             if actual != manifest.delta_hash {
-                return Err(refuse(
-                    "delta_hash_mismatch",
-                    format!("the delta hashes to {actual}, the signed manifest says {}", manifest.delta_hash),
-                ));
+                return Err(Refusal::DeltaHashMismatch { actual, signed: manifest.delta_hash });
             }
             let contribution = Contribution {
-                node: NodeId::new(node.clone()).map_err(|e| refuse("bad_manifest", e.to_string()))?,
+                node: node.clone(),
                 round: manifest.round,
                 base_hash: manifest.base_hash,
                 delta,
@@ -569,46 +518,32 @@ impl<M: Measure + Send + 'static> Service<M> {
                     shared.submitted.notify_one();
                     Ok(receipt.quality)
                 }
-                Err(SubmitError::Rejected(reason)) => Err(Refusal { code: reason.code(), detail: reason.to_string() }),
-                Err(SubmitError::Internal(e)) => Err(refuse("internal", e.to_string())),
+                Err(SubmitError::Rejected(reason)) => Err(Refusal::Rejected(reason)),
+                Err(SubmitError::Internal(e)) => Err(Refusal::Internal(e.to_string())),
             }
         };
-        let result = self.shared.engine.run(job).await.map_err(|e| refuse("internal", e.to_string()))?;
-        result
+        self.shared.engine.run(job).await.map_err(|e| Refusal::Internal(e.to_string()))?
     }
 
     /// The manifest must be for the round open now, on its base, from a node not yet heard.
-    fn check_round(&self, manifest: &ContributionManifest) -> Result<(), Refusal> {
+    /// (The engine checks the same again; these are the checks an upload can fail before it is
+    /// spooled.)
+    fn check_round(&self, node: &NodeId, manifest: &ContributionManifest) -> Result<(), Refusal> {
         let view = lock(&self.shared.view);
         if view.phase != proto::Phase::Open {
-            return Err(refuse(
-                "late",
-                format!("no round is open (round {} is closed); join the next round", view.round),
-            ));
+            return Err(Refusal::NoRoundOpen { round: view.round });
         }
         if manifest.round < view.round {
-            return Err(refuse(
-                "replayed_manifest",
-                format!("the manifest is for round {}, round {} is open", manifest.round, view.round),
-            ));
+            return Err(Refusal::ReplayedManifest { manifest: manifest.round, open: view.round });
         }
         if manifest.round != view.round {
-            return Err(refuse(
-                "wrong_round",
-                format!("the manifest is for round {}, round {} is open", manifest.round, view.round),
-            ));
+            return Err(Refusal::Rejected(Rejection::WrongRound { expected: view.round, got: manifest.round }));
         }
         if manifest.base_hash != view.base_hash {
-            return Err(refuse(
-                "stale_base",
-                format!("trained on {}, the base is {}", manifest.base_hash, view.base_hash),
-            ));
+            return Err(Refusal::Rejected(Rejection::StaleBase { expected: view.base_hash, got: manifest.base_hash }));
         }
-        if view.submitted.contains(&manifest.node) {
-            return Err(refuse(
-                "duplicate_node",
-                format!("{} already contributed to round {}", manifest.node, view.round),
-            ));
+        if view.submitted.contains(node) {
+            return Err(Refusal::Rejected(Rejection::DuplicateNode));
         }
         Ok(())
     }

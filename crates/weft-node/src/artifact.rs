@@ -1,11 +1,11 @@
 //! The sovereign artifact: the node's own trained model, kept on its own disk every round.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use weft_core::{ContentHash, ModelState, NodeId};
+use weft_durable::write_atomic;
 use weft_model::GptConfig;
 
 /// What the node measured about its own training. Reported to the coordinator as *declared*
@@ -73,10 +73,35 @@ impl SovereignArtifact {
         ]);
         let bytes = weights.to_safetensors(Some(meta)).map_err(std::io::Error::other)?;
         write_atomic(&dir.join(Self::MODEL_FILE), &bytes)?;
-        weft_core::crash::point("artifact-before-manifest");
+        weft_durable::crash::point("artifact-before-manifest");
         let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
         write_atomic(&dir.join(Self::MANIFEST_FILE), &json)?;
         Ok(SovereignArtifact { manifest, dir: dir.to_owned() })
+    }
+
+    /// Where round `round`'s artifact lives under a node's artifact directory.
+    pub fn round_dir(node_dir: &Path, round: u64) -> PathBuf {
+        node_dir.join(format!("round-{round:04}"))
+    }
+
+    /// Every complete artifact (one with a manifest) under a node's artifact directory, by round.
+    /// A directory that does not exist holds none.
+    pub fn all_in(node_dir: &Path) -> std::io::Result<Vec<Self>> {
+        let entries = match std::fs::read_dir(node_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut artifacts = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let round_dir = entry.file_name().to_string_lossy().starts_with("round-");
+            if round_dir && entry.path().join(Self::MANIFEST_FILE).is_file() {
+                artifacts.push(Self::read(&entry.path())?);
+            }
+        }
+        artifacts.sort_by_key(|a| a.manifest.round);
+        Ok(artifacts)
     }
 
     /// Reads a complete artifact (one with a manifest) from `dir`.
@@ -110,18 +135,4 @@ impl SovereignArtifact {
         }
         Ok(state)
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }

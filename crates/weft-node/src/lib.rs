@@ -7,6 +7,6 @@ mod artifact;
 mod corpus;
 mod node;
 
-pub use artifact::{write_atomic, ArtifactManifest, LocalMetrics, SovereignArtifact};
+pub use artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 pub use corpus::LocalCorpus;
 pub use node::{Cycle, Node, NodeError, NodeSettings};

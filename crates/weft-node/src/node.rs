@@ -134,7 +134,7 @@ impl Node {
         if actual != base_hash {
             return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
         }
-        let dir = self.dir.join(format!("round-{round:04}"));
+        let dir = SovereignArtifact::round_dir(&self.dir, round);
         // A cycle completed before a restart is not trained again: same artifact, same delta.
         if let Ok(artifact) = SovereignArtifact::read(&dir) {
             if artifact.manifest.base_hash == base_hash && artifact.manifest.round == round {
@@ -182,7 +182,7 @@ impl Node {
             file: SovereignArtifact::MODEL_FILE.to_owned(),
             optimizer_steps,
         };
-        weft_core::crash::point("node-trained");
+        weft_durable::crash::point("node-trained");
         let artifact = SovereignArtifact::write(&dir, manifest, &local, &moments)
             .map_err(|source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source })?;
         self.contribution_of(artifact, base, &local)
@@ -202,7 +202,7 @@ impl Node {
     /// AdamW as saved by the latest complete cycle before `round`, if there is one.
     fn saved_optimizer(&self, round: u64, model: &Gpt) -> Result<Option<AdamW>, NodeError> {
         let latest =
-            (1..round).rev().find_map(|r| SovereignArtifact::read(&self.dir.join(format!("round-{r:04}"))).ok());
+            (1..round).rev().find_map(|r| SovereignArtifact::read(&SovereignArtifact::round_dir(&self.dir, r)).ok());
         latest.map(|artifact| self.optimizer_from(&artifact, model)).transpose()
     }
 

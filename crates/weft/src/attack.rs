@@ -2,11 +2,11 @@
 //! policies can be compared on the same real run.
 
 use clap::ValueEnum;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weft_core::{Contribution, Delta, ModelState};
 use weft_model::SplitMix64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttackKind {
     /// Sends −λ·Δ (λ = --attack-scale, default 1).

@@ -1,129 +1,126 @@
-//! What a run is, independent of how it is run: `weft demo` (one process) and `weft coordinator
-//! serve` (over the network) build their coordinator and nodes from the same [`RunSettings`],
-//! so that the same settings and seed give the same bases either way.
+//! `weft consortium init | add-node`: provision a networked consortium.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use weft_coordinator::{
-    BlobStore, CanaryRegistry, Coordinator, Governance, HeldoutSet, Member, SqliteJournal, Visibility,
-};
-use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy, Weighting};
-use weft_model::{AdamWSettings, Gpt, GptConfig};
-use weft_net::config::ConsortiumConfig;
-use weft_node::NodeSettings;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use weft_core::NodeId;
+use weft_net::config::{read_toml, ConsortiumConfig};
+use weft_net::encoding::Encoding;
 
-use crate::data;
+use crate::args::{GovernanceArgs, ModelArgs, PolicyArgs, TrainingArgs};
+use crate::run::{setting_error, RunSections, RunSettings, Source};
+use crate::say;
 
-#[derive(Clone, Debug)]
-pub struct RunSettings {
-    pub model: GptConfig,
+#[derive(Subcommand)]
+pub enum ConsortiumCommand {
+    /// Create a consortium: CA, coordinator identity, one startup kit per node, roster, config.
+    Init(Box<InitArgs>),
+    /// Admit a node that made its own keys (`weft node keygen`): certify it, add it to the roster.
+    AddNode(AddNodeArgs),
+}
+
+pub fn run(command: ConsortiumCommand) -> anyhow::Result<()> {
+    match command {
+        ConsortiumCommand::Init(args) => init(*args),
+        ConsortiumCommand::AddNode(args) => add_node(args),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Directory to create (must not exist).
+    pub dir: PathBuf,
+    /// A member: `ID:LANG` (LANG = its language/jurisdiction; `ID` alone uses ID as language).
+    /// Repeat for every node.
+    #[arg(long = "node", required = true)]
+    pub nodes: Vec<String>,
+    #[arg(long, default_value = "weft")]
+    pub name: String,
+    /// Where the coordinator listens and nodes dial.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub address: String,
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// node id → language, in roster order.
-    pub members: Vec<(String, String)>,
-    pub policy: Policy,
-    pub aggregator: Aggregator,
-    pub outer: OuterOptimizer,
-    pub probe_scale: Option<f32>,
-    pub node: NodeSettings,
+    /// f32 (lossless), f16, bf16, int8.
+    #[arg(long, default_value = "f32")]
+    pub encoding: Encoding,
+    /// Seconds a round stays open for late nodes.
+    #[arg(long, default_value_t = 600)]
+    pub deadline_secs: u64,
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub governance: GovernanceArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
-/// The canary registry for `languages` (default manifest: the data directory's
-/// `canaries/canaries.json`), checked to have an active public set for each.
-pub fn canary_registry(
-    data_dir: &Path,
-    manifest: Option<&Path>,
-    languages: &[String],
-) -> anyhow::Result<CanaryRegistry> {
-    let manifest = manifest.map(Path::to_owned).unwrap_or_else(|| data_dir.join("canaries").join("canaries.json"));
-    let mut registry = CanaryRegistry::load(&manifest)?;
-    registry.retain_topics(languages);
-    for language in languages {
-        registry.active(language, Visibility::Public)?;
-    }
-    Ok(registry)
-}
-
-pub fn weighting(name: &str) -> anyhow::Result<Weighting> {
-    match name {
-        "quality" => Ok(Weighting::Quality),
-        "equal" => Ok(Weighting::Equal),
-        "declared" => Ok(Weighting::Declared),
-        other => bail!("unknown weighting '{other}' (quality, equal, declared)"),
-    }
-}
-
-pub fn outer(name: &str, lr: Option<f32>, momentum: f32) -> anyhow::Result<OuterOptimizer> {
-    let outer = match name {
-        "plain" => OuterOptimizer::Plain { lr: lr.unwrap_or(1.0) },
-        "nesterov" => OuterOptimizer::Nesterov { lr: lr.unwrap_or(0.7), momentum },
-        other => bail!("unknown outer optimizer '{other}' (plain, nesterov)"),
-    };
-    outer.validate()?;
-    Ok(outer)
-}
-
-impl RunSettings {
-    /// The settings of a networked consortium, from its config and roster.
-    pub fn from_config(config: &ConsortiumConfig, members: Vec<(String, String)>) -> anyhow::Result<Self> {
-        config.model.validate().context("[model]")?;
-        let p = &config.policy;
-        let policy = Policy::new(p.floor, p.cap, p.quorum, weighting(&p.weighting)?).context("[policy]")?;
-        let lr_ok = config.training.lr.is_finite() && config.training.lr > 0.0;
-        if config.training.batch == 0 || config.training.local_steps == 0 || !lr_ok {
-            bail!("[training]: batch, local_steps and lr must be positive");
-        }
-        Ok(RunSettings {
-            model: config.model,
-            seed: config.seed,
-            members,
-            policy,
-            aggregator: p.aggregator.parse().context("[policy] aggregator")?,
-            outer: outer(&p.outer, p.outer_lr, p.momentum).context("[policy] outer")?,
-            probe_scale: p.probe_scale,
-            node: NodeSettings {
-                steps: config.training.local_steps,
-                batch_rows: config.training.batch,
-                adamw: AdamWSettings { lr: config.training.lr, ..AdamWSettings::default() },
-                seed: config.seed,
-            },
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let nodes: Vec<(NodeId, String)> = args
+        .nodes
+        .iter()
+        .map(|spec| {
+            let (id, language) = spec.split_once(':').unwrap_or((spec, spec));
+            Ok((NodeId::new(id).with_context(|| format!("--node {spec}"))?, language.to_owned()))
         })
+        .collect::<anyhow::Result<_>>()?;
+    let sections = RunSections {
+        seed: args.seed,
+        rounds: args.rounds,
+        model: args.model.config(),
+        training: args.training.settings(),
+        policy: args.policy.settings(),
+        governance: args.governance.config()?,
+    };
+    // Checked as a run before anything is written.
+    RunSettings::new(sections.clone(), nodes.clone()).map_err(|e| setting_error(e, Source::Flags))?;
+    let config = ConsortiumConfig {
+        name: args.name.clone(),
+        address: args.address.clone(),
+        server_name: "weft-coordinator".into(),
+        rounds: sections.rounds,
+        seed: sections.seed,
+        round_deadline_secs: args.deadline_secs,
+        encoding: args.encoding,
+        storage: "coordinator".into(),
+        model: sections.model,
+        training: sections.training,
+        policy: sections.policy,
+        governance: sections.governance,
+    };
+    config.validate().map_err(|e| setting_error(e, Source::Flags))?;
+    let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;
+    say!("consortium '{}' created in {}", config.name, args.dir.display());
+    for m in &roster.node {
+        say!("  {:<14} {:<6} kit {}", m.id.as_str(), m.language, args.dir.join("nodes").join(m.id.as_str()).display());
     }
+    say!(
+        "edit {} as needed, then: weft coordinator serve {}",
+        args.dir.join("consortium.toml").display(),
+        args.dir.display()
+    );
+    say!("send each node its kit (nodes/<id>/); keep ca.key offline");
+    Ok(())
+}
 
-    /// The coordinator of this run, durable in `storage`: the same function for the demo and
-    /// for `weft coordinator serve`.
-    pub fn coordinator(
-        &self,
-        data_dir: &Path,
-        storage: &Path,
-        governance: Option<Governance>,
-        extra: serde_json::Value,
-    ) -> anyhow::Result<Coordinator<HeldoutSet>> {
-        let mut heldout = BTreeMap::new();
-        let mut members = Vec::new();
-        for (id, language) in &self.members {
-            heldout.insert(language.clone(), data::heldout(data_dir, language)?);
-            members.push(Member { node: NodeId::new(id.clone())?, language: language.clone() });
-        }
-        let base = Gpt::init(self.model, self.seed)?.to_state();
-        let measure = HeldoutSet::new(self.model, heldout, 32)?;
-        let store = BlobStore::open(storage.join("blobs"))?;
-        let mut coordinator = Coordinator::new(base, members, self.policy, self.outer, measure, store)?
-            .with_aggregator(self.aggregator)?;
-        if let Some(governance) = governance {
-            coordinator = coordinator.with_governance(governance);
-        }
-        if let Some(scale) = self.probe_scale {
-            coordinator = coordinator.with_probe_scale(scale)?;
-        }
-        let settings = serde_json::json!({
-            "model": self.model,
-            "seed": self.seed,
-            "node": self.node,
-            "extra": extra,
-        });
-        let journal = SqliteJournal::open(storage)?;
-        Ok(coordinator.durable(Box::new(journal), settings)?)
-    }
+#[derive(Args, Debug)]
+pub struct AddNodeArgs {
+    /// The consortium directory.
+    pub dir: PathBuf,
+    /// The site's request.toml (from `weft node keygen`).
+    #[arg(long)]
+    pub request: PathBuf,
+}
+
+fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
+    let request: weft_net::provision::MembershipRequest = read_toml(&args.request)?;
+    let kit = weft_net::provision::add_node(&args.dir, &request)?;
+    say!("{} added to the roster; send back {} (tls.pem, ca.pem, node.toml)", request.id, kit.display());
+    say!("the coordinator admits it when it first serves this consortium");
+    Ok(())
 }

@@ -1,13 +1,23 @@
 //! `weft`: governed consortium training of language models.
+//!
+//! One file per command group: `demo`, `consortium`, `coordinator`, `node`, `ledger`, and the
+//! single commands `inspect`, `simulate`, `reputation`. What they share: `args` (the flags that
+//! describe a run), `run` (the run those flags or `consortium.toml` describe, checked once),
+//! `report`, `table` and `output` (everything printed goes through `say!`).
 
+mod args;
 mod attack;
 mod consortium;
+mod coordinator;
 mod data;
 mod demo;
 mod inspect;
 mod ledger;
-mod net;
+mod node;
+mod output;
+mod report;
 mod reputation;
+mod run;
 mod simulate;
 mod table;
 
@@ -35,41 +45,15 @@ enum Command {
     Ledger(ledger::LedgerCommand),
     /// Provision a networked consortium.
     #[command(subcommand)]
-    Consortium(ConsortiumCommand),
+    Consortium(consortium::ConsortiumCommand),
     /// The coordinator: serve a consortium over the network, operate its storage.
     #[command(subcommand)]
-    Coordinator(CoordinatorCommand),
+    Coordinator(coordinator::CoordinatorCommand),
     /// A node's side.
     #[command(subcommand)]
-    Node(NodeCommand),
+    Node(node::NodeCommand),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
-}
-
-#[derive(Subcommand)]
-enum ConsortiumCommand {
-    /// Create a consortium: CA, coordinator identity, one startup kit per node, roster, config.
-    Init(net::InitArgs),
-    /// Admit a node that made its own keys (`weft node keygen`): certify it, add it to the roster.
-    AddNode(net::AddNodeArgs),
-}
-
-#[derive(Subcommand)]
-enum CoordinatorCommand {
-    /// Run the consortium's rounds over gRPC with mutual TLS until they are all done.
-    Serve(net::ServeArgs),
-    /// Make the base of an earlier round current again (a ledger entry; nothing is deleted).
-    Rollback(ledger::RollbackArgs),
-}
-
-#[derive(Subcommand)]
-enum NodeCommand {
-    /// Take part in a consortium from a startup kit: dial out, train each round, upload.
-    Join(net::JoinArgs),
-    /// Make this node's keys on site and the public request to send to the consortium.
-    Keygen(net::KeygenArgs),
-    /// Bundle a node's sovereign artifacts with ledger proofs of its contributions.
-    Export(ledger::ExportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -84,19 +68,31 @@ fn main() -> std::process::ExitCode {
         Command::Reputation(args) => reputation::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Ledger(command) => ledger::run(command),
-        Command::Consortium(ConsortiumCommand::Init(args)) => net::init(args),
-        Command::Coordinator(CoordinatorCommand::Serve(args)) => net::serve(args),
-        Command::Coordinator(CoordinatorCommand::Rollback(args)) => ledger::rollback(args),
-        Command::Node(NodeCommand::Join(args)) => net::join(args),
-        Command::Node(NodeCommand::Keygen(args)) => net::keygen(args),
-        Command::Consortium(ConsortiumCommand::AddNode(args)) => net::add_node(args),
-        Command::Node(NodeCommand::Export(args)) => ledger::export(args),
+        Command::Consortium(command) => consortium::run(command),
+        Command::Coordinator(command) => coordinator::run(command),
+        Command::Node(command) => node::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of our output went away (`| head`): stop quietly, as Unix tools do.
+        Err(e) if output::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft: error: {e:#}");
+            eprintln!("weft: error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: many errors already print their
+/// source (`{path}: {source}`), which `{:#}` would print a second time.
+fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
 }

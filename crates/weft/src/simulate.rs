@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
-use weft_coordinator::{BlobStore, Coordinator, HeldoutSet, Member, SubmitError};
+use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, SubmitError};
 use weft_core::{NodeId, OuterOptimizer, Policy, Weighting};
 use weft_model::{AdamWSettings, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
-use crate::data;
+use crate::{data, say};
 
 #[derive(clap::Args, Debug)]
 pub struct SimulateArgs {
@@ -90,7 +90,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         Policy::new(f64::MIN / 2.0, 1.0, 0.0, Weighting::Equal)?,
         OuterOptimizer::TAPESTRY,
         HeldoutSet::new(TINY, heldout, 32)?,
-        BlobStore::open(scratch.path().join("deltas"))?,
+        std::sync::Arc::new(FsBlobStore::open(scratch.path().join("deltas"))?),
     )?;
     let settings = NodeSettings {
         steps: args.local_steps,
@@ -98,7 +98,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         adamw: AdamWSettings { warmup_steps: 0, ..AdamWSettings::default() },
         seed: args.seed,
     };
-    println!("weft simulate: {} devices, tiny model ({parameters} parameters), {} rounds", args.nodes, args.rounds);
+    say!("weft simulate: {} devices, tiny model ({parameters} parameters), {} rounds", args.nodes, args.rounds);
     let mut rounds = Vec::new();
     for _ in 0..args.rounds {
         let started = Instant::now();
@@ -124,7 +124,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             accepted: record.accepted,
             peak_rss: peak_rss(),
         };
-        println!(
+        say!(
             "round {}: {:.2} s, {} accepted, peak RSS {}",
             timing.round,
             timing.seconds,

@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 
 use weft_coordinator::RoundRecord;
 use weft_core::quality::LossTable;
+use weft_core::NodeId;
+
+use crate::say;
 
 pub fn losses(table: &LossTable) -> String {
     table.iter().map(|(lang, loss)| format!("{lang} {loss:.4}")).collect::<Vec<_>>().join("  ")
@@ -15,12 +18,22 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 
 /// One round: every contribution with its decision, then the new base.
 /// Attackers are marked with `!`.
-pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>, attackers: &[String]) {
-    println!();
-    println!("round {}", record.round);
-    println!(
+pub fn round(
+    record: &RoundRecord,
+    local_losses: &BTreeMap<NodeId, Option<f64>>,
+    attackers: &[NodeId],
+) -> anyhow::Result<()> {
+    say!();
+    say!("round {}", record.round);
+    say!(
         "  {:<15} {:<6} {:>10} {:>10}  {:<34} {:>7} {:>8}",
-        "node", "lang", "local loss", "quality", "decision", "weight", "applied"
+        "node",
+        "lang",
+        "local loss",
+        "quality",
+        "decision",
+        "weight",
+        "applied"
     );
     for c in &record.contributions {
         let decision = if c.accepted {
@@ -30,10 +43,10 @@ pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>,
                 "accepted".to_owned()
             }
         } else {
-            format!("rejected: {}", c.reason.as_deref().unwrap_or("?"))
+            format!("rejected: {}", c.reason.map_or("?", |r| r.as_str()))
         };
         let mark = if attackers.contains(&c.node) { "!" } else { "" };
-        println!(
+        say!(
             "  {:<15} {:<6} {:>10} {:>10}  {:<34} {:>7.4} {:>8.4}",
             format!("{}{mark}", c.node),
             c.language.as_deref().unwrap_or("-"),
@@ -45,7 +58,7 @@ pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>,
         );
     }
     let moved = if record.base_changed { "→" } else { "= (unchanged)" };
-    println!(
+    say!(
         "  unassigned share {:.4} · accepted {} (quorum {}) · base {} {} {}",
         record.unassigned_share,
         record.accepted,
@@ -54,47 +67,54 @@ pub fn round(record: &RoundRecord, local_losses: &BTreeMap<String, Option<f64>>,
         moved,
         record.base_hash.short()
     );
-    println!("  held-out loss of the base (nats/byte): {}", losses(&record.heldout_loss));
+    say!("  held-out loss of the base (nats/byte): {}", losses(&record.heldout_loss));
+    Ok(())
 }
 
 /// Held-out loss per language: the base at round 0 and at the end, beside each sovereign model.
-pub fn summary(initial: &LossTable, last: &LossTable, sovereign: &BTreeMap<String, LossTable>, languages: &[String]) {
-    println!();
-    println!("held-out loss per language (nats/byte, UDHR; lower is better)");
+pub fn summary(
+    initial: &LossTable,
+    last: &LossTable,
+    sovereign: &BTreeMap<NodeId, LossTable>,
+    languages: &[String],
+) -> anyhow::Result<()> {
+    say!();
+    say!("held-out loss per language (nats/byte, UDHR; lower is better)");
     let mut header = format!("  {:<8} {:>9} {:>9} {:>8}", "language", "round 0", "final", "change");
     for node in sovereign.keys() {
         header.push_str(&format!(" {node:>14}"));
     }
-    println!("{header}");
+    say!("{header}");
     for lang in languages {
         let (Some(a), Some(b)) = (initial.get(lang), last.get(lang)) else { continue };
         let mut line = format!("  {lang:<8} {a:>9.4} {b:>9.4} {:>+7.1}%", 100.0 * (b - a) / a);
         for table in sovereign.values() {
             line.push_str(&format!(" {:>14}", opt(table.get(lang).copied(), 4)));
         }
-        println!("{line}");
+        say!("{line}");
     }
-    println!("  (the node columns are each node's own sovereign model after the last round)");
+    say!("  (the node columns are each node's own sovereign model after the last round)");
+    Ok(())
 }
 
 /// Each node's standing after the round: mean over topics of reputation R, its home-topic
 /// competence Ĉ and slashing S, and its weight this round.
-pub fn reputation(record: &RoundRecord, languages: &[String]) {
-    let Some(g) = &record.governance else { return };
-    let nodes: std::collections::BTreeSet<&str> = g.reputation.iter().map(|r| r.node.as_str()).collect();
-    println!("  reputation after the round ({} topics):", languages.len());
-    println!("    {:<15} {:>9} {:>8} {:>6} {:>8} {:>8}", "node", "mean R", "home Ĉ", "S", "weight", "gap");
+pub fn reputation(record: &RoundRecord, languages: &[String]) -> anyhow::Result<()> {
+    let Some(g) = &record.governance else { return Ok(()) };
+    let nodes: std::collections::BTreeSet<&NodeId> = g.reputation.iter().map(|r| &r.node).collect();
+    say!("  reputation after the round ({} topics):", languages.len());
+    say!("    {:<15} {:>9} {:>8} {:>6} {:>8} {:>8}", "node", "mean R", "home Ĉ", "S", "weight", "gap");
     for node in nodes {
-        let rows: Vec<_> = g.reputation.iter().filter(|r| r.node == node).collect();
+        let rows: Vec<_> = g.reputation.iter().filter(|r| &r.node == node).collect();
         let mean_r = rows.iter().map(|r| r.reputation).sum::<f64>() / rows.len().max(1) as f64;
-        let home = node.strip_prefix("node-").unwrap_or(node);
-        let home_row = rows.iter().find(|r| r.topic == home).or(rows.first());
-        let weight = record.contributions.iter().find(|c| c.node == node).map_or(0.0, |c| c.weight);
-        let gap = g.scores.iter().find(|s| s.node == node).map(|s| s.goodhart_gap);
-        let flag = if g.scores.iter().any(|s| s.node == node && s.flagged) { " flagged" } else { "" };
-        println!(
+        let language = record.contributions.iter().find(|c| &c.node == node).and_then(|c| c.language.as_deref());
+        let home_row = rows.iter().find(|r| Some(r.topic.as_str()) == language).or(rows.first());
+        let weight = record.contributions.iter().find(|c| &c.node == node).map_or(0.0, |c| c.weight);
+        let gap = g.scores.iter().find(|s| &s.node == node).map(|s| s.goodhart_gap);
+        let flag = if g.scores.iter().any(|s| &s.node == node && s.flagged) { " flagged" } else { "" };
+        say!(
             "    {:<15} {:>9.4} {:>8.4} {:>6.3} {:>8.4} {:>8}{flag}",
-            node,
+            node.as_str(),
             mean_r,
             home_row.map_or(0.0, |r| r.competence),
             home_row.map_or(1.0, |r| r.slashing),
@@ -102,4 +122,5 @@ pub fn reputation(record: &RoundRecord, languages: &[String]) {
             opt(gap, 4)
         );
     }
+    Ok(())
 }

@@ -77,11 +77,40 @@ fn an_infeasible_cap_binds_and_leaves_a_share_with_the_base() {
     let report =
         demo_json(tmp.path(), "cap.json", &["--rounds", "1", "--local-steps", "10", "--nodes", "2", "--cap", "0.4"]);
     let round = &report["rounds"][0];
-    assert!((f(&round["unassigned_share"]) - 0.2).abs() < 1e-9);
     for c in round["contributions"].as_array().unwrap() {
         assert_eq!(f(&c["weight"]), 0.4);
         assert_eq!(c["capped"], true);
     }
+    // What stays with the base is the cap's 0.2 plus whatever the default norm bound held back.
+    assert!(f(&round["unassigned_share"]) >= 0.2 - 1e-12);
+    assert!((f(&round["unassigned_share"]) - (1.0 - applied(round))).abs() < 1e-12);
+    // With the plain mean nothing is held back: exactly the cap's share.
+    let report = demo_json(
+        tmp.path(),
+        "mean.json",
+        &["--rounds", "1", "--local-steps", "10", "--nodes", "2", "--cap", "0.4", "--aggregator", "mean"],
+    );
+    assert!((f(&report["rounds"][0]["unassigned_share"]) - 0.2).abs() < 1e-9);
+}
+
+/// Σ of the coefficients the accepted deltas carried in a round's step.
+fn applied(round: &Value) -> f64 {
+    round["contributions"].as_array().unwrap().iter().map(|c| f(&c["influence"])).sum()
+}
+
+#[test]
+fn the_unassigned_share_is_what_the_aggregator_left_with_the_base() {
+    // Multi-Krum keeps 3 of 5 deltas at the cap of 0.3: the policy's weights sum to 1, the step
+    // carries 0.9 and 0.1 stays with the base.
+    let tmp = tempfile::tempdir().unwrap();
+    let args =
+        ["--rounds", "1", "--local-steps", "10", "--nodes", "5", "--cap", "0.3", "--aggregator", "multi-krum:1:3"];
+    let report = demo_json(tmp.path(), "krum.json", &args);
+    let round = &report["rounds"][0];
+    let weights: f64 = round["contributions"].as_array().unwrap().iter().map(|c| f(&c["weight"])).sum();
+    assert!((weights - 1.0).abs() < 1e-9, "{weights}");
+    assert!((applied(round) - 0.9).abs() < 1e-9, "{}", applied(round));
+    assert!((f(&round["unassigned_share"]) - 0.1).abs() < 1e-9, "{}", round["unassigned_share"]);
 }
 
 #[test]
@@ -100,8 +129,12 @@ fn the_same_seed_gives_the_same_bases() {
 #[test]
 fn bad_flags_get_a_clear_error() {
     for (args, needle) in [
-        (&["demo", "--cap", "1.5"][..], "cap must be in (0, 1]"),
-        (&["demo", "--quorum", "2"][..], "quorum must be in [0, 1]"),
+        (&["demo", "--cap", "1.5"][..], "--cap: cap must be in (0, 1], got 1.5"),
+        (&["demo", "--quorum", "2"][..], "--quorum: quorum must be in [0, 1]"),
+        (&["demo", "--lr", "-1"][..], "--lr: must be a positive number"),
+        (&["demo", "--rounds", "0"][..], "--rounds: must be at least 1"),
+        (&["demo", "--probe-scale", "2"][..], "--probe-scale: must be in (0, 1]"),
+        (&["demo", "--exploration", "0.3"][..], "--governance"),
         (&["demo", "--languages", "en,xx"][..], "unknown language 'xx'"),
         (&["demo", "--nodes", "3", "--languages", "en,de"][..], "needs 3 languages"),
         (&["demo", "--width", "30", "--heads", "4"][..], "not divisible by heads"),
@@ -116,7 +149,7 @@ fn bad_flags_get_a_clear_error() {
     std::fs::write(garbage.path(), b"not a safetensors file").unwrap();
     let out = weft(&["inspect", garbage.path().to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a readable safetensors file"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a safetensors file"));
 }
 
 fn attacker_records(report: &Value) -> Vec<Value> {
@@ -156,7 +189,8 @@ fn attack_harness_attackers_are_rejected_or_clipped_by_the_default_policy() {
     }
     let out = weft(&["demo", "--nodes", "5", "--aggregator", "multi-krum:2:1"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs at least 7 accepted deltas but the roster has only 5"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--aggregator: multi-krum:2:1 needs at least 7 nodes, the roster has 5"), "{stderr}");
     let out = weft(&["demo", "--aggregator", "trimmed-mean:0.7"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("β must be in [0, 0.5)"));
 }

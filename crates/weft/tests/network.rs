@@ -7,8 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use weft_core::RejectionCode;
 use weft_net::client::{connect, fetch_base, upload, Kit};
 use weft_net::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
+use weft_net::refusal::{RefusalCode, RefusalCode as C};
 
 const TINY: &[&str] =
     &["--local-steps", "4", "--layers", "1", "--heads", "2", "--width", "16", "--context", "16", "--batch", "4"];
@@ -260,6 +262,11 @@ async fn send(client: &mut ConsortiumClient<tonic::transport::Channel>, p: &Prep
     upload(client, p.header.clone(), p.bytes.clone()).await.unwrap()
 }
 
+/// Why a receipt refuses, as the typed code the coordinator sent.
+fn code(receipt: &proto::UploadReceipt) -> RefusalCode {
+    receipt.code.parse().unwrap_or_else(|_| panic!("an unknown refusal code {:?}: {}", receipt.code, receipt.detail))
+}
+
 fn kit_with(dir: &Path, from: &str, name: &str, certificate: &str, key: &str) -> PathBuf {
     let kit = dir.join(name);
     std::fs::create_dir_all(&kit).unwrap();
@@ -305,34 +312,34 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     // A signature by a key that is not node-en's.
     let forger = weft_ledger::SigningKey::from_seed([42; 32]);
     let forged = prepare(&mut client, &state, "node-en", &forger, &artifacts).await;
-    assert_eq!(send(&mut client, &forged).await.code, "bad_signature");
+    assert_eq!(code(&send(&mut client, &forged).await), C::BadSignature);
     // Claiming to be another node.
     let impostor = prepare(&mut client, &state, "node-de", &own_key, &artifacts).await;
-    assert_eq!(send(&mut client, &impostor).await.code, "identity_mismatch");
+    assert_eq!(code(&send(&mut client, &impostor).await), C::IdentityMismatch);
     // A manifest whose delta hash is not the delta's.
     let mut mismatched = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     let last = mismatched.bytes.len() - 1;
     mismatched.bytes[last] ^= 0x40;
-    assert_eq!(send(&mut client, &mismatched).await.code, "delta_hash_mismatch");
+    assert_eq!(code(&send(&mut client, &mismatched).await), C::DeltaHashMismatch);
     // Garbage where the delta should be.
     let mut garbage = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     garbage.bytes = vec![0x5a; garbage.bytes.len()];
-    assert_eq!(send(&mut client, &garbage).await.code, "malformed_delta");
+    assert_eq!(code(&send(&mut client, &garbage).await), C::Rejected(RejectionCode::MalformedDelta));
     // More bytes than announced, and fewer (the stream ends early, as when a node dies mid-upload).
     let mut oversize = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     oversize.bytes.extend_from_slice(&[0; 16]);
     oversize.header.encoded_bytes -= 16;
-    assert_eq!(send(&mut client, &oversize).await.code, "oversize");
+    assert_eq!(code(&send(&mut client, &oversize).await), C::Oversize);
     let mut truncated = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     truncated.bytes.truncate(truncated.bytes.len() / 2);
-    assert_eq!(send(&mut client, &truncated).await.code, "truncated");
+    assert_eq!(code(&send(&mut client, &truncated).await), C::Truncated);
     // A manifest for another base than the current one.
     let mut stale = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     let mut manifest: weft_ledger::ContributionManifest = serde_json::from_slice(&stale.header.manifest).unwrap();
     manifest.base_hash = weft_core::ContentHash([7; 32]);
     stale.header.manifest = serde_json::to_vec(&manifest).unwrap();
     stale.header.signature = own_key.sign(&stale.header.manifest).0.to_vec();
-    assert_eq!(send(&mut client, &stale).await.code, "stale_base");
+    assert_eq!(code(&send(&mut client, &stale).await), C::Rejected(RejectionCode::StaleBase));
     // A node that dies mid-upload: the connection goes away with half the delta sent, once the
     // coordinator has started spooling it.
     {
@@ -371,7 +378,7 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(no_header.code, "missing_header");
+    assert_eq!(code(&no_header), C::MissingHeader);
     // Garbage bytes on the port: the coordinator drops that connection and keeps serving.
     {
         use std::io::Write;
@@ -403,11 +410,11 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     let receipt = send(&mut client, &good).await;
     assert!(receipt.accepted, "{} {}", receipt.code, receipt.detail);
     assert_eq!(receipt.wire_bytes, good.bytes.len() as u64);
-    assert_eq!(send(&mut client, &good).await.code, "duplicate_node");
+    assert_eq!(code(&send(&mut client, &good).await), C::Rejected(RejectionCode::DuplicateNode));
 
     // Round 2: the round-1 manifest replayed is refused; a fresh one is taken.
     let state = wait_for_round(&mut client, 2).await;
-    assert_eq!(send(&mut client, &good).await.code, "replayed_manifest");
+    assert_eq!(code(&send(&mut client, &good).await), C::ReplayedManifest);
     let fresh = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
     assert!(send(&mut client, &fresh).await.accepted);
     assert!(honest.wait(Duration::from_secs(60)));
@@ -489,14 +496,16 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already started"));
 }
 
-/// `weft demo --processes` (init, serve, join as processes) with canary governance: the same
-/// bases and the same reputation table as the in-process demo.
+/// `weft demo --processes` (a coordinator and one process per node) with canary governance and
+/// a policy other than the default: the same bases, the same reputation table and one report
+/// schema as the in-process demo — the reports differ only in timings and the network section.
 #[test]
 fn governance_over_the_network_matches_the_in_process_demo() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |processes: bool, json: &Path| {
         let mut command = weft();
-        command.args(["demo", "--nodes", "3", "--rounds", "2", "--governance", "--json"]).arg(json).args(TINY);
+        command.args(["demo", "--nodes", "3", "--rounds", "2", "--governance", "--cap", "0.45", "--json"]).arg(json);
+        command.args(TINY);
         if processes {
             command.arg("--processes");
         }
@@ -505,10 +514,23 @@ fn governance_over_the_network_matches_the_in_process_demo() {
         let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
         report
     };
-    let local = run(false, &tmp.path().join("local.json"));
-    let networked = run(true, &tmp.path().join("networked.json"));
+    let mut local = run(false, &tmp.path().join("local.json"));
+    let mut networked = run(true, &tmp.path().join("networked.json"));
     for round in 0..2 {
         assert_eq!(local["rounds"][round]["base_hash"], networked["rounds"][round]["base_hash"]);
         assert_eq!(local["rounds"][round]["governance"], networked["rounds"][round]["governance"]);
     }
+    let network = networked.as_object_mut().unwrap().remove("network").expect("a network section");
+    assert!(network["wire_bytes"]["1"]["node-de"].as_u64().unwrap() > 0);
+    for report in [&mut local, &mut networked] {
+        let report = report.as_object_mut().unwrap();
+        report.remove("seconds").expect("seconds");
+        // Contributions are recorded in arrival order, which the network does not fix.
+        for round in report["rounds"].as_array_mut().unwrap() {
+            let contributions = round["contributions"].as_array_mut().unwrap();
+            contributions.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+        }
+    }
+    assert_eq!(local, networked);
+    assert_eq!(local["policy"]["cap"], 0.45);
 }

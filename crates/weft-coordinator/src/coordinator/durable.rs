@@ -1,19 +1,58 @@
 //! Durable mode: create a consortium in a journal, or continue one after a restart; rollback.
 //!
 //! A restart rebuilds exactly the in-memory state the coordinator had after its last committed
-//! step: the base, outer-optimizer state and center from the blob store, governance state from
-//! the head, and, when a round was open, its contributions from the journal (governance scores
-//! them again from the stored deltas: the same bits, since evaluation is deterministic). Nodes
-//! whose contributions were not committed send them again.
+//! step: the model point from the blob store, governance state from the head, and, when a round
+//! was open, its contributions from the journal (governance scores them again from the stored
+//! deltas: the same bits, since evaluation is deterministic). Nodes whose contributions were
+//! not committed send them again.
 
-use weft_core::{Delta, NodeId};
-use weft_ledger::{Entry, Event};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 
-use super::{json_hash, Coordinator, CoordinatorError};
-use crate::aggregation::outer_from_state;
+use weft_core::{Delta, Rejection};
+use weft_ledger::{Entry, Event, PublicKey};
+
+use super::{json_hash, Admitted, Coordinator, CoordinatorError};
+use crate::head::{ModelHead, ModelPoint};
 use crate::journal::{Head, Journal, Rows};
 use crate::measure::Measure;
-use crate::record::ContributionRecord;
+use crate::record::{ContributionRecord, RoundRecord};
+use crate::store::BlobStore;
+
+/// A coordinator whose every step is committed to a [`Journal`] with its signed ledger entries:
+/// what a served consortium needs (nodes reconnect after a restart, contributions are signed
+/// into the ledger, `weft ledger verify` replays the run). Everything a [`Coordinator`] does, it
+/// does (through `Deref`), plus what only a journal allows: its signing key, the recorded rounds
+/// and rollback.
+pub struct DurableCoordinator<M: Measure>(Coordinator<M>);
+
+impl<M: Measure> Deref for DurableCoordinator<M> {
+    type Target = Coordinator<M>;
+    fn deref(&self) -> &Coordinator<M> {
+        &self.0
+    }
+}
+
+impl<M: Measure> DerefMut for DurableCoordinator<M> {
+    fn deref_mut(&mut self) -> &mut Coordinator<M> {
+        &mut self.0
+    }
+}
+
+/// One setting that differs between a stored consortium and the coordinator started on it:
+/// its path in the configuration (`policy.cap`, `settings.node.steps`) and both values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigDifference {
+    pub key: String,
+    pub stored: serde_json::Value,
+    pub now: serde_json::Value,
+}
+
+impl fmt::Display for ConfigDifference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: created with {}, now {}", self.key, self.stored, self.now)
+    }
+}
 
 impl<M: Measure> Coordinator<M> {
     /// Makes the coordinator durable: the first time, the consortium is created in `journal`
@@ -25,7 +64,7 @@ impl<M: Measure> Coordinator<M> {
         mut self,
         mut journal: Box<dyn Journal>,
         settings: serde_json::Value,
-    ) -> Result<Self, CoordinatorError> {
+    ) -> Result<DurableCoordinator<M>, CoordinatorError> {
         let config = self.config(settings);
         let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
         self.config_hash = weft_core::ContentHash(*blake3::hash(&config_bytes).as_bytes());
@@ -34,8 +73,8 @@ impl<M: Measure> Coordinator<M> {
         self.roster_hash = json_hash(&roster);
         match journal.load()? {
             None => {
-                let base_hash = self.store.put_state(&self.base)?;
-                let head = self.head(None);
+                let base_hash = self.store.put(self.head.base())?;
+                let head = self.journal_head(None);
                 let coordinator_key = journal.public_key().ok_or(CoordinatorError::NotDurable)?;
                 let genesis = Event::ConsortiumCreated {
                     coordinator_key,
@@ -50,15 +89,15 @@ impl<M: Measure> Coordinator<M> {
             Some((stored, head)) => {
                 if stored != config_bytes {
                     let stored: serde_json::Value = serde_json::from_slice(&stored).unwrap_or_default();
-                    let keys = differing_keys(&stored, &config);
-                    return Err(CoordinatorError::ConfigMismatch { dir: journal.location().to_owned(), keys });
+                    let differences = config_differences(&stored, &config);
+                    return Err(CoordinatorError::ConfigMismatch { dir: journal.location().to_owned(), differences });
                 }
                 self.restore(&*journal, head)?;
                 tracing::info!(round = self.round, open = ?self.open.as_ref().map(|p| p.round), "continuing from the journal");
             }
         }
         self.journal = Some(journal);
-        Ok(self)
+        Ok(DurableCoordinator(self))
     }
 
     /// The configuration a consortium is created with, as canonical JSON (sorted keys).
@@ -68,18 +107,18 @@ impl<M: Measure> Coordinator<M> {
         serde_json::json!({
             "format": "weft-consortium/1",
             "roster": roster,
-            "policy": self.policy,
-            "aggregator": self.aggregator.to_string(),
-            "outer": self.outer,
-            "probe_scale": self.probe_scale,
+            "policy": self.rules.policy,
+            "aggregator": self.rules.aggregator.to_string(),
+            "outer": self.rules.outer,
+            "probe_scale": self.rules.probe_scale,
             "governance": self.governance.as_ref().map(|g| *g.settings()),
-            "initial_base_hash": self.base_hash,
+            "initial_base_hash": self.base_hash(),
             "settings": settings,
         })
     }
 
     fn restore(&mut self, journal: &dyn Journal, head: Head) -> Result<(), CoordinatorError> {
-        self.set_model_state(&head)?;
+        self.head = load_head(&*self.store, &head)?;
         self.round = head.round;
         if let (Some(g), Some(state)) = (self.governance.take(), head.governance.clone()) {
             self.governance = Some(g.with_state(state));
@@ -106,59 +145,52 @@ impl<M: Measure> Coordinator<M> {
         Ok(())
     }
 
-    /// Base, outer-optimizer state, center and base loss from a head, read from the blob store
-    /// (each blob checked against its hash).
-    fn set_model_state(&mut self, head: &Head) -> Result<(), CoordinatorError> {
-        self.base = self.store.get_state(&head.base_hash)?;
-        self.base_hash = head.base_hash;
-        self.outer_state = match &head.outer_state {
-            Some(hash) => outer_from_state(self.store.get_state(hash)?),
-            None => Default::default(),
-        };
-        self.outer_hash = head.outer_state;
-        self.center = head.center.as_ref().map(|hash| self.store.get_state(hash)).transpose()?;
-        self.center_hash = head.center;
-        self.base_loss = head.base_loss.clone();
-        Ok(())
-    }
-
     /// Puts a committed contribution of the open round back in memory.
     fn readmit(&mut self, record: ContributionRecord) -> Result<(), CoordinatorError> {
-        let node = NodeId::new(record.node.clone()).ok();
-        let in_roster = node.as_ref().is_some_and(|n| self.roster.contains_key(n));
-        match (node, record.delta_hash) {
-            (Some(node), Some(hash)) => {
+        match record.delta_hash {
+            Some(delta_hash) => {
                 let quality = if self.governance.is_some() {
-                    let delta = Delta::from_state(self.store.get_state(&hash)?);
-                    self.score(&node, &delta)?.0
+                    let delta = Delta::from_state(self.store.open(&delta_hash)?.state()?);
+                    self.score(&record.node, &delta)?.0
                 } else {
                     record.quality.unwrap_or(f64::NAN)
                 };
-                let claim = record.declared.get("quality").or(record.declared.get("validation_gain")).copied();
-                let norm = record.delta_norm.unwrap_or(0.0);
+                let admitted = Admitted {
+                    quality,
+                    declared_quality: record.declared_quality(),
+                    delta_hash,
+                    delta_norm: record.delta_norm.unwrap_or(0.0),
+                };
                 if let Some(pending) = self.open.as_mut() {
-                    pending.received.insert(node.clone());
-                    pending.measured.push((node.clone(), quality));
-                    pending.declared.push((node.clone(), claim.unwrap_or(f64::NAN)));
-                    pending.deltas.insert(node, (hash, norm));
+                    pending.admit(record, admitted);
                 }
             }
-            (node, _) => {
-                let duplicate = record.reason.as_deref() == Some("duplicate_node");
-                if let (Some(g), Some(node), true, false) = (self.governance.as_mut(), node, in_roster, duplicate) {
-                    g.failed(&node);
+            None => {
+                // Refused at the checks: a failed audit for a roster node, as when it arrived.
+                let duplicate = record.reason == Some(Rejection::DuplicateNode.code());
+                if self.roster.contains_key(&record.node) && !duplicate {
+                    if let Some(g) = self.governance.as_mut() {
+                        g.failed(&record.node);
+                    }
+                }
+                if let Some(pending) = self.open.as_mut() {
+                    pending.records.push(record);
                 }
             }
-        }
-        if let Some(pending) = self.open.as_mut() {
-            pending.records.push(record);
         }
         Ok(())
     }
+}
 
-    /// Every closed round's record, from the journal (empty in memory-only mode).
-    pub fn recorded_rounds(&self) -> Result<Vec<crate::RoundRecord>, CoordinatorError> {
-        match &self.journal {
+impl<M: Measure> DurableCoordinator<M> {
+    /// The key that signs the ledger.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.0.journal.as_ref().and_then(|j| j.public_key())
+    }
+
+    /// Every closed round's record, from the journal.
+    pub fn recorded_rounds(&self) -> Result<Vec<RoundRecord>, CoordinatorError> {
+        match &self.0.journal {
             Some(journal) => Ok(journal.rounds()?.into_iter().map(|(record, _)| record).collect()),
             None => Ok(Vec::new()),
         }
@@ -166,15 +198,22 @@ impl<M: Measure> Coordinator<M> {
 
     /// Makes the base of `to_round` (0: the genesis base) current again; see [`roll_back`].
     pub fn rollback(&mut self, to_round: u64) -> Result<Entry, CoordinatorError> {
-        self.usable()?;
-        if let Some(pending) = &self.open {
+        let c = &mut self.0;
+        c.usable()?;
+        if let Some(pending) = &c.open {
             return Err(CoordinatorError::RollbackWhileOpen(pending.round));
         }
-        let journal = self.journal.as_mut().ok_or(CoordinatorError::NotDurable)?;
-        let (head, entry) = roll_back(journal.as_mut(), &self.store, to_round)?;
-        self.set_model_state(&head)?;
+        let journal = c.journal.as_mut().ok_or(CoordinatorError::NotDurable)?;
+        let (head, entry) = roll_back(journal.as_mut(), &*c.store, to_round)?;
+        c.head = load_head(&*c.store, &head)?;
         Ok(entry)
     }
+}
+
+/// The model head a journal head names, read from the store (every blob checked).
+fn load_head(store: &dyn BlobStore, head: &Head) -> Result<ModelHead, CoordinatorError> {
+    let point = ModelPoint::load(store, &head.model)?;
+    Ok(ModelHead { point, refs: head.model, base_loss: head.base_loss.clone() })
 }
 
 /// Makes the base of `to_round` (0: the genesis base) current again in a journal, with the
@@ -184,7 +223,7 @@ impl<M: Measure> Coordinator<M> {
 /// journal alone, so an operator can run it with the coordinator stopped.
 pub fn roll_back(
     journal: &mut dyn Journal,
-    store: &crate::BlobStore,
+    store: &dyn BlobStore,
     to_round: u64,
 ) -> Result<(Head, Entry), CoordinatorError> {
     let (_, head) = journal.load()?.ok_or(CoordinatorError::MissingRound(0))?;
@@ -196,40 +235,77 @@ pub fn roll_back(
     }
     let target = journal.head_after(to_round)?.ok_or(CoordinatorError::MissingRound(to_round))?;
     // Every blob the restored state needs must be there and intact before anything changes.
-    for hash in [Some(target.base_hash), target.outer_state, target.center].into_iter().flatten() {
-        store.get_state(&hash)?;
-    }
+    ModelPoint::load(store, &target.model)?;
     let restored = Head {
         round: head.round,
         open: None,
-        base_hash: target.base_hash,
-        outer_state: target.outer_state,
-        center: target.center,
+        model: target.model,
         base_loss: target.base_loss,
         governance: head.governance,
     };
     let event = Event::RolledBack {
         to_round,
         after_round: head.round,
-        previous_base_hash: head.base_hash,
-        base_hash: restored.base_hash,
-        outer_state: restored.outer_state,
-        center: restored.center,
+        previous_base_hash: head.model.base_hash,
+        base_hash: restored.model.base_hash,
+        outer_state: restored.model.outer_state,
+        center: restored.model.center,
     };
     let mut entries = journal.commit(&restored, Rows::default(), vec![event])?;
     let entry = entries.pop().ok_or(CoordinatorError::Broken)?;
-    tracing::warn!(to_round, base = %restored.base_hash.short(), "rolled back");
+    tracing::warn!(to_round, base = %restored.model.base_hash.short(), "rolled back");
     Ok((restored, entry))
 }
 
-/// Top-level keys whose values differ, for the mismatch message.
-fn differing_keys(stored: &serde_json::Value, now: &serde_json::Value) -> String {
-    let (Some(a), Some(b)) = (stored.as_object(), now.as_object()) else { return "all".into() };
-    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
-    keys.dedup();
-    if keys.is_empty() {
-        "none of the keys, only their encoding,".into()
-    } else {
-        keys.join(", ")
+/// Every setting whose value differs, by its dotted path (`policy.cap`), each once.
+fn config_differences(stored: &serde_json::Value, now: &serde_json::Value) -> Vec<ConfigDifference> {
+    let mut differences = Vec::new();
+    collect_differences("", stored, now, &mut differences);
+    differences
+}
+
+fn collect_differences(
+    path: &str,
+    stored: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<ConfigDifference>,
+) {
+    if stored == now {
+        return;
+    }
+    match (stored.as_object(), now.as_object()) {
+        (Some(a), Some(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let null = serde_json::Value::Null;
+                collect_differences(&child, a.get(key).unwrap_or(&null), b.get(key).unwrap_or(&null), out);
+            }
+        }
+        _ => out.push(ConfigDifference { key: path.to_owned(), stored: stored.clone(), now: now.clone() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_differing_setting_is_named_once_with_both_values() {
+        let stored = json!({"policy": {"cap": 0.5, "floor": 0.0}, "seed": 0, "roster": {"a": "en"}});
+        let now = json!({"policy": {"cap": 0.3, "floor": 0.0}, "seed": 1, "roster": {"a": "en"}});
+        let differences = config_differences(&stored, &now);
+        assert_eq!(
+            differences,
+            [
+                ConfigDifference { key: "policy.cap".into(), stored: json!(0.5), now: json!(0.3) },
+                ConfigDifference { key: "seed".into(), stored: json!(0), now: json!(1) },
+            ]
+        );
+        // A key present on one side only, and encodings that differ but values that do not.
+        let differences = config_differences(&json!({"a": 1}), &json!({"a": 1, "b": true}));
+        assert_eq!(differences, [ConfigDifference { key: "b".into(), stored: json!(null), now: json!(true) }]);
+        assert!(config_differences(&json!({"a": 1}), &json!({"a": 1})).is_empty());
     }
 }

@@ -1,0 +1,184 @@
+//! Flags shared by the commands that describe a run — `weft demo` and `weft consortium init` —
+//! one group per section of `consortium.toml`, with that section's defaults, so that a flag
+//! means the same, and defaults the same, wherever it is given.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use weft_coordinator::GovernanceSettings;
+use weft_core::{Aggregator, Weighting};
+use weft_model::GptConfig;
+use weft_net::config::{GovernanceConfig, OuterKind, PolicySettings, Training};
+
+/// The transformer's shape (`[model]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ModelArgs {
+    /// Transformer blocks.
+    #[arg(long, default_value_t = GptConfig::default().layers)]
+    pub layers: usize,
+    /// Attention heads per block.
+    #[arg(long, default_value_t = GptConfig::default().heads)]
+    pub heads: usize,
+    /// Model width.
+    #[arg(long, default_value_t = GptConfig::default().width)]
+    pub width: usize,
+    /// Context length in bytes.
+    #[arg(long, default_value_t = GptConfig::default().context)]
+    pub context: usize,
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> GptConfig {
+        GptConfig { layers: self.layers, heads: self.heads, width: self.width, context: self.context }
+    }
+}
+
+/// How every node trains each round (`[training]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct TrainingArgs {
+    /// Local AdamW steps per node per round (K).
+    #[arg(long, default_value_t = Training::default().local_steps)]
+    pub local_steps: u64,
+    /// Sequences per local batch.
+    #[arg(long, default_value_t = Training::default().batch)]
+    pub batch: usize,
+    /// Local AdamW learning rate.
+    #[arg(long, default_value_t = Training::default().lr, allow_negative_numbers = true)]
+    pub lr: f32,
+}
+
+impl TrainingArgs {
+    pub fn settings(&self) -> Training {
+        Training { local_steps: self.local_steps, batch: self.batch, lr: self.lr }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WeightingArg {
+    /// Proportional to the quality the coordinator measured.
+    Quality,
+    /// Equal for every accepted node.
+    Equal,
+    /// Tapestry's rule: proportional to the quality each node declares (unsafe; a baseline).
+    Declared,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OuterArg {
+    /// base += lr · Σ wᵢΔᵢ (lr 1 is Tapestry's rule).
+    Plain,
+    /// Nesterov momentum on the aggregated step (DiLoCo: lr 0.7, momentum 0.9).
+    Nesterov,
+}
+
+/// The consortium's rules (`[policy]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Quality floor: minimum measured quality (nats/byte of mean held-out loss removed).
+    #[arg(long, default_value_t = PolicySettings::default().floor, allow_negative_numbers = true)]
+    pub floor: f64,
+    /// Largest weight any one node may receive, in (0, 1]. Never exceeded.
+    #[arg(long, default_value_t = PolicySettings::default().cap, allow_negative_numbers = true)]
+    pub cap: f64,
+    /// Share of the roster that must be accepted for the base to move, in [0, 1].
+    #[arg(long, default_value_t = PolicySettings::default().quorum, allow_negative_numbers = true)]
+    pub quorum: f64,
+    /// How accepted contributions are weighted.
+    #[arg(long, value_enum, default_value_t = WeightingArg::Quality)]
+    pub weighting: WeightingArg,
+    /// Each delta's quality is measured on base + s·Δ (default 1/N, its share under equal weighting).
+    #[arg(long, allow_negative_numbers = true)]
+    pub probe_scale: Option<f32>,
+    /// How accepted deltas are combined: mean, norm-bound:TAU, norm-bound:adaptive:K, median,
+    /// trimmed-mean:BETA, multi-krum:F:M, centered-clipping:TAU:ITERATIONS.
+    #[arg(long, default_value_t = PolicySettings::default().aggregator)]
+    pub aggregator: Aggregator,
+    /// Outer optimizer applied to the aggregated step.
+    #[arg(long, value_enum, default_value_t = OuterArg::Plain)]
+    pub outer: OuterArg,
+    /// Outer learning rate (default: 1.0 for plain, 0.7 for nesterov).
+    #[arg(long, allow_negative_numbers = true)]
+    pub outer_lr: Option<f32>,
+    /// Nesterov momentum.
+    #[arg(long, default_value_t = PolicySettings::default().momentum, allow_negative_numbers = true)]
+    pub momentum: f32,
+}
+
+impl PolicyArgs {
+    pub fn settings(&self) -> PolicySettings {
+        PolicySettings {
+            floor: self.floor,
+            cap: self.cap,
+            quorum: self.quorum,
+            weighting: match self.weighting {
+                WeightingArg::Quality => Weighting::Quality,
+                WeightingArg::Equal => Weighting::Equal,
+                WeightingArg::Declared => Weighting::Declared,
+            },
+            aggregator: self.aggregator,
+            outer: match self.outer {
+                OuterArg::Plain => OuterKind::Plain,
+                OuterArg::Nesterov => OuterKind::Nesterov,
+            },
+            outer_lr: self.outer_lr,
+            momentum: self.momentum,
+            probe_scale: self.probe_scale,
+        }
+    }
+}
+
+/// Canary governance and reputation (`[governance]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GovernanceArgs {
+    /// Governance: score contributions on canaries (public + secret reserve, data/canaries),
+    /// catch canary overfitting, and weight nodes by reputation earned over rounds.
+    #[arg(long)]
+    pub governance: bool,
+    /// Canary registry manifest (default: data/canaries/canaries.json).
+    #[arg(long, requires = "governance")]
+    pub canaries: Option<PathBuf>,
+    /// Every governance parameter as JSON (see README); flags below override it.
+    #[arg(long, requires = "governance")]
+    pub governance_config: Option<PathBuf>,
+    /// Share of the weight reserved for newcomers (governance; default 0.1).
+    #[arg(long, requires = "governance")]
+    pub exploration: Option<f64>,
+    /// Largest tolerated public-minus-secret canary gain, nats/byte (governance; default 0.05).
+    #[arg(long, requires = "governance")]
+    pub goodhart_margin: Option<f64>,
+    /// Half-life of reputation evidence, in rounds (governance; default 10).
+    #[arg(long, requires = "governance")]
+    pub half_life: Option<f64>,
+    /// Largest reputation vote weight of any node in a topic (governance; default 0.2).
+    #[arg(long, requires = "governance")]
+    pub w_max: Option<f64>,
+}
+
+impl GovernanceArgs {
+    /// The `[governance]` section: `--governance-config` (every parameter, JSON) with the single
+    /// flags on top; `None` without `--governance`. A relative canary path is made absolute, so
+    /// that the section means the same from any working directory.
+    pub fn config(&self) -> anyhow::Result<Option<GovernanceConfig>> {
+        if !self.governance {
+            return Ok(None);
+        }
+        let mut settings = match &self.governance_config {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_slice::<GovernanceSettings>(&bytes)
+                    .with_context(|| format!("{}: not valid governance settings", path.display()))?
+            }
+            None => GovernanceSettings::default(),
+        };
+        settings.exploration = self.exploration.unwrap_or(settings.exploration);
+        settings.goodhart_margin = self.goodhart_margin.unwrap_or(settings.goodhart_margin);
+        settings.reputation.half_life = self.half_life.unwrap_or(settings.reputation.half_life);
+        settings.reputation.w_max = self.w_max.unwrap_or(settings.reputation.w_max);
+        let canaries = match &self.canaries {
+            Some(path) => Some(std::path::absolute(path).with_context(|| format!("--canaries {}", path.display()))?),
+            None => None,
+        };
+        Ok(Some(GovernanceConfig { canaries, settings }))
+    }
+}

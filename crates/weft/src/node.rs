@@ -1,0 +1,170 @@
+//! `weft node join | keygen | export`: a node's side.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use weft_core::NodeId;
+use weft_ledger::{ContributionProof, Event};
+use weft_net::config::KitFiles;
+use weft_node::{LocalCorpus, SovereignArtifact};
+
+use crate::ledger::checked_entries;
+use crate::{data, say};
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Take part in a consortium from a startup kit: dial out, train each round, upload.
+    Join(JoinArgs),
+    /// Make this node's keys on site and the public request to send to the consortium.
+    Keygen(KeygenArgs),
+    /// Bundle a node's sovereign artifacts with ledger proofs of its contributions.
+    Export(ExportArgs),
+}
+
+pub fn run(command: NodeCommand) -> anyhow::Result<()> {
+    match command {
+        NodeCommand::Join(args) => join(args),
+        NodeCommand::Keygen(args) => keygen(args),
+        NodeCommand::Export(args) => export(args),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The node's startup kit (node.toml, ca.pem, tls.pem, tls.key, signing.key).
+    pub kit: PathBuf,
+    /// Training text (default: the data directory's corpus for the node's language).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Where the node keeps its sovereign artifacts (default: KIT/artifacts).
+    #[arg(long)]
+    pub artifacts: Option<PathBuf>,
+    /// Give up if the coordinator cannot be reached for this long (seconds).
+    #[arg(long, default_value_t = 120)]
+    pub give_up_after: u64,
+    /// Write what happened to each contribution here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let kit = weft_net::client::Kit::read(&args.kit)?;
+    let corpus = match &args.corpus {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => data::corpus(&data::data_dir(args.data.clone()), &kit.config.language)?,
+    };
+    if corpus.is_empty() {
+        bail!("the corpus is empty");
+    }
+    let artifacts = args.artifacts.clone().unwrap_or_else(|| args.kit.join(KitFiles::ARTIFACTS));
+    let options =
+        weft_net::client::JoinOptions { give_up_after: Duration::from_secs(args.give_up_after), ..Default::default() };
+    let id = kit.config.id.clone();
+    say!("{id}: joining {} at {}", kit.config.consortium, kit.config.address);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let done =
+        runtime.block_on(weft_net::client::join(kit, LocalCorpus::from_bytes(corpus), artifacts.clone(), options))?;
+    for r in &done.rounds {
+        let outcome = if r.accepted {
+            format!("measured, quality {:+.5}", r.quality)
+        } else {
+            format!("refused: {} ({})", r.code, r.detail)
+        };
+        say!("{id}: round {} · {} · {:.1} MB sent", r.round, outcome, r.wire_bytes as f64 / 1e6);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&done)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    say!("{id}: the consortium is finished; artifacts in {}", artifacts.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The kit directory to create keys in (private keys never leave it).
+    pub kit: PathBuf,
+    #[arg(long)]
+    pub id: NodeId,
+    #[arg(long)]
+    pub language: String,
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let request = weft_net::provision::keygen(&args.kit, &args.id, &args.language)?;
+    say!("{}: keys made in {} (tls.key, signing.key: keep them here)", request.id, args.kit.display());
+    say!(
+        "send {} to the consortium; put the tls.pem, ca.pem and node.toml it returns into this kit",
+        args.kit.join("request.toml").display()
+    );
+    Ok(())
+}
+
+/// `weft node export NODE_DIR --coordinator DIR --node ID --out BUNDLE`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The node's artifact directory (its round-NNNN/ folders).
+    node_dir: PathBuf,
+    /// The coordinator's storage directory, for the ledger proofs.
+    #[arg(long)]
+    coordinator: PathBuf,
+    #[arg(long)]
+    node: NodeId,
+    /// The bundle directory to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The node's right to exit with its work: its sovereign artifacts with a ledger proof for
+/// every contribution it made.
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    if args.out.exists() {
+        bail!("{} exists; choose a new bundle directory", args.out.display());
+    }
+    if !args.node_dir.is_dir() {
+        bail!("{} is not a node's artifact directory", args.node_dir.display());
+    }
+    let artifacts =
+        SovereignArtifact::all_in(&args.node_dir).with_context(|| format!("reading {}", args.node_dir.display()))?;
+    let entries = checked_entries(&args.coordinator)?;
+    let mut rounds: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ContributionReceived { node, round, .. } if args.node == node.as_str() => Some(*round),
+            _ => None,
+        })
+        .collect();
+    rounds.dedup();
+    let mut proofs = Vec::new();
+    for round in &rounds {
+        match ContributionProof::build(&entries, args.node.as_str(), *round) {
+            Ok(proof) => proofs.push(proof),
+            Err(weft_ledger::ProveError::Undecided(_)) => {} // the open round: nothing to prove yet
+            Err(e) => return Err(e.into()),
+        }
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    for artifact in &artifacts {
+        let Some(name) = artifact.dir.file_name() else { continue };
+        let target = args.out.join(name);
+        std::fs::create_dir_all(&target)?;
+        for file in std::fs::read_dir(&artifact.dir)?.filter_map(Result::ok) {
+            if !file.file_name().to_string_lossy().contains(".tmp.") {
+                std::fs::copy(file.path(), target.join(file.file_name()))?;
+            }
+        }
+    }
+    std::fs::write(args.out.join("proofs.json"), serde_json::to_vec_pretty(&proofs)?)?;
+    say!(
+        "{}: {} rounds of artifacts and {} ledger proofs (check each with `weft ledger check-proof`) in {}",
+        args.node,
+        artifacts.len(),
+        proofs.len(),
+        args.out.display()
+    );
+    Ok(())
+}
