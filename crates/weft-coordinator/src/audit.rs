@@ -302,9 +302,8 @@ impl Auditor<'_> {
         let point = self.point.as_ref().ok_or("no verified base to replay from")?;
         let (next, influence) =
             aggregation::advance(point, &rules, &inputs, self.store).map_err(|e| format!("replay failed: {e}"))?;
-        for a in accepted {
-            let node = NodeId::new(a.node.clone()).map_err(|e| e.to_string())?;
-            let replayed = influence.get(&node).copied().unwrap_or(0.0);
+        for (a, input) in accepted.iter().zip(&inputs) {
+            let replayed = influence.get(&input.node).copied().unwrap_or(0.0);
             if replayed.to_bits() != a.influence.to_bits() {
                 return Err(format!("influence of {} replays as {replayed}, recorded {}", a.node, a.influence));
             }

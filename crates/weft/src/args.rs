@@ -11,6 +11,41 @@ use weft_core::{Aggregator, Weighting};
 use weft_model::GptConfig;
 use weft_net::config::{GovernanceConfig, OuterKind, PolicySettings, Training};
 
+use crate::run::RunSections;
+
+/// Everything that describes a run: what `consortium.toml` holds besides the network.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Number of rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    /// Seed of the whole run: the same seed and inputs give bitwise-identical bases.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub governance: GovernanceArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+impl RunArgs {
+    /// The run's sections as the flags give them (checked by `RunSettings::new`).
+    pub fn sections(&self) -> anyhow::Result<RunSections> {
+        Ok(RunSections {
+            seed: self.seed,
+            rounds: self.rounds,
+            model: self.model.config(),
+            training: self.training.settings(),
+            policy: self.policy.settings(),
+            governance: self.governance.config()?,
+        })
+    }
+}
+
 /// The transformer's shape (`[model]`).
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub struct ModelArgs {

@@ -8,8 +8,8 @@ use weft_core::NodeId;
 use weft_net::config::{read_toml, ConsortiumConfig};
 use weft_net::encoding::Encoding;
 
-use crate::args::{GovernanceArgs, ModelArgs, PolicyArgs, TrainingArgs};
-use crate::run::{setting_error, RunSections, RunSettings, Source};
+use crate::args::RunArgs;
+use crate::run::{setting_error, RunSettings, Source};
 use crate::say;
 
 #[derive(Subcommand)]
@@ -40,10 +40,6 @@ pub struct InitArgs {
     /// Where the coordinator listens and nodes dial.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub address: String,
-    #[arg(long, default_value_t = 3)]
-    pub rounds: u64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// f32 (lossless), f16, bf16, int8.
     #[arg(long, default_value = "f32")]
     pub encoding: Encoding,
@@ -51,13 +47,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 600)]
     pub deadline_secs: u64,
     #[command(flatten)]
-    pub training: TrainingArgs,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
-    #[command(flatten)]
-    pub governance: GovernanceArgs,
-    #[command(flatten)]
-    pub model: ModelArgs,
+    pub run: RunArgs,
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -69,14 +59,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             Ok((NodeId::new(id).with_context(|| format!("--node {spec}"))?, language.to_owned()))
         })
         .collect::<anyhow::Result<_>>()?;
-    let sections = RunSections {
-        seed: args.seed,
-        rounds: args.rounds,
-        model: args.model.config(),
-        training: args.training.settings(),
-        policy: args.policy.settings(),
-        governance: args.governance.config()?,
-    };
+    let sections = args.run.sections()?;
     // Checked as a run before anything is written.
     RunSettings::new(sections.clone(), nodes.clone()).map_err(|e| setting_error(e, Source::Flags))?;
     let config = ConsortiumConfig {

@@ -16,35 +16,23 @@ use weft_net::config::{ConsortiumConfig, KitFiles};
 use weft_net::encoding::Encoding;
 use weft_node::{LocalCorpus, Node};
 
-use crate::args::{GovernanceArgs, ModelArgs, PolicyArgs, TrainingArgs};
+use crate::args::RunArgs;
 use crate::attack::{Attack, AttackKind};
 use crate::report::{Finished, NetworkReport, NodeInfo, Report};
 use crate::reputation::ReputationFile;
-use crate::run::{setting_error, RunSections, RunSettings, Source};
+use crate::run::{setting_error, RunSettings, Source};
 use crate::{data, say, table};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Number of rounds.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: u64,
     /// Number of sovereign nodes: one per language, the first N of --languages.
     #[arg(long, default_value_t = 4)]
     pub nodes: usize,
     /// Languages, one node each (available: en, de, fr, es, it, pt, ja, zh-cn, id).
     #[arg(long, value_delimiter = ',', default_value = "en,de,fr,es,it,pt,ja,zh-cn,id")]
     pub languages: Vec<String>,
-    /// Seed of the whole run: the same seed and inputs give bitwise-identical bases.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     #[command(flatten)]
-    pub training: TrainingArgs,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
-    #[command(flatten)]
-    pub governance: GovernanceArgs,
-    #[command(flatten)]
-    pub model: ModelArgs,
+    pub run: RunArgs,
     /// Make the last --attackers nodes malicious with this attack.
     #[arg(long, value_enum)]
     pub attack: Option<AttackKind>,
@@ -80,15 +68,7 @@ impl DemoArgs {
             .iter()
             .map(|l| Ok((NodeId::new(format!("node-{l}"))?, l.clone())))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let sections = RunSections {
-            seed: self.seed,
-            rounds: self.rounds,
-            model: self.model.config(),
-            training: self.training.settings(),
-            policy: self.policy.settings(),
-            governance: self.governance.config()?,
-        };
-        RunSettings::new(sections, members).map_err(|e| setting_error(e, Source::Flags))
+        RunSettings::new(self.run.sections()?, members).map_err(|e| setting_error(e, Source::Flags))
     }
 }
 
