@@ -31,11 +31,13 @@ pub(crate) struct Accepted {
 }
 
 /// How accepted deltas become the next point: the aggregator, the cap (Multi-Krum re-applies it
-/// to the deltas it selects) and the outer optimizer.
+/// to the deltas it selects), the factor the aggregated step is multiplied by (1, or ½, ¼, … when
+/// the per-language check shrank it) and the outer optimizer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StepRules {
     pub aggregator: Aggregator,
     pub cap: f64,
+    pub scale: f64,
     pub outer: OuterOptimizer,
 }
 
@@ -70,8 +72,13 @@ pub(crate) fn advance(
     accepted: &[Accepted],
     store: &dyn BlobStore,
 ) -> Result<(ModelPoint, Influence), MoveError> {
-    let Step { step, influence, center } =
+    let Step { mut step, mut influence, center } =
         aggregate(&rules.aggregator, accepted, rules.cap, store, &point.base, point.center.as_ref())?;
+    if rules.scale != 1.0 {
+        // A power of two: the scaled step and influences are exact.
+        step = scaled(step, rules.scale);
+        influence.values_mut().for_each(|c| *c *= rules.scale);
+    }
     let mut base = point.base.clone();
     let mut momentum = point.momentum.clone();
     for ((name, tensor), (_, step)) in base.iter_mut().zip(step.iter()) {

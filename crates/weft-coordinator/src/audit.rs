@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
+use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
+use weft_core::policy::Measured;
+use weft_core::quality::LossTable;
 use weft_core::{Aggregator, ContentHash, NodeId};
-use weft_ledger::{merkle_root, Chain, ChainError, Entry, Event, PublicKey};
+use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, LanguageCheck, PublicKey};
 
 use crate::aggregation::{self, Accepted, StepRules};
 use crate::head::{ModelPoint, ModelRefs};
@@ -51,6 +54,8 @@ struct OpenRound {
     leaves: Vec<ContentHash>,
     /// node → delta hash of each contribution received for measurement.
     received: BTreeMap<String, ContentHash>,
+    /// node → the relative gains per language its evaluation recorded.
+    gains: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// Walks the ledger; see the module documentation.
@@ -66,8 +71,15 @@ struct Auditor<'a> {
     closed: BTreeMap<u64, ModelRefs>,
     last_closed: u64,
     open: Option<OpenRound>,
-    /// A decision whose replay moved the base: the next entry must publish this hash.
+    /// A decision whose replay moved the base: the next entry must publish this hash (and, when
+    /// the per-language check ran, these losses).
     publish: Option<(u64, u64, ContentHash)>,
+    published_loss: Option<BTreeMap<String, Option<f64>>>,
+    /// The held-out loss of the current base, as the last publication recorded it.
+    base_loss: Option<BTreeMap<String, Option<f64>>>,
+    /// The genesis base's held-out loss, as the first per-language check recorded it (every
+    /// later one must record the same).
+    reference_loss: Option<BTreeMap<String, Option<f64>>>,
     report: AuditReport,
 }
 
@@ -87,6 +99,9 @@ pub fn verify(dir: &Path, trusted: Option<PublicKey>) -> Result<AuditReport, Aud
         last_closed: 0,
         open: None,
         publish: None,
+        published_loss: None,
+        base_loss: None,
+        reference_loss: None,
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -170,7 +185,12 @@ impl Auditor<'_> {
                 if *config_hash != self.config_hash || *roster_hash != self.roster_hash {
                     return Err(fault("configuration or roster hash differs from the genesis".into()));
                 }
-                self.open = Some(OpenRound { round: *round, leaves: Vec::new(), received: BTreeMap::new() });
+                self.open = Some(OpenRound {
+                    round: *round,
+                    leaves: Vec::new(),
+                    received: BTreeMap::new(),
+                    gains: BTreeMap::new(),
+                });
             }
             Event::ContributionReceived { round, node, delta_hash, refused, .. } => {
                 let open = self.open_round(*round).map_err(fault)?;
@@ -185,17 +205,28 @@ impl Auditor<'_> {
                     _ => return Err(fault("must carry either a delta hash or a refusal".into())),
                 }
             }
-            Event::Evaluation { round, node, .. } => {
+            Event::Evaluation { round, node, gains, .. } => {
                 let open = self.open_round(*round).map_err(fault)?;
+                if let Some(gains) = gains {
+                    open.gains.insert(node.clone(), gains.clone());
+                }
                 if !open.received.contains_key(node) {
                     return Err(fault(format!("evaluates {node}, whose contribution was not received")));
                 }
             }
             Event::Decision { .. } => self.decision(entry).map_err(fault)?,
-            Event::BasePublished { round, previous_base_hash, base_hash, .. } => {
+            Event::BasePublished { round, previous_base_hash, base_hash, heldout_loss } => {
                 let Some((_, decided, expected)) = self.publish.take() else {
                     return Err(fault("no decision moved the base".into()));
                 };
+                if let Some(checked) = self.published_loss.take() {
+                    if checked != *heldout_loss {
+                        return Err(fault(
+                            "publishes other held-out losses than the per-language check measured".into(),
+                        ));
+                    }
+                }
+                self.base_loss = Some(heldout_loss.clone());
                 if *round != decided || *base_hash != expected {
                     return Err(fault(format!(
                         "publishes {base_hash}, the replay of round {decided} gives {expected}"
@@ -222,6 +253,8 @@ impl Auditor<'_> {
                     return Err(fault(format!("does not restore the state recorded after round {to_round}")));
                 }
                 self.point = Some(ModelPoint::load(self.store, &restored).map_err(|e| fault(e.to_string()))?);
+                // The restored base's losses are not in the rollback entry.
+                self.base_loss = None;
                 self.now = restored;
                 self.report.rollbacks += 1;
             }
@@ -252,6 +285,7 @@ impl Auditor<'_> {
             center_out,
             contributions_root,
             contributions,
+            language_check,
             ..
         } = &entry.event
         else {
@@ -287,6 +321,10 @@ impl Auditor<'_> {
             inputs.push(Accepted { node, hash: a.delta_hash, weight: a.weight, norm: a.norm });
         }
         self.last_closed = *round;
+        let scale = match language_check {
+            Some(check) => self.replay_check(check, &open, &inputs)?,
+            None => 1.0,
+        };
         if inputs.is_empty() {
             if *outer_state_out != *outer_state_in || *center_out != *center_in {
                 return Err("nothing was accepted, yet the optimizer state or center changed".into());
@@ -298,7 +336,7 @@ impl Auditor<'_> {
             return Ok(());
         }
         let aggregator: Aggregator = aggregator.parse().map_err(|e| format!("aggregator {aggregator:?}: {e}"))?;
-        let rules = StepRules { aggregator, cap: *cap, outer: *outer };
+        let rules = StepRules { aggregator, cap: *cap, scale, outer: *outer };
         let point = self.point.as_ref().ok_or("no verified base to replay from")?;
         let (next, influence) =
             aggregation::advance(point, &rules, &inputs, self.store).map_err(|e| format!("replay failed: {e}"))?;
@@ -335,11 +373,101 @@ impl Auditor<'_> {
         self.now.center = refs.center;
         if refs.base_hash != self.now.base_hash {
             self.publish = Some((entry.seq, *round, refs.base_hash));
+            self.published_loss = language_check
+                .as_ref()
+                .and_then(|c| c.published.and_then(|i| c.attempts.get(i)))
+                .map(|a| a.heldout_loss.clone());
         } else {
             self.closed.insert(*round, self.now);
         }
         self.point = Some(next);
         Ok(())
+    }
+
+    /// Replays the per-language check: the same search ([`LanguageSearch`]) run again on the
+    /// recorded losses, from the recorded gains, must reach every recorded candidate (its α,
+    /// priorities and step) and every conclusion. Returns the published step's scale.
+    fn replay_check(&mut self, check: &LanguageCheck, open: &OpenRound, inputs: &[Accepted]) -> Result<f64, String> {
+        let as_table = |t: &BTreeMap<String, Option<f64>>| -> LossTable {
+            t.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::INFINITY))).collect()
+        };
+        if let Some(known) = &self.base_loss {
+            if *known != check.base_loss {
+                return Err("the per-language check starts from other losses than the base's recorded ones".into());
+            }
+        }
+        match &self.reference_loss {
+            Some(reference) if *reference != check.reference_loss => {
+                return Err("the per-language check measures progress against another genesis than before".into());
+            }
+            Some(_) => {}
+            // The first round starts from the genesis: its base is the reference.
+            None if open.round == 1 && check.reference_loss != check.base_loss => {
+                return Err("the first round's reference losses are not its base's".into());
+            }
+            None => self.reference_loss = Some(check.reference_loss.clone()),
+        }
+        let measured: Vec<Measured> = open
+            .gains
+            .iter()
+            .filter_map(|(node, gains)| {
+                let node = NodeId::new(node.clone()).ok()?;
+                Some(Measured { node, quality: f64::NAN, gains: gains.clone(), own_loss: f64::NAN })
+            })
+            .collect();
+        let reference = as_table(&check.reference_loss);
+        let base = as_table(&check.base_loss);
+        let mut search = LanguageSearch::new(check.tolerance, base.clone(), &reference, helped_languages(&measured));
+        let last = check.attempts.len().saturating_sub(1);
+        let mut concluded = None;
+        for (k, attempt) in check.attempts.iter().enumerate() {
+            let fault = |why: String| format!("per-language check, candidate {}: {why}", k + 1);
+            let same = |a: f64, b: f64| a.to_bits() == b.to_bits();
+            if concluded.is_some() {
+                return Err(fault("follows the search's conclusion".into()));
+            }
+            if !same(attempt.alpha, search.alpha())
+                || !same(attempt.scale, search.scale())
+                || attempt.priorities != search.priorities()
+            {
+                return Err(fault(format!(
+                    "records α {} and step {}, the search gives α {} and step {}",
+                    attempt.alpha,
+                    attempt.scale,
+                    search.alpha(),
+                    search.scale()
+                )));
+            }
+            let loss = as_table(&attempt.heldout_loss);
+            let risen: BTreeMap<String, f64> = regressions(&base, &loss, check.tolerance).into_iter().collect();
+            let recorded = match &attempt.outcome {
+                CheckOutcome::Passed => BTreeMap::new(),
+                CheckOutcome::Risen { risen } => risen.clone(),
+            };
+            if recorded != risen || (risen.is_empty() != matches!(attempt.outcome, CheckOutcome::Passed)) {
+                return Err(fault(format!("records {:?}, its losses give {risen:?}", attempt.outcome)));
+            }
+            match search.judge(&loss) {
+                Verdict::Next { .. } if k != last => {}
+                Verdict::Next { .. } => return Err(fault("the search goes on, the record stops".into())),
+                verdict => concluded = Some(verdict),
+            }
+        }
+        let published = match concluded {
+            Some(Verdict::Publish { index }) if check.published == Some(index) => check.attempts.get(index),
+            Some(Verdict::GiveUp { .. }) if check.published.is_none() && inputs.is_empty() => None,
+            None if check.attempts.is_empty() && inputs.is_empty() => None,
+            other => {
+                return Err(format!(
+                    "the per-language check records publishing {:?}; the search concludes {other:?}",
+                    check.published
+                ))
+            }
+        };
+        match published {
+            Some(attempt) => Ok(attempt.scale),
+            None => Ok(1.0),
+        }
     }
 
     /// Reads a blob whole and checks it against its name.

@@ -19,12 +19,14 @@ use std::sync::Arc;
 
 use weft_core::aggregate::OuterError;
 use weft_core::contribution::{self, OpenRound};
-use weft_core::quality::{measured_quality, LossTable};
+use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
+use weft_core::policy::{Measured, Priorities};
+use weft_core::quality::{mean, relative_gains, Gains, LossTable};
 use weft_core::{
     Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta, ModelState, NodeId, OuterOptimizer,
     Policy, PolicyError, Rejection, StateError, Weighting,
 };
-use weft_ledger::{ContributionManifest, Event, Refusal, Signature};
+use weft_ledger::{CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, Refusal, Signature};
 
 use crate::aggregation::{self, Accepted, Influence, MoveError, StepRules};
 use crate::governance::{Governance, GovernanceError};
@@ -116,13 +118,42 @@ pub enum SubmitError {
 }
 
 /// What the coordinator measured of an admitted contribution, kept until the round closes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Admitted {
+    /// The mean over languages of `gains`.
     quality: f64,
+    /// The probe's relative gain per language (empty when unmeasurable).
+    gains: Gains,
     /// What the node declared as its quality; only the `declared` weighting baseline reads it.
     declared_quality: f64,
     delta_hash: ContentHash,
     delta_norm: f64,
+}
+
+/// A probe's measurement: its held-out losses and its relative gains over the base's.
+struct Measurement {
+    heldout: LossTable,
+    gains: Option<Gains>,
+}
+
+impl Measurement {
+    fn new(base: &LossTable, heldout: LossTable) -> Self {
+        Measurement { gains: relative_gains(base, &heldout), heldout }
+    }
+
+    fn quality(&self) -> f64 {
+        self.gains.as_ref().map_or(f64::NAN, mean)
+    }
+}
+
+/// How a round closes: its decision, the deltas that entered the step, the next model point with
+/// its held-out loss and the coefficients the deltas carried (`None`: the base stays), and the
+/// per-language check.
+struct Settled {
+    decision: Decision,
+    accepted: Vec<Accepted>,
+    next: Option<(ModelPoint, LossTable, Influence)>,
+    check: Option<LanguageCheck>,
 }
 
 /// The round being collected.
@@ -148,10 +179,23 @@ impl Pending {
         self.records.push(record);
     }
 
-    /// The scores the policy weighs: measured quality, or the declared one for the baseline.
-    fn scores(&self, weighting: Weighting) -> Vec<(NodeId, f64)> {
-        let score = |a: &Admitted| if weighting == Weighting::Declared { a.declared_quality } else { a.quality };
-        self.admitted.iter().map(|(node, a)| (node.clone(), score(a))).collect()
+    /// What the policy weighs, for every admitted node: measured quality (the declared one for
+    /// the baseline), gains per language, and the base's loss on the node's own language.
+    fn measured(
+        &self,
+        weighting: Weighting,
+        roster: &BTreeMap<NodeId, String>,
+        base_loss: &LossTable,
+    ) -> Vec<Measured> {
+        self.admitted
+            .iter()
+            .map(|(node, a)| Measured {
+                node: node.clone(),
+                quality: if weighting == Weighting::Declared { a.declared_quality } else { a.quality },
+                gains: a.gains.clone(),
+                own_loss: roster.get(node).and_then(|l| base_loss.get(l)).copied().unwrap_or(f64::NAN),
+            })
+            .collect()
     }
 
     /// The decision's accepted deltas, in node-id order: arrival order never changes a bit.
@@ -181,7 +225,7 @@ struct Rules {
 
 impl Rules {
     fn step(&self) -> StepRules {
-        StepRules { aggregator: self.aggregator, cap: self.policy.cap, outer: self.outer }
+        StepRules { aggregator: self.aggregator, cap: self.policy.cap, scale: 1.0, outer: self.outer }
     }
 }
 
@@ -192,6 +236,9 @@ pub struct Coordinator<M: Measure> {
     rules: Rules,
     governance: Option<Governance>,
     head: ModelHead,
+    /// The genesis base's held-out loss: what the per-language check measures each language's
+    /// progress against.
+    genesis_loss: LossTable,
     /// The last closed round (0 before the first).
     round: u64,
     measure: M,
@@ -246,6 +293,7 @@ impl<M: Measure> Coordinator<M> {
             roster,
             rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale },
             governance: None,
+            genesis_loss: base_loss.clone(),
             head: ModelHead { point: ModelPoint::new(base), refs, base_loss },
             round: 0,
             measure,
@@ -429,16 +477,18 @@ impl<M: Measure> Coordinator<M> {
             return Err(SubmitError::Rejected(reason));
         }
         // Measured at its fair share of the step (see `Rules::probe_scale`).
-        let (quality, heldout) = self.score(&contribution.node, &contribution.delta)?;
+        let measurement = self.score(&contribution.node, &contribution.delta)?;
         weft_durable::crash::point("contribution-measured");
         let delta_hash = self.store.put(contribution.delta.state()).map_err(CoordinatorError::from)?;
+        let quality = measurement.quality();
         let admitted = Admitted {
             quality,
+            gains: measurement.gains.clone().unwrap_or_default(),
             declared_quality: record.declared_quality(),
             delta_hash,
             delta_norm: contribution.delta.norm(),
         };
-        self.admit(round, &contribution, record, signature, admitted, heldout)?;
+        self.admit(round, &contribution, record, signature, admitted, measurement)?;
         tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");
         Ok(Receipt { node: contribution.node, quality, delta_hash })
     }
@@ -497,13 +547,15 @@ impl<M: Measure> Coordinator<M> {
         mut record: ContributionRecord,
         signature: Option<Signature>,
         admitted: Admitted,
-        heldout: LossTable,
+        measurement: Measurement,
     ) -> Result<(), CoordinatorError> {
+        let heldout = measurement.heldout;
         record.quality = admitted.quality.is_finite().then_some(admitted.quality);
         record.delta_hash = Some(admitted.delta_hash);
         record.delta_norm = Some(admitted.delta_norm);
         // JSON (and so the journal) cannot carry an infinite loss: such a table is not kept.
         record.heldout_loss = heldout.values().all(|v| v.is_finite()).then(|| heldout.clone());
+        record.gains = measurement.gains;
         let events = vec![
             Event::ContributionReceived {
                 round,
@@ -517,8 +569,9 @@ impl<M: Measure> Coordinator<M> {
                 round,
                 node: contribution.node.to_string(),
                 quality: record.quality,
-                heldout_loss: heldout.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect(),
+                heldout_loss: finite(&heldout),
                 delta_norm: admitted.delta_norm,
+                gains: record.gains.clone(),
             },
         ];
         let entries = self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, events)?;
@@ -529,62 +582,70 @@ impl<M: Measure> Coordinator<M> {
         Ok(())
     }
 
-    /// Quality and held-out losses of a delta at the probe scale (on the public canaries when
-    /// governance runs).
-    fn score(&mut self, node: &NodeId, delta: &Delta) -> Result<(f64, LossTable), CoordinatorError> {
+    /// A delta's held-out losses at the probe scale and its gains over the base's (on the public
+    /// canaries when governance runs).
+    fn score(&mut self, node: &NodeId, delta: &Delta) -> Result<Measurement, CoordinatorError> {
         let base = self.head.base();
         let candidate = delta.applied_to(base, self.rules.probe_scale).map_err(CoordinatorError::Base)?;
         match self.governance.as_mut() {
             Some(g) => {
                 let whole = delta.applied_to(base, 1.0).map_err(CoordinatorError::Base)?;
-                Ok(g.score(node, &candidate, &whole)?)
+                let (public, public_base) = g.score(node, &candidate, &whole)?;
+                Ok(Measurement::new(&public_base, public))
             }
             None => {
                 let heldout = self.measure.heldout_loss(&candidate)?;
-                Ok((measured_quality(&self.head.base_loss, &heldout), heldout))
+                Ok(Measurement::new(&self.head.base_loss, heldout))
             }
         }
     }
 
-    /// Decides, advances the model point with the accepted deltas, records and publishes the
-    /// round. If nothing is accepted (or the quorum is missed) the base stays bitwise unchanged.
-    /// On an error nothing has changed and the round can be closed again.
+    /// Decides, advances the model point with the accepted deltas (checking every language's
+    /// held-out loss under every-language fairness), records and publishes the round. If nothing
+    /// is accepted (or the quorum is missed, or no step passes the check) the base stays bitwise
+    /// unchanged. On an error nothing has changed and the round can be closed again.
     pub fn close_round(&mut self) -> Result<RoundRecord, CoordinatorError> {
         self.usable()?;
         let Some(pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
-        let decision = self.decide(&pending);
-        let accepted = pending.accepted(&decision);
-        let advanced = match self.advance(&accepted) {
-            Ok(advanced) => advanced,
+        let stored = self.settle(&pending).and_then(|settled| {
+            let refs = self.store_next(&settled)?;
+            Ok((settled, refs))
+        });
+        let (settled, refs) = match stored {
+            Ok(stored) => stored,
             Err(e) => {
                 self.open = Some(pending);
                 return Err(e);
             }
         };
         let refs_in = self.head.refs;
-        let influence = match advanced {
-            Some((head, influence)) => {
-                self.head = head;
+        let influence = match (settled.next, refs) {
+            (Some((point, base_loss, influence)), Some(refs)) => {
+                self.head = ModelHead { point, refs, base_loss };
                 influence
             }
-            None => Influence::new(),
+            _ => Influence::new(),
         };
         let governance = self.governance.as_mut().and_then(Governance::commit);
         self.round = pending.round;
-        let record = self.round_record(pending.records, &decision, &influence, refs_in.base_hash, governance);
-        let events = self.round_events(&record, &accepted, refs_in, &pending.leaves);
+        let mut record =
+            self.round_record(pending.records, &settled.decision, &influence, refs_in.base_hash, governance);
+        record.language_check = settled.check;
+        let events = self.round_events(&record, &settled.accepted, refs_in, &pending.leaves);
         self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
         self.add_to_manifests(&record);
         tracing::info!(round = record.round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
         Ok(record)
     }
 
-    /// The policy's weights; then governance's (Goodhart detector, reputation) and the quorum on
-    /// what is left; then the aggregator's minimum number of inputs. Changes nothing.
-    fn decide(&self, pending: &Pending) -> Decision {
+    /// The policy's weights (with the languages' priorities of the per-language check); then
+    /// governance's (Goodhart detector, reputation) and the quorum on what is left; then the
+    /// aggregator's minimum number of inputs. Changes nothing.
+    fn decide(&self, pending: &Pending, priorities: &Priorities) -> Decision {
         let roster = self.roster.len();
         let policy = &self.rules.policy;
-        let mut decision = policy.decide(&pending.scores(policy.weighting), roster);
+        let measured = pending.measured(policy.weighting, &self.roster, &self.head.base_loss);
+        let mut decision = policy.decide_with(&measured, roster, priorities);
         if let Some(g) = self.governance.as_ref() {
             g.adjust(&mut decision, policy.cap);
             policy.check_quorum(&mut decision, roster);
@@ -599,26 +660,113 @@ impl<M: Measure> Coordinator<M> {
         decision
     }
 
-    /// `next = base + outer(step)`, with the step computed by the aggregator from the store,
-    /// the new base measured, and (in durable mode) everything stored as blobs before anything
-    /// refers to it. `None` when nothing was accepted. Works on copies: an error leaves the
-    /// coordinator untouched.
-    fn advance(&mut self, accepted: &[Accepted]) -> Result<Option<(ModelHead, Influence)>, CoordinatorError> {
-        if accepted.is_empty() {
-            return Ok(None);
+    /// Decides and computes the round's next model point. Under every-language fairness each
+    /// candidate base is measured before it can be published, and the per-language check
+    /// ([`LanguageSearch`]) decides the next candidate — other language priorities, or a smaller
+    /// step — and which one to publish. Works on copies: nothing of the coordinator changes.
+    fn settle(&mut self, pending: &Pending) -> Result<Settled, CoordinatorError> {
+        let Some(tolerance) = self.rules.policy.fairness.tolerance() else {
+            let decision = self.decide(pending, &Priorities::new());
+            return self.candidate(pending, decision, 1.0).map(|(settled, _)| settled);
+        };
+        let measured = pending.measured(Weighting::Quality, &self.roster, &self.head.base_loss);
+        let base = self.head.base_loss.clone();
+        let mut search = LanguageSearch::new(tolerance, base, &self.genesis_loss, helped_languages(&measured));
+        let mut check = LanguageCheck {
+            tolerance,
+            base_loss: finite(&self.head.base_loss),
+            reference_loss: finite(&self.genesis_loss),
+            attempts: Vec::new(),
+            published: None,
+        };
+        // The best passing candidate so far: only it is kept in memory.
+        let mut kept: Option<Settled> = None;
+        loop {
+            let (alpha, priorities, scale) = (search.alpha(), search.priorities(), search.scale());
+            let decision = self.decide(pending, &priorities);
+            let (mut settled, loss) = self.candidate(pending, decision, scale)?;
+            let Some(loss) = loss else {
+                // Nothing accepted: nothing to check.
+                settled.check = Some(check);
+                return Ok(settled);
+            };
+            let index = check.attempts.len();
+            let verdict = search.judge(&loss);
+            let risen = regressions(&self.head.base_loss, &loss, tolerance);
+            let outcome = if risen.is_empty() {
+                CheckOutcome::Passed
+            } else {
+                CheckOutcome::Risen { risen: risen.into_iter().collect() }
+            };
+            check.attempts.push(CheckAttempt { alpha, priorities, scale, heldout_loss: finite(&loss), outcome });
+            match verdict {
+                Verdict::Next { risen } => {
+                    tracing::info!(
+                        ?risen,
+                        alpha = search.alpha(),
+                        scale = search.scale(),
+                        "per-language check: another candidate"
+                    );
+                    if search.best() == Some(index) {
+                        kept = Some(settled);
+                    }
+                }
+                Verdict::Publish { index: published } => {
+                    let mut settled = match kept {
+                        Some(kept) if published != index => kept,
+                        _ => settled,
+                    };
+                    check.published = Some(published);
+                    settled.check = Some(check);
+                    return Ok(settled);
+                }
+                Verdict::GiveUp { language, rise } => {
+                    tracing::warn!(%language, rise, "per-language check: no candidate passes; the base stays");
+                    let mut decision = settled.decision;
+                    decision.reject_all(|_| Rejection::LanguageRegression {
+                        language: language.clone(),
+                        rise,
+                        tolerance,
+                        smallest_scale: scale,
+                    });
+                    return Ok(Settled { decision, accepted: Vec::new(), next: None, check: Some(check) });
+                }
+            }
         }
-        let (point, influence) = aggregation::advance(&self.head.point, &self.rules.step(), accepted, &*self.store)?;
+    }
+
+    /// One candidate: the decision's accepted deltas aggregated, the step scaled, the outer
+    /// optimizer applied, and the result measured (the loss is `None` when nothing was accepted).
+    fn candidate(
+        &mut self,
+        pending: &Pending,
+        decision: Decision,
+        scale: f64,
+    ) -> Result<(Settled, Option<LossTable>), CoordinatorError> {
+        let accepted = pending.accepted(&decision);
+        if accepted.is_empty() {
+            return Ok((Settled { decision, accepted, next: None, check: None }, None));
+        }
+        let rules = StepRules { scale, ..self.rules.step() };
+        let (point, influence) = aggregation::advance(&self.head.point, &rules, &accepted, &*self.store)?;
         weft_durable::crash::point("round-aggregated");
-        let base_loss = self.measure.heldout_loss(&point.base)?;
+        let loss = self.measure.heldout_loss(&point.base)?;
+        let next = Some((point, loss.clone(), influence));
+        Ok((Settled { decision, accepted, next, check: None }, Some(loss)))
+    }
+
+    /// The next point's hashes. In durable mode its blobs are stored first (before anything
+    /// refers to them); in memory-only mode the optimizer state and center are neither copied
+    /// nor hashed (only the ledger names them).
+    fn store_next(&self, settled: &Settled) -> Result<Option<ModelRefs>, CoordinatorError> {
+        let Some((point, _, _)) = &settled.next else { return Ok(None) };
         let refs = if self.journal.is_some() {
             point.store(&*self.store)?
         } else {
-            // Memory-only: the optimizer state and center are neither copied nor hashed (only
-            // the ledger names them).
             ModelRefs { base_hash: point.base.content_hash(), outer_state: None, center: None }
         };
         weft_durable::crash::point("round-blobs-stored");
-        Ok(Some((ModelHead { point, refs, base_loss }, influence)))
+        Ok(Some(refs))
     }
 
     /// The round's record: each contribution's decision, weight and influence, and what stayed
@@ -659,6 +807,7 @@ impl<M: Measure> Coordinator<M> {
             accepted: decision.weights.len(),
             contributions,
             heldout_loss: self.head.base_loss.clone(),
+            language_check: None,
         }
     }
 
@@ -708,6 +857,7 @@ impl<M: Measure> Coordinator<M> {
             contributions_root: weft_ledger::merkle_root(leaves),
             contributions: leaves.len(),
             governance_hash: record.governance.as_ref().map(json_hash),
+            language_check: record.language_check.clone(),
         };
         let mut events = vec![decision];
         if record.base_changed {
@@ -743,6 +893,11 @@ impl<M: Measure> Coordinator<M> {
             }
         }
     }
+}
+
+/// A loss table as JSON can carry it: a non-finite loss as `null`.
+fn finite(table: &LossTable) -> std::collections::BTreeMap<String, Option<f64>> {
+    table.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect()
 }
 
 /// What a node states about its contribution (signed by the node in networked mode).

@@ -80,11 +80,11 @@ pub struct GovernanceState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CanaryScore {
     pub node: NodeId,
-    /// Public-canary gain per topic of the probe `base + s·Δ`.
+    /// Public-canary gain per topic of the probe `base + s·Δ`, nats/byte.
     pub public_gain: LossTable,
     /// Secret-reserve gain per topic of the whole update `base + Δ`.
     pub secret_gain: LossTable,
-    /// Mean public gain of the probe over topics: the quality the policy sees.
+    /// Mean relative public gain of the probe over topics: the quality the policy sees.
     pub quality: f64,
     /// Mean public gain − mean secret gain, both of the whole update `base + Δ`.
     pub goodhart_gap: f64,
@@ -225,15 +225,15 @@ impl Governance {
 
     /// Scores one contribution: `probe = base + s·Δ` gives its quality (mean public gain) and
     /// `whole = base + Δ` (the whole local update) its Goodhart gap (mean public gain − mean secret gain of the whole
-    /// local update, where memorised canaries show most). Returns the quality and the probe's
-    /// public losses.
+    /// local update, where memorised canaries show most). Returns the probe's public losses and
+    /// the base's they are measured against.
     pub(crate) fn score(
         &mut self,
         node: &NodeId,
         probe: &ModelState,
         whole: &ModelState,
-    ) -> Result<(f64, LossTable), GovernanceError> {
-        let Some(open) = self.open.as_mut() else { return Ok((f64::NAN, LossTable::new())) };
+    ) -> Result<(LossTable, LossTable), GovernanceError> {
+        let Some(open) = self.open.as_mut() else { return Ok((LossTable::new(), LossTable::new())) };
         let public = open.public.heldout_loss(probe)?;
         let public_gain = gains(&open.public_base, &public);
         let quality = measured_quality(&open.public_base, &public);
@@ -251,7 +251,7 @@ impl Governance {
             node.clone(),
             CanaryScore { node: node.clone(), public_gain, secret_gain, quality, goodhart_gap, flagged },
         );
-        Ok((quality, public))
+        Ok((public, open.public_base.clone()))
     }
 
     /// A roster node whose contribution failed the structural checks: a failed audit.
@@ -276,13 +276,15 @@ impl Governance {
             }
         }
         // Weights from quality and the reputation earned before this round.
+        // The policy's weight is each node's quality here: what the policy made of its measured
+        // gains (under every-language fairness, its languages' shares with their priorities).
         let candidates: Vec<Candidate> = decision
             .weights
-            .keys()
-            .filter_map(|node| {
-                let score = open.scores.get(node)?;
+            .iter()
+            .filter(|(node, _)| open.scores.contains_key(*node))
+            .map(|(node, &weight)| {
                 let (reputation, newcomer, trust) = self.standing_summary(node, open.round, &topics);
-                Some(Candidate { node: node.clone(), quality: score.quality, reputation, newcomer, trust })
+                Candidate { node: node.clone(), quality: weight, reputation, newcomer, trust }
             })
             .collect();
         let (weights, capped) = governed_weights(&candidates, cap, self.settings.exploration, params.w_max);

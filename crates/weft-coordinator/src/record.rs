@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_core::quality::LossTable;
+use weft_core::quality::{Gains, LossTable};
 use weft_core::{ContentHash, Contribution, NodeId, RejectionCode};
 
 use crate::governance::GovernanceRecord;
@@ -19,7 +19,7 @@ pub struct ContributionRecord {
     pub reason: Option<RejectionCode>,
     /// Human-readable explanation of the rejection.
     pub detail: Option<String>,
-    /// Measured quality: mean held-out loss removed, nats/byte (`null` if never measured).
+    /// Measured quality: the mean over languages of the relative gain (`null` if never measured).
     pub quality: Option<f64>,
     /// Share of the step given to this delta (0 when rejected).
     pub weight: f64,
@@ -36,6 +36,10 @@ pub struct ContributionRecord {
     pub delta_norm: Option<f64>,
     /// Held-out loss of the probe `base + s·Δ` (s: the round's probe scale), per language.
     pub heldout_loss: Option<LossTable>,
+    /// The probe's relative gain per language: the fraction of each language's held-out loss it
+    /// removed (negative: it raised it). What the policy reads.
+    #[serde(default)]
+    pub gains: Option<Gains>,
 }
 
 impl ContributionRecord {
@@ -62,6 +66,7 @@ impl ContributionRecord {
             delta_hash: None,
             delta_norm: None,
             heldout_loss: None,
+            gains: None,
         }
     }
 
@@ -101,6 +106,10 @@ pub struct RoundRecord {
     pub contributions: Vec<ContributionRecord>,
     /// Held-out loss per language of the new base.
     pub heldout_loss: LossTable,
+    /// The per-language check of the round's base (every-language fairness): each candidate
+    /// tried, and why it was published, or a node left out, or the step halved.
+    #[serde(default)]
+    pub language_check: Option<weft_ledger::LanguageCheck>,
 }
 
 /// The coordinator's record of one node: hashes and metrics, never its sovereign weights.

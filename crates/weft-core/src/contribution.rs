@@ -119,6 +119,11 @@ pub enum Rejection {
     Unmeasurable,
     #[error("measured quality {quality:.5} is below the floor {floor:.5}")]
     BelowFloor { quality: f64, floor: f64 },
+    #[error(
+        "gains at most {:.3} % on any language (its best: {language}), the floor is {:.3} %: it helps no language",
+        100.0 * best, 100.0 * floor
+    )]
+    NoLanguageGains { language: String, best: f64, floor: f64 },
     #[error("measured quality {quality:.5} is not positive: it cannot carry a quality-proportional weight")]
     NonPositiveQuality { quality: f64 },
     #[error("only {accepted} contributions passed, the quorum needs {required}: the base stays unchanged")]
@@ -127,6 +132,11 @@ pub enum Rejection {
     CanaryOverfit { gap: f64, margin: f64 },
     #[error("only {accepted} contributions passed, the aggregator {rule} needs {needed}: the base stays unchanged")]
     TooFewForAggregator { rule: String, accepted: usize, needed: usize },
+    #[error(
+        "every candidate down to a step of 1/{} raised the held-out loss of {language} by more than {:.2} % (by {:.2} % at the smallest): the base stays unchanged",
+        (1.0 / smallest_scale).round(), 100.0 * tolerance, 100.0 * rise
+    )]
+    LanguageRegression { language: String, rise: f64, tolerance: f64, smallest_scale: f64 },
 }
 
 impl Rejection {
@@ -146,11 +156,12 @@ impl Rejection {
             Rejection::Layout(_) => C::MalformedDelta,
             Rejection::NonFinite { .. } => C::NonFinite,
             Rejection::Unmeasurable => C::Unmeasurable,
-            Rejection::BelowFloor { .. } => C::BelowFloor,
+            Rejection::BelowFloor { .. } | Rejection::NoLanguageGains { .. } => C::BelowFloor,
             Rejection::NonPositiveQuality { .. } => C::NonPositiveQuality,
             Rejection::QuorumNotMet { .. } => C::QuorumNotMet,
             Rejection::TooFewForAggregator { .. } => C::TooFewForAggregator,
             Rejection::CanaryOverfit { .. } => C::CanaryOverfit,
+            Rejection::LanguageRegression { .. } => C::LanguageRegression,
         }
     }
 }
@@ -177,10 +188,11 @@ pub enum RejectionCode {
     QuorumNotMet,
     CanaryOverfit,
     TooFewForAggregator,
+    LanguageRegression,
 }
 
 impl RejectionCode {
-    pub const ALL: [RejectionCode; 17] = [
+    pub const ALL: [RejectionCode; 18] = [
         RejectionCode::NoOpenRound,
         RejectionCode::UnknownNode,
         RejectionCode::DuplicateNode,
@@ -198,6 +210,7 @@ impl RejectionCode {
         RejectionCode::QuorumNotMet,
         RejectionCode::CanaryOverfit,
         RejectionCode::TooFewForAggregator,
+        RejectionCode::LanguageRegression,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -219,6 +232,7 @@ impl RejectionCode {
             RejectionCode::QuorumNotMet => "quorum_not_met",
             RejectionCode::CanaryOverfit => "canary_overfit",
             RejectionCode::TooFewForAggregator => "too_few_for_aggregator",
+            RejectionCode::LanguageRegression => "language_regression",
         }
     }
 }

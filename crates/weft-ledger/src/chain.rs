@@ -169,6 +169,7 @@ mod tests {
                 quality: Some(0.1 * round as f64 + 1e-17),
                 heldout_loss: BTreeMap::from([("en".into(), Some(2.0 / 3.0)), ("de".into(), None)]),
                 delta_norm: 1.0 / 7.0,
+                gains: Some(BTreeMap::from([("en".into(), 0.25)])),
             };
             lines.push(chain.seal(key, event).unwrap().1);
         }
@@ -225,6 +226,7 @@ mod tests {
             quality: Some(f64::NAN),
             heldout_loss: BTreeMap::new(),
             delta_norm: 0.0,
+            gains: None,
         };
         assert_eq!(chain.seal(&key, bad).unwrap_err().fault, Fault::NonFinite);
         assert_eq!(chain.len(), 1, "the chain did not advance");

@@ -38,6 +38,49 @@ pub struct Rejected {
     pub detail: String,
 }
 
+/// The per-language check of a round's base (every-language fairness): every candidate base
+/// tried, in order, with what the check concluded. Losses are `null` where not finite.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanguageCheck {
+    /// The largest relative rise of any language's held-out loss a round may cause.
+    pub tolerance: f64,
+    /// The held-out loss per language of the base the round started from.
+    pub base_loss: BTreeMap<String, Option<f64>>,
+    /// The held-out loss per language of the consortium's genesis base (the languages' standing
+    /// is measured against it).
+    pub reference_loss: BTreeMap<String, Option<f64>>,
+    pub attempts: Vec<CheckAttempt>,
+    /// The candidate published (index into `attempts`): of those that passed, the one whose
+    /// worst language gained most. `null` when none passed and the base stayed.
+    pub published: Option<usize>,
+}
+
+/// One candidate base of the per-language check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckAttempt {
+    /// The priority multiplier α of the search (0 for the first candidate).
+    pub alpha: f64,
+    /// Each language's priority `1 + α·z`: its share of the step is `priority / Σ priorities`.
+    pub priorities: BTreeMap<String, f64>,
+    /// The factor the aggregated step was multiplied by (1, ½, ¼, …).
+    pub scale: f64,
+    /// The candidate's held-out loss per language.
+    pub heldout_loss: BTreeMap<String, Option<f64>>,
+    pub outcome: CheckOutcome,
+}
+
+/// What the check concluded about a candidate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckOutcome {
+    /// No language rose beyond the tolerance.
+    Passed,
+    /// These languages rose beyond the tolerance (relative rise each).
+    Risen { risen: BTreeMap<String, f64> },
+}
+
 /// What happened. Externally tagged (`{"round_opened": {...}}`) so that parsing never buffers
 /// numbers through an intermediate form.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,6 +121,9 @@ pub enum Event {
         quality: Option<f64>,
         heldout_loss: BTreeMap<String, Option<f64>>,
         delta_norm: f64,
+        /// The relative gain per language the policy weighs (absent when unmeasurable).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gains: Option<BTreeMap<String, f64>>,
     },
     Decision {
         round: u64,
@@ -98,6 +144,9 @@ pub enum Event {
         contributions: usize,
         /// BLAKE3 of governance's part of the round record (canary scores, reputation).
         governance_hash: Option<ContentHash>,
+        /// The per-language check (every-language fairness); absent under other rules.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        language_check: Option<LanguageCheck>,
     },
     BasePublished {
         round: u64,

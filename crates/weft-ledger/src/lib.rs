@@ -12,7 +12,7 @@ mod proof;
 mod signing;
 
 pub use chain::{Chain, ChainError, Fault};
-pub use entry::{Accepted, Entry, Event, Refusal, Rejected};
+pub use entry::{Accepted, CheckAttempt, CheckOutcome, Entry, Event, LanguageCheck, Refusal, Rejected};
 pub use manifest::ContributionManifest;
 pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
 pub use proof::{ContributionProof, ProofCheckError, ProveError};

@@ -55,6 +55,7 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
             cap: 1.0,
             quorum: 0.0,
             weighting: Weighting::Equal,
+            fairness: weft_core::Fairness::Mean,
             aggregator: weft_core::Aggregator::WeightedMean,
             outer: weft_net::config::OuterKind::Plain,
             outer_lr: None,

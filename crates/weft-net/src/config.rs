@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
-use weft_core::{Aggregator, NodeId, OuterOptimizer, Weighting};
+use weft_core::{Aggregator, Fairness, NodeId, OuterOptimizer, Weighting};
 use weft_ledger::PublicKey;
 use weft_model::GptConfig;
 
@@ -155,6 +155,10 @@ pub struct PolicySettings {
     pub cap: f64,
     pub quorum: f64,
     pub weighting: Weighting,
+    /// How languages are treated: `every-language[:TOLERANCE]` (default; 0.005), `mean`,
+    /// `q-fedavg:Q`.
+    #[serde(default, serialize_with = "as_text", deserialize_with = "from_text")]
+    pub fairness: Fairness,
     /// As `weft demo --aggregator` (`norm-bound:adaptive:1`, `median`, …).
     #[serde(serialize_with = "as_text", deserialize_with = "from_text")]
     pub aggregator: Aggregator,
@@ -174,6 +178,7 @@ impl Default for PolicySettings {
             cap: 0.5,
             quorum: 0.5,
             weighting: Weighting::Quality,
+            fairness: Fairness::DEFAULT,
             aggregator: Aggregator::NormBound { bound: weft_core::NormBound::Adaptive(1.0) },
             outer: OuterKind::Plain,
             outer_lr: None,
@@ -187,14 +192,17 @@ impl PolicySettings {
     /// The policy, checked.
     pub fn policy(&self) -> Result<weft_core::Policy, SettingError> {
         use weft_core::PolicyError;
-        weft_core::Policy::new(self.floor, self.cap, self.quorum, self.weighting).map_err(|e| {
-            let key = match e {
-                PolicyError::Cap(_) => "policy.cap",
-                PolicyError::Floor(_) => "policy.floor",
-                PolicyError::Quorum(_) => "policy.quorum",
-            };
-            setting(key, e.to_string())
-        })
+        weft_core::Policy::new(self.floor, self.cap, self.quorum, self.weighting)
+            .and_then(|p| p.with_fairness(self.fairness))
+            .map_err(|e| {
+                let key = match e {
+                    PolicyError::Cap(_) => "policy.cap",
+                    PolicyError::Floor(_) => "policy.floor",
+                    PolicyError::Quorum(_) => "policy.quorum",
+                    PolicyError::Fairness(_) => "policy.fairness",
+                };
+                setting(key, e.to_string())
+            })
     }
 
     /// The outer optimizer with its defaults filled in, checked.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
-use weft_core::{Aggregator, Weighting};
+use weft_core::{Aggregator, Fairness, Weighting};
 use weft_model::GptConfig;
 use weft_net::config::{GovernanceConfig, OuterKind, PolicySettings, Training};
 
@@ -122,6 +122,11 @@ pub struct PolicyArgs {
     /// How accepted contributions are weighted.
     #[arg(long, value_enum, default_value_t = WeightingArg::Quality)]
     pub weighting: WeightingArg,
+    /// How languages are treated: every-language[:TOLERANCE] (no round raises any language's
+    /// held-out loss by more than TOLERANCE, relative; default 0.005), mean (languages averaged),
+    /// q-fedavg:Q (mean, weights × loss^Q of the node's language).
+    #[arg(long, default_value_t = PolicySettings::default().fairness)]
+    pub fairness: Fairness,
     /// Each delta's quality is measured on base + s·Δ (default 1/N, its share under equal weighting).
     #[arg(long, allow_negative_numbers = true)]
     pub probe_scale: Option<f32>,
@@ -151,6 +156,7 @@ impl PolicyArgs {
                 WeightingArg::Equal => Weighting::Equal,
                 WeightingArg::Declared => Weighting::Declared,
             },
+            fairness: self.fairness,
             aggregator: self.aggregator,
             outer: match self.outer {
                 OuterArg::Plain => OuterKind::Plain,

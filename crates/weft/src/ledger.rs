@@ -150,10 +150,12 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|(l, v)| format!("{l} {}", v.map_or("—".into(), |v| format!("{v:.4}"))))
                     .collect();
-                let q = quality.map_or("unmeasurable".into(), |q| format!("{q:+.5}"));
+                let q = quality.map_or("unmeasurable".into(), |q| format!("{:+.2}%", 100.0 * q));
                 say!("#{seq}   {node:<14} measured  quality {q} · held-out {}", losses.join(" "));
             }
-            Event::Decision { accepted, rejected, unassigned, aggregator, contributions_root, .. } => {
+            Event::Decision {
+                accepted, rejected, unassigned, aggregator, contributions_root, language_check, ..
+            } => {
                 say!(
                     "#{seq}   decision ({aggregator}; unassigned {unassigned:.3}; contributions root {})",
                     contributions_root.short()
@@ -169,6 +171,11 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 }
                 for r in rejected {
                     say!("       {:<14} rejected  {}: {}", r.node, r.code, r.detail);
+                }
+                if let Some(check) = language_check {
+                    for line in crate::table::language_check(check) {
+                        say!("       {line}");
+                    }
                 }
             }
             Event::BasePublished { round, base_hash, heldout_loss, .. } => {

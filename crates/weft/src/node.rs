@@ -70,7 +70,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         runtime.block_on(weft_net::client::join(kit, LocalCorpus::from_bytes(corpus), artifacts.clone(), options))?;
     for r in &done.rounds {
         let outcome = if r.accepted {
-            format!("measured, quality {:+.5}", r.quality)
+            format!("measured, quality {:+.2}%", 100.0 * r.quality)
         } else {
             format!("refused: {} ({})", r.code, r.detail)
         };

@@ -211,6 +211,7 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("policy.cap", "--cap"),
         ("policy.quorum", "--quorum"),
         ("policy.weighting", "--weighting"),
+        ("policy.fairness", "--fairness"),
         ("policy.aggregator", "--aggregator"),
         ("aggregator", "--aggregator"),
         ("policy.outer_lr", "--outer-lr"),

@@ -51,7 +51,7 @@ pub fn round(
             format!("{}{mark}", c.node),
             c.language.as_deref().unwrap_or("-"),
             opt(local_losses.get(&c.node).copied().flatten(), 4),
-            opt(c.quality, 5),
+            c.quality.map_or_else(|| "-".to_owned(), |q| format!("{:+.2}%", 100.0 * q)),
             decision,
             c.weight,
             c.influence
@@ -68,7 +68,44 @@ pub fn round(
         record.base_hash.short()
     );
     say!("  held-out loss of the base (nats/byte): {}", losses(&record.heldout_loss));
+    if let Some(check) = &record.language_check {
+        for line in language_check(check) {
+            say!("  {line}");
+        }
+    }
     Ok(())
+}
+
+/// The per-language check, one line per candidate tried: its priorities and step, and what the
+/// check concluded.
+pub fn language_check(check: &weft_ledger::LanguageCheck) -> Vec<String> {
+    use weft_ledger::CheckOutcome;
+    let percent = |r: &f64| format!("{:+.1}%", 100.0 * r);
+    let mut lines = vec![format!(
+        "per-language check (a round may raise no language's held-out loss by more than {:.1}%):",
+        100.0 * check.tolerance
+    )];
+    for (k, attempt) in check.attempts.iter().enumerate() {
+        let raised: Vec<String> =
+            attempt.priorities.iter().filter(|(_, p)| **p != 1.0).map(|(l, p)| format!("{l} ×{p:.2}")).collect();
+        let priorities =
+            if raised.is_empty() { "equal priorities".to_owned() } else { format!("priority {}", raised.join(", ")) };
+        let mut outcome = match &attempt.outcome {
+            CheckOutcome::Passed => "no language up".to_owned(),
+            CheckOutcome::Risen { risen } => {
+                let up: Vec<String> = risen.iter().map(|(l, r)| format!("{l} {}", percent(r))).collect();
+                format!("up: {}", up.join(", "))
+            }
+        };
+        if check.published == Some(k) {
+            outcome.push_str(": published");
+        }
+        lines.push(format!("  candidate {}: {priorities}, step {} → {outcome}", k + 1, attempt.scale));
+    }
+    if check.published.is_none() && !check.attempts.is_empty() {
+        lines.push("  no candidate passed: the base stays".to_owned());
+    }
+    lines
 }
 
 /// Held-out loss per language: the base at round 0 and at the end, beside each sovereign model.

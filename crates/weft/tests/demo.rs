@@ -257,3 +257,35 @@ fn simulate_runs_many_devices_and_reports_memory() {
     let bad = weft(&["simulate", "--nodes", "0"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--nodes and --rounds must be at least 1"));
 }
+
+/// Nine languages in three scripts: with the default rule every round moves the base, no round
+/// raises any language's held-out loss by more than the tolerance (0.5 %), and every language
+/// ends better than it started — Japanese and Chinese included. The ledger replays the check.
+#[test]
+fn nine_languages_keep_moving_and_every_language_gains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nine");
+    let report = demo_json(
+        tmp.path(),
+        "nine.json",
+        &["--nodes", "9", "--rounds", "3", "--local-steps", "30", "--out", out.to_str().unwrap()],
+    );
+    let mut previous = report["initial_heldout_loss"].clone();
+    for round in report["rounds"].as_array().unwrap() {
+        assert_eq!(round["base_changed"], true, "round {} did not move", round["round"]);
+        let check = &round["language_check"];
+        assert!(!check["attempts"].as_array().unwrap().is_empty());
+        for (language, loss) in round["heldout_loss"].as_object().unwrap() {
+            let before = f(&previous[language]);
+            assert!((f(loss) - before) / before <= 0.005, "round {}: {language} {before} -> {loss}", round["round"]);
+        }
+        previous = round["heldout_loss"].clone();
+    }
+    let initial = report["initial_heldout_loss"].as_object().unwrap();
+    assert_eq!(initial.len(), 9);
+    for (language, before) in initial {
+        assert!(f(&report["final_heldout_loss"][language]) < f(before), "{language} did not improve");
+    }
+    let verify = weft(&["ledger", "verify", out.join("coordinator").to_str().unwrap()]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}

@@ -12,7 +12,7 @@ use std::ops::{Deref, DerefMut};
 use weft_core::{Delta, Rejection};
 use weft_ledger::{Entry, Event, PublicKey};
 
-use super::{json_hash, Admitted, Coordinator, CoordinatorError};
+use super::{json_hash, Admitted, Coordinator, CoordinatorError, Measurement};
 use crate::head::{ModelHead, ModelPoint};
 use crate::journal::{Head, Journal, Rows};
 use crate::measure::Measure;
@@ -119,6 +119,9 @@ impl<M: Measure> Coordinator<M> {
 
     fn restore(&mut self, journal: &dyn Journal, head: Head) -> Result<(), CoordinatorError> {
         self.head = load_head(&*self.store, &head)?;
+        if let Some(genesis) = journal.head_after(0)? {
+            self.genesis_loss = genesis.base_loss;
+        }
         self.round = head.round;
         if let (Some(g), Some(state)) = (self.governance.take(), head.governance.clone()) {
             self.governance = Some(g.with_state(state));
@@ -149,14 +152,18 @@ impl<M: Measure> Coordinator<M> {
     fn readmit(&mut self, record: ContributionRecord) -> Result<(), CoordinatorError> {
         match record.delta_hash {
             Some(delta_hash) => {
-                let quality = if self.governance.is_some() {
+                // The same measurement as when it arrived: scored again with governance (the
+                // same bits), else from its recorded losses.
+                let measurement = if self.governance.is_some() {
                     let delta = Delta::from_state(self.store.open(&delta_hash)?.state()?);
-                    self.score(&record.node, &delta)?.0
+                    self.score(&record.node, &delta)?
                 } else {
-                    record.quality.unwrap_or(f64::NAN)
+                    let heldout = record.heldout_loss.clone().unwrap_or_default();
+                    Measurement::new(&self.head.base_loss, heldout)
                 };
                 let admitted = Admitted {
-                    quality,
+                    quality: measurement.quality(),
+                    gains: measurement.gains.unwrap_or_default(),
                     declared_quality: record.declared_quality(),
                     delta_hash,
                     delta_norm: record.delta_norm.unwrap_or(0.0),
