@@ -10,7 +10,7 @@
 
 mod config;
 mod elementary;
-mod gemm;
+pub mod gemm;
 mod kernels;
 mod layout;
 mod model;

@@ -13,6 +13,7 @@ mod data;
 mod demo;
 mod inspect;
 mod ledger;
+mod model;
 mod node;
 mod output;
 mod report;
@@ -52,6 +53,9 @@ enum Command {
     /// A node's side.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Pretrained open-weights bases: import a GGUF, score a text, generate.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
 }
@@ -71,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Consortium(command) => consortium::run(command),
         Command::Coordinator(command) => coordinator::run(command),
         Command::Node(command) => node::run(command),
+        Command::Model(command) => model::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

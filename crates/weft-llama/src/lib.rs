@@ -1,0 +1,17 @@
+//! Llama-family models for weft: a GGUF reader, an importer to Hugging Face's layout
+//! (`model.safetensors`, `config.json`, `tokenizer.json`), and a forward pass.
+//!
+//! A model family of its own crate: the round engine still sees only named f32 tensors; this
+//! crate is where a pretrained open-weights base enters.
+
+pub mod config;
+pub mod gguf;
+pub mod import;
+pub mod model;
+pub mod tokenizer;
+
+pub use config::{LlamaConfig, LlamaConfigError};
+pub use gguf::{Gguf, GgufError};
+pub use import::{import, ImportError, ImportManifest, Imported};
+pub use model::{Llama, LlamaError};
+pub use tokenizer::{LlamaTokenizer, TokenizerError};
