@@ -7,11 +7,15 @@
 pub mod config;
 pub mod gguf;
 pub mod import;
+pub mod lora;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::{LlamaConfig, LlamaConfigError};
 pub use gguf::{Gguf, GgufError};
 pub use import::{import, ImportError, ImportManifest, Imported};
+pub use lora::{Adapters, LoraError, LoraSpec, Projection};
 pub use model::{Llama, LlamaError};
 pub use tokenizer::{LlamaTokenizer, TokenizerError};
+pub use train::{LoraReport, LoraTrainer, LoraTraining, Windows};

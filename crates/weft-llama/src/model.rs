@@ -9,6 +9,7 @@ use weft_core::{ModelState, StateError};
 use weft_model::gemm::{gemm, gemm_serial, Lhs, Start};
 
 use crate::config::{LlamaConfig, LlamaConfigError};
+use crate::lora::{Adapters, Projection};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LlamaError {
@@ -26,17 +27,59 @@ pub enum LlamaError {
 
 /// One transformer block. Projection weights are kept transposed (`[in, out]`): the products'
 /// right operands then have the output columns contiguous, as `gemm` wants.
-struct Block {
-    attn_norm: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    q_t: Vec<f32>,
-    k_t: Vec<f32>,
-    v_t: Vec<f32>,
-    qkv_bias: Option<[Vec<f32>; 3]>,
-    o_t: Vec<f32>,
-    gate_t: Vec<f32>,
-    up_t: Vec<f32>,
-    down_t: Vec<f32>,
+pub(crate) struct Block {
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub q_t: Vec<f32>,
+    pub k_t: Vec<f32>,
+    pub v_t: Vec<f32>,
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    pub o_t: Vec<f32>,
+    pub gate_t: Vec<f32>,
+    pub up_t: Vec<f32>,
+    pub down_t: Vec<f32>,
+}
+
+/// What the backward pass needs of one block's forward pass.
+pub(crate) struct BlockCache {
+    pub x_in: Vec<f32>,
+    /// The attention norm's output (the projections' input).
+    pub h1: Vec<f32>,
+    /// Queries and keys after RoPE, values.
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Softmax probabilities per head, `[T, T]` each.
+    pub probs: Vec<Vec<f32>>,
+    pub attended: Vec<f32>,
+    pub x_mid: Vec<f32>,
+    /// The FFN norm's output.
+    pub h2: Vec<f32>,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub act: Vec<f32>,
+    pub lora: LoraActivations,
+}
+
+/// `s·x·Aᵀ` of every adapted projection of a block.
+#[derive(Default)]
+pub(crate) struct LoraActivations([Option<Vec<f32>>; 7]);
+
+impl LoraActivations {
+    fn set(&mut self, projection: Projection, z: Option<Vec<f32>>) {
+        self.0[projection as usize] = z;
+    }
+
+    pub(crate) fn get(&self, projection: Projection) -> Option<&[f32]> {
+        self.0[projection as usize].as_deref()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct ForwardCache {
+    pub blocks: Vec<BlockCache>,
+    /// The residual stream before the final norm.
+    pub x_out: Vec<f32>,
 }
 
 pub struct Llama {
@@ -126,6 +169,17 @@ impl Llama {
 
     /// The final hidden states `[T, hidden]`, after the last norm.
     fn hidden(&self, tokens: &[u32]) -> Result<Vec<f32>, LlamaError> {
+        self.forward(tokens, None, None)
+    }
+
+    /// The forward pass, with adapters when given, keeping what the backward pass needs in
+    /// `cache` when given. One code path for evaluation and training.
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        adapters: Option<&Adapters>,
+        mut cache: Option<&mut ForwardCache>,
+    ) -> Result<Vec<f32>, LlamaError> {
         self.check_tokens(tokens)?;
         let c = &self.config;
         let (t, d, f, v) = (tokens.len(), c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -144,41 +198,85 @@ impl Llama {
         let mut val = vec![0.0f32; t * kv_width];
         let mut gate = vec![0.0f32; t * f];
         let mut up = vec![0.0f32; t * f];
-        for block in &self.blocks {
+        let mut act = vec![0.0f32; t * f];
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.blocks.clear();
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let adapter = |p: Projection| {
+                adapters.and_then(|ad| ad.factor(layer, p).map(|(a, b)| AdapterView { a, b, scale: ad.spec().scale() }))
+            };
+            let mut lora = LoraActivations::default();
+            let x_in = cache.is_some().then(|| x.clone());
             rms_norm(&mut h, &x, &block.attn_norm, eps);
-            let rows = Lhs { data: &h, row_stride: d, k_stride: 1 };
-            let bias = |i: usize| block.qkv_bias.as_ref().map_or(Start::Zero, |b| Start::Bias(&b[i]));
-            gemm(&mut q, q_width, rows, &block.q_t, q_width, d, bias(0));
-            gemm(&mut k, kv_width, rows, &block.k_t, kv_width, d, bias(1));
-            gemm(&mut val, kv_width, rows, &block.v_t, kv_width, d, bias(2));
+            let bias = |i: usize| block.qkv_bias.as_ref().map(|b| b[i].as_slice());
+            lora.set(Projection::Q, project(&mut q, q_width, &h, d, &block.q_t, bias(0), adapter(Projection::Q)));
+            lora.set(Projection::K, project(&mut k, kv_width, &h, d, &block.k_t, bias(1), adapter(Projection::K)));
+            lora.set(Projection::V, project(&mut val, kv_width, &h, d, &block.v_t, bias(2), adapter(Projection::V)));
             rope.apply(&mut q, c.head_size());
             rope.apply(&mut k, c.head_size());
-            let attended = attention(&q, &k, &val, t, c.num_attention_heads, c.kv_heads(), c.head_size());
-            gemm(
-                &mut x,
-                d,
-                Lhs { data: &attended, row_stride: q_width, k_stride: 1 },
-                &block.o_t,
-                d,
-                q_width,
-                Start::Accumulate,
+            let (attended, probs) = attention(&q, &k, &val, t, c.num_attention_heads, c.kv_heads(), c.head_size());
+            let mut attn_out = vec![0.0f32; t * d];
+            lora.set(
+                Projection::O,
+                project(&mut attn_out, d, &attended, q_width, &block.o_t, None, adapter(Projection::O)),
             );
+            let h1 = cache.is_some().then(|| h.clone());
+            x.iter_mut().zip(&attn_out).for_each(|(x, a)| *x += a);
+            let x_mid = cache.is_some().then(|| x.clone());
 
             rms_norm(&mut h, &x, &block.ffn_norm, eps);
-            let rows = Lhs { data: &h, row_stride: d, k_stride: 1 };
-            gemm(&mut gate, f, rows, &block.gate_t, f, d, Start::Zero);
-            gemm(&mut up, f, rows, &block.up_t, f, d, Start::Zero);
-            for (g, &u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
+            lora.set(Projection::Gate, project(&mut gate, f, &h, d, &block.gate_t, None, adapter(Projection::Gate)));
+            lora.set(Projection::Up, project(&mut up, f, &h, d, &block.up_t, None, adapter(Projection::Up)));
+            for ((a, &g), &u) in act.iter_mut().zip(&gate).zip(&up) {
+                *a = silu(g) * u;
             }
-            gemm(&mut x, d, Lhs { data: &gate, row_stride: f, k_stride: 1 }, &block.down_t, d, f, Start::Accumulate);
+            let mut ffn_out = vec![0.0f32; t * d];
+            lora.set(
+                Projection::Down,
+                project(&mut ffn_out, d, &act, f, &block.down_t, None, adapter(Projection::Down)),
+            );
+            x.iter_mut().zip(&ffn_out).for_each(|(x, a)| *x += a);
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.blocks.push(BlockCache {
+                    x_in: x_in.unwrap_or_default(),
+                    h1: h1.unwrap_or_default(),
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: val.clone(),
+                    probs,
+                    attended,
+                    x_mid: x_mid.unwrap_or_default(),
+                    h2: h.clone(),
+                    gate: gate.clone(),
+                    up: up.clone(),
+                    act: act.clone(),
+                    lora,
+                });
+            }
+        }
+        if let Some(cache) = cache {
+            cache.x_out = x.clone();
         }
         rms_norm(&mut h, &x, &self.norm, eps);
         Ok(h)
     }
 
+    pub(crate) fn block(&self, layer: usize) -> &Block {
+        &self.blocks[layer]
+    }
+
+    pub(crate) fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The output head transposed, `[hidden, vocab]`.
+    pub(crate) fn head_t(&self) -> &[f32] {
+        self.lm_head_t.as_deref().unwrap_or(&self.embed_t)
+    }
+
     /// Next-token logits `[rows, vocab]` for hidden states `[rows, hidden]`.
-    fn head(&self, hidden: &[f32]) -> Vec<f32> {
+    pub(crate) fn head(&self, hidden: &[f32]) -> Vec<f32> {
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
         let mut logits = vec![0.0f32; hidden.len() / d * v];
         let head = self.lm_head_t.as_deref().unwrap_or(&self.embed_t);
@@ -225,7 +323,7 @@ fn log_softmax_at(row: &[f32], index: usize) -> f64 {
     row[index] as f64 - max - sum.ln()
 }
 
-fn silu(x: f32) -> f32 {
+pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
@@ -241,16 +339,31 @@ fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// `dx += ∂/∂x` of `rms_norm` given `dy`: with `r = 1/√(mean(x²) + ε)` and `g = w·dy`,
+/// `dx = r·g − x·r³·(g·x)/d`.
+pub(crate) fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for ((dx, dy), x) in dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(x.chunks_exact(d)) {
+        let mean_square = x.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (mean_square + eps).sqrt();
+        let gx: f32 = dy.iter().zip(weight).zip(x).map(|((&g, &w), &v)| g * w * v).sum();
+        let coefficient = r * r * r * gx / d as f32;
+        for (((dx, &g), &w), &v) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+            *dx += r * w * g - v * coefficient;
+        }
+    }
+}
+
 /// Rotate-half rotary embeddings (Hugging Face's layout): dimension `i < hd/2` of a head pairs
 /// with `i + hd/2`, at angle `position · θ^(−2i/hd)`, computed in f32 as `transformers` does.
-struct Rope {
+pub(crate) struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
 }
 
 impl Rope {
-    fn new(theta: f64, head: usize, positions: usize) -> Self {
+    pub(crate) fn new(theta: f64, head: usize, positions: usize) -> Self {
         let half = head / 2;
         let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head as f32)).collect();
         let mut cos = Vec::with_capacity(positions * half);
@@ -266,7 +379,16 @@ impl Rope {
     }
 
     /// Rotates every head of `x` (`[T, heads·hd]`) in place.
-    fn apply(&self, x: &mut [f32], head: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], head: usize) {
+        self.rotate(x, head, 1.0);
+    }
+
+    /// The inverse (and transpose) rotation: carries a gradient back through [`apply`](Self::apply).
+    pub(crate) fn apply_inverse(&self, x: &mut [f32], head: usize) {
+        self.rotate(x, head, -1.0);
+    }
+
+    fn rotate(&self, x: &mut [f32], head: usize, direction: f32) {
         let width = x.len() / (self.cos.len() / self.half);
         for (p, row) in x.chunks_exact_mut(width).enumerate() {
             let (cos, sin) = (&self.cos[p * self.half..][..self.half], &self.sin[p * self.half..][..self.half]);
@@ -274,8 +396,9 @@ impl Rope {
                 let (a, b) = h.split_at_mut(self.half);
                 for i in 0..self.half {
                     let (x0, x1) = (a[i], b[i]);
-                    a[i] = x0 * cos[i] - x1 * sin[i];
-                    b[i] = x1 * cos[i] + x0 * sin[i];
+                    let sin = direction * sin[i];
+                    a[i] = x0 * cos[i] - x1 * sin;
+                    b[i] = x1 * cos[i] + x0 * sin;
                 }
             }
         }
@@ -284,7 +407,15 @@ impl Rope {
 
 /// Causal grouped-query attention: query head `h` reads key/value head `h / (heads / kv_heads)`.
 /// Returns `[T, heads·hd]`.
-fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_heads: usize, hd: usize) -> Vec<f32> {
+fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
     let (q_width, kv_width) = (heads * hd, kv_heads * hd);
     let group = heads / kv_heads;
     // Kᵀ per key/value head, `[hd, T]`, the scores' right operand.
@@ -300,7 +431,7 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_heads: 
         })
         .collect();
     let scale = 1.0 / (hd as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let g = h / group;
@@ -341,16 +472,59 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, kv_heads: 
                 t,
                 Start::Zero,
             );
-            out
+            (out, scores)
         })
         .collect();
     let mut attended = vec![0.0f32; t * q_width];
-    for (h, out) in per_head.iter().enumerate() {
+    let mut probs = Vec::with_capacity(heads);
+    for (h, (out, p)) in per_head.into_iter().enumerate() {
         for (s, row) in out.chunks_exact(hd).enumerate() {
             attended[s * q_width + h * hd..][..hd].copy_from_slice(row);
         }
+        probs.push(p);
     }
-    attended
+    (attended, probs)
+}
+
+/// One projection's adapter factors and scale, as the forward pass reads them.
+#[derive(Clone, Copy)]
+struct AdapterView<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    scale: f32,
+}
+
+/// `y = x·Wᵀ (+ bias)` for `x` `[T, in]`, `y` `[T, out]` and `w_t` `[in, out]`, plus
+/// `s·(x·Aᵀ)·Bᵀ` when the projection carries an adapter; returns `s·x·Aᵀ` `[T, rank]` for the
+/// backward pass.
+fn project(
+    y: &mut [f32],
+    out: usize,
+    x: &[f32],
+    inp: usize,
+    w_t: &[f32],
+    bias: Option<&[f32]>,
+    adapter: Option<AdapterView<'_>>,
+) -> Option<Vec<f32>> {
+    let rows = Lhs { data: x, row_stride: inp, k_stride: 1 };
+    gemm(y, out, rows, w_t, out, inp, bias.map_or(Start::Zero, Start::Bias));
+    let AdapterView { a, b, scale } = adapter?;
+    let rank = a.len() / inp;
+    let t = x.len() / inp;
+    // z = s·x·Aᵀ: the right operand is Aᵀ [in, rank].
+    let mut z = vec![0.0f32; t * rank];
+    gemm(&mut z, rank, rows, &transpose(a, rank, inp), rank, inp, Start::Zero);
+    z.iter_mut().for_each(|v| *v *= scale);
+    gemm(
+        y,
+        out,
+        Lhs { data: &z, row_stride: rank, k_stride: 1 },
+        &transpose(b, out, rank),
+        out,
+        rank,
+        Start::Accumulate,
+    );
+    Some(z)
 }
 
 /// `[rows, cols]` → `[cols, rows]`, in 16 × 16 tiles so neither side is walked a row apart per

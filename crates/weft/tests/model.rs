@@ -18,7 +18,8 @@ fn model_file() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let path = root.join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.is_file() {
-        let status = Command::new("bash").arg(root.join("scripts/fetch-model")).status().expect("running scripts/fetch-model");
+        let status =
+            Command::new("bash").arg(root.join("scripts/fetch-model")).status().expect("running scripts/fetch-model");
         assert!(status.success(), "scripts/fetch-model failed: these tests need the model file");
     }
     path
@@ -32,7 +33,8 @@ fn import_writes_a_hugging_face_directory_that_generates() {
     let run = weft(&["model", "import", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(run.status.success(), "{}", stderr(&run));
 
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("weft-import.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("weft-import.json")).unwrap()).unwrap();
     assert_eq!(manifest["source_sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
     assert_eq!(manifest["parameters"], 134_515_008);
     let state = ModelState::from_safetensors(&std::fs::read(out.join("model.safetensors")).unwrap()).unwrap();
@@ -48,7 +50,8 @@ fn import_writes_a_hugging_face_directory_that_generates() {
     assert!(!again.status.success());
     assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
 
-    let generated = weft(&["model", "generate", out.to_str().unwrap(), "--prompt", "The capital of France is", "--tokens", "8"]);
+    let generated =
+        weft(&["model", "generate", out.to_str().unwrap(), "--prompt", "The capital of France is", "--tokens", "8"]);
     assert!(generated.status.success(), "{}", stderr(&generated));
     assert_eq!(String::from_utf8_lossy(&generated.stdout), "The capital of France is Paris.\n\nThe answer is:\n");
 }
@@ -74,6 +77,7 @@ fn malformed_files_get_a_clear_error_and_write_nothing() {
         assert!(err.contains(message) && err.contains(name) && !err.contains("panicked"), "{name}: {err}");
         assert!(!out.exists(), "{name}: {} was created", out.display());
     }
-    let missing = weft(&["model", "import", "/nonexistent/model.gguf", "--out", dir.path().join("x").to_str().unwrap()]);
+    let missing =
+        weft(&["model", "import", "/nonexistent/model.gguf", "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(stderr(&missing).contains("/nonexistent/model.gguf"), "{}", stderr(&missing));
 }
