@@ -292,11 +292,36 @@ impl Llama {
     /// Σ −ln p(token[i+1] | token[..=i]) over the sequence, in nats, and how many tokens were
     /// predicted (`len − 1`).
     pub fn nll(&self, tokens: &[u32]) -> Result<(f64, usize), LlamaError> {
+        self.nll_adapted(tokens, None)
+    }
+
+    /// [`nll`](Self::nll) of the base with `adapters` applied.
+    pub fn nll_adapted(&self, tokens: &[u32], adapters: Option<&Adapters>) -> Result<(f64, usize), LlamaError> {
         let v = self.config.vocab_size;
-        let logits = self.logits(tokens)?;
+        let logits = self.head(&self.forward(tokens, adapters, None)?);
         let total =
             logits.chunks_exact(v).zip(&tokens[1..]).map(|(row, &next)| -log_softmax_at(row, next as usize)).sum();
         Ok((total, tokens.len() - 1))
+    }
+
+    /// The loss of a long text in windows of `context` tokens that share one token, so that every
+    /// token but the first is predicted exactly once: (nats, tokens predicted).
+    pub fn score(
+        &self,
+        tokens: &[u32],
+        adapters: Option<&Adapters>,
+        context: usize,
+    ) -> Result<(f64, usize), LlamaError> {
+        let context = context.clamp(2, self.config.max_position_embeddings);
+        let (mut nats, mut predicted) = (0.0, 0);
+        let mut start = 0;
+        while start + 1 < tokens.len() {
+            let (sum, count) = self.nll_adapted(&tokens[start..(start + context).min(tokens.len())], adapters)?;
+            nats += sum;
+            predicted += count;
+            start += context - 1;
+        }
+        Ok((nats, predicted))
     }
 
     /// The `count` most likely next tokens, one at a time (ties go to the lower id).

@@ -81,3 +81,18 @@ fn malformed_files_get_a_clear_error_and_write_nothing() {
         weft(&["model", "import", "/nonexistent/model.gguf", "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(stderr(&missing).contains("/nonexistent/model.gguf"), "{}", stderr(&missing));
 }
+
+#[test]
+fn adapt_names_a_wrong_projection_and_a_missing_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "Bonjour tout le monde.\n").unwrap();
+    let (text, model) = (text.to_str().unwrap(), dir.path().join("none"));
+    let wrong =
+        weft(&["model", "adapt", model.to_str().unwrap(), "--corpus", text, "--heldout", text, "--targets", "q,w1"]);
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("'w1' is not a projection"), "{}", stderr(&wrong));
+    let missing = weft(&["model", "adapt", model.to_str().unwrap(), "--corpus", text, "--heldout", text]);
+    assert!(stderr(&missing).contains("written by `weft model import`"), "{}", stderr(&missing));
+    assert!(!model.exists());
+}
