@@ -108,8 +108,17 @@ impl LlamaConfig {
             }
         }
         // Shapes are multiplied together: keep every tensor far from overflowing usize.
-        if self.hidden_size > 1 << 16 || self.intermediate_size > 1 << 18 || self.vocab_size > 1 << 22 {
-            return field("hidden_size", self.hidden_size.to_string(), "the model is larger than weft handles");
+        for (name, value, limit) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("head_dim", self.head_dim.unwrap_or(0), 1 << 12),
+        ] {
+            if value > limit {
+                return field(name, value.to_string(), "larger than weft handles");
+            }
         }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
@@ -209,6 +218,15 @@ mod tests {
         assert!(matches!(
             bad(r#""num_hidden_layers":30"#, r#""num_hidden_layers":0"#),
             LlamaConfigError::Field { field: "num_hidden_layers", .. }
+        ));
+        // A hostile file cannot make weft loop over or allocate for absurd shapes.
+        assert!(matches!(
+            bad(r#""num_hidden_layers":30"#, r#""num_hidden_layers":1099511627776"#),
+            LlamaConfigError::Field { field: "num_hidden_layers", .. }
+        ));
+        assert!(matches!(
+            bad(r#""num_attention_heads":9"#, r#""num_attention_heads":9000000"#),
+            LlamaConfigError::Field { field: "num_attention_heads", .. }
         ));
         assert!(matches!(bad(r#""vocab_size":49152,"#, ""), LlamaConfigError::Parse(_)));
     }
