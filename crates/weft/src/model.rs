@@ -219,12 +219,19 @@ fn adapt(args: AdaptArgs) -> anyhow::Result<()> {
         .map(|t| t.trim().parse::<Projection>())
         .collect::<Result<Vec<_>, _>>()
         .context("--targets")?;
+    if args.batch == 0 || args.context < 2 {
+        bail!("--batch {} --context {}: a step needs at least 1 window of at least 2 tokens", args.batch, args.context);
+    }
     let read_text = |path: &Path| {
         std::fs::read_to_string(path).with_context(|| format!("reading {} (UTF-8 text expected)", path.display()))
     };
     let corpus_text = read_text(&args.corpus)?;
     let heldout_text = read_text(&args.heldout)?;
     let loaded = load(&args.model)?;
+    let positions = loaded.model.config().max_position_embeddings;
+    if args.context > positions {
+        bail!("--context {}: the model has {positions} positions", args.context);
+    }
     let spec = LoraSpec { rank: args.rank, alpha: args.alpha, targets };
     let mut adapters = Adapters::init(loaded.model.config(), spec, args.seed).context("adapter settings")?;
     let corpus = loaded.tokenizer.encode(&corpus_text)?;
