@@ -399,6 +399,12 @@ mod tests {
     /// permuted, f32 data, a byte-level vocabulary of the 256 bytes, two merges and one control
     /// token.
     fn tiny_gguf(config: &LlamaConfig, state: &ModelState) -> Vec<u8> {
+        tiny_gguf_with(config, state, None)
+    }
+
+    /// [`tiny_gguf`] with the tensor `q4k` (a Hugging Face name), if any, stored as Q4_K, a
+    /// type weft does not read.
+    fn tiny_gguf_with(config: &LlamaConfig, state: &ModelState, q4k: Option<&str>) -> Vec<u8> {
         let mut tokens = byte_chars();
         tokens.push("Ġt".into());
         tokens.push("<|end|>".into());
@@ -460,7 +466,12 @@ mod tests {
             } else if name.ends_with("k_proj.weight") {
                 values = permute(&values, config.kv_heads(), head);
             }
-            writer = writer.f32_tensor(&gguf_name(name), tensor.shape(), &values);
+            if q4k == Some(name) {
+                let dims: Vec<u64> = tensor.shape().iter().rev().map(|&d| d as u64).collect();
+                writer = writer.tensor(&gguf_name(name), &dims, crate::gguf::TensorType(12), vec![0; 144]);
+            } else {
+                writer = writer.f32_tensor(&gguf_name(name), tensor.shape(), &values);
+            }
         }
         writer.finish()
     }
@@ -515,12 +526,15 @@ mod tests {
         nan.get_mut("model.layers.0.mlp.gate_proj.weight").unwrap().data_mut()[5] = f32::INFINITY;
         assert!(matches!(import_err(tiny_gguf(&config, &nan)), ImportError::NonFinite { index: 5, .. }));
         // A tensor of a type weft cannot read names the type.
-        let exotic = Writer::new()
-            .string("general.architecture", "llama")
-            .tensor("token_embd.weight", &[256, 1], crate::gguf::TensorType(12), vec![0; 144])
-            .finish();
-        let gguf = Gguf::parse(&exotic).unwrap();
-        assert!(import(&exotic, &gguf).is_err());
+        let exotic = import_err(tiny_gguf_with(&config, &state, Some("model.layers.1.mlp.up_proj.weight")));
+        assert_eq!(
+            exotic,
+            ImportError::Gguf(GgufError::UnsupportedType {
+                name: "blk.1.ffn_up.weight".into(),
+                kind: crate::gguf::TensorType(12)
+            })
+        );
+        assert!(exotic.to_string().contains("Q4_K"), "{exotic}");
         // Another architecture.
         let gpt2 = Writer::new().string("general.architecture", "gpt2").finish();
         let gguf = Gguf::parse(&gpt2).unwrap();

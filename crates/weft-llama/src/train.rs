@@ -44,7 +44,7 @@ impl Llama {
         train_a: bool,
         grads: &mut Adapters,
     ) -> Result<f64, LlamaError> {
-        let c = self.config().clone();
+        let c = self.config();
         let (t, d, f, v) = (tokens.len(), c.hidden_size, c.intermediate_size, c.vocab_size);
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.kv_heads(), c.head_size());
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
@@ -439,7 +439,6 @@ mod tests {
             let (_, grads) = model.lora_loss_and_grads(&adapters, &refs, true).unwrap();
             let loss_at = |adapters: &Adapters| model.lora_loss_and_grads(adapters, &refs, false).unwrap().0;
             let n = adapters.params().len();
-            let mut worst: f64 = 0.0;
             for i in (0..n).step_by(n / 97 + 1) {
                 let difference = |h: f32| {
                     let mut plus = adapters.clone();
@@ -453,10 +452,8 @@ mod tests {
                 let numeric = (4.0 * difference(1e-2) - difference(2e-2)) / 3.0;
                 let analytic = grads.params()[i] as f64;
                 let error = (numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-3);
-                worst = worst.max(error);
                 assert!(error < 1e-2, "tied={tied} bias={bias} param {i}: numeric {numeric}, analytic {analytic}");
             }
-            assert!(worst < 1e-2);
         }
     }
 

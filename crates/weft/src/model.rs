@@ -85,9 +85,12 @@ pub struct ScoreArgs {
     pub text: PathBuf,
     /// Tokens per window; consecutive windows share one token, so every token but the first is
     /// predicted exactly once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = SCORE_CONTEXT)]
     pub context: usize,
 }
+
+/// Tokens per scoring window, for `score` and `adapt`'s held-out measurements alike.
+const SCORE_CONTEXT: usize = 512;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -156,6 +159,25 @@ struct Loaded {
     tokenizer: LlamaTokenizer,
 }
 
+/// A text's loss under a model: in nats, per token and per byte.
+struct Score {
+    nats: f64,
+    predicted: usize,
+    /// UTF-8 bytes of the predicted tokens (all but the first).
+    bytes: usize,
+    bits_per_byte: f64,
+}
+
+impl Loaded {
+    /// Scores `tokens` in windows of `context`; bytes are those the predicted tokens decode to,
+    /// so that a truncated text is measured by what was scored.
+    fn bits_per_byte(&self, tokens: &[u32], adapters: Option<&Adapters>, context: usize) -> anyhow::Result<Score> {
+        let (nats, predicted) = self.model.score(tokens, adapters, context)?;
+        let bytes = self.tokenizer.decode(&tokens[1..])?.len().max(1);
+        Ok(Score { nats, predicted, bytes, bits_per_byte: nats / std::f64::consts::LN_2 / bytes as f64 })
+    }
+}
+
 fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let read = |name: &str| {
         let path = dir.join(name);
@@ -166,12 +188,19 @@ fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let config_path = dir.join("config.json");
     let config = LlamaConfig::from_json(&String::from_utf8_lossy(&read("config.json")?))
         .with_context(|| format!("{}", config_path.display()))?;
-    let state = ModelState::from_safetensors(&read("model.safetensors")?)
-        .with_context(|| format!("{}", dir.join("model.safetensors").display()))?;
-    let model =
-        Llama::from_state(config, &state).with_context(|| format!("{}", dir.join("model.safetensors").display()))?;
-    drop(state);
+    // The small files first, so that a broken directory fails before the weights are read.
     let tokenizer = LlamaTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let weights_path = dir.join("model.safetensors");
+    let weights = std::fs::File::open(&weights_path).with_context(|| {
+        format!("opening {} (is {} a directory written by `weft model import`?)", weights_path.display(), dir.display())
+    })?;
+    // SAFETY: only read; decoding copies every tensor out of the map, so the model never points
+    // into a file that could change underneath it.
+    let map = unsafe { memmap2::Mmap::map(&weights) }.with_context(|| format!("mapping {}", weights_path.display()))?;
+    let state = ModelState::from_safetensors(&map).with_context(|| format!("{}", weights_path.display()))?;
+    drop(map);
+    let model = Llama::from_state(config, &state).with_context(|| format!("{}", weights_path.display()))?;
+    drop(state);
     Ok(Loaded { model, tokenizer })
 }
 
@@ -186,17 +215,14 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     if tokens.len() < 2 {
         bail!("{}: fewer than 2 tokens, nothing to predict", args.text.display());
     }
-    let (nats, predicted) = loaded.model.score(&tokens, None, args.context)?;
-    // Bytes predicted: the whole text but the first token's.
-    let first = loaded.tokenizer.decode(&tokens[..1])?.len();
-    let bytes = text.len().saturating_sub(first).max(1);
-    let bits_per_byte = nats / std::f64::consts::LN_2 / bytes as f64;
+    let score = loaded.bits_per_byte(&tokens, None, args.context)?;
     say!(
-        "{}: {:.4} bits/byte ({:.4} nats/token over {predicted} tokens, {:.2} bytes/token)",
+        "{}: {:.4} bits/byte ({:.4} nats/token over {} tokens, {:.2} bytes/token)",
         args.text.display(),
-        bits_per_byte,
-        nats / predicted as f64,
-        bytes as f64 / predicted as f64
+        score.bits_per_byte,
+        score.nats / score.predicted as f64,
+        score.predicted,
+        score.bytes as f64 / score.predicted as f64
     );
     Ok(())
 }
@@ -247,12 +273,8 @@ fn adapt(args: AdaptArgs) -> anyhow::Result<()> {
             args.context
         );
     }
-    // Bytes the scored tokens stand for: every held-out token but the first.
-    let heldout_bytes = loaded.tokenizer.decode(&heldout[1..])?.len().max(1);
-    let bits_per_byte = |adapters: Option<&Adapters>| -> anyhow::Result<f64> {
-        let (nats, _) = loaded.model.score(&heldout, adapters, 512)?;
-        Ok(nats / std::f64::consts::LN_2 / heldout_bytes as f64)
-    };
+    let bits_per_byte =
+        |adapters: Option<&Adapters>| loaded.bits_per_byte(&heldout, adapters, SCORE_CONTEXT).map(|s| s.bits_per_byte);
     let started = std::time::Instant::now();
     let before = bits_per_byte(None)?;
     say!("held-out {}: {} tokens, {before:.4} bits/byte with the base", args.heldout.display(), heldout.len());
