@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use weft_core::aggregate::{axpy, LengthError};
 use weft_core::policy::capped_weights;
 use weft_core::robust::{clip_factor, krum_select, median, reduce_sorted_columns, ColumnPick};
+use weft_core::update::UpdateForm;
 use weft_core::{Aggregator, ContentHash, ModelState, NodeId, NormBound, OuterOptimizer, StateError};
 
 use crate::head::ModelPoint;
@@ -61,23 +62,37 @@ pub enum MoveError {
     Length(#[from] LengthError),
     #[error("aggregation produced a non-finite base ({0}); the base is left unchanged")]
     NonFinite(StateError),
+    #[error("the aggregated update does not fit the base: {0}")]
+    Form(StateError),
 }
 
 /// The point after one round: `rules`' step over `accepted` from `point`, through the outer
-/// optimizer. Shared by the round engine and `weft ledger verify`'s replay so that both compute
-/// the same bits. Works on copies: `point` is untouched.
+/// optimizer, expanded by the round's update `form`. Shared by the round engine and `weft ledger
+/// verify`'s replay so that both compute the same bits. Works on copies: `point` is untouched.
 pub(crate) fn advance(
     point: &ModelPoint,
     rules: &StepRules,
     accepted: &[Accepted],
     store: &dyn BlobStore,
+    form: &dyn UpdateForm,
 ) -> Result<(ModelPoint, Influence), MoveError> {
+    let layout = form.layout(&point.base).map_err(MoveError::Form)?;
     let Step { mut step, mut influence, center } =
-        aggregate(&rules.aggregator, accepted, rules.cap, store, &point.base, point.center.as_ref())?;
+        aggregate(&rules.aggregator, accepted, rules.cap, store, &layout, point.center.as_ref())?;
     if rules.scale != 1.0 {
         // A power of two: the scaled step and influences are exact.
         step = scaled(step, rules.scale);
         influence.values_mut().for_each(|c| *c *= rules.scale);
+    }
+    if !form.carries_state_across_rounds() {
+        // Adapter factors differ every round: the step is expanded once, at the outer learning
+        // rate (momentum and centers are refused for such rounds when the rules are set).
+        let OuterOptimizer::Plain { lr } = rules.outer else {
+            return Err(MoveError::Form(StateError::Format("adapter rounds take a plain outer optimizer".into())));
+        };
+        let base = form.apply(&point.base, &step, lr).map_err(MoveError::Form)?;
+        base.check_finite().map_err(MoveError::NonFinite)?;
+        return Ok((ModelPoint { base, momentum: Default::default(), center: None }, influence));
     }
     let mut base = point.base.clone();
     let mut momentum = point.momentum.clone();

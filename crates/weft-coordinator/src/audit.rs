@@ -9,7 +9,7 @@ use serde::Serialize;
 use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
 use weft_core::policy::Measured;
 use weft_core::quality::LossTable;
-use weft_core::{Aggregator, ContentHash, NodeId};
+use weft_core::{AdapterFamily, AdapterRound, Aggregator, ContentHash, FullWeights, NodeId, UpdateForm};
 use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, LanguageCheck, PublicKey};
 
 use crate::aggregation::{self, Accepted, StepRules};
@@ -51,6 +51,8 @@ pub enum AuditError {
 
 struct OpenRound {
     round: u64,
+    /// The round's adapter, as its opening recorded it.
+    adapter: Option<AdapterRound>,
     leaves: Vec<ContentHash>,
     /// node → delta hash of each contribution received for measurement.
     received: BTreeMap<String, ContentHash>,
@@ -61,6 +63,8 @@ struct OpenRound {
 /// Walks the ledger; see the module documentation.
 struct Auditor<'a> {
     store: &'a dyn BlobStore,
+    /// Builds an adapter round's factors from its record (needed once the ledger has one).
+    adapters: Option<&'a dyn AdapterFamily>,
     chain: Chain,
     config_hash: ContentHash,
     roster_hash: ContentHash,
@@ -83,13 +87,24 @@ struct Auditor<'a> {
     report: AuditReport,
 }
 
-/// Verifies the coordinator storage in `dir` (`state.sqlite` and `blobs/`).
+/// Verifies the coordinator storage in `dir` (`state.sqlite` and `blobs/`) of a consortium
+/// whose contributions are full-weight deltas.
 pub fn verify(dir: &Path, trusted: Option<PublicKey>) -> Result<AuditReport, AuditError> {
+    verify_with(dir, trusted, None)
+}
+
+/// [`verify`], with the model family that rebuilds adapter rounds' factors from their records.
+pub fn verify_with(
+    dir: &Path,
+    trusted: Option<PublicKey>,
+    adapters: Option<&dyn AdapterFamily>,
+) -> Result<AuditReport, AuditError> {
     let journal = SqliteJournal::read(dir)?;
     let lines = journal.ledger()?;
     let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
         store: &store,
+        adapters,
         chain: Chain::new(trusted),
         config_hash: ContentHash([0; 32]),
         roster_hash: ContentHash([0; 32]),
@@ -169,7 +184,7 @@ impl Auditor<'_> {
                 self.point = Some(point);
                 self.closed.insert(0, self.now);
             }
-            Event::RoundOpened { round, base_hash, config_hash, roster_hash } => {
+            Event::RoundOpened { round, base_hash, config_hash, roster_hash, adapter } => {
                 if let Some(open) = &self.open {
                     return Err(fault(format!("round {} is still open", open.round)));
                 }
@@ -187,6 +202,7 @@ impl Auditor<'_> {
                 }
                 self.open = Some(OpenRound {
                     round: *round,
+                    adapter: adapter.clone(),
                     leaves: Vec::new(),
                     received: BTreeMap::new(),
                     gains: BTreeMap::new(),
@@ -338,8 +354,15 @@ impl Auditor<'_> {
         let aggregator: Aggregator = aggregator.parse().map_err(|e| format!("aggregator {aggregator:?}: {e}"))?;
         let rules = StepRules { aggregator, cap: *cap, scale, outer: *outer };
         let point = self.point.as_ref().ok_or("no verified base to replay from")?;
-        let (next, influence) =
-            aggregation::advance(point, &rules, &inputs, self.store).map_err(|e| format!("replay failed: {e}"))?;
+        let form: std::sync::Arc<dyn UpdateForm> = match (&open.adapter, self.adapters) {
+            (None, _) => std::sync::Arc::new(FullWeights),
+            (Some(round), Some(family)) => family.form(round).map_err(|e| format!("adapter {round}: {e}"))?,
+            (Some(round), None) => {
+                return Err(format!("the round's contributions are adapters ({round}): verify needs the model"))
+            }
+        };
+        let (next, influence) = aggregation::advance(point, &rules, &inputs, self.store, &*form)
+            .map_err(|e| format!("replay failed: {e}"))?;
         for (a, input) in accepted.iter().zip(&inputs) {
             let replayed = influence.get(&input.node).copied().unwrap_or(0.0);
             if replayed.to_bits() != a.influence.to_bits() {

@@ -23,8 +23,8 @@ use weft_core::language_check::{helped_languages, regressions, LanguageSearch, V
 use weft_core::policy::{Measured, Priorities};
 use weft_core::quality::{mean, relative_gains, Gains, LossTable};
 use weft_core::{
-    Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta, ModelState, NodeId, OuterOptimizer,
-    Policy, PolicyError, Rejection, StateError, Weighting,
+    AdapterFamily, AdapterPlan, AdapterRound, Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta,
+    FullWeights, ModelState, NodeId, OuterOptimizer, Policy, PolicyError, Rejection, StateError, UpdateForm, Weighting,
 };
 use weft_ledger::{CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, Refusal, Signature};
 
@@ -106,6 +106,8 @@ pub enum CoordinatorError {
     RollbackWhileOpen(u64),
     #[error("the journal has no state for round {0}")]
     MissingRound(u64),
+    #[error("adapter rounds: {0}")]
+    Adapter(String),
 }
 
 /// Why `submit` did not return a receipt: the contribution's fault, or the coordinator's.
@@ -159,6 +161,8 @@ struct Settled {
 /// The round being collected.
 struct Pending {
     round: u64,
+    /// What the round's updates stand for: full-weight deltas, or this round's adapter.
+    form: Arc<dyn UpdateForm>,
     /// Every contribution received, in arrival order, refused ones included.
     records: Vec<ContributionRecord>,
     /// The contributions that passed the checks and were measured (one per node).
@@ -168,8 +172,8 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(round: u64) -> Self {
-        Pending { round, records: Vec::new(), admitted: BTreeMap::new(), leaves: Vec::new() }
+    fn new(round: u64, form: Arc<dyn UpdateForm>) -> Self {
+        Pending { round, form, records: Vec::new(), admitted: BTreeMap::new(), leaves: Vec::new() }
     }
 
     /// Takes a measured contribution into the round: the one place a node becomes a candidate,
@@ -251,6 +255,8 @@ pub struct Coordinator<M: Measure> {
     broken: bool,
     config_hash: ContentHash,
     roster_hash: ContentHash,
+    /// Low-rank adapter rounds: the plan and the model family that builds each round's factors.
+    adapters: Option<(AdapterPlan, Arc<dyn AdapterFamily>)>,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -304,7 +310,48 @@ impl<M: Measure> Coordinator<M> {
             broken: false,
             config_hash: ContentHash([0; 32]),
             roster_hash: ContentHash([0; 32]),
+            adapters: None,
         })
+    }
+
+    /// Contributions are low-rank adapters (LoRA's shared track): each round's frozen A factors
+    /// come from `plan` through `family`, nodes send only B, and the coordinator measures and
+    /// aggregates B and merges the weighted step into the base. A step of adapters from different
+    /// rounds has no common coordinates, so an outer optimizer with momentum and centered
+    /// clipping (which carry a vector from one round to the next) are refused.
+    pub fn with_adapters(
+        mut self,
+        plan: AdapterPlan,
+        family: Arc<dyn AdapterFamily>,
+    ) -> Result<Self, CoordinatorError> {
+        if !matches!(self.rules.outer, OuterOptimizer::Plain { .. }) {
+            return Err(CoordinatorError::Adapter(format!(
+                "the outer optimizer must be plain (no momentum), got {:?}",
+                self.rules.outer
+            )));
+        }
+        if matches!(self.rules.aggregator, Aggregator::CenteredClipping { .. }) {
+            return Err(CoordinatorError::Adapter("centered clipping carries a center across rounds".into()));
+        }
+        // The first round's factors are built now, so that a plan the model cannot carry fails here.
+        family.form(&plan.round(1)).map_err(|e| CoordinatorError::Adapter(e.to_string()))?;
+        self.adapters = Some((plan, family));
+        Ok(self)
+    }
+
+    /// The open round's adapter, when contributions are adapters.
+    pub fn adapter_round(&self) -> Option<AdapterRound> {
+        self.open.as_ref().and_then(|p| p.form.adapter().cloned())
+    }
+
+    /// The form of round `round`'s updates.
+    fn form_of(&self, round: u64) -> Result<Arc<dyn UpdateForm>, CoordinatorError> {
+        match &self.adapters {
+            None => Ok(Arc::new(FullWeights)),
+            Some((plan, family)) => {
+                family.form(&plan.round(round)).map_err(|e| CoordinatorError::Adapter(e.to_string()))
+            }
+        }
     }
 
     /// Measures deltas at `scale · Δ` instead of the default 1/N; `scale` must be in (0, 1].
@@ -323,6 +370,9 @@ impl<M: Measure> Coordinator<M> {
         let needed = rule.min_inputs();
         if self.roster.len() < needed {
             return Err(CoordinatorError::RosterTooSmall { rule: rule.to_string(), needed, roster: self.roster.len() });
+        }
+        if self.adapters.is_some() && matches!(rule, Aggregator::CenteredClipping { .. }) {
+            return Err(CoordinatorError::Adapter("centered clipping carries a center across rounds".into()));
         }
         self.rules.aggregator = rule;
         Ok(self)
@@ -398,8 +448,13 @@ impl<M: Measure> Coordinator<M> {
         let round = self.round + 1;
         self.begin(round)?;
         let base_hash = self.base_hash();
-        let event =
-            Event::RoundOpened { round, base_hash, config_hash: self.config_hash, roster_hash: self.roster_hash };
+        let event = Event::RoundOpened {
+            round,
+            base_hash,
+            config_hash: self.config_hash,
+            roster_hash: self.roster_hash,
+            adapter: self.adapter_round(),
+        };
         if let Err(e) = self.commit(Some(round), Rows::default(), vec![event]) {
             self.open = None;
             return Err(e);
@@ -413,7 +468,8 @@ impl<M: Measure> Coordinator<M> {
         if let Some(g) = self.governance.as_mut() {
             g.open(round, self.head.base())?;
         }
-        self.open = Some(Pending::new(round));
+        let form = self.form_of(round)?;
+        self.open = Some(Pending::new(round, form));
         Ok(())
     }
 
@@ -496,9 +552,11 @@ impl<M: Measure> Coordinator<M> {
     /// The structural checks against the open round, cheapest first.
     fn check(&self, contribution: &Contribution, round: u64) -> Result<(), Rejection> {
         let received = self.open.as_ref().map(|p| p.admitted.keys().cloned().collect()).unwrap_or_default();
+        let form = self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone());
+        let layout = form.layout(self.head.base()).map_err(Rejection::Layout)?;
         let open = OpenRound {
             round,
-            base: self.head.base(),
+            layout: &layout,
             base_hash: self.base_hash(),
             roster: &self.roster_ids,
             received: &received,
@@ -586,10 +644,11 @@ impl<M: Measure> Coordinator<M> {
     /// canaries when governance runs).
     fn score(&mut self, node: &NodeId, delta: &Delta) -> Result<Measurement, CoordinatorError> {
         let base = self.head.base();
-        let candidate = delta.applied_to(base, self.rules.probe_scale).map_err(CoordinatorError::Base)?;
+        let form = self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone());
+        let candidate = form.apply(base, delta.state(), self.rules.probe_scale).map_err(CoordinatorError::Base)?;
         match self.governance.as_mut() {
             Some(g) => {
-                let whole = delta.applied_to(base, 1.0).map_err(CoordinatorError::Base)?;
+                let whole = form.apply(base, delta.state(), 1.0).map_err(CoordinatorError::Base)?;
                 let (public, public_base) = g.score(node, &candidate, &whole)?;
                 Ok(Measurement::new(&public_base, public))
             }
@@ -748,7 +807,8 @@ impl<M: Measure> Coordinator<M> {
             return Ok((Settled { decision, accepted, next: None, check: None }, None));
         }
         let rules = StepRules { scale, ..self.rules.step() };
-        let (point, influence) = aggregation::advance(&self.head.point, &rules, &accepted, &*self.store)?;
+        let (point, influence) =
+            aggregation::advance(&self.head.point, &rules, &accepted, &*self.store, &*pending.form)?;
         weft_durable::crash::point("round-aggregated");
         let loss = self.measure.heldout_loss(&point.base)?;
         let next = Some((point, loss.clone(), influence));

@@ -18,12 +18,13 @@
 //!    ([`weft_core::reputation::governed_weights`]), and each public set counts one reveal.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use weft_core::quality::{measured_quality, LossTable};
 use weft_core::reputation::{governed_weights, vote_weights, Audit, Candidate, ReputationParams, Standing};
 use weft_core::{ContentHash, Decision, ModelState, NodeId, Rejection};
-use weft_model::GptConfig;
+use weft_model::ModelFamily;
 
 use crate::canary::{CanaryError, CanaryRegistry, Visibility};
 use crate::measure::{HeldoutSet, Measure, MeasureError};
@@ -131,8 +132,7 @@ pub struct Governance {
     settings: GovernanceSettings,
     registry: CanaryRegistry,
     state: GovernanceState,
-    config: GptConfig,
-    batch_rows: usize,
+    family: Arc<dyn ModelFamily>,
     open: Option<OpenCanaries>,
 }
 
@@ -152,8 +152,7 @@ impl Governance {
     pub fn new(
         settings: GovernanceSettings,
         registry: CanaryRegistry,
-        config: GptConfig,
-        batch_rows: usize,
+        family: Arc<dyn ModelFamily>,
     ) -> Result<Self, GovernanceError> {
         settings.reputation.validate().map_err(|e| GovernanceError::Settings(e.to_string()))?;
         let in_range = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
@@ -166,7 +165,7 @@ impl Governance {
         if !(settings.outcome_margin > 0.0 && settings.goodhart_margin > 0.0 && settings.newcomer_evidence >= 0.0) {
             return Err(GovernanceError::Settings("margins must be > 0 and newcomer_evidence ≥ 0".into()));
         }
-        Ok(Governance { settings, registry, state: GovernanceState::default(), config, batch_rows, open: None })
+        Ok(Governance { settings, registry, state: GovernanceState::default(), family, open: None })
     }
 
     /// Continues from a saved state (reputation, reveals, flags).
@@ -200,12 +199,12 @@ impl Governance {
                 used.push(use_of(secret, 0));
             }
         }
-        let mut public = HeldoutSet::new(self.config, public_texts, self.batch_rows)?;
+        let mut public = HeldoutSet::new(self.family.clone(), public_texts)?;
         let public_base = public.heldout_loss(base)?;
         let (secret, secret_base) = if secret_texts.is_empty() {
             (None, LossTable::new())
         } else {
-            let mut secret = HeldoutSet::new(self.config, secret_texts, self.batch_rows)?;
+            let mut secret = HeldoutSet::new(self.family.clone(), secret_texts)?;
             let loss = secret.heldout_loss(base)?;
             (Some(secret), loss)
         };

@@ -14,7 +14,7 @@ mod record;
 mod store;
 
 pub use aggregation::MoveError;
-pub use audit::{verify, AuditError, AuditReport};
+pub use audit::{verify, verify_with, AuditError, AuditReport};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{
     roll_back, Announcement, ConfigDifference, Coordinator, CoordinatorError, DurableCoordinator, Member, Receipt,

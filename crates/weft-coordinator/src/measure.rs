@@ -1,10 +1,11 @@
 //! How the coordinator measures a model: held-out loss per language on text no node trains on.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use weft_core::quality::LossTable;
 use weft_core::ModelState;
-use weft_model::{Gpt, GptConfig, ModelError};
+use weft_model::{Evaluator, FamilyError, ModelFamily};
 
 /// Anything that can score a model state on the consortium's held-out sets.
 pub trait Measure {
@@ -16,45 +17,48 @@ pub trait Measure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
-    #[error("cannot evaluate the model: {0}")]
-    Model(#[from] ModelError),
+    #[error("cannot evaluate the model ({family}): {source}")]
+    Model { family: &'static str, source: FamilyError },
     #[error("held-out set for '{0}' is too short to score (needs at least 2 bytes)")]
     Empty(String),
 }
 
-/// The consortium's held-out text, one set per language, scored with the built-in model.
+/// The consortium's held-out text, one set per language, scored with the consortium's model
+/// family (whichever it is).
 pub struct HeldoutSet {
-    config: GptConfig,
+    family: Arc<dyn ModelFamily>,
     texts: BTreeMap<String, Vec<u8>>,
-    batch_rows: usize,
-    model: Option<Gpt>,
+    evaluator: Box<dyn Evaluator>,
 }
 
 impl HeldoutSet {
-    pub fn new(config: GptConfig, texts: BTreeMap<String, Vec<u8>>, batch_rows: usize) -> Result<Self, MeasureError> {
-        config.validate().map_err(ModelError::from)?;
+    pub fn new(family: Arc<dyn ModelFamily>, texts: BTreeMap<String, Vec<u8>>) -> Result<Self, MeasureError> {
         if let Some((language, _)) = texts.iter().find(|(_, t)| t.len() < 2) {
             return Err(MeasureError::Empty(language.clone()));
         }
-        Ok(HeldoutSet { config, texts, batch_rows: batch_rows.max(1), model: None })
+        let evaluator = family.evaluator().map_err(|source| MeasureError::Model { family: family.name(), source })?;
+        Ok(HeldoutSet { family, texts, evaluator })
     }
 
     pub fn bytes(&self) -> usize {
         self.texts.values().map(Vec::len).sum()
     }
+
+    pub fn family(&self) -> &Arc<dyn ModelFamily> {
+        &self.family
+    }
 }
 
 impl Measure for HeldoutSet {
     fn heldout_loss(&mut self, state: &ModelState) -> Result<LossTable, MeasureError> {
-        // One model buffer is reused for every evaluation: no allocation per contribution.
-        let model = match self.model.as_mut() {
-            Some(model) => {
-                model.load_state(state)?;
-                model
-            }
-            None => self.model.insert(Gpt::from_state(self.config, state)?),
-        };
-        Ok(self.texts.iter().map(|(lang, text)| (lang.clone(), model.loss_per_byte(text, self.batch_rows))).collect())
+        let family = self.family.name();
+        let model = |source| MeasureError::Model { family, source };
+        self.evaluator.load(state).map_err(model)?;
+        let mut table = LossTable::new();
+        for (language, text) in &self.texts {
+            table.insert(language.clone(), self.evaluator.nats_per_byte(text).map_err(model)?);
+        }
+        Ok(table)
     }
 
     fn languages(&self) -> Vec<String> {

@@ -8,7 +8,7 @@ use weft_coordinator::{
     Member, RoundRecord, Visibility,
 };
 use weft_core::{Delta, NodeId, OuterOptimizer, Policy, Weighting};
-use weft_model::{AdamWSettings, Gpt, GptConfig};
+use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
 /// Small enough for speed; the Goodhart test needs a model that can memorise (`DEMO`).
@@ -36,6 +36,10 @@ fn split(language: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
             .into_bytes()
     };
     (all[..cut].join("\n").into_bytes(), pick(0), pick(1))
+}
+
+fn family(config: GptConfig) -> std::sync::Arc<dyn weft_model::ModelFamily> {
+    std::sync::Arc::new(ByteGpt::new(config, 16).unwrap())
 }
 
 fn registry() -> CanaryRegistry {
@@ -98,7 +102,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
         );
         members.push(Member { node: id, language: lang.to_string() });
     }
-    let mut governance = Governance::new(GovernanceSettings::default(), registry(), config, 16).unwrap();
+    let mut governance = Governance::new(GovernanceSettings::default(), registry(), family(config)).unwrap();
     if let Some(state) = state {
         governance = governance.with_state(state);
     }
@@ -107,7 +111,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
         members,
         Policy::new(0.0, 0.6, 0.0, Weighting::Quality).unwrap(),
         OuterOptimizer::TAPESTRY,
-        HeldoutSet::new(config, heldout, 16).unwrap(),
+        HeldoutSet::new(family(config), heldout).unwrap(),
         std::sync::Arc::new(FsBlobStore::open(tmp.path().join("store")).unwrap()),
     )
     .unwrap()

@@ -10,7 +10,7 @@ use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, RoundRecord
 use weft_core::{
     Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy, RejectionCode, Tensor, Weighting,
 };
-use weft_model::{AdamWSettings, Gpt, GptConfig};
+use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
 const CONFIG: GptConfig = GptConfig { layers: 1, heads: 2, width: 32, context: 32 };
@@ -60,7 +60,7 @@ fn consortium_with(
         members.push(Member { node: id, language: lang.to_string() });
     }
     let base = Gpt::init(CONFIG, seed).unwrap().to_state();
-    let measure = HeldoutSet::new(CONFIG, heldout, 16).unwrap();
+    let measure = HeldoutSet::new(Arc::new(ByteGpt::new(CONFIG, 16).unwrap()), heldout).unwrap();
     let store = Arc::new(FsBlobStore::open(tmp.path().join("store")).unwrap());
     let coordinator =
         Coordinator::new(base, members, policy, outer, measure, store).unwrap().with_aggregator(rule).unwrap();
@@ -327,7 +327,7 @@ fn an_aggregator_the_roster_cannot_feed_is_refused_and_a_short_round_leaves_the_
         members,
         open_policy(),
         OuterOptimizer::TAPESTRY,
-        HeldoutSet::new(CONFIG, heldout, 16).unwrap(),
+        HeldoutSet::new(Arc::new(ByteGpt::new(CONFIG, 16).unwrap()), heldout).unwrap(),
         Arc::new(FsBlobStore::open(tmp.path()).unwrap()),
     )
     .unwrap();

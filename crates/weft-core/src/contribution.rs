@@ -257,7 +257,8 @@ impl std::str::FromStr for RejectionCode {
 /// What a contribution is checked against: the open round of one coordinator.
 pub struct OpenRound<'a> {
     pub round: u64,
-    pub base: &'a ModelState,
+    /// The layout every update of the round must have (the base's, or the round's adapter's).
+    pub layout: &'a ModelState,
     pub base_hash: ContentHash,
     pub roster: &'a BTreeSet<NodeId>,
     /// Nodes whose contribution for this round was already received (accepted or not).
@@ -280,7 +281,7 @@ pub fn check(contribution: &Contribution, open: &OpenRound<'_>) -> Result<(), Re
         return Err(Rejection::StaleBase { expected: open.base_hash, got: contribution.base_hash });
     }
     let delta = contribution.delta.state();
-    delta.check_layout(open.base).map_err(Rejection::Layout)?;
+    delta.check_layout(open.layout).map_err(Rejection::Layout)?;
     delta.check_finite().map_err(|e| match e {
         StateError::NonFinite { name, index } => Rejection::NonFinite { name, index },
         other => Rejection::Layout(other),
@@ -315,7 +316,7 @@ mod tests {
         let roster: BTreeSet<NodeId> = ["a", "b"].iter().map(|n| NodeId::new(*n).unwrap()).collect();
         let received: BTreeSet<NodeId> = received.iter().map(|n| NodeId::new(*n).unwrap()).collect();
         let open =
-            OpenRound { round: 1, base: &base, base_hash: base.content_hash(), roster: &roster, received: &received };
+            OpenRound { round: 1, layout: &base, base_hash: base.content_hash(), roster: &roster, received: &received };
         check(c, &open)
     }
 

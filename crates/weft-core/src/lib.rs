@@ -18,6 +18,7 @@ pub mod reputation;
 pub mod robust;
 pub mod state;
 pub mod tensor;
+pub mod update;
 
 pub use aggregate::{OuterOptimizer, OuterState};
 pub use contribution::{Contribution, NodeId, Rejection, RejectionCode};
@@ -27,3 +28,4 @@ pub use policy::{Decision, Fairness, Measured, Policy, PolicyError, Priorities, 
 pub use robust::{Aggregator, AggregatorError, NormBound};
 pub use state::{CanonicalHasher, ModelState, StateError};
 pub use tensor::Tensor;
+pub use update::{AdapterFamily, AdapterPlan, AdapterRound, FullWeights, UpdateForm};

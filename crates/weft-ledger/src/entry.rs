@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_core::{ContentHash, OuterOptimizer};
+use weft_core::{AdapterRound, ContentHash, OuterOptimizer};
 
 use crate::signing::{PublicKey, Signature};
 
@@ -100,6 +100,10 @@ pub enum Event {
         base_hash: ContentHash,
         config_hash: ContentHash,
         roster_hash: ContentHash,
+        /// The round's adapter (its frozen factors' seed and shape) when contributions are
+        /// low-rank adapters; absent for full-weight rounds (and so absent from their bytes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        adapter: Option<AdapterRound>,
     },
     /// A contribution reached the coordinator. `refused` is set when it failed the checks; its
     /// delta is then not stored.

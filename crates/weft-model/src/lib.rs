@@ -10,6 +10,7 @@
 
 mod config;
 mod elementary;
+pub mod family;
 pub mod gemm;
 mod kernels;
 mod layout;
@@ -19,6 +20,7 @@ mod rng;
 mod train;
 
 pub use config::{ConfigError, GptConfig};
+pub use family::{ByteGpt, Evaluator, FamilyError, ModelFamily};
 pub use layout::ModelError;
 pub use model::Gpt;
 pub use rng::SplitMix64;

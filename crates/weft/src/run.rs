@@ -13,7 +13,7 @@ use weft_coordinator::{
     SqliteJournal, Visibility,
 };
 use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy};
-use weft_model::{AdamWSettings, Gpt, GptConfig};
+use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
 use weft_net::config::{ConsortiumConfig, GovernanceConfig, PolicySettings, SettingError, Training};
 use weft_node::NodeSettings;
 
@@ -107,6 +107,11 @@ impl RunSettings {
         self.sections.model
     }
 
+    /// The run's model family, as measurement and governance see it.
+    pub fn family(&self) -> anyhow::Result<Arc<dyn ModelFamily>> {
+        Ok(Arc::new(ByteGpt::new(self.model(), EVAL_ROWS)?))
+    }
+
     pub fn seed(&self) -> u64 {
         self.sections.seed
     }
@@ -121,14 +126,14 @@ impl RunSettings {
         for (_, language) in &self.members {
             texts.insert(language.clone(), data::heldout(data_dir, language)?);
         }
-        Ok(HeldoutSet::new(self.model(), texts, EVAL_ROWS)?)
+        Ok(HeldoutSet::new(self.family()?, texts)?)
     }
 
     /// Governance with its canary registry, when the run has a `[governance]` section.
     fn governance(&self, data_dir: &Path) -> anyhow::Result<Option<Governance>> {
         let Some(g) = &self.sections.governance else { return Ok(None) };
         let registry = canary_registry(data_dir, g.canaries.as_deref(), &self.languages())?;
-        Ok(Some(Governance::new(g.settings, registry, self.model(), EVAL_ROWS)?))
+        Ok(Some(Governance::new(g.settings, registry, self.family()?)?))
     }
 
     /// The coordinator of this run, durable in `storage`: the same function for the demo and

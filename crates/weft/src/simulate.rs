@@ -8,13 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
 use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, SubmitError};
 use weft_core::{NodeId, OuterOptimizer, Policy, Weighting};
-use weft_model::{AdamWSettings, Gpt, GptConfig};
+use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig};
 use weft_node::{LocalCorpus, Node, NodeSettings};
 
 use crate::{data, say};
@@ -89,7 +90,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         members,
         Policy::new(f64::MIN / 2.0, 1.0, 0.0, Weighting::Equal)?,
         OuterOptimizer::TAPESTRY,
-        HeldoutSet::new(TINY, heldout, 32)?,
+        HeldoutSet::new(Arc::new(ByteGpt::new(TINY, 32)?), heldout)?,
         std::sync::Arc::new(FsBlobStore::open(scratch.path().join("deltas"))?),
     )?;
     let settings = NodeSettings {

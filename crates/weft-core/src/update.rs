@@ -1,0 +1,154 @@
+//! What the tensors a node sends stand for: a change of every weight (the byte model's deltas),
+//! or a low-rank adapter that expands into a change of some weights through factors the
+//! coordinator fixed for the round (LoRA's shared track).
+//!
+//! The coordinator checks, measures, caps and aggregates updates in their own layout (for
+//! adapters: the B factors, a few MB instead of the model) and only expands through
+//! [`UpdateForm::apply`] when it needs weights: to measure a candidate and to publish a base.
+//! Because applying is linear in the update, `apply(base, Σ wᵢ·uᵢ)` is exactly the weighted mean
+//! of the weight changes `Σ wᵢ·W(uᵢ)` — never the FedIT error of averaging two factors apart.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::delta::Delta;
+use crate::state::{ModelState, StateError};
+
+/// How an update maps onto the base.
+pub trait UpdateForm: Send + Sync + fmt::Debug {
+    /// Zeros in the layout every update must have (names and shapes); aggregation works in it.
+    fn layout(&self, base: &ModelState) -> Result<ModelState, StateError>;
+
+    /// `base + scale · W(update)`, as a new state; `base` is untouched.
+    fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError>;
+
+    /// What the ledger records so that a replay rebuilds this form (`None`: full weights).
+    fn adapter(&self) -> Option<&AdapterRound>;
+
+    /// Whether an update is in the weights' own coordinates, the same every round, so that an
+    /// outer optimizer's momentum or a robust center carried from one round to the next means
+    /// something. Adapter factors change every round: they have no such state.
+    fn carries_state_across_rounds(&self) -> bool {
+        self.adapter().is_none()
+    }
+}
+
+/// A change of every weight: the update is `local − base` with the base's layout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FullWeights;
+
+impl UpdateForm for FullWeights {
+    fn layout(&self, base: &ModelState) -> Result<ModelState, StateError> {
+        Ok(base.zeros_like())
+    }
+
+    fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
+        Delta::from_state(update.clone()).applied_to(base, scale)
+    }
+
+    fn adapter(&self) -> Option<&AdapterRound> {
+        None
+    }
+}
+
+/// One round's low-rank adapter: the seed of its frozen A factors and the adapter's shape. The
+/// coordinator derives it before any upload and the ledger records it with the round, so nodes
+/// and a later replay rebuild the same factors bit for bit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterRound {
+    /// Seed of the round's A factors.
+    pub seed: u64,
+    pub rank: usize,
+    /// LoRA's α; the weight change is `(α / rank) · B·A`. (JSON writes an f32 exactly.)
+    pub alpha: f32,
+    /// The projections adapted in every layer (`q_proj`, `v_proj`, …), in a fixed order.
+    pub targets: Vec<String>,
+}
+
+/// A model family's adapters: builds a round's form (its frozen A factors) from the ledger's
+/// record of the round. The coordinator, a replay and the nodes call the same function.
+pub trait AdapterFamily: Send + Sync {
+    fn form(&self, round: &AdapterRound) -> Result<Arc<dyn UpdateForm>, StateError>;
+}
+
+/// A consortium's adapter settings; every round draws its own A seed from `seed`, so that no
+/// round's factors can be chosen after seeing the uploads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterPlan {
+    pub seed: u64,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+}
+
+impl AdapterPlan {
+    /// Round `round`'s adapter: its seed is the first 8 bytes of BLAKE3 over a domain tag, the
+    /// plan's seed and the round.
+    pub fn round(&self, round: u64) -> AdapterRound {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"weft/adapter-round/v1");
+        hasher.update(&self.seed.to_le_bytes());
+        hasher.update(&round.to_le_bytes());
+        let digest = hasher.finalize();
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&digest.as_bytes()[..8]);
+        AdapterRound {
+            seed: u64::from_le_bytes(seed),
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+        }
+    }
+}
+
+impl fmt::Display for AdapterRound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "LoRA rank {} alpha {} on {} (A seed {:#018x})",
+            self.rank,
+            self.alpha,
+            self.targets.join(","),
+            self.seed
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn full_weights_applies_a_delta_and_keeps_the_base_layout() {
+        let mut base = ModelState::new();
+        base.insert("w", Tensor::new(vec![2], vec![1.0, 2.0]).unwrap());
+        let mut update = ModelState::new();
+        update.insert("w", Tensor::new(vec![2], vec![0.5, -1.0]).unwrap());
+        let applied = FullWeights.apply(&base, &update, 2.0).unwrap();
+        assert_eq!(applied.get("w").unwrap().data(), &[2.0, 0.0]);
+        assert_eq!(FullWeights.layout(&base).unwrap(), base.zeros_like());
+        assert!(FullWeights.carries_state_across_rounds());
+    }
+
+    #[test]
+    fn every_round_draws_its_own_seed_and_the_same_round_the_same_one() {
+        let plan = AdapterPlan { seed: 7, rank: 4, alpha: 8.0, targets: vec!["q_proj".into()] };
+        assert_eq!(plan.round(3), plan.round(3));
+        assert_ne!(plan.round(3).seed, plan.round(4).seed);
+        assert_ne!(plan.round(3).seed, AdapterPlan { seed: 8, ..plan.clone() }.round(3).seed);
+        assert_eq!(plan.round(3).rank, 4);
+    }
+
+    #[test]
+    fn an_adapter_round_survives_json_exactly() {
+        let round =
+            AdapterRound { seed: u64::MAX - 3, rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()] };
+        let text = serde_json::to_string(&round).unwrap();
+        assert_eq!(serde_json::from_str::<AdapterRound>(&text).unwrap(), round);
+    }
+}
