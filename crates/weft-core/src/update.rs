@@ -64,7 +64,7 @@ pub struct AdapterRound {
     pub rank: usize,
     /// LoRA's α; the weight change is `(α / rank) · B·A`. (JSON writes an f32 exactly.)
     pub alpha: f32,
-    /// The projections adapted in every layer (`q_proj`, `v_proj`, …), in a fixed order.
+    /// The projections adapted in every layer, as the model family names them (`q`, `v`, …).
     pub targets: Vec<String>,
 }
 

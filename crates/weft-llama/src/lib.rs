@@ -5,6 +5,7 @@
 //! crate is where a pretrained open-weights base enters.
 
 pub mod config;
+pub mod family;
 pub mod gguf;
 pub mod import;
 pub mod lora;
@@ -13,6 +14,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{LlamaConfig, LlamaConfigError};
+pub use family::{LlamaAdapters, LlamaFamily, SharedLora};
 pub use gguf::{Gguf, GgufError};
 pub use import::{import, ImportError, ImportManifest, Imported};
 pub use lora::{Adapters, LoraError, LoraSpec, Projection};

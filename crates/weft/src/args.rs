@@ -13,12 +13,15 @@ use weft_net::config::{GovernanceConfig, OuterKind, PolicySettings, Training};
 
 use crate::run::RunSections;
 
+/// Rounds of a run unless --rounds says otherwise.
+pub const DEFAULT_ROUNDS: u64 = 3;
+
 /// Everything that describes a run: what `consortium.toml` holds besides the network.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Number of rounds.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: u64,
+    /// Number of rounds [default: 3; with --base: 2].
+    #[arg(long)]
+    pub rounds: Option<u64>,
     /// Seed of the whole run: the same seed and inputs give bitwise-identical bases.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -37,7 +40,7 @@ impl RunArgs {
     pub fn sections(&self) -> anyhow::Result<RunSections> {
         Ok(RunSections {
             seed: self.seed,
-            rounds: self.rounds,
+            rounds: self.rounds.unwrap_or(DEFAULT_ROUNDS),
             model: self.model.config(),
             training: self.training.settings(),
             policy: self.policy.settings(),

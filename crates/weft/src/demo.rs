@@ -28,9 +28,10 @@ pub struct DemoArgs {
     /// Number of sovereign nodes: one per language, the first N of --languages.
     #[arg(long, default_value_t = 4)]
     pub nodes: usize,
-    /// Languages, one node each (available: en, de, fr, es, it, pt, ja, zh-cn, id).
-    #[arg(long, value_delimiter = ',', default_value = "en,de,fr,es,it,pt,ja,zh-cn,id")]
-    pub languages: Vec<String>,
+    /// Languages, one node each (available: en, de, fr, es, it, pt, ja, zh-cn, id)
+    /// [default: en,de,fr,es,it,pt,ja,zh-cn,id; with --base: de,fr,es,ja,it,pt,zh-cn,id].
+    #[arg(long, value_delimiter = ',')]
+    pub languages: Option<Vec<String>>,
     #[command(flatten)]
     pub run: RunArgs,
     /// Make the last --attackers nodes malicious with this attack.
@@ -58,12 +59,25 @@ pub struct DemoArgs {
     /// With --processes: how deltas travel (f32, f16, bf16, int8).
     #[arg(long, default_value = "f32")]
     pub encoding: Encoding,
+    /// Improve a real pretrained base with low-rank adapters instead of training the built-in
+    /// byte model: `smollm2-135m` (fetched and imported on first use) or a directory written by
+    /// `weft model import`.
+    #[arg(long)]
+    pub base: Option<String>,
+    #[command(flatten)]
+    pub adapter: crate::realbase::AdapterArgs,
 }
 
 impl DemoArgs {
     /// The run these flags describe, checked as `consortium.toml` is: an error names the flag.
     fn run(&self) -> anyhow::Result<RunSettings> {
-        let languages = choose_languages(&self.languages, self.nodes)?;
+        let default: Vec<String> = data::LANGUAGES.iter().map(|l| (*l).to_owned()).collect();
+        let languages = choose_languages(self.languages.as_ref().unwrap_or(&default), self.nodes)?;
+        self.run_settings(&languages)
+    }
+
+    /// The run's settings for these languages, one node each.
+    pub(crate) fn run_settings(&self, languages: &[String]) -> anyhow::Result<RunSettings> {
         let members = languages
             .iter()
             .map(|l| Ok((NodeId::new(format!("node-{l}"))?, l.clone())))
@@ -73,6 +87,9 @@ impl DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(base) = &args.base {
+        return crate::realbase::run(&args, base);
+    }
     let started = Instant::now();
     let run = args.run()?;
     if args.attack.is_some() && !(1..=run.members.len()).contains(&args.attackers) {
@@ -387,7 +404,7 @@ fn public_canaries(registry: &CanaryRegistry, languages: &[String]) -> anyhow::R
     Ok(text)
 }
 
-fn choose_languages(requested: &[String], nodes: usize) -> anyhow::Result<Vec<String>> {
+pub(crate) fn choose_languages(requested: &[String], nodes: usize) -> anyhow::Result<Vec<String>> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }

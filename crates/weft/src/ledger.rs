@@ -75,9 +75,25 @@ pub fn run(command: LedgerCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The adapters of a run on a real base (`weft demo --base`), from the configuration its
+/// journal stores: the Llama config is all a replay needs to rebuild each round's factors.
+fn adapter_family(dir: &Path) -> anyhow::Result<Option<weft_llama::LlamaAdapters>> {
+    let Ok(journal) = SqliteJournal::read(dir) else { return Ok(None) };
+    let Some((config, _)) = journal.load()? else { return Ok(None) };
+    let config: serde_json::Value = serde_json::from_slice(&config).context("the journal's configuration")?;
+    let base = &config["settings"]["base"];
+    if base["family"] != "llama" {
+        return Ok(None);
+    }
+    let llama = weft_llama::LlamaConfig::from_json(&base["config"].to_string())
+        .context("the journal's configuration names a Llama base with an unreadable config")?;
+    Ok(Some(weft_llama::LlamaAdapters { config: llama }))
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let report = weft_coordinator::verify(&args.dir, args.key)
+    let adapters = adapter_family(&args.dir)?;
+    let report = weft_coordinator::verify_with(&args.dir, args.key, adapters.as_ref().map(|a| a as _))
         .with_context(|| format!("{}: verification FAILED", args.dir.display()))?;
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
@@ -137,9 +153,10 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 let members: Vec<String> = roster.iter().map(|(n, l)| format!("{n} ({l})")).collect();
                 say!("     roster: {} · base {}", members.join(", "), base_hash.short());
             }
-            Event::RoundOpened { round, base_hash, .. } => {
-                say!("\n#{seq} round {round} opened on base {}", base_hash.short())
-            }
+            Event::RoundOpened { round, base_hash, adapter, .. } => match adapter {
+                Some(adapter) => say!("\n#{seq} round {round} opened on base {} · {adapter}", base_hash.short()),
+                None => say!("\n#{seq} round {round} opened on base {}", base_hash.short()),
+            },
             Event::ContributionReceived { node, delta_hash, refused, .. } => match (delta_hash, refused) {
                 (_, Some(r)) => say!("#{seq}   {node:<14} refused   {}: {}", r.code, r.detail),
                 (Some(h), None) => say!("#{seq}   {node:<14} received  delta {}", h.short()),

@@ -16,6 +16,7 @@ mod ledger;
 mod model;
 mod node;
 mod output;
+mod realbase;
 mod report;
 mod reputation;
 mod run;

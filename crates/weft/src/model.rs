@@ -116,30 +116,7 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
-    if let Some(existing) = OUTPUTS.iter().map(|name| args.out.join(name)).find(|path| path.exists()) {
-        bail!("{} already exists: choose another --out, or delete the old import first", existing.display());
-    }
-    let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
-    // SAFETY: the map is only read; a file changed underneath us can give a wrong import (its
-    // SHA-256 in the manifest then differs from the publisher's), not unsafety in this process.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", args.file.display()))?;
-    let gguf = Gguf::parse(&bytes).with_context(|| format!("{}", args.file.display()))?;
-    let imported = weft_llama::import(&bytes, &gguf).with_context(|| format!("importing {}", args.file.display()))?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let weights = imported.state.to_safetensors(None)?;
-    let manifest = serde_json::to_string_pretty(&imported.manifest)? + "\n";
-    // The manifest last: its presence says the other files are complete.
-    for (name, content) in [
-        ("model.safetensors", weights.as_slice()),
-        ("config.json", imported.config.to_json().as_bytes()),
-        ("tokenizer.json", imported.tokenizer.as_bytes()),
-        ("tokenizer_config.json", imported.tokenizer_config.as_bytes()),
-        ("weft-import.json", manifest.as_bytes()),
-    ] {
-        let path = args.out.join(name);
-        weft_durable::write_atomic(&path, content).with_context(|| format!("writing {}", path.display()))?;
-    }
-    let m = &imported.manifest;
+    let m = import_dir(&args.file, &args.out)?;
     say!(
         "imported {} ({}, {} parameters in {} tensors)",
         m.name.as_deref().unwrap_or("model"),
@@ -151,6 +128,34 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     say!("  state hash {}", m.state_hash);
     say!("  written    {}", args.out.display());
     Ok(())
+}
+
+/// Imports the GGUF `file` into the directory `out` (which must not hold an import yet).
+pub(crate) fn import_dir(file: &Path, out: &Path) -> anyhow::Result<weft_llama::ImportManifest> {
+    if let Some(existing) = OUTPUTS.iter().map(|name| out.join(name)).find(|path| path.exists()) {
+        bail!("{} already exists: choose another --out, or delete the old import first", existing.display());
+    }
+    let handle = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    // SAFETY: the map is only read; a file changed underneath us can give a wrong import (its
+    // SHA-256 in the manifest then differs from the publisher's), not unsafety in this process.
+    let bytes = unsafe { memmap2::Mmap::map(&handle) }.with_context(|| format!("mapping {}", file.display()))?;
+    let gguf = Gguf::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+    let imported = weft_llama::import(&bytes, &gguf).with_context(|| format!("importing {}", file.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let weights = imported.state.to_safetensors(None)?;
+    let manifest = serde_json::to_string_pretty(&imported.manifest)? + "\n";
+    // The manifest last: its presence says the other files are complete.
+    for (name, content) in [
+        ("model.safetensors", weights.as_slice()),
+        ("config.json", imported.config.to_json().as_bytes()),
+        ("tokenizer.json", imported.tokenizer.as_bytes()),
+        ("tokenizer_config.json", imported.tokenizer_config.as_bytes()),
+        ("weft-import.json", manifest.as_bytes()),
+    ] {
+        let path = out.join(name);
+        weft_durable::write_atomic(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(imported.manifest)
 }
 
 /// An imported model directory, loaded.
@@ -179,6 +184,14 @@ impl Loaded {
 }
 
 fn load(dir: &Path) -> anyhow::Result<Loaded> {
+    let (config, tokenizer, state) = read_imported(dir)?;
+    let weights_path = dir.join("model.safetensors");
+    let model = Llama::from_state(config, &state).with_context(|| format!("{}", weights_path.display()))?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// An imported model directory's config, tokenizer and weights, each checked.
+pub(crate) fn read_imported(dir: &Path) -> anyhow::Result<(LlamaConfig, LlamaTokenizer, ModelState)> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read(&path).with_context(|| {
@@ -194,14 +207,11 @@ fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let weights = std::fs::File::open(&weights_path).with_context(|| {
         format!("opening {} (is {} a directory written by `weft model import`?)", weights_path.display(), dir.display())
     })?;
-    // SAFETY: only read; decoding copies every tensor out of the map, so the model never points
+    // SAFETY: only read; decoding copies every tensor out of the map, so the state never points
     // into a file that could change underneath it.
     let map = unsafe { memmap2::Mmap::map(&weights) }.with_context(|| format!("mapping {}", weights_path.display()))?;
     let state = ModelState::from_safetensors(&map).with_context(|| format!("{}", weights_path.display()))?;
-    drop(map);
-    let model = Llama::from_state(config, &state).with_context(|| format!("{}", weights_path.display()))?;
-    drop(state);
-    Ok(Loaded { model, tokenizer })
+    Ok((config, tokenizer, state))
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {

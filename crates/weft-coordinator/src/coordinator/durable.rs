@@ -104,7 +104,7 @@ impl<M: Measure> Coordinator<M> {
     fn config(&self, settings: serde_json::Value) -> serde_json::Value {
         let roster: std::collections::BTreeMap<String, String> =
             self.roster.iter().map(|(n, l)| (n.to_string(), l.clone())).collect();
-        serde_json::json!({
+        let mut config = serde_json::json!({
             "format": "weft-consortium/1",
             "roster": roster,
             "policy": self.rules.policy,
@@ -114,7 +114,12 @@ impl<M: Measure> Coordinator<M> {
             "governance": self.governance.as_ref().map(|g| *g.settings()),
             "initial_base_hash": self.base_hash(),
             "settings": settings,
-        })
+        });
+        // Only adapter runs name their plan, so that full-weight runs keep their configuration.
+        if let (Some((plan, _)), Some(map)) = (&self.adapters, config.as_object_mut()) {
+            map.insert("adapters".into(), serde_json::json!(plan));
+        }
+        config
     }
 
     fn restore(&mut self, journal: &dyn Journal, head: Head) -> Result<(), CoordinatorError> {

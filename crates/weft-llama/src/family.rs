@@ -1,0 +1,267 @@
+//! The Llama family behind weft's model interface: held-out scoring in nats per byte (through
+//! the model's own tokenizer), and the shared-track LoRA form of a round's contributions.
+
+use std::sync::Arc;
+
+use weft_core::{AdapterFamily, AdapterRound, ModelState, StateError, UpdateForm};
+use weft_model::{Evaluator, FamilyError, ModelFamily};
+
+use crate::config::LlamaConfig;
+use crate::lora::{Adapters, LoraSpec, Projection};
+use crate::model::Llama;
+use crate::tokenizer::LlamaTokenizer;
+
+/// A Llama-family model (config and tokenizer) scored in windows of `context` tokens.
+#[derive(Clone)]
+pub struct LlamaFamily {
+    pub config: LlamaConfig,
+    pub tokenizer: Arc<LlamaTokenizer>,
+    pub context: usize,
+}
+
+impl std::fmt::Debug for LlamaFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaFamily").field("config", &self.config).field("context", &self.context).finish()
+    }
+}
+
+impl ModelFamily for LlamaFamily {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+
+    fn evaluator(&self) -> Result<Box<dyn Evaluator>, FamilyError> {
+        Ok(Box::new(LlamaEvaluator { family: self.clone(), model: None }))
+    }
+}
+
+struct LlamaEvaluator {
+    family: LlamaFamily,
+    model: Option<Llama>,
+}
+
+/// The loss of `model` (with `adapters`) on `text`: nats over the tokens predicted, per byte
+/// those tokens decode to — so that a text cut short is measured by what was scored, and
+/// figures compare across tokenizers.
+pub fn nats_per_byte(
+    model: &Llama,
+    tokenizer: &LlamaTokenizer,
+    adapters: Option<&Adapters>,
+    text: &[u8],
+    context: usize,
+) -> Result<f64, FamilyError> {
+    let text = std::str::from_utf8(text).map_err(|e| format!("the text is not UTF-8: {e}"))?;
+    let tokens = tokenizer.encode(text)?;
+    if tokens.len() < 2 {
+        return Err("the text is shorter than two tokens".into());
+    }
+    let (nats, _) = model.score(&tokens, adapters, context)?;
+    let bytes = tokenizer.decode(&tokens[1..])?.len().max(1);
+    Ok(nats / bytes as f64)
+}
+
+impl Evaluator for LlamaEvaluator {
+    fn load(&mut self, state: &ModelState) -> Result<(), FamilyError> {
+        // Drop the previous model first: two 135M-parameter copies would double the peak.
+        self.model = None;
+        self.model = Some(Llama::from_state(self.family.config.clone(), state)?);
+        Ok(())
+    }
+
+    fn nats_per_byte(&mut self, text: &[u8]) -> Result<f64, FamilyError> {
+        let model = self.model.as_ref().ok_or("no state loaded")?;
+        nats_per_byte(model, &self.family.tokenizer, None, text, self.family.context)
+    }
+}
+
+/// The adapters of a Llama configuration: what the coordinator, the nodes and a ledger replay
+/// need to rebuild a round's factors (the config alone: no weights, no tokenizer).
+#[derive(Clone, Debug)]
+pub struct LlamaAdapters {
+    pub config: LlamaConfig,
+}
+
+impl AdapterFamily for LlamaAdapters {
+    fn form(&self, round: &AdapterRound) -> Result<Arc<dyn UpdateForm>, StateError> {
+        Ok(Arc::new(SharedLora::new(&self.config, round)?))
+    }
+}
+
+/// LoRA's shared track for one round: frozen `A` factors drawn from the round's seed; an update
+/// is the `B` factors (`model.layers.L.<module>.lora_B.weight`, `[out, rank]`), and stands for
+/// the weight change `s·B·A`. With `A`'s rows orthonormal, `‖B·A‖ = ‖B‖` and distances between
+/// updates are distances between weight changes, so norms, caps, Krum and clipping on `B` mean
+/// what they mean on weights.
+#[derive(Clone, Debug)]
+pub struct SharedLora {
+    config: LlamaConfig,
+    record: AdapterRound,
+    /// `A` from the seed, `B = 0`.
+    factors: Adapters,
+    /// The update layout: zero `B`s.
+    layout: ModelState,
+}
+
+/// The `B` factors of `adapters`, the part a node sends.
+fn b_factors(adapters: &Adapters) -> ModelState {
+    let mut state = adapters.to_state();
+    let a_names: Vec<String> = state.names().filter(|n| n.ends_with(".lora_A.weight")).map(str::to_owned).collect();
+    for name in a_names {
+        state.remove(&name);
+    }
+    state
+}
+
+impl SharedLora {
+    pub fn new(config: &LlamaConfig, record: &AdapterRound) -> Result<Self, StateError> {
+        let spec = spec_of(record)?;
+        let factors = Adapters::init(config, spec, record.seed).map_err(|e| StateError::Format(e.to_string()))?;
+        let layout = b_factors(&factors);
+        Ok(SharedLora { config: config.clone(), record: record.clone(), factors, layout })
+    }
+
+    /// The round's adapters as a node starts them: `A` frozen from the seed, `B = 0`.
+    pub fn initial(&self) -> &Adapters {
+        &self.factors
+    }
+
+    /// The update a node sends for trained `adapters`: their `B` factors. Fails if `adapters`
+    /// do not carry this round's `A` (trained from other factors, the update would mean
+    /// something else).
+    pub fn update_of(&self, adapters: &Adapters) -> Result<ModelState, StateError> {
+        if adapters.spec() != self.factors.spec() {
+            return Err(StateError::Format("the adapters do not have the round's rank and targets".into()));
+        }
+        let is_b = adapters.is_b();
+        let same_a = adapters
+            .params()
+            .iter()
+            .zip(self.factors.params())
+            .zip(&is_b)
+            .all(|((x, y), &b)| b || x.to_bits() == y.to_bits());
+        if !same_a {
+            return Err(StateError::Format("the adapters' A factors are not the round's".into()));
+        }
+        Ok(b_factors(adapters))
+    }
+
+    /// The round's adapters with `update`'s `B` factors.
+    pub fn adapters_with(&self, update: &ModelState) -> Result<Adapters, StateError> {
+        update.check_layout(&self.layout)?;
+        let mut full = self.factors.to_state();
+        for (name, tensor) in update.iter() {
+            full.insert(name, tensor.clone());
+        }
+        Adapters::from_state(&self.config, self.factors.spec().clone(), &full).map_err(|e| match e {
+            crate::lora::LoraError::State(e) => e,
+            other => StateError::Format(other.to_string()),
+        })
+    }
+}
+
+fn spec_of(record: &AdapterRound) -> Result<LoraSpec, StateError> {
+    let targets = record
+        .targets
+        .iter()
+        .map(|t| t.parse::<Projection>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StateError::Format(e.to_string()))?;
+    Ok(LoraSpec { rank: record.rank, alpha: record.alpha, targets })
+}
+
+impl UpdateForm for SharedLora {
+    fn layout(&self, _base: &ModelState) -> Result<ModelState, StateError> {
+        Ok(self.layout.clone())
+    }
+
+    fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
+        let adapters = self.adapters_with(update)?;
+        let mut out = base.clone();
+        adapters.merge_into(&mut out, scale).map_err(|e| match e {
+            crate::lora::LoraError::State(e) => e,
+            other => StateError::Format(other.to_string()),
+        })?;
+        Ok(out)
+    }
+
+    fn adapter(&self) -> Option<&AdapterRound> {
+        Some(&self.record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{random_state, tiny_config};
+    use weft_core::Tensor;
+
+    fn record(seed: u64) -> AdapterRound {
+        AdapterRound { seed, rank: 2, alpha: 4.0, targets: vec!["q".into(), "v".into(), "down".into()] }
+    }
+
+    fn random_update(form: &SharedLora, seed: u64) -> ModelState {
+        let mut rng = weft_model::SplitMix64::new(seed);
+        let mut update = ModelState::new();
+        for (name, t) in form.layout.iter() {
+            let data = (0..t.len()).map(|_| 0.05 * rng.normal() as f32).collect();
+            update.insert(name, Tensor::new(t.shape().to_vec(), data).unwrap());
+        }
+        update
+    }
+
+    /// The weighted mean of updates in B, merged, is the weighted mean of each update's weight
+    /// change (to float rounding): exact aggregation, not FedIT's mean of A times mean of B.
+    #[test]
+    fn merging_the_mean_of_b_is_the_mean_of_the_weight_changes() {
+        let config = tiny_config(true, false);
+        let form = SharedLora::new(&config, &record(11)).unwrap();
+        let base = random_state(&config, 1);
+        let (u1, u2) = (random_update(&form, 1), random_update(&form, 2));
+        let (w1, w2) = (0.3f32, 0.7f32);
+        let mut mean = form.layout(&base).unwrap();
+        for (name, t) in mean.iter_mut() {
+            let (a, b) = (u1.get(name).unwrap().data(), u2.get(name).unwrap().data());
+            t.data_mut().iter_mut().zip(a.iter().zip(b)).for_each(|(m, (a, b))| *m = w1 * a + w2 * b);
+        }
+        let merged = form.apply(&base, &mean, 1.0).unwrap();
+        let one = form.apply(&base, &u1, 1.0).unwrap();
+        let two = form.apply(&base, &u2, 1.0).unwrap();
+        let mut worst = 0.0f32;
+        for (name, t) in merged.iter() {
+            let (b, x, y) =
+                (base.get(name).unwrap().data(), one.get(name).unwrap().data(), two.get(name).unwrap().data());
+            for i in 0..t.len() {
+                let expected = b[i] + w1 * (x[i] - b[i]) + w2 * (y[i] - b[i]);
+                worst = worst.max((t.data()[i] - expected).abs());
+            }
+        }
+        assert!(worst < 1e-6, "max |Δ| {worst}");
+        // ‖s·B·A‖ = s·‖B‖ with orthonormal rows of A.
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let change: f64 = one
+            .get(name)
+            .unwrap()
+            .data()
+            .iter()
+            .zip(base.get(name).unwrap().data())
+            .map(|(x, b)| f64::from(x - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let b_norm = u1.get("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().squared_norm().sqrt();
+        assert!((change - 2.0 * b_norm).abs() < 1e-4 * change.max(1e-3), "{change} vs {}", 2.0 * b_norm);
+    }
+
+    #[test]
+    fn an_update_of_the_wrong_layout_or_round_is_refused() {
+        let config = tiny_config(true, false);
+        let form = SharedLora::new(&config, &record(11)).unwrap();
+        let base = random_state(&config, 1);
+        let mut update = random_update(&form, 1);
+        update.remove("model.layers.0.self_attn.q_proj.lora_B.weight");
+        assert!(matches!(form.apply(&base, &update, 1.0), Err(StateError::MissingTensor { .. })));
+        let other = SharedLora::new(&config, &record(12)).unwrap();
+        assert!(form.update_of(other.initial()).is_err());
+        assert_eq!(form.update_of(form.initial()).unwrap(), form.layout);
+        assert!(SharedLora::new(&config, &AdapterRound { targets: vec!["w9".into()], ..record(1) }).is_err());
+    }
+}

@@ -1,0 +1,606 @@
+//! `weft demo --base smollm2-135m` (or `--base DIR`, any directory `weft model import` wrote):
+//! a consortium that improves a real pretrained open-weights base with low-rank adapters.
+//!
+//! Each round the coordinator fixes the round's adapter (frozen A factors from a seed it records
+//! in the ledger); every node trains only B on its own corpus and sends it; the coordinator
+//! measures `base + s·BᵢA` on held-out text no node trains on, runs the consortium's policy on
+//! B, and merges `s·(Σ wᵢBᵢ)·A` into the base. Each node keeps its own adapter (its sovereign
+//! artifact). The node-alone baseline trains the same number of steps on the node's own data
+//! from the initial base with no consortium.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, SqliteJournal, SubmitError};
+use weft_core::quality::LossTable;
+use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer};
+use weft_durable::write_atomic;
+use weft_llama::{
+    Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LoraSpec, LoraTrainer, LoraTraining, Projection,
+    SharedLora, Windows,
+};
+use weft_model::SplitMix64;
+
+use crate::demo::DemoArgs;
+use crate::{data, say, table};
+
+/// The named base the project fetches and imports itself.
+pub const SMOLLM2: &str = "smollm2-135m";
+/// Languages of a real-base demo unless --languages says otherwise: the base is English-centric,
+/// so the consortium is not.
+pub const LANGUAGES: [&str; 8] = ["de", "fr", "es", "ja", "it", "pt", "zh-cn", "id"];
+/// Tokens per scoring window.
+const SCORE_CONTEXT: usize = 512;
+/// Share of each corpus's lines (the tail) that is held out: never in any node's training text.
+const HELDOUT_SHARE: usize = 10;
+
+/// The adapter settings of a real-base run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// Adapter rank r.
+    #[arg(id = "adapter_rank", long = "adapter-rank", default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA α (the weight change is α/r · B·A).
+    #[arg(id = "adapter_alpha", long = "adapter-alpha", default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Adapted projections of every layer, comma-separated: q, k, v, o, gate, up, down.
+    #[arg(
+        id = "adapter_targets",
+        long = "adapter-targets",
+        default_value = "q,k,v,o,gate,up,down",
+        value_delimiter = ','
+    )]
+    pub targets: Vec<String>,
+    /// Local steps per node per round.
+    #[arg(id = "adapter_steps", long = "adapter-steps", default_value_t = 3)]
+    pub steps: u64,
+    /// Windows per step.
+    #[arg(id = "adapter_batch", long = "adapter-batch", default_value_t = 2)]
+    pub batch: usize,
+    /// Tokens per training window.
+    #[arg(id = "adapter_context", long = "adapter-context", default_value_t = 128)]
+    pub context: usize,
+    /// Local AdamW learning rate of the adapters.
+    #[arg(id = "adapter_lr", long = "adapter-lr", default_value_t = 5e-3)]
+    pub lr: f32,
+    /// Bytes of held-out text per language the coordinator scores every candidate on.
+    #[arg(long, default_value_t = 1200)]
+    pub heldout_bytes: usize,
+    /// Compare with each node training alone (`alone`, the default) or not (`none`).
+    #[arg(long, value_enum, default_value_t = Baseline::Alone)]
+    pub baseline: Baseline,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// Each node trains the same number of steps on its own data from the initial base.
+    Alone,
+    /// No baseline.
+    None,
+}
+
+/// The JSON report of a real-base run.
+#[derive(Serialize)]
+struct RealBaseReport {
+    base: BaseInfo,
+    adapter: AdapterInfo,
+    seed: u64,
+    rounds: Vec<weft_coordinator::RoundRecord>,
+    /// Per language, bits per byte of held-out text.
+    languages: Vec<LanguageRow>,
+    /// Held-out bits/byte beside the nodes' own training text under the initial base: held-out
+    /// text the base had memorized would score far lower than text it has not seen.
+    memorization_check: Vec<MemorizationRow>,
+    nodes: Vec<NodeRow>,
+    initial_base_hash: ContentHash,
+    final_base_hash: ContentHash,
+    seconds: f64,
+    peak_rss_mb: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct BaseInfo {
+    name: String,
+    dir: PathBuf,
+    config: LlamaConfig,
+    parameters: usize,
+}
+
+#[derive(Serialize)]
+struct AdapterInfo {
+    rank: usize,
+    alpha: f32,
+    targets: Vec<String>,
+    steps_per_round: u64,
+    windows: Windows,
+    lr: f32,
+    /// Values in one update (the B factors).
+    update_values: usize,
+}
+
+#[derive(Serialize)]
+struct LanguageRow {
+    language: String,
+    node: NodeId,
+    initial: f64,
+    consortium: f64,
+    /// The consortium base with the node's own adapter (kept on the node, never aggregated).
+    consortium_plus_sovereign: f64,
+    alone: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct MemorizationRow {
+    language: String,
+    heldout: f64,
+    own_training_text: f64,
+}
+
+#[derive(Serialize)]
+struct NodeRow {
+    node: NodeId,
+    language: String,
+    train_tokens: usize,
+    bytes_sent: u64,
+    /// Where the node keeps its adapter of each round, and the adapters' hashes.
+    artifacts: Vec<(u64, ContentHash)>,
+}
+
+/// One node of a real-base run: its own tokenized text and the adapters it keeps.
+struct RealNode {
+    id: NodeId,
+    language: String,
+    tokens: Vec<u32>,
+    dir: PathBuf,
+    /// The node's adapter of the last round it trained (its sovereign artifact).
+    kept: Option<Adapters>,
+    artifacts: Vec<(u64, ContentHash)>,
+    bytes_sent: u64,
+}
+
+/// The base directory `--base` names: `smollm2-135m` is fetched and imported on first use.
+fn resolve_base(base: &str, data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    if base != SMOLLM2 {
+        let dir = PathBuf::from(base);
+        if !dir.join("config.json").is_file() {
+            bail!(
+                "--base {base}: not '{SMOLLM2}' and not a directory written by `weft model import` (no config.json in it)"
+            );
+        }
+        return Ok((base.to_owned(), dir));
+    }
+    let models = data_dir.join("models");
+    let dir = models.join(SMOLLM2);
+    if dir.join("weft-import.json").is_file() {
+        return Ok((SMOLLM2.to_owned(), dir));
+    }
+    let gguf = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model");
+        eprintln!("weft: no {} yet: fetching it with {} (one time, 93 MB)", gguf.display(), script.display());
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .env("WEFT_MODELS_DIR", &models)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!("{} failed ({status}); see its message above", script.display());
+        }
+    }
+    eprintln!("weft: importing {} into {}", gguf.display(), dir.display());
+    // A half-written import (interrupted) is redone from scratch.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing the incomplete import {}", dir.display()))?;
+    }
+    crate::model::import_dir(&gguf, &dir)?;
+    Ok((SMOLLM2.to_owned(), dir))
+}
+
+/// Splits a corpus into the node's training text (the head) and held-out text (the first
+/// `heldout_bytes` of the tail's lines), at line boundaries.
+fn split_corpus(bytes: &[u8], heldout_bytes: usize) -> anyhow::Result<(String, String)> {
+    let text = std::str::from_utf8(bytes).context("the corpus is not UTF-8")?;
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines.len() - lines.len() / HELDOUT_SHARE;
+    let train = lines[..cut].join("\n");
+    let mut heldout = String::new();
+    for line in &lines[cut..] {
+        if heldout.len() >= heldout_bytes {
+            break;
+        }
+        heldout.push_str(line);
+        heldout.push('\n');
+    }
+    if heldout.len() < 2 || train.len() < 2 {
+        bail!("the corpus is too short to hold text out ({} lines)", lines.len());
+    }
+    Ok((train, heldout))
+}
+
+/// The last `bytes` of `text`, starting at a line.
+fn tail_lines(text: &str, bytes: usize) -> String {
+    let start = text.len().saturating_sub(bytes);
+    let start = text[start..].find('\n').map_or(start, |i| start + i + 1);
+    text.get(start..).unwrap_or_default().to_owned()
+}
+
+fn bits(nats_per_byte: f64) -> f64 {
+    nats_per_byte / std::f64::consts::LN_2
+}
+
+pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let adapter = &args.adapter;
+    let data_dir = data::data_dir(args.data.clone());
+    let requested: Vec<String> = match &args.languages {
+        Some(languages) => languages.clone(),
+        None => LANGUAGES.iter().map(|l| (*l).to_owned()).collect(),
+    };
+    let languages = crate::demo::choose_languages(&requested, args.nodes)?;
+    if args.processes || args.attack.is_some() {
+        bail!("--base runs in one process without attacks for now: drop --processes and --attack");
+    }
+    let targets = adapter
+        .targets
+        .iter()
+        .map(|t| t.parse::<Projection>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--adapter-targets")?;
+    if adapter.steps == 0 || adapter.batch == 0 || adapter.context < 2 {
+        bail!("--adapter-steps and --adapter-batch must be at least 1, --adapter-context at least 2");
+    }
+    if !(adapter.lr.is_finite() && adapter.lr > 0.0) {
+        bail!("--adapter-lr must be a positive number, got {}", adapter.lr);
+    }
+    let run = args.run_settings(&languages)?;
+    if !matches!(run.outer, OuterOptimizer::Plain { .. }) {
+        bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
+    }
+    let rounds = args.run.rounds.unwrap_or(2);
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let seed = run.seed();
+
+    let (name, dir) = resolve_base(base, &data_dir)?;
+    let (config, tokenizer, base_state) = crate::model::read_imported(&dir)?;
+    let spec = LoraSpec { rank: adapter.rank, alpha: adapter.alpha, targets: targets.clone() };
+    spec.validate(&config).context("adapter settings")?;
+    if adapter.context > config.max_position_embeddings {
+        bail!("--adapter-context {} exceeds the model's {} positions", adapter.context, config.max_position_embeddings);
+    }
+    let tokenizer = Arc::new(tokenizer);
+    let family = Arc::new(LlamaFamily { config: config.clone(), tokenizer: tokenizer.clone(), context: SCORE_CONTEXT });
+    let adapters_family = Arc::new(LlamaAdapters { config: config.clone() });
+
+    // Each language's text: the node trains on the head, the coordinator holds out the tail.
+    let mut heldout = BTreeMap::new();
+    let mut own_text = BTreeMap::new();
+    let mut nodes = Vec::new();
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let out = args.out.clone().unwrap_or_else(|| scratch.path().to_owned());
+    for (id, language) in &run.members {
+        let bytes = data::corpus(&data_dir, language)?;
+        let (train, held) =
+            split_corpus(&bytes, adapter.heldout_bytes).with_context(|| format!("the {language} corpus"))?;
+        own_text.insert(language.clone(), tail_lines(&train, adapter.heldout_bytes).into_bytes());
+        heldout.insert(language.clone(), held.into_bytes());
+        let tokens = tokenizer.encode(&train)?;
+        if tokens.len() < adapter.context {
+            bail!("the {language} training text has {} tokens, fewer than --adapter-context", tokens.len());
+        }
+        nodes.push(RealNode {
+            id: id.clone(),
+            language: language.clone(),
+            tokens,
+            dir: out.join("nodes").join(id.as_str()),
+            kept: None,
+            artifacts: Vec::new(),
+            bytes_sent: 0,
+        });
+    }
+
+    let storage = out.join("coordinator");
+    std::fs::create_dir_all(&storage).with_context(|| format!("creating {}", storage.display()))?;
+    let plan = AdapterPlan { seed, rank: adapter.rank, alpha: adapter.alpha, targets: adapter.targets.clone() };
+    let parameters = base_state.num_values();
+    let initial_hash = base_state.content_hash();
+    let members = run.members.iter().map(|(node, language)| Member { node: node.clone(), language: language.clone() });
+    say!(
+        "weft demo --base {name}: {} nodes ({}), {rounds} rounds, {} parameters, base {}",
+        nodes.len(),
+        languages.join(", "),
+        parameters,
+        initial_hash.short()
+    );
+    say!(
+        "  adapters: rank {} alpha {} on {} · {} steps of {}×{} tokens per round · lr {}",
+        adapter.rank,
+        adapter.alpha,
+        adapter.targets.join(","),
+        adapter.steps,
+        adapter.batch,
+        adapter.context,
+        adapter.lr
+    );
+    say!("  measuring the initial base on held-out text ({} bytes per language)…", adapter.heldout_bytes);
+    let measure = HeldoutSet::new(family.clone(), heldout.clone())?;
+    let store = Arc::new(FsBlobStore::open(storage.join("blobs"))?);
+    let coordinator = Coordinator::new(base_state, members.collect(), run.policy, run.outer, measure, store)?
+        .with_aggregator(run.aggregator)?
+        .with_adapters(plan.clone(), adapters_family.clone())?;
+    let settings = serde_json::json!({
+        "base": { "family": "llama", "name": name, "config": config, "state_hash": initial_hash },
+        "adapters": plan,
+        "training": { "steps": adapter.steps, "batch": adapter.batch, "context": adapter.context, "lr": adapter.lr },
+        "heldout_bytes": adapter.heldout_bytes,
+        "seed": seed,
+    });
+    let journal = SqliteJournal::open(&storage)?;
+    let mut coordinator = coordinator.durable(Box::new(journal), settings)?;
+    let initial_loss = coordinator.base_loss().clone();
+    say!("round 0 base {}  held-out bits/byte {}", initial_hash.short(), bits_table(&initial_loss));
+
+    let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
+    let windows = Windows { rows: adapter.batch, context: adapter.context };
+    let mut records = Vec::new();
+    while coordinator.round() < rounds {
+        let (announcement, done) = match coordinator.open_round_state() {
+            Some(state) => state,
+            None => (coordinator.open_round()?, Default::default()),
+        };
+        let round = announcement.round;
+        let record = coordinator.adapter_round().context("an adapter round without its adapter")?;
+        let form = SharedLora::new(&config, &record)?;
+        say!();
+        say!("round {round}: {record}");
+        // One copy of the frozen base serves every node of this process in turn.
+        let model = Llama::from_state(config.clone(), coordinator.base())?;
+        let mut contributions = Vec::new();
+        for node in nodes.iter_mut().filter(|n| !done.contains(&n.id)) {
+            let mut adapters = form.initial().clone();
+            let mut rng = SplitMix64::derive(seed, node.id.as_str(), round);
+            let report = train_with_bar(&model, &mut adapters, training, node, adapter.steps, windows, &mut rng)?;
+            let update = form.update_of(&adapters)?;
+            let kept_hash = keep_adapter(&node.dir, round, &adapters)?;
+            node.artifacts.push((round, kept_hash));
+            node.kept = Some(adapters);
+            node.bytes_sent += (update.num_values() * 4) as u64;
+            let declared = BTreeMap::from([("train_loss".to_owned(), report.mean_loss)]);
+            contributions.push(Contribution {
+                node: node.id.clone(),
+                round,
+                base_hash: announcement.base_hash,
+                delta: Delta::from_state(update),
+                token_count: report.tokens,
+                declared,
+            });
+        }
+        drop(model);
+        let measuring = spinner(format!("coordinator: measuring {} contributions", contributions.len()))?;
+        for contribution in contributions {
+            match coordinator.submit(contribution) {
+                Ok(_) | Err(SubmitError::Rejected(_)) => {}
+                Err(SubmitError::Internal(e)) => return Err(e.into()),
+            }
+        }
+        measuring.set_message("coordinator: deciding and checking every language".to_owned());
+        let closed = coordinator.close_round()?;
+        measuring.finish_and_clear();
+        let rounds_dir = storage.join("rounds");
+        std::fs::create_dir_all(&rounds_dir)?;
+        write_atomic(&rounds_dir.join(format!("round-{round:04}.json")), &serde_json::to_vec_pretty(&closed)?)?;
+        table::round(&closed, &BTreeMap::new(), &[])?;
+        say!("  held-out bits/byte: {}", bits_table(&closed.heldout_loss));
+        records.push(closed);
+    }
+
+    // The side-by-side: each language under the consortium base, with its node's own adapter,
+    // and under what the node would have had alone.
+    let final_base = coordinator.base().clone();
+    let final_hash = coordinator.base_hash();
+    let final_loss = coordinator.base_loss().clone();
+    drop(coordinator);
+    let mut rows = Vec::new();
+    let mut memorization = Vec::new();
+    let mut evaluator = weft_model::ModelFamily::evaluator(&*family).map_err(|e| anyhow::anyhow!(e))?;
+    let spinner_bar = spinner("measuring the sovereign adapters".to_owned())?;
+    let mut sovereign = BTreeMap::new();
+    for node in &nodes {
+        let Some(kept) = &node.kept else { continue };
+        let mut state = final_base.clone();
+        kept.merge_into(&mut state, 1.0)?;
+        evaluator.load(&state).map_err(|e| anyhow::anyhow!(e))?;
+        let text = &heldout[&node.language];
+        sovereign.insert(node.language.clone(), evaluator.nats_per_byte(text).map_err(|e| anyhow::anyhow!(e))?);
+    }
+    spinner_bar.finish_and_clear();
+    let mut alone = BTreeMap::new();
+    let (_, _, initial_state) = crate::model::read_imported(&dir)?;
+    let model = Llama::from_state(config.clone(), &initial_state)?;
+    drop(initial_state);
+    for node in &nodes {
+        let own = weft_llama::family::nats_per_byte(&model, &tokenizer, None, &own_text[&node.language], SCORE_CONTEXT)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        memorization.push(MemorizationRow {
+            language: node.language.clone(),
+            heldout: bits(initial_loss[&node.language]),
+            own_training_text: bits(own),
+        });
+    }
+    if adapter.baseline == Baseline::Alone {
+        say!();
+        say!("baseline: every node alone, {} steps from the initial base", rounds * adapter.steps);
+        for node in &nodes {
+            let mut adapters = Adapters::init(&config, spec.clone(), seed ^ 0xa10e)?;
+            let mut rng = SplitMix64::derive(seed, &format!("alone/{}", node.id), 0);
+            train_with_bar(&model, &mut adapters, training, node, rounds * adapter.steps, windows, &mut rng)?;
+            let nats = weft_llama::family::nats_per_byte(
+                &model,
+                &tokenizer,
+                Some(&adapters),
+                &heldout[&node.language],
+                SCORE_CONTEXT,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            alone.insert(node.language.clone(), nats);
+        }
+    }
+    drop(model);
+    for node in &nodes {
+        let language = &node.language;
+        rows.push(LanguageRow {
+            language: language.clone(),
+            node: node.id.clone(),
+            initial: bits(initial_loss[language]),
+            consortium: bits(final_loss[language]),
+            consortium_plus_sovereign: bits(sovereign.get(language).copied().unwrap_or(f64::NAN)),
+            alone: alone.get(language).copied().map(bits),
+        });
+    }
+
+    say!();
+    say!("held-out bits/byte per language (text no node trained on)");
+    say!("  {:<6} {:>9} {:>20} {:>22} {:>18}", "lang", "initial", "consortium", "+ own adapter", "node alone");
+    let change = |v: f64, from: f64| format!("{v:.4} ({:+.1}%)", 100.0 * (v - from) / from);
+    for row in &rows {
+        say!(
+            "  {:<6} {:>9.4} {:>20} {:>22} {:>18}",
+            row.language,
+            row.initial,
+            change(row.consortium, row.initial),
+            change(row.consortium_plus_sovereign, row.initial),
+            row.alone.map_or_else(|| "-".to_owned(), |a| change(a, row.initial))
+        );
+    }
+    if !memorization.is_empty() {
+        let cells: Vec<String> = memorization
+            .iter()
+            .map(|m| format!("{} {:.3} vs {:.3}", m.language, m.heldout, m.own_training_text))
+            .collect();
+        say!("memorization check (initial base, held-out vs own training text, bits/byte): {}", cells.join(" · "));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    say!("final base {}  ({seconds:.0} s)", final_hash.short());
+    if let Some(kept) = &args.out {
+        say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
+    }
+    let update_values = SharedLora::new(&config, &plan.round(1))?.initial().to_state().num_values() / 2;
+    let report = RealBaseReport {
+        base: BaseInfo { name, dir, config, parameters },
+        adapter: AdapterInfo {
+            rank: adapter.rank,
+            alpha: adapter.alpha,
+            targets: adapter.targets.clone(),
+            steps_per_round: adapter.steps,
+            windows,
+            lr: adapter.lr,
+            update_values,
+        },
+        seed,
+        rounds: records,
+        languages: rows,
+        memorization_check: memorization,
+        nodes: nodes
+            .iter()
+            .map(|n| NodeRow {
+                node: n.id.clone(),
+                language: n.language.clone(),
+                train_tokens: n.tokens.len(),
+                bytes_sent: n.bytes_sent,
+                artifacts: n.artifacts.clone(),
+            })
+            .collect(),
+        initial_base_hash: initial_hash,
+        final_base_hash: final_hash,
+        seconds,
+        peak_rss_mb: crate::simulate::peak_rss().map(|b| b as f64 / 1e6),
+    };
+    if let Some(path) = &args.json {
+        write_atomic(path, &(serde_json::to_string_pretty(&report)? + "\n").into_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn bits_table(table: &LossTable) -> String {
+    table.iter().map(|(l, v)| format!("{l} {:.4}", bits(*v))).collect::<Vec<_>>().join("  ")
+}
+
+fn spinner(message: String) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("  {spinner} {msg} ({elapsed})").map_err(|e| anyhow::anyhow!("{e}"))?);
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    Ok(bar)
+}
+
+/// Trains `adapters` on the node's tokens with a progress bar; returns the training report.
+fn train_with_bar(
+    model: &Llama,
+    adapters: &mut Adapters,
+    training: LoraTraining,
+    node: &RealNode,
+    steps: u64,
+    windows: Windows,
+    rng: &mut SplitMix64,
+) -> anyhow::Result<weft_llama::LoraReport> {
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("  {prefix:<14} {bar:30} {pos:>3}/{len} steps  loss {msg}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    bar.set_prefix(node.id.to_string());
+    let mut trainer = LoraTrainer::new(training, adapters);
+    let mut total = weft_llama::LoraReport::default();
+    let mut sum = 0.0;
+    for step in 1..=steps {
+        let report = trainer.train(model, adapters, &node.tokens, 1, windows, rng)?;
+        sum += report.mean_loss;
+        total.steps += report.steps;
+        total.tokens += report.tokens;
+        total.last_loss = report.last_loss;
+        bar.set_position(step);
+        bar.set_message(format!("{:.3}", report.last_loss));
+    }
+    total.mean_loss = sum / steps.max(1) as f64;
+    bar.finish_and_clear();
+    say!("  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token", node.id, steps, total.mean_loss, total.last_loss);
+    Ok(total)
+}
+
+/// Writes the node's adapter of `round` (A and B, PEFT-style names) under its directory and
+/// returns its content hash (the node's manifest names it).
+fn keep_adapter(dir: &Path, round: u64, adapters: &Adapters) -> anyhow::Result<ContentHash> {
+    let round_dir = dir.join(format!("round-{round:04}"));
+    std::fs::create_dir_all(&round_dir).with_context(|| format!("creating {}", round_dir.display()))?;
+    let state: ModelState = adapters.to_state();
+    let hash = state.content_hash();
+    write_atomic(&round_dir.join("adapter.safetensors"), &state.to_safetensors(None)?)?;
+    let manifest = serde_json::json!({ "round": round, "adapter_hash": hash, "file": "adapter.safetensors" });
+    write_atomic(&round_dir.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heldout_tail_is_never_in_the_training_head() {
+        let corpus: String = (0..100).map(|i| format!("line number {i}\n")).collect();
+        let (train, heldout) = split_corpus(corpus.as_bytes(), 40).unwrap();
+        assert!(train.ends_with("line number 89"));
+        assert!(heldout.starts_with("line number 90\n"));
+        assert!(heldout.len() >= 40 && heldout.lines().all(|l| !train.contains(&format!("{l}\n"))));
+        assert_eq!(tail_lines("a\nbb\nccc\n", 5), "ccc\n");
+        assert!(split_corpus(b"one line", 10).is_err());
+    }
+}
