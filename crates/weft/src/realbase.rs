@@ -227,7 +227,12 @@ fn split_corpus(bytes: &[u8], heldout_bytes: usize) -> anyhow::Result<(String, S
 /// The last `bytes` of `text`, starting at a line.
 fn tail_lines(text: &str, bytes: usize) -> String {
     let start = text.len().saturating_sub(bytes);
-    let start = text[start..].find('\n').map_or(start, |i| start + i + 1);
+    // Byte positions: `start` may fall inside a multi-byte character; the byte after a newline
+    // never does.
+    let start = match text.as_bytes()[start..].iter().position(|&b| b == b'\n') {
+        Some(i) => start + i + 1,
+        None => (start..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len()),
+    };
     text.get(start..).unwrap_or_default().to_owned()
 }
 
@@ -601,6 +606,13 @@ mod tests {
         assert!(heldout.starts_with("line number 90\n"));
         assert!(heldout.len() >= 40 && heldout.lines().all(|l| !train.contains(&format!("{l}\n"))));
         assert_eq!(tail_lines("a\nbb\nccc\n", 5), "ccc\n");
+        // Multi-byte scripts: a cut inside a character moves to the next line.
+        let japanese = "リファレンス\n製作著作\nシステム\n";
+        for bytes in 0..=japanese.len() {
+            let tail = tail_lines(japanese, bytes);
+            assert!(japanese.ends_with(&tail) && tail.len() <= bytes.max(1) + 3 * 6, "{bytes}: {tail:?}");
+        }
+        assert_eq!(tail_lines("製作著作", 4), "作");
         assert!(split_corpus(b"one line", 10).is_err());
     }
 }
