@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, SqliteJournal, SubmitError};
 use weft_core::quality::LossTable;
-use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer};
+use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, UpdateForm};
 use weft_durable::write_atomic;
 use weft_llama::{
     Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LoraSpec, LoraTrainer, LoraTraining, Projection,
@@ -46,7 +46,7 @@ pub struct AdapterArgs {
     #[arg(id = "adapter_rank", long = "adapter-rank", default_value_t = 8)]
     pub rank: usize,
     /// LoRA α (the weight change is α/r · B·A).
-    #[arg(id = "adapter_alpha", long = "adapter-alpha", default_value_t = 16.0)]
+    #[arg(id = "adapter_alpha", long = "adapter-alpha", default_value_t = 16.0, allow_negative_numbers = true)]
     pub alpha: f32,
     /// Adapted projections of every layer, comma-separated: q, k, v, o, gate, up, down.
     #[arg(
@@ -66,7 +66,7 @@ pub struct AdapterArgs {
     #[arg(id = "adapter_context", long = "adapter-context", default_value_t = 128)]
     pub context: usize,
     /// Local AdamW learning rate of the adapters.
-    #[arg(id = "adapter_lr", long = "adapter-lr", default_value_t = 5e-3)]
+    #[arg(id = "adapter_lr", long = "adapter-lr", default_value_t = 5e-3, allow_negative_numbers = true)]
     pub lr: f32,
     /// Bytes of held-out text per language the coordinator scores every candidate on.
     #[arg(long, default_value_t = 1200)]
@@ -497,7 +497,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     if let Some(kept) = &args.out {
         say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
     }
-    let update_values = SharedLora::new(&config, &plan.round(1))?.initial().to_state().num_values() / 2;
+    let update_values = SharedLora::new(&config, &plan.round(1))?.layout(&ModelState::new())?.num_values();
     let report = RealBaseReport {
         base: BaseInfo { name, dir, config, parameters },
         adapter: AdapterInfo {
