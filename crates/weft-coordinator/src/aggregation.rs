@@ -76,9 +76,9 @@ pub(crate) fn advance(
     store: &dyn BlobStore,
     form: &dyn UpdateForm,
 ) -> Result<(ModelPoint, Influence), MoveError> {
-    let layout = form.layout(&point.base).map_err(MoveError::Form)?;
+    let layout = form.layout(&point.base);
     let Step { mut step, mut influence, center } =
-        aggregate(&rules.aggregator, accepted, rules.cap, store, &layout, point.center.as_ref())?;
+        aggregate(&rules.aggregator, accepted, rules.cap, store, layout, point.center.as_ref())?;
     if rules.scale != 1.0 {
         // A power of two: the scaled step and influences are exact.
         step = scaled(step, rules.scale);

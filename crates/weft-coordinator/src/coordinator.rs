@@ -553,10 +553,9 @@ impl<M: Measure> Coordinator<M> {
     fn check(&self, contribution: &Contribution, round: u64) -> Result<(), Rejection> {
         let received = self.open.as_ref().map(|p| p.admitted.keys().cloned().collect()).unwrap_or_default();
         let form = self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone());
-        let layout = form.layout(self.head.base()).map_err(Rejection::Layout)?;
         let open = OpenRound {
             round,
-            layout: &layout,
+            layout: form.layout(self.head.base()),
             base_hash: self.base_hash(),
             roster: &self.roster_ids,
             received: &received,

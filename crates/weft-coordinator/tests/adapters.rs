@@ -130,7 +130,7 @@ fn adapter_rounds_merge_the_weighted_mean_of_b_exactly_and_replay() {
         assert!(record.base_changed);
         // The published base, recomputed by hand: Σ influenceᵢ·Bᵢ in node order, merged once.
         let form = family.form(&plan().round(round)).unwrap();
-        let mut step = form.layout(&before).unwrap();
+        let mut step = form.layout(&before).zeros_like();
         for u in &updates {
             let r = record.contributions.iter().find(|r| r.node == u.node).unwrap();
             if r.influence != 0.0 {

@@ -18,8 +18,10 @@ use crate::state::{ModelState, StateError};
 
 /// How an update maps onto the base.
 pub trait UpdateForm: Send + Sync + fmt::Debug {
-    /// Zeros in the layout every update must have (names and shapes); aggregation works in it.
-    fn layout(&self, base: &ModelState) -> Result<ModelState, StateError>;
+    /// A state with the names and shapes every update must have (its values mean nothing):
+    /// aggregation works in this layout. Borrowed, so that checking an update never copies a
+    /// model.
+    fn layout<'a>(&'a self, base: &'a ModelState) -> &'a ModelState;
 
     /// `base + scale · W(update)`, as a new state; `base` is untouched.
     fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError>;
@@ -40,8 +42,8 @@ pub trait UpdateForm: Send + Sync + fmt::Debug {
 pub struct FullWeights;
 
 impl UpdateForm for FullWeights {
-    fn layout(&self, base: &ModelState) -> Result<ModelState, StateError> {
-        Ok(base.zeros_like())
+    fn layout<'a>(&'a self, base: &'a ModelState) -> &'a ModelState {
+        base
     }
 
     fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
@@ -131,7 +133,7 @@ mod tests {
         update.insert("w", Tensor::new(vec![2], vec![0.5, -1.0]).unwrap());
         let applied = FullWeights.apply(&base, &update, 2.0).unwrap();
         assert_eq!(applied.get("w").unwrap().data(), &[2.0, 0.0]);
-        assert_eq!(FullWeights.layout(&base).unwrap(), base.zeros_like());
+        assert_eq!(FullWeights.layout(&base), &base);
         assert!(FullWeights.carries_state_across_rounds());
     }
 

@@ -170,8 +170,8 @@ fn spec_of(record: &AdapterRound) -> Result<LoraSpec, StateError> {
 }
 
 impl UpdateForm for SharedLora {
-    fn layout(&self, _base: &ModelState) -> Result<ModelState, StateError> {
-        Ok(self.layout.clone())
+    fn layout<'a>(&'a self, _base: &'a ModelState) -> &'a ModelState {
+        &self.layout
     }
 
     fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
@@ -218,7 +218,7 @@ mod tests {
         let base = random_state(&config, 1);
         let (u1, u2) = (random_update(&form, 1), random_update(&form, 2));
         let (w1, w2) = (0.3f32, 0.7f32);
-        let mut mean = form.layout(&base).unwrap();
+        let mut mean = form.layout(&base).zeros_like();
         for (name, t) in mean.iter_mut() {
             let (a, b) = (u1.get(name).unwrap().data(), u2.get(name).unwrap().data());
             t.data_mut().iter_mut().zip(a.iter().zip(b)).for_each(|(m, (a, b))| *m = w1 * a + w2 * b);

@@ -4,7 +4,8 @@
 //! Each round the coordinator fixes the round's adapter (frozen A factors from a seed it records
 //! in the ledger); every node trains only B on its own corpus and sends it; the coordinator
 //! measures `base + s·BᵢA` on held-out text no node trains on, runs the consortium's policy on
-//! B, and merges `s·(Σ wᵢBᵢ)·A` into the base. Each node keeps its own adapter (its sovereign
+//! B, and merges `s·(Σ wᵢBᵢ)·A` into the base. Each node keeps the adapters it sent and, at the
+//! end, trains a private adapter on the published base that it keeps and never sends (its sovereign
 //! artifact). The node-alone baseline trains the same number of steps on the node's own data
 //! from the initial base with no consortium.
 
@@ -130,7 +131,8 @@ struct LanguageRow {
     node: NodeId,
     initial: f64,
     consortium: f64,
-    /// The consortium base with the node's own adapter (kept on the node, never aggregated).
+    /// The consortium base with the node's private adapter, trained on it for one round's steps
+    /// and kept on the node, never aggregated.
     consortium_plus_sovereign: f64,
     alone: Option<f64>,
 }
@@ -148,8 +150,10 @@ struct NodeRow {
     language: String,
     train_tokens: usize,
     bytes_sent: u64,
-    /// Where the node keeps its adapter of each round, and the adapters' hashes.
+    /// The adapter the node sent in each round (kept under `round-NNNN/`), by round.
     artifacts: Vec<(u64, ContentHash)>,
+    /// The private adapter it trained on the final base (kept under `sovereign/`).
+    sovereign: Option<ContentHash>,
 }
 
 /// One node of a real-base run: its own tokenized text and the adapters it keeps.
@@ -158,8 +162,8 @@ struct RealNode {
     language: String,
     tokens: Vec<u32>,
     dir: PathBuf,
-    /// The node's adapter of the last round it trained (its sovereign artifact).
-    kept: Option<Adapters>,
+    /// The hash of the private adapter the node trained on the final base and keeps.
+    sovereign: Option<ContentHash>,
     artifacts: Vec<(u64, ContentHash)>,
     bytes_sent: u64,
 }
@@ -306,7 +310,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             language: language.clone(),
             tokens,
             dir: out.join("nodes").join(id.as_str()),
-            kept: None,
+            sovereign: None,
             artifacts: Vec::new(),
             bytes_sent: 0,
         });
@@ -376,7 +380,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             let update = form.update_of(&adapters)?;
             let kept_hash = keep_adapter(&node.dir, round, &adapters)?;
             node.artifacts.push((round, kept_hash));
-            node.kept = Some(adapters);
             node.bytes_sent += (update.num_values() * 4) as u64;
             let declared = BTreeMap::from([("train_loss".to_owned(), report.mean_loss)]);
             contributions.push(Contribution {
@@ -407,26 +410,33 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         records.push(closed);
     }
 
-    // The side-by-side: each language under the consortium base, with its node's own adapter,
-    // and under what the node would have had alone.
-    let final_base = coordinator.base().clone();
+    // The side-by-side: each language under the consortium base, with its node's own private
+    // adapter on top, and under what the node would have had alone.
+    let final_model = Llama::from_state(config.clone(), coordinator.base())?;
     let final_hash = coordinator.base_hash();
     let final_loss = coordinator.base_loss().clone();
     drop(coordinator);
     let mut rows = Vec::new();
     let mut memorization = Vec::new();
-    let mut evaluator = weft_model::ModelFamily::evaluator(&*family).map_err(|e| anyhow::anyhow!(e))?;
-    let spinner_bar = spinner("measuring the sovereign adapters".to_owned())?;
+    say!();
+    say!("sovereign adapters: every node trains its own, {} steps on the published base, and keeps it", adapter.steps);
     let mut sovereign = BTreeMap::new();
-    for node in &nodes {
-        let Some(kept) = &node.kept else { continue };
-        let mut state = final_base.clone();
-        kept.merge_into(&mut state, 1.0)?;
-        evaluator.load(&state).map_err(|e| anyhow::anyhow!(e))?;
-        let text = &heldout[&node.language];
-        sovereign.insert(node.language.clone(), evaluator.nats_per_byte(text).map_err(|e| anyhow::anyhow!(e))?);
+    for node in &mut nodes {
+        let mut adapters = Adapters::init(&config, spec.clone(), seed ^ 0x5e1f)?;
+        let mut rng = SplitMix64::derive(seed, &format!("sovereign/{}", node.id), 0);
+        train_with_bar(&final_model, &mut adapters, training, node, adapter.steps, windows, &mut rng)?;
+        node.sovereign = Some(keep_adapter(&node.dir.join("sovereign"), rounds, &adapters)?);
+        let nats = weft_llama::family::nats_per_byte(
+            &final_model,
+            &tokenizer,
+            Some(&adapters),
+            &heldout[&node.language],
+            SCORE_CONTEXT,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        sovereign.insert(node.language.clone(), nats);
     }
-    spinner_bar.finish_and_clear();
+    drop(final_model);
     let mut alone = BTreeMap::new();
     let (_, _, initial_state) = crate::model::read_imported(&dir)?;
     let model = Llama::from_state(config.clone(), &initial_state)?;
@@ -497,7 +507,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     if let Some(kept) = &args.out {
         say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
     }
-    let update_values = SharedLora::new(&config, &plan.round(1))?.layout(&ModelState::new())?.num_values();
+    let update_values = SharedLora::new(&config, &plan.round(1))?.layout(&ModelState::new()).num_values();
     let report = RealBaseReport {
         base: BaseInfo { name, dir, config, parameters },
         adapter: AdapterInfo {
@@ -521,6 +531,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
                 train_tokens: n.tokens.len(),
                 bytes_sent: n.bytes_sent,
                 artifacts: n.artifacts.clone(),
+                sovereign: n.sovereign,
             })
             .collect(),
         initial_base_hash: initial_hash,

@@ -115,6 +115,7 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     for node in first["nodes"].as_array().unwrap() {
         assert_eq!(node["bytes_sent"].as_u64().unwrap(), 2 * 4 * first["adapter"]["update_values"].as_u64().unwrap());
         assert_eq!(node["artifacts"].as_array().unwrap().len(), 2);
+        assert_eq!(node["sovereign"].as_str().unwrap().len(), 64);
     }
 
     // The ledger records each round's adapter and replays every round.
