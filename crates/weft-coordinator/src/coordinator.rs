@@ -344,6 +344,11 @@ impl<M: Measure> Coordinator<M> {
         self.open.as_ref().and_then(|p| p.form.adapter().cloned())
     }
 
+    /// The open round's form (full weights when no round is open: nothing is then admitted).
+    fn open_form(&self) -> Arc<dyn UpdateForm> {
+        self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone())
+    }
+
     /// The form of round `round`'s updates.
     fn form_of(&self, round: u64) -> Result<Arc<dyn UpdateForm>, CoordinatorError> {
         match &self.adapters {
@@ -552,7 +557,7 @@ impl<M: Measure> Coordinator<M> {
     /// The structural checks against the open round, cheapest first.
     fn check(&self, contribution: &Contribution, round: u64) -> Result<(), Rejection> {
         let received = self.open.as_ref().map(|p| p.admitted.keys().cloned().collect()).unwrap_or_default();
-        let form = self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone());
+        let form = self.open_form();
         let open = OpenRound {
             round,
             layout: form.layout(self.head.base()),
@@ -643,7 +648,7 @@ impl<M: Measure> Coordinator<M> {
     /// canaries when governance runs).
     fn score(&mut self, node: &NodeId, delta: &Delta) -> Result<Measurement, CoordinatorError> {
         let base = self.head.base();
-        let form = self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone());
+        let form = self.open_form();
         let candidate = form.apply(base, delta.state(), self.rules.probe_scale).map_err(CoordinatorError::Base)?;
         match self.governance.as_mut() {
             Some(g) => {

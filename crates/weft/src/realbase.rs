@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Member, SqliteJournal, SubmitError};
+use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError};
 use weft_core::quality::LossTable;
 use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, UpdateForm};
 use weft_durable::write_atomic;
@@ -354,12 +354,16 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     });
     let journal = SqliteJournal::open(&storage)?;
     let mut coordinator = coordinator.durable(Box::new(journal), settings)?;
-    let initial_loss = coordinator.base_loss().clone();
+    // The genesis as the journal holds it: a run continued in the same --out starts mid-way.
+    let genesis = SqliteJournal::read(&storage)?.head_after(0)?.context("the coordinator's journal has no genesis")?;
+    let initial_loss = genesis.base_loss;
+    if coordinator.round() > 0 {
+        say!("continuing the run in {} after round {}", out.display(), coordinator.round());
+    }
     say!("round 0 base {}  held-out bits/byte {}", initial_hash.short(), bits_table(&initial_loss));
 
     let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
     let windows = Windows { rows: adapter.batch, context: adapter.context };
-    let mut records = Vec::new();
     while coordinator.round() < rounds {
         let (announcement, done) = match coordinator.open_round_state() {
             Some(state) => state,
@@ -407,7 +411,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         write_atomic(&rounds_dir.join(format!("round-{round:04}.json")), &serde_json::to_vec_pretty(&closed)?)?;
         table::round(&closed, &BTreeMap::new(), &[])?;
         say!("  held-out bits/byte: {}", bits_table(&closed.heldout_loss));
-        records.push(closed);
     }
 
     // The side-by-side: each language under the consortium base, with its node's own private
@@ -416,6 +419,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     let final_hash = coordinator.base_hash();
     let final_loss = coordinator.base_loss().clone();
     drop(coordinator);
+    let records: Vec<weft_coordinator::RoundRecord> =
+        SqliteJournal::read(&storage)?.rounds()?.into_iter().map(|(record, _)| record).collect();
     let mut rows = Vec::new();
     let mut memorization = Vec::new();
     say!();

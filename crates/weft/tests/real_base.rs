@@ -128,6 +128,13 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     let shown = weft(&["ledger", "show", storage.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&shown.stdout).matches("LoRA rank 2").count(), 2);
 
+    // The same command on the same --out continues the stored run: nothing left to train, the
+    // same bases and the same initial figures.
+    let resumed = demo(&base, &tmp.path().join("one"), &["--baseline", "none"]);
+    assert_eq!(resumed["final_base_hash"], first["final_base_hash"]);
+    assert_eq!(resumed["rounds"].as_array().unwrap().len(), 2);
+    assert_eq!(resumed["languages"][0]["initial"], first["languages"][0]["initial"]);
+
     // Same seed, same bases; another seed, another run.
     let again = demo(&base, &tmp.path().join("two"), &["--baseline", "none"]);
     assert_eq!(again["final_base_hash"], first["final_base_hash"]);
