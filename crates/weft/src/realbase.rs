@@ -22,8 +22,8 @@ use weft_core::quality::LossTable;
 use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, UpdateForm};
 use weft_durable::write_atomic;
 use weft_llama::{
-    Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LoraSpec, LoraTrainer, LoraTraining, Projection,
-    SharedLora, Windows,
+    Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraSpec, LoraTrainer, LoraTraining,
+    Projection, SharedLora, Windows,
 };
 use weft_model::SplitMix64;
 
@@ -426,19 +426,11 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     say!();
     say!("sovereign adapters: every node trains its own, {} steps on the published base, and keeps it", adapter.steps);
     let mut sovereign = BTreeMap::new();
+    let private = PrivateAdapter { config: &config, spec: &spec, training, windows, seed, tokenizer: &tokenizer };
     for node in &mut nodes {
-        let mut adapters = Adapters::init(&config, spec.clone(), seed ^ 0x5e1f)?;
-        let mut rng = SplitMix64::derive(seed, &format!("sovereign/{}", node.id), 0);
-        train_with_bar(&final_model, &mut adapters, training, node, adapter.steps, windows, &mut rng)?;
+        let text = &heldout[&node.language];
+        let (adapters, nats) = private.train(&final_model, node, adapter.steps, ("sovereign", seed ^ 0x5e1f), text)?;
         node.sovereign = Some(keep_adapter(&node.dir.join("sovereign"), rounds, &adapters)?);
-        let nats = weft_llama::family::nats_per_byte(
-            &final_model,
-            &tokenizer,
-            Some(&adapters),
-            &heldout[&node.language],
-            SCORE_CONTEXT,
-        )
-        .map_err(|e| anyhow::anyhow!(e))?;
         sovereign.insert(node.language.clone(), nats);
     }
     drop(final_model);
@@ -459,17 +451,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         say!();
         say!("baseline: every node alone, {} steps from the initial base", rounds * adapter.steps);
         for node in &nodes {
-            let mut adapters = Adapters::init(&config, spec.clone(), seed ^ 0xa10e)?;
-            let mut rng = SplitMix64::derive(seed, &format!("alone/{}", node.id), 0);
-            train_with_bar(&model, &mut adapters, training, node, rounds * adapter.steps, windows, &mut rng)?;
-            let nats = weft_llama::family::nats_per_byte(
-                &model,
-                &tokenizer,
-                Some(&adapters),
-                &heldout[&node.language],
-                SCORE_CONTEXT,
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
+            let text = &heldout[&node.language];
+            let (_, nats) = private.train(&model, node, rounds * adapter.steps, ("alone", seed ^ 0xa10e), text)?;
             alone.insert(node.language.clone(), nats);
         }
     }
@@ -549,6 +532,37 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// How a node trains an adapter for itself (its sovereign adapter, or the node-alone baseline).
+struct PrivateAdapter<'a> {
+    config: &'a LlamaConfig,
+    spec: &'a LoraSpec,
+    training: LoraTraining,
+    windows: Windows,
+    seed: u64,
+    tokenizer: &'a LlamaTokenizer,
+}
+
+impl PrivateAdapter<'_> {
+    /// Trains a fresh adapter (`A` from `a_seed`) `steps` steps on `node`'s text from `model`
+    /// and scores it on `heldout`: the adapter and its nats per byte. `purpose` names the
+    /// node's sampling stream.
+    fn train(
+        &self,
+        model: &Llama,
+        node: &RealNode,
+        steps: u64,
+        (purpose, a_seed): (&str, u64),
+        heldout: &[u8],
+    ) -> anyhow::Result<(Adapters, f64)> {
+        let mut adapters = Adapters::init(self.config, self.spec.clone(), a_seed)?;
+        let mut rng = SplitMix64::derive(self.seed, &format!("{purpose}/{}", node.id), 0);
+        train_with_bar(model, &mut adapters, self.training, node, steps, self.windows, &mut rng)?;
+        let nats = weft_llama::family::nats_per_byte(model, self.tokenizer, Some(&adapters), heldout, SCORE_CONTEXT)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok((adapters, nats))
+    }
 }
 
 fn bits_table(table: &LossTable) -> String {
