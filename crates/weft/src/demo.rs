@@ -61,7 +61,8 @@ pub struct DemoArgs {
     pub encoding: Encoding,
     /// Improve a real pretrained base with low-rank adapters instead of training the built-in
     /// byte model: `smollm2-135m` (fetched and imported on first use) or a directory written by
-    /// `weft model import`.
+    /// `weft model import`. The --adapter-* flags set its training; the byte model's (--layers,
+    /// --heads, --width, --context, --local-steps, --batch, --lr) do not apply.
     #[arg(long)]
     pub base: Option<String>,
     #[command(flatten)]

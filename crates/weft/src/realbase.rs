@@ -253,8 +253,10 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         None => LANGUAGES.iter().map(|l| (*l).to_owned()).collect(),
     };
     let languages = crate::demo::choose_languages(&requested, args.nodes)?;
-    if args.processes || args.attack.is_some() {
-        bail!("--base runs in one process without attacks for now: drop --processes and --attack");
+    if args.processes || args.attack.is_some() || args.run.governance.governance {
+        bail!(
+            "--base runs in one process, without attacks or canary governance, for now: drop --processes, --attack and --governance"
+        );
     }
     let targets = adapter
         .targets
