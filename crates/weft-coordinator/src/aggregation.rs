@@ -76,6 +76,9 @@ pub(crate) fn advance(
     store: &dyn BlobStore,
     form: &dyn UpdateForm,
 ) -> Result<(ModelPoint, Influence), MoveError> {
+    if !form.is_linear() {
+        return advance_in_weight_space(point, rules, accepted, store, form);
+    }
     let layout = form.layout(&point.base);
     let Step { mut step, mut influence, center } =
         aggregate(&rules.aggregator, accepted, rules.cap, store, layout, point.center.as_ref())?;
@@ -108,6 +111,64 @@ pub(crate) fn advance(
     Ok((ModelPoint { base, momentum, center }, influence))
 }
 
+/// The coefficients of the rules that are a weighted sum of whole deltas (`None` for the others).
+fn linear_coefficients(rule: &Aggregator, accepted: &[Accepted]) -> Option<Vec<f64>> {
+    match *rule {
+        Aggregator::WeightedMean => Some(accepted.iter().map(|a| a.weight).collect()),
+        Aggregator::NormBound { bound } => {
+            let tau = match bound {
+                NormBound::Fixed(t) => t,
+                NormBound::Adaptive(k) => {
+                    let mut norms: Vec<f32> = accepted.iter().map(|a| a.norm as f32).collect();
+                    k * f64::from(median(&mut norms))
+                }
+            };
+            Some(accepted.iter().map(|a| a.weight * clip_factor(a.norm, tau)).collect())
+        }
+        _ => None,
+    }
+}
+
+/// A step for updates whose weight change is not linear in them (both LoRA factors trained):
+/// `Σ cᵢ·W(uᵢ)` accumulated in the touched weights, one update at a time (O(model) memory,
+/// whatever the number of nodes), in node order. Only rules that are weighted sums of whole
+/// updates apply; the others are refused when the rules are set.
+fn advance_in_weight_space(
+    point: &ModelPoint,
+    rules: &StepRules,
+    accepted: &[Accepted],
+    store: &dyn BlobStore,
+    form: &dyn UpdateForm,
+) -> Result<(ModelPoint, Influence), MoveError> {
+    let not_linear = || {
+        MoveError::Form(StateError::Format(format!("{} needs updates it can combine coordinate by coordinate; adapters with both factors trained take mean or norm-bound", rules.aggregator)))
+    };
+    let OuterOptimizer::Plain { lr } = rules.outer else {
+        return Err(MoveError::Form(StateError::Format("adapter rounds take a plain outer optimizer".into())));
+    };
+    let coefficients = linear_coefficients(&rules.aggregator, accepted).ok_or_else(not_linear)?;
+    let mut step = form.expanded_layout(&point.base);
+    let mut influence = Influence::new();
+    for (a, &c) in accepted.iter().zip(&coefficients) {
+        let c = c * rules.scale;
+        influence.insert(a.node.clone(), c);
+        if c == 0.0 {
+            continue;
+        }
+        // `state()` checks the blob against its hash before anything is used.
+        let update = store.open(&a.hash)?.state()?;
+        form.expand_into(&update, c as f32, &mut step).map_err(MoveError::Form)?;
+    }
+    let mut base = point.base.clone();
+    for (name, change) in step.iter() {
+        let tensor =
+            base.get_mut(name).ok_or_else(|| MoveError::Form(StateError::MissingTensor { name: name.to_owned() }))?;
+        axpy(tensor.data_mut(), lr, change.data())?;
+    }
+    base.check_finite().map_err(MoveError::NonFinite)?;
+    Ok((ModelPoint { base, momentum: Default::default(), center: None }, influence))
+}
+
 /// What stays with the base: `1 − Σ influence` (in node order, so a replay gives the same bits),
 /// the cap's unassigned share plus whatever the aggregator held back.
 pub(crate) fn unassigned_share(influence: &Influence) -> f64 {
@@ -127,16 +188,8 @@ fn aggregate(
     let n = accepted.len();
     let nominal = || accepted.iter().map(|a| (a.node.clone(), total / n as f64)).collect();
     match *rule {
-        Aggregator::WeightedMean => linear(accepted, accepted.iter().map(|a| a.weight).collect(), store, base),
-        Aggregator::NormBound { bound } => {
-            let tau = match bound {
-                NormBound::Fixed(t) => t,
-                NormBound::Adaptive(k) => {
-                    let mut norms: Vec<f32> = accepted.iter().map(|a| a.norm as f32).collect();
-                    k * f64::from(median(&mut norms))
-                }
-            };
-            let coefficients = accepted.iter().map(|a| a.weight * clip_factor(a.norm, tau)).collect();
+        Aggregator::WeightedMean | Aggregator::NormBound { .. } => {
+            let coefficients = linear_coefficients(rule, accepted).unwrap_or_default();
             linear(accepted, coefficients, store, base)
         }
         Aggregator::Median => {

@@ -330,8 +330,8 @@ impl<M: Measure> Coordinator<M> {
                 self.rules.outer
             )));
         }
-        if matches!(self.rules.aggregator, Aggregator::CenteredClipping { .. }) {
-            return Err(CoordinatorError::Adapter("centered clipping carries a center across rounds".into()));
+        if let Some(why) = plan.refuses(&self.rules.aggregator) {
+            return Err(CoordinatorError::Adapter(why));
         }
         // The first round's factors are built now, so that a plan the model cannot carry fails here.
         family.form(&plan.round(1)).map_err(|e| CoordinatorError::Adapter(e.to_string()))?;
@@ -376,8 +376,8 @@ impl<M: Measure> Coordinator<M> {
         if self.roster.len() < needed {
             return Err(CoordinatorError::RosterTooSmall { rule: rule.to_string(), needed, roster: self.roster.len() });
         }
-        if self.adapters.is_some() && matches!(rule, Aggregator::CenteredClipping { .. }) {
-            return Err(CoordinatorError::Adapter("centered clipping carries a center across rounds".into()));
+        if let Some(why) = self.adapters.as_ref().and_then(|(plan, _)| plan.refuses(&rule)) {
+            return Err(CoordinatorError::Adapter(why));
         }
         self.rules.aggregator = rule;
         Ok(self)
@@ -547,7 +547,7 @@ impl<M: Measure> Coordinator<M> {
             gains: measurement.gains.clone().unwrap_or_default(),
             declared_quality: record.declared_quality(),
             delta_hash,
-            delta_norm: contribution.delta.norm(),
+            delta_norm: self.open_form().norm(contribution.delta.state()),
         };
         self.admit(round, &contribution, record, signature, admitted, measurement)?;
         tracing::info!(node = %contribution.node, quality, delta = %delta_hash.short(), "contribution measured");

@@ -14,8 +14,8 @@ use weft_coordinator::{
 use weft_core::aggregate::axpy;
 use weft_core::quality::LossTable;
 use weft_core::{
-    AdapterFamily, AdapterPlan, Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy,
-    RejectionCode, Tensor, Weighting,
+    AdapterFamily, AdapterPlan, AdapterTrack, Aggregator, Contribution, Delta, ModelState, NodeId, OuterOptimizer,
+    Policy, RejectionCode, Tensor, Weighting,
 };
 use weft_ledger::Event;
 use weft_llama::{Llama, LlamaAdapters, LlamaConfig, LoraTrainer, LoraTraining, SharedLora, Windows};
@@ -75,17 +75,27 @@ impl Measure for TokenLoss {
 }
 
 fn plan() -> AdapterPlan {
-    AdapterPlan { seed: 9, rank: 2, alpha: 4.0, targets: vec!["q".into(), "v".into(), "up".into(), "down".into()] }
+    AdapterPlan {
+        seed: 9,
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q".into(), "v".into(), "up".into(), "down".into()],
+        track: AdapterTrack::Shared,
+    }
 }
 
 fn coordinator(dir: &std::path::Path, outer: OuterOptimizer) -> DurableCoordinator<TokenLoss> {
+    coordinator_with(dir, outer, plan())
+}
+
+fn coordinator_with(dir: &std::path::Path, outer: OuterOptimizer, plan: AdapterPlan) -> DurableCoordinator<TokenLoss> {
     let members =
         NODES.iter().map(|(n, l)| Member { node: NodeId::new(*n).unwrap(), language: (*l).to_owned() }).collect();
     let policy = Policy::new(0.0, 0.4, 0.5, Weighting::Quality).unwrap();
     let store = Arc::new(FsBlobStore::open(dir.join("blobs")).unwrap());
     Coordinator::new(base(), members, policy, outer, TokenLoss, store)
         .unwrap()
-        .with_adapters(plan(), Arc::new(LlamaAdapters { config: config() }))
+        .with_adapters(plan, Arc::new(LlamaAdapters { config: config() }))
         .unwrap()
         .durable(Box::new(SqliteJournal::open(dir).unwrap()), serde_json::json!({}))
         .unwrap()
@@ -94,10 +104,12 @@ fn coordinator(dir: &std::path::Path, outer: OuterOptimizer) -> DurableCoordinat
 /// What node `i` sends in the open round: B trained a few steps on its language's text.
 fn trained_update(c: &DurableCoordinator<TokenLoss>, i: usize, round: u64) -> Contribution {
     let record = c.adapter_round().unwrap();
+    let full = record.track == AdapterTrack::Full;
     let form = SharedLora::new(&config(), &record).unwrap();
     let model = Llama::from_state(config(), c.base()).unwrap();
     let mut adapters = form.initial().clone();
-    let mut trainer = LoraTrainer::new(LoraTraining { lr: 2e-2, ..LoraTraining::default() }, &adapters);
+    let settings = LoraTraining { lr: 2e-2, train_a: full, ..LoraTraining::default() };
+    let mut trainer = LoraTrainer::new(settings, &adapters);
     let corpus = text(NODES[i].1, 200);
     let windows = Windows { rows: 2, context: 24 };
     trainer.train(&model, &mut adapters, &corpus, 6, windows, &mut SplitMix64::derive(1, NODES[i].0, round)).unwrap();
@@ -105,7 +117,7 @@ fn trained_update(c: &DurableCoordinator<TokenLoss>, i: usize, round: u64) -> Co
         node: NodeId::new(NODES[i].0).unwrap(),
         round,
         base_hash: c.base_hash(),
-        delta: Delta::from_state(form.update_of(&adapters).unwrap()),
+        delta: Delta::from_state(if full { adapters.to_state() } else { form.update_of(&adapters).unwrap() }),
         token_count: 100,
         declared: BTreeMap::new(),
     }
@@ -211,4 +223,54 @@ fn adapter_rounds_refuse_rules_that_carry_state_across_rounds() {
     assert!(adapted.with_aggregator(clipping).is_err());
     let bad_rank = AdapterPlan { rank: 99, ..plan() };
     assert!(make(OuterOptimizer::TAPESTRY).with_adapters(bad_rank, family()).is_err());
+}
+
+/// Both factors trained: the published base is the base plus `Σ influenceᵢ · s·BᵢAᵢ`, summed in
+/// weight space in node order, bit for bit; the ledger replays it; rules that combine updates
+/// coordinate by coordinate are refused by name.
+#[test]
+fn with_both_factors_trained_the_mean_is_taken_of_the_products() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let full = AdapterPlan { track: AdapterTrack::Full, ..plan() };
+    let mut c = coordinator_with(dir, OuterOptimizer::TAPESTRY, full.clone());
+    let family = LlamaAdapters { config: config() };
+    c.open_round().unwrap();
+    assert_eq!(c.adapter_round().map(|r| r.track), Some(AdapterTrack::Full));
+    let before = c.base().clone();
+    let updates: Vec<Contribution> = (0..NODES.len()).map(|i| trained_update(&c, i, 1)).collect();
+    for u in &updates {
+        c.submit(u.clone()).unwrap();
+    }
+    let record = c.close_round().unwrap();
+    assert!(record.accepted >= 2 && record.base_changed, "{:?}", record.contributions);
+    let form = family.form(&full.round(1)).unwrap();
+    let mut step = form.expanded_layout(&before);
+    for u in &updates {
+        let r = record.contributions.iter().find(|r| r.node == u.node).unwrap();
+        if r.influence != 0.0 {
+            form.expand_into(u.delta.state(), r.influence as f32, &mut step).unwrap();
+        }
+        // The norm the policy saw is the weight change's, not the factors'.
+        assert_eq!(r.delta_norm.map(f64::to_bits), Some(form.norm(u.delta.state()).to_bits()));
+    }
+    let mut expected = before.clone();
+    for (name, change) in step.iter() {
+        axpy(expected.get_mut(name).unwrap().data_mut(), 1.0, change.data()).unwrap();
+    }
+    assert_eq!(expected.content_hash(), c.base_hash());
+    let final_hash = c.base_hash();
+    drop(c);
+    let report = verify_with(dir, None, Some(&family)).unwrap();
+    assert_eq!((report.replayed, report.final_base_hash), (1, final_hash));
+
+    let members = vec![Member { node: NodeId::new("n").unwrap(), language: "x".into() }];
+    let store = Arc::new(weft_coordinator::MemoryBlobStore::new());
+    let policy = Policy::new(0.0, 0.4, 0.0, Weighting::Quality).unwrap();
+    let adapted = Coordinator::new(base(), members, policy, OuterOptimizer::TAPESTRY, TokenLoss, store)
+        .unwrap()
+        .with_adapters(full, Arc::new(family))
+        .unwrap();
+    let refused = adapted.with_aggregator(Aggregator::Median).err().unwrap().to_string();
+    assert!(refused.contains("only mean and norm-bound apply"), "{refused}");
 }

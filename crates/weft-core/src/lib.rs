@@ -28,4 +28,4 @@ pub use policy::{Decision, Fairness, Measured, Policy, PolicyError, Priorities, 
 pub use robust::{Aggregator, AggregatorError, NormBound};
 pub use state::{CanonicalHasher, ModelState, StateError};
 pub use tensor::Tensor;
-pub use update::{AdapterFamily, AdapterPlan, AdapterRound, FullWeights, UpdateForm};
+pub use update::{AdapterFamily, AdapterPlan, AdapterRound, AdapterTrack, FullWeights, UpdateForm};

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::delta::Delta;
+use crate::robust::Aggregator;
 use crate::state::{ModelState, StateError};
 
 /// How an update maps onto the base.
@@ -28,6 +29,30 @@ pub trait UpdateForm: Send + Sync + fmt::Debug {
 
     /// What the ledger records so that a replay rebuilds this form (`None`: full weights).
     fn adapter(&self) -> Option<&AdapterRound>;
+
+    /// Whether `apply` is linear in the update, so that a weighted mean of updates stands for the
+    /// weighted mean of their weight changes. A product of two trained factors is not: such
+    /// updates are aggregated in weight space through [`expand_into`](Self::expand_into).
+    fn is_linear(&self) -> bool {
+        true
+    }
+
+    /// Adds `coefficient · W(update)` to `step`, a state in [`expanded_layout`](Self::expanded_layout)
+    /// (only called for forms that are not linear).
+    fn expand_into(&self, update: &ModelState, coefficient: f32, step: &mut ModelState) -> Result<(), StateError> {
+        let _ = (update, coefficient, step);
+        Err(StateError::Format("this update form aggregates in its own layout".into()))
+    }
+
+    /// Zeros shaped as the weight change of a non-linear form: the weights it touches.
+    fn expanded_layout(&self, base: &ModelState) -> ModelState {
+        base.zeros_like()
+    }
+
+    /// The L2 norm of the weight change `update` stands for (what norm bounds and reports read).
+    fn norm(&self, update: &ModelState) -> f64 {
+        update.iter().map(|(_, t)| t.squared_norm()).sum::<f64>().sqrt()
+    }
 
     /// Whether an update is in the weights' own coordinates, the same every round, so that an
     /// outer optimizer's momentum or a robust center carried from one round to the next means
@@ -68,6 +93,27 @@ pub struct AdapterRound {
     pub alpha: f32,
     /// The projections adapted in every layer, as the model family names them (`q`, `v`, …).
     pub targets: Vec<String>,
+    /// Which factors nodes train and send.
+    #[serde(default, skip_serializing_if = "AdapterTrack::is_shared")]
+    pub track: AdapterTrack,
+}
+
+/// LoRA's two tracks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterTrack {
+    /// `A` frozen from the round's seed, nodes send `B`: linear, aggregated on `B`.
+    #[default]
+    Shared,
+    /// Nodes train and send both factors (starting from the round's `A`); the weighted mean is
+    /// taken of the products `Bᵢ·Aᵢ`, in weight space.
+    Full,
+}
+
+impl AdapterTrack {
+    pub fn is_shared(&self) -> bool {
+        *self == AdapterTrack::Shared
+    }
 }
 
 /// A model family's adapters: builds a round's form (its frozen A factors) from the ledger's
@@ -85,9 +131,26 @@ pub struct AdapterPlan {
     pub rank: usize,
     pub alpha: f32,
     pub targets: Vec<String>,
+    #[serde(default, skip_serializing_if = "AdapterTrack::is_shared")]
+    pub track: AdapterTrack,
 }
 
 impl AdapterPlan {
+    /// Why `rule` cannot combine this plan's adapters: centered clipping carries a center across
+    /// rounds (whose adapters share no coordinates); with both factors trained an update's
+    /// tensors are not coordinates of its weight change, so only weighted sums of whole updates
+    /// apply.
+    pub fn refuses(&self, rule: &Aggregator) -> Option<String> {
+        match rule {
+            Aggregator::CenteredClipping { .. } => Some("centered clipping carries a center across rounds".into()),
+            Aggregator::WeightedMean | Aggregator::NormBound { .. } => None,
+            _ if self.track == AdapterTrack::Full => Some(format!(
+                "{rule} combines updates coordinate by coordinate; with both factors trained (--adapter-track full) only mean and norm-bound apply"
+            )),
+            _ => None,
+        }
+    }
+
     /// Round `round`'s adapter: its seed is the first 8 bytes of BLAKE3 over a domain tag, the
     /// plan's seed and the round.
     pub fn round(&self, round: u64) -> AdapterRound {
@@ -103,15 +166,17 @@ impl AdapterPlan {
             rank: self.rank,
             alpha: self.alpha,
             targets: self.targets.clone(),
+            track: self.track,
         }
     }
 }
 
 impl fmt::Display for AdapterRound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let track = if self.track == AdapterTrack::Full { " (A and B trained)" } else { "" };
         write!(
             f,
-            "LoRA rank {} alpha {} on {} (A seed {:#018x})",
+            "LoRA{track} rank {} alpha {} on {} (A seed {:#018x})",
             self.rank,
             self.alpha,
             self.targets.join(","),
@@ -139,7 +204,7 @@ mod tests {
 
     #[test]
     fn every_round_draws_its_own_seed_and_the_same_round_the_same_one() {
-        let plan = AdapterPlan { seed: 7, rank: 4, alpha: 8.0, targets: vec!["q_proj".into()] };
+        let plan = AdapterPlan { seed: 7, rank: 4, alpha: 8.0, targets: vec!["q".into()], track: AdapterTrack::Shared };
         assert_eq!(plan.round(3), plan.round(3));
         assert_ne!(plan.round(3).seed, plan.round(4).seed);
         assert_ne!(plan.round(3).seed, AdapterPlan { seed: 8, ..plan.clone() }.round(3).seed);
@@ -148,8 +213,13 @@ mod tests {
 
     #[test]
     fn an_adapter_round_survives_json_exactly() {
-        let round =
-            AdapterRound { seed: u64::MAX - 3, rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()] };
+        let round = AdapterRound {
+            seed: u64::MAX - 3,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["q".into(), "v".into()],
+            track: AdapterTrack::Full,
+        };
         let text = serde_json::to_string(&round).unwrap();
         assert_eq!(serde_json::from_str::<AdapterRound>(&text).unwrap(), round);
     }

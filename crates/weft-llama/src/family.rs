@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use weft_core::{AdapterFamily, AdapterRound, ModelState, StateError, UpdateForm};
+use weft_core::{AdapterFamily, AdapterRound, AdapterTrack, ModelState, StateError, Tensor, UpdateForm};
 use weft_model::{Evaluator, FamilyError, ModelFamily};
 
 use crate::config::LlamaConfig;
@@ -83,7 +83,10 @@ pub struct LlamaAdapters {
 
 impl AdapterFamily for LlamaAdapters {
     fn form(&self, round: &AdapterRound) -> Result<Arc<dyn UpdateForm>, StateError> {
-        Ok(Arc::new(SharedLora::new(&self.config, round)?))
+        Ok(match round.track {
+            AdapterTrack::Shared => Arc::new(SharedLora::new(&self.config, round)?),
+            AdapterTrack::Full => Arc::new(FullLora::new(&self.config, round)?),
+        })
     }
 }
 
@@ -159,6 +162,107 @@ impl SharedLora {
     }
 }
 
+/// LoRA with both factors trained (`--adapter-track full`): an update is every `A` and `B`, and
+/// stands for `s·B·A`. The weighted mean of such updates is taken of the products, in weight
+/// space ([`UpdateForm::expand_into`]): averaging the `A`s and `B`s apart (FedIT) gives
+/// `mean(B)·mean(A) ≠ mean(B·A)`.
+#[derive(Clone, Debug)]
+pub struct FullLora {
+    config: LlamaConfig,
+    record: AdapterRound,
+    /// `A` from the seed (where nodes start), `B = 0`.
+    factors: Adapters,
+    /// The update layout: every factor.
+    layout: ModelState,
+}
+
+impl FullLora {
+    pub fn new(config: &LlamaConfig, record: &AdapterRound) -> Result<Self, StateError> {
+        let factors =
+            Adapters::init(config, spec_of(record)?, record.seed).map_err(|e| StateError::Format(e.to_string()))?;
+        let layout = factors.to_state();
+        Ok(FullLora { config: config.clone(), record: record.clone(), factors, layout })
+    }
+
+    /// Where a node starts: the round's `A`, `B = 0`.
+    pub fn initial(&self) -> &Adapters {
+        &self.factors
+    }
+
+    fn adapters(&self, update: &ModelState) -> Result<Adapters, StateError> {
+        Adapters::from_state(&self.config, self.factors.spec().clone(), update).map_err(|e| match e {
+            crate::lora::LoraError::State(e) => e,
+            other => StateError::Format(other.to_string()),
+        })
+    }
+}
+
+impl UpdateForm for FullLora {
+    fn layout<'a>(&'a self, _base: &'a ModelState) -> &'a ModelState {
+        &self.layout
+    }
+
+    fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
+        let mut out = base.clone();
+        self.expand_into(update, scale, &mut out)?;
+        Ok(out)
+    }
+
+    fn adapter(&self) -> Option<&AdapterRound> {
+        Some(&self.record)
+    }
+
+    fn is_linear(&self) -> bool {
+        false
+    }
+
+    fn expand_into(&self, update: &ModelState, coefficient: f32, step: &mut ModelState) -> Result<(), StateError> {
+        self.adapters(update)?.merge_into(step, coefficient).map_err(|e| match e {
+            crate::lora::LoraError::State(e) => e,
+            other => StateError::Format(other.to_string()),
+        })
+    }
+
+    fn expanded_layout(&self, _base: &ModelState) -> ModelState {
+        let mut step = ModelState::new();
+        for (layer, projection) in self.factors.adapted() {
+            let (out, inp) = projection.shape(&self.config);
+            step.insert(format!("model.layers.{layer}.{}.weight", projection.module()), Tensor::zeros(vec![out, inp]));
+        }
+        step
+    }
+
+    /// `‖s·B·A‖_F` from `r × r` Gram matrices: `‖BA‖² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ⱼᵢ`, in f64, without
+    /// forming the product.
+    fn norm(&self, update: &ModelState) -> f64 {
+        let Ok(adapters) = self.adapters(update) else { return f64::NAN };
+        let r = self.factors.spec().rank;
+        let s = f64::from(self.factors.spec().scale());
+        let mut total = 0.0;
+        for (layer, projection) in self.factors.adapted() {
+            let Some((a, b)) = adapters.factor(layer, projection) else { continue };
+            let (out, inp) = projection.shape(&self.config);
+            let gram = |m: &[f32], rows: usize, cols: usize, by_rows: bool| {
+                let mut g = vec![0.0f64; r * r];
+                for i in 0..r {
+                    for j in 0..r {
+                        g[i * r + j] = if by_rows {
+                            (0..cols).map(|c| f64::from(m[i * cols + c]) * f64::from(m[j * cols + c])).sum()
+                        } else {
+                            (0..rows).map(|o| f64::from(m[o * cols + i]) * f64::from(m[o * cols + j])).sum()
+                        };
+                    }
+                }
+                g
+            };
+            let aat = gram(a, r, inp, true);
+            let btb = gram(b, out, r, false);
+            total += (0..r * r).map(|k| btb[k] * aat[(k % r) * r + k / r]).sum::<f64>();
+        }
+        s * total.max(0.0).sqrt()
+    }
+}
+
 fn spec_of(record: &AdapterRound) -> Result<LoraSpec, StateError> {
     let targets = record
         .targets
@@ -196,7 +300,13 @@ mod tests {
     use weft_core::Tensor;
 
     fn record(seed: u64) -> AdapterRound {
-        AdapterRound { seed, rank: 2, alpha: 4.0, targets: vec!["q".into(), "v".into(), "down".into()] }
+        AdapterRound {
+            seed,
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q".into(), "v".into(), "down".into()],
+            track: AdapterTrack::Shared,
+        }
     }
 
     fn random_update(form: &SharedLora, seed: u64) -> ModelState {
@@ -249,6 +359,68 @@ mod tests {
             .sqrt();
         let b_norm = u1.get("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().squared_norm().sqrt();
         assert!((change - 2.0 * b_norm).abs() < 1e-4 * change.max(1e-3), "{change} vs {}", 2.0 * b_norm);
+    }
+
+    fn random_full_update(form: &FullLora, seed: u64) -> ModelState {
+        let mut rng = weft_model::SplitMix64::new(seed);
+        let mut update = ModelState::new();
+        for (name, t) in form.layout.iter() {
+            let data = (0..t.len()).map(|_| 0.3 * rng.normal() as f32).collect();
+            update.insert(name, Tensor::new(t.shape().to_vec(), data).unwrap());
+        }
+        update
+    }
+
+    /// With both factors trained, the weighted mean is taken of the products — exact to float
+    /// rounding — while FedIT's mean(B)·mean(A) is far off; and the norm read from r×r Gram
+    /// matrices is the weight change's Frobenius norm.
+    #[test]
+    fn both_factors_aggregate_in_product_space_not_factor_by_factor() {
+        let config = tiny_config(true, false);
+        let form = FullLora::new(&config, &AdapterRound { track: AdapterTrack::Full, ..record(11) }).unwrap();
+        assert!(!form.is_linear());
+        let base = random_state(&config, 1);
+        let (u1, u2) = (random_full_update(&form, 1), random_full_update(&form, 2));
+        let (w1, w2) = (0.4f32, 0.6f32);
+        let mut step = form.expanded_layout(&base);
+        form.expand_into(&u1, w1, &mut step).unwrap();
+        form.expand_into(&u2, w2, &mut step).unwrap();
+        let (one, two) = (form.apply(&base, &u1, 1.0).unwrap(), form.apply(&base, &u2, 1.0).unwrap());
+        let mut fedit = ModelState::new();
+        for (name, t) in u1.iter() {
+            let other = u2.get(name).unwrap().data();
+            let mean = t.data().iter().zip(other).map(|(a, b)| w1 * a + w2 * b).collect();
+            fedit.insert(name, Tensor::new(t.shape().to_vec(), mean).unwrap());
+        }
+        let fedit = form.apply(&base, &fedit, 1.0).unwrap();
+        let (mut worst, mut off, mut size) = (0.0f32, 0.0f64, 0.0f64);
+        for (name, change) in step.iter() {
+            let (b, x, y, f) = (
+                base.get(name).unwrap().data(),
+                one.get(name).unwrap().data(),
+                two.get(name).unwrap().data(),
+                fedit.get(name).unwrap().data(),
+            );
+            for i in 0..change.len() {
+                let truth = w1 * (x[i] - b[i]) + w2 * (y[i] - b[i]);
+                worst = worst.max((change.data()[i] - truth).abs());
+                off += f64::from(f[i] - b[i] - truth).powi(2);
+                size += f64::from(truth).powi(2);
+            }
+        }
+        assert!(worst < 1e-5, "product-space mean off by {worst}");
+        let relative = (off / size).sqrt();
+        assert!(relative > 0.2, "FedIT is off the true mean update by only {relative}");
+        // ‖s·B·A‖ from Gram matrices = the Frobenius norm of the whole weight change.
+        let direct: f64 = one
+            .iter()
+            .map(|(name, t)| {
+                let b = base.get(name).unwrap().data();
+                t.data().iter().zip(b).map(|(x, b)| f64::from(x - b).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!((form.norm(&u1) - direct).abs() < 1e-4 * direct, "{} vs {direct}", form.norm(&u1));
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{LlamaConfig, LlamaConfigError};
-pub use family::{LlamaAdapters, LlamaFamily, SharedLora};
+pub use family::{FullLora, LlamaAdapters, LlamaFamily, SharedLora};
 pub use gguf::{Gguf, GgufError};
 pub use import::{import, ImportError, ImportManifest, Imported};
 pub use lora::{Adapters, LoraError, LoraSpec, Projection};

@@ -221,6 +221,11 @@ impl Adapters {
         Some((&mut head[e.a..e.a + r * e.inp], &mut tail[..e.out * r]))
     }
 
+    /// The adapted `(layer, projection)` pairs, in parameter order.
+    pub fn adapted(&self) -> impl Iterator<Item = (usize, Projection)> + '_ {
+        self.entries.iter().map(|e| (e.layer, e.projection))
+    }
+
     /// Which parameters are `B` factors (the rest are `A`), in parameter order.
     pub fn is_b(&self) -> Vec<bool> {
         let mut mask = vec![false; self.params.len()];

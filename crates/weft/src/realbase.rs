@@ -19,11 +19,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError};
 use weft_core::quality::LossTable;
-use weft_core::{AdapterPlan, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, UpdateForm};
+use weft_core::{
+    AdapterPlan, AdapterRound, AdapterTrack, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer,
+    UpdateForm,
+};
 use weft_durable::write_atomic;
 use weft_llama::{
-    Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraSpec, LoraTrainer, LoraTraining,
-    Projection, SharedLora, Windows,
+    Adapters, FullLora, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraSpec, LoraTrainer,
+    LoraTraining, Projection, SharedLora, Windows,
 };
 use weft_model::SplitMix64;
 
@@ -72,9 +75,28 @@ pub struct AdapterArgs {
     /// Bytes of held-out text per language the coordinator scores every candidate on.
     #[arg(long, default_value_t = 1200)]
     pub heldout_bytes: usize,
+    /// Which factors nodes train and send: `shared` (A frozen from the round's seed, B sent) or
+    /// `full` (both, aggregated as products in weight space; mean and norm-bound only).
+    #[arg(id = "adapter_track", long = "adapter-track", value_enum, default_value_t = Track::Shared)]
+    pub track: Track,
     /// Compare with each node training alone (`alone`, the default) or not (`none`).
     #[arg(long, value_enum, default_value_t = Baseline::Alone)]
     pub baseline: Baseline,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Track {
+    Shared,
+    Full,
+}
+
+impl From<Track> for AdapterTrack {
+    fn from(track: Track) -> Self {
+        match track {
+            Track::Shared => AdapterTrack::Shared,
+            Track::Full => AdapterTrack::Full,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -115,6 +137,7 @@ struct BaseInfo {
 
 #[derive(Serialize)]
 struct AdapterInfo {
+    track: AdapterTrack,
     rank: usize,
     alpha: f32,
     targets: Vec<String>,
@@ -279,6 +302,16 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     let seed = run.seed();
+    let plan = AdapterPlan {
+        seed,
+        rank: adapter.rank,
+        alpha: adapter.alpha,
+        targets: adapter.targets.clone(),
+        track: adapter.track.into(),
+    };
+    if let Some(why) = plan.refuses(&run.aggregator) {
+        bail!("--aggregator: {why}");
+    }
 
     let (name, dir) = resolve_base(base, &data_dir)?;
     let (config, tokenizer, base_state) = crate::model::read_imported(&dir)?;
@@ -320,7 +353,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
 
     let storage = out.join("coordinator");
     std::fs::create_dir_all(&storage).with_context(|| format!("creating {}", storage.display()))?;
-    let plan = AdapterPlan { seed, rank: adapter.rank, alpha: adapter.alpha, targets: adapter.targets.clone() };
     let parameters = base_state.num_values();
     let initial_hash = base_state.content_hash();
     let members = run.members.iter().map(|(node, language)| Member { node: node.clone(), language: language.clone() });
@@ -365,6 +397,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     say!("round 0 base {}  held-out bits/byte {}", initial_hash.short(), bits_table(&initial_loss));
 
     let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
+    // Nodes train A as well only on the full track; private adapters always keep A frozen.
+    let round_training = LoraTraining { train_a: plan.track == AdapterTrack::Full, ..training };
     let windows = Windows { rows: adapter.batch, context: adapter.context };
     while coordinator.round() < rounds {
         let (announcement, done) = match coordinator.open_round_state() {
@@ -373,7 +407,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         };
         let round = announcement.round;
         let record = coordinator.adapter_round().context("an adapter round without its adapter")?;
-        let form = SharedLora::new(&config, &record)?;
+        let form = RoundForm::new(&config, &record)?;
         say!();
         say!("round {round}: {record}");
         // One copy of the frozen base serves every node of this process in turn.
@@ -382,7 +416,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         for node in nodes.iter_mut().filter(|n| !done.contains(&n.id)) {
             let mut adapters = form.initial().clone();
             let mut rng = SplitMix64::derive(seed, node.id.as_str(), round);
-            let report = train_with_bar(&model, &mut adapters, training, node, adapter.steps, windows, &mut rng)?;
+            let report = train_with_bar(&model, &mut adapters, round_training, node, adapter.steps, windows, &mut rng)?;
             let update = form.update_of(&adapters)?;
             let kept_hash = keep_adapter(&node.dir, round, &adapters)?;
             node.artifacts.push((round, kept_hash));
@@ -497,10 +531,11 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     if let Some(kept) = &args.out {
         say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
     }
-    let update_values = SharedLora::new(&config, &plan.round(1))?.layout(&ModelState::new()).num_values();
+    let update_values = RoundForm::new(&config, &plan.round(1))?.update_values();
     let report = RealBaseReport {
         base: BaseInfo { name, dir, config, parameters },
         adapter: AdapterInfo {
+            track: plan.track,
             rank: adapter.rank,
             alpha: adapter.alpha,
             targets: adapter.targets.clone(),
@@ -534,6 +569,43 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// A round's adapter as a node sees it: where training starts and what it sends.
+enum RoundForm {
+    Shared(SharedLora),
+    Full(FullLora),
+}
+
+impl RoundForm {
+    fn new(config: &LlamaConfig, record: &AdapterRound) -> anyhow::Result<Self> {
+        Ok(match record.track {
+            AdapterTrack::Shared => RoundForm::Shared(SharedLora::new(config, record)?),
+            AdapterTrack::Full => RoundForm::Full(FullLora::new(config, record)?),
+        })
+    }
+
+    fn initial(&self) -> &Adapters {
+        match self {
+            RoundForm::Shared(form) => form.initial(),
+            RoundForm::Full(form) => form.initial(),
+        }
+    }
+
+    /// The shared track sends `B`; the full track every factor.
+    fn update_of(&self, adapters: &Adapters) -> anyhow::Result<ModelState> {
+        Ok(match self {
+            RoundForm::Shared(form) => form.update_of(adapters)?,
+            RoundForm::Full(_) => adapters.to_state(),
+        })
+    }
+
+    fn update_values(&self) -> usize {
+        match self {
+            RoundForm::Shared(form) => form.layout(&ModelState::new()).num_values(),
+            RoundForm::Full(form) => form.layout(&ModelState::new()).num_values(),
+        }
+    }
 }
 
 /// How a node trains an adapter for itself (its sovereign adapter, or the node-alone baseline).

@@ -141,6 +141,16 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     assert!(again["languages"][0]["alone"].is_null());
     let other = demo(&base, &tmp.path().join("three"), &["--baseline", "none", "--seed", "1"]);
     assert_ne!(other["final_base_hash"], first["final_base_hash"]);
+
+    // Both factors trained: nodes send A and B (twice the values here), the ledger replays.
+    let full = demo(&base, &tmp.path().join("full"), &["--baseline", "none", "--adapter-track", "full"]);
+    assert_eq!(full["adapter"]["track"], "full");
+    assert_eq!(full["adapter"]["update_values"], 2 * 2 * 256 * 2);
+    let storage = tmp.path().join("full/coordinator");
+    let verified = weft(&["ledger", "verify", storage.to_str().unwrap(), "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(report["final_base_hash"], full["final_base_hash"]);
 }
 
 #[test]
@@ -159,6 +169,7 @@ fn bad_real_base_settings_get_a_clear_error() {
         (&["demo", "--base", b, "--outer", "nesterov"], "plain outer optimizer"),
         (&["demo", "--base", b, "--languages", "de,xx"], "unknown language 'xx'"),
         (&["demo", "--base", b, "--governance"], "drop --processes, --attack and --governance"),
+        (&["demo", "--base", b, "--adapter-track", "full", "--aggregator", "median"], "--aggregator: median"),
     ];
     for (args, expected) in cases {
         let out = weft(args);
