@@ -364,7 +364,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         initial_hash.short()
     );
     say!(
-        "  adapters: rank {} alpha {} on {} · {} steps of {}×{} tokens per round · lr {}",
+        "  adapters ({} track): rank {} alpha {} on {} · {} steps of {}×{} tokens per round · lr {}",
+        if plan.track == AdapterTrack::Full { "full" } else { "shared" },
         adapter.rank,
         adapter.alpha,
         adapter.targets.join(","),
