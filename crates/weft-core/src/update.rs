@@ -1,12 +1,13 @@
 //! What the tensors a node sends stand for: a change of every weight (the byte model's deltas),
-//! or a low-rank adapter that expands into a change of some weights through factors the
-//! coordinator fixed for the round (LoRA's shared track).
+//! or a low-rank adapter that expands into a change of some weights.
 //!
-//! The coordinator checks, measures, caps and aggregates updates in their own layout (for
-//! adapters: the B factors, a few MB instead of the model) and only expands through
+//! The coordinator checks, measures, caps and aggregates updates in their own layout (for LoRA's
+//! shared track: the B factors, a few MB instead of the model) and only expands through
 //! [`UpdateForm::apply`] when it needs weights: to measure a candidate and to publish a base.
-//! Because applying is linear in the update, `apply(base, Σ wᵢ·uᵢ)` is exactly the weighted mean
-//! of the weight changes `Σ wᵢ·W(uᵢ)` — never the FedIT error of averaging two factors apart.
+//! Where applying is linear in the update, `apply(base, Σ wᵢ·uᵢ)` is exactly the weighted mean
+//! of the weight changes `Σ wᵢ·W(uᵢ)`. Where it is not (both LoRA factors trained), the weighted
+//! mean is taken of the expanded changes ([`UpdateForm::expand_into`]) — never the FedIT error of
+//! averaging two factors apart.
 
 use std::fmt;
 use std::sync::Arc;

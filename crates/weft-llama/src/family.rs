@@ -92,9 +92,10 @@ impl AdapterFamily for LlamaAdapters {
 
 /// LoRA's shared track for one round: frozen `A` factors drawn from the round's seed; an update
 /// is the `B` factors (`model.layers.L.<module>.lora_B.weight`, `[out, rank]`), and stands for
-/// the weight change `s·B·A`. With `A`'s rows orthonormal, `‖B·A‖ = ‖B‖` and distances between
-/// updates are distances between weight changes, so norms, caps, Krum and clipping on `B` mean
-/// what they mean on weights.
+/// the weight change `s·B·A`. With `A`'s rows orthonormal, `‖s·B·A‖ = s·‖B‖` (the norm the
+/// policy reads, see `norm`) and distances between updates are the weight changes' over `s`,
+/// so caps and Krum's selection act on the weight changes; coordinate-wise rules (median,
+/// trimmed mean) act in `B`'s coordinates.
 #[derive(Clone, Debug)]
 pub struct SharedLora {
     config: LlamaConfig,
@@ -278,6 +279,12 @@ impl UpdateForm for SharedLora {
         &self.layout
     }
 
+    /// `‖s·B·A‖ = s·‖B‖`: `A`'s rows are orthonormal.
+    fn norm(&self, update: &ModelState) -> f64 {
+        let b = update.iter().map(|(_, t)| t.squared_norm()).sum::<f64>().sqrt();
+        f64::from(self.factors.spec().scale()) * b
+    }
+
     fn apply(&self, base: &ModelState, update: &ModelState, scale: f32) -> Result<ModelState, StateError> {
         let adapters = self.adapters_with(update)?;
         let mut out = base.clone();
@@ -359,6 +366,16 @@ mod tests {
             .sqrt();
         let b_norm = u1.get("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().squared_norm().sqrt();
         assert!((change - 2.0 * b_norm).abs() < 1e-4 * change.max(1e-3), "{change} vs {}", 2.0 * b_norm);
+        // The norm the policy reads is the whole weight change's.
+        let whole: f64 = one
+            .iter()
+            .map(|(name, t)| {
+                let b = base.get(name).unwrap().data();
+                t.data().iter().zip(b).map(|(x, b)| f64::from(x - b).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!((form.norm(&u1) - whole).abs() < 1e-4 * whole, "{} vs {whole}", form.norm(&u1));
     }
 
     fn random_full_update(form: &FullLora, seed: u64) -> ModelState {
