@@ -316,14 +316,27 @@ mod tests {
         }
     }
 
-    fn random_update(form: &SharedLora, seed: u64) -> ModelState {
+    /// Random values (standard deviation `std`) in an update `layout`.
+    fn random_update(layout: &ModelState, std: f32, seed: u64) -> ModelState {
         let mut rng = weft_model::SplitMix64::new(seed);
         let mut update = ModelState::new();
-        for (name, t) in form.layout.iter() {
-            let data = (0..t.len()).map(|_| 0.05 * rng.normal() as f32).collect();
+        for (name, t) in layout.iter() {
+            let data = (0..t.len()).map(|_| std * rng.normal() as f32).collect();
             update.insert(name, Tensor::new(t.shape().to_vec(), data).unwrap());
         }
         update
+    }
+
+    /// The Frobenius norm of `changed − base`, over every tensor, in f64.
+    fn change_norm(base: &ModelState, changed: &ModelState) -> f64 {
+        changed
+            .iter()
+            .map(|(name, t)| {
+                let b = base.get(name).unwrap().data();
+                t.data().iter().zip(b).map(|(x, b)| f64::from(x - b).powi(2)).sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// The weighted mean of updates in B, merged, is the weighted mean of each update's weight
@@ -333,7 +346,7 @@ mod tests {
         let config = tiny_config(true, false);
         let form = SharedLora::new(&config, &record(11)).unwrap();
         let base = random_state(&config, 1);
-        let (u1, u2) = (random_update(&form, 1), random_update(&form, 2));
+        let (u1, u2) = (random_update(&form.layout, 0.05, 1), random_update(&form.layout, 0.05, 2));
         let (w1, w2) = (0.3f32, 0.7f32);
         let mut mean = form.layout(&base).zeros_like();
         for (name, t) in mean.iter_mut() {
@@ -367,25 +380,8 @@ mod tests {
         let b_norm = u1.get("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().squared_norm().sqrt();
         assert!((change - 2.0 * b_norm).abs() < 1e-4 * change.max(1e-3), "{change} vs {}", 2.0 * b_norm);
         // The norm the policy reads is the whole weight change's.
-        let whole: f64 = one
-            .iter()
-            .map(|(name, t)| {
-                let b = base.get(name).unwrap().data();
-                t.data().iter().zip(b).map(|(x, b)| f64::from(x - b).powi(2)).sum::<f64>()
-            })
-            .sum::<f64>()
-            .sqrt();
+        let whole = change_norm(&base, &one);
         assert!((form.norm(&u1) - whole).abs() < 1e-4 * whole, "{} vs {whole}", form.norm(&u1));
-    }
-
-    fn random_full_update(form: &FullLora, seed: u64) -> ModelState {
-        let mut rng = weft_model::SplitMix64::new(seed);
-        let mut update = ModelState::new();
-        for (name, t) in form.layout.iter() {
-            let data = (0..t.len()).map(|_| 0.3 * rng.normal() as f32).collect();
-            update.insert(name, Tensor::new(t.shape().to_vec(), data).unwrap());
-        }
-        update
     }
 
     /// With both factors trained, the weighted mean is taken of the products — exact to float
@@ -397,7 +393,7 @@ mod tests {
         let form = FullLora::new(&config, &AdapterRound { track: AdapterTrack::Full, ..record(11) }).unwrap();
         assert!(!form.is_linear());
         let base = random_state(&config, 1);
-        let (u1, u2) = (random_full_update(&form, 1), random_full_update(&form, 2));
+        let (u1, u2) = (random_update(&form.layout, 0.3, 1), random_update(&form.layout, 0.3, 2));
         let (w1, w2) = (0.4f32, 0.6f32);
         let mut step = form.expanded_layout(&base);
         form.expand_into(&u1, w1, &mut step).unwrap();
@@ -429,14 +425,7 @@ mod tests {
         let relative = (off / size).sqrt();
         assert!(relative > 0.2, "FedIT is off the true mean update by only {relative}");
         // ‖s·B·A‖ from Gram matrices = the Frobenius norm of the whole weight change.
-        let direct: f64 = one
-            .iter()
-            .map(|(name, t)| {
-                let b = base.get(name).unwrap().data();
-                t.data().iter().zip(b).map(|(x, b)| f64::from(x - b).powi(2)).sum::<f64>()
-            })
-            .sum::<f64>()
-            .sqrt();
+        let direct = change_norm(&base, &one);
         assert!((form.norm(&u1) - direct).abs() < 1e-4 * direct, "{} vs {direct}", form.norm(&u1));
     }
 
@@ -445,7 +434,7 @@ mod tests {
         let config = tiny_config(true, false);
         let form = SharedLora::new(&config, &record(11)).unwrap();
         let base = random_state(&config, 1);
-        let mut update = random_update(&form, 1);
+        let mut update = random_update(&form.layout, 0.05, 1);
         update.remove("model.layers.0.self_attn.q_proj.lora_B.weight");
         assert!(matches!(form.apply(&base, &update, 1.0), Err(StateError::MissingTensor { .. })));
         let other = SharedLora::new(&config, &record(12)).unwrap();

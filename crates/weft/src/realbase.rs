@@ -472,6 +472,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     }
     drop(final_model);
     let mut alone = BTreeMap::new();
+    // Read again rather than kept: a copy held through the rounds would cost another 540 MB.
     let (_, _, initial_state) = crate::model::read_imported(&dir)?;
     let model = Llama::from_state(config.clone(), &initial_state)?;
     drop(initial_state);
