@@ -4,9 +4,9 @@
 
 use std::fmt;
 
-use weft_core::ModelState;
+use weft_core::{AdapterRound, ModelState};
 
-use crate::{Gpt, GptConfig, ModelError};
+use crate::{Gpt, GptConfig, ModelError, SplitMix64};
 
 /// A family's own error, carried as is (its message names what was wrong).
 pub type FamilyError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,6 +26,34 @@ pub trait Evaluator: Send {
     /// The loaded model's loss on `text`, in nats per byte of text scored (comparable across
     /// tokenizers and families).
     fn nats_per_byte(&mut self, text: &[u8]) -> Result<f64, FamilyError>;
+}
+
+/// How a node trains a round's adapter, whatever the family behind it: the node hands over the
+/// base as named f32 state and the round's adapter record, and gets named f32 state back.
+pub trait AdapterTrainer: Send {
+    /// Trains `round`'s adapter from `base` on the node's own text, drawing its windows from
+    /// `rng`; `on_step(step, loss)` reports progress.
+    fn train_round(
+        &mut self,
+        base: &ModelState,
+        round: &AdapterRound,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedAdapter, FamilyError>;
+}
+
+/// One round's adapter training, as the node keeps and sends it.
+#[derive(Clone, Debug)]
+pub struct TrainedAdapter {
+    /// What the node sends, in the round's update form (the `B` factors on the shared track).
+    pub update: ModelState,
+    /// What the node keeps: every factor of the adapter it trained.
+    pub adapter: ModelState,
+    pub steps: u64,
+    pub tokens: u64,
+    /// Mean training loss over the round, nats per token.
+    pub mean_loss: f64,
+    pub last_loss: f64,
 }
 
 /// The built-in byte-level GPT, scored in batches of `batch_rows` windows.

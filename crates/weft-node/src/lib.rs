@@ -3,10 +3,12 @@
 //!
 //! [`Contribution`]: weft_core::Contribution
 
+mod adapter;
 mod artifact;
 mod corpus;
 mod node;
 
+pub use adapter::{AdapterManifest, AdapterNode};
 pub use artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 pub use corpus::LocalCorpus;
 pub use node::{Cycle, Node, NodeError, NodeSettings};

@@ -53,6 +53,8 @@ pub enum NodeError {
     Artifact { node: NodeId, dir: PathBuf, source: std::io::Error },
     #[error("node {node}: {source}")]
     Delta { node: NodeId, source: StateError },
+    #[error("node {node}: training failed: {detail}")]
+    Training { node: NodeId, detail: String },
 }
 
 /// What one cycle leaves: the artifact the node keeps and the contribution it sends.

@@ -19,14 +19,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError};
 use weft_core::quality::LossTable;
-use weft_core::{
-    AdapterPlan, AdapterRound, AdapterTrack, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer,
-    UpdateForm,
-};
+use weft_core::{AdapterPlan, AdapterTrack, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer};
 use weft_durable::write_atomic;
 use weft_llama::{
-    Adapters, FullLora, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraSpec, LoraTrainer,
-    LoraTraining, Projection, SharedLora, Windows,
+    train_steps, Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraNodeTrainer, LoraSpec,
+    LoraTraining, Projection, RoundAdapter, Windows,
 };
 use weft_model::SplitMix64;
 
@@ -183,7 +180,8 @@ struct NodeRow {
 struct RealNode {
     id: NodeId,
     language: String,
-    tokens: Vec<u32>,
+    /// Its tokenized text and local settings.
+    trainer: LoraNodeTrainer,
     dir: PathBuf,
     /// The hash of the private adapter the node trained on the final base and keeps.
     sovereign: Option<ContentHash>,
@@ -324,6 +322,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     let family = Arc::new(LlamaFamily { config: config.clone(), tokenizer: tokenizer.clone(), context: SCORE_CONTEXT });
     let adapters_family = Arc::new(LlamaAdapters { config: config.clone() });
 
+    let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
+    let windows = Windows { rows: adapter.batch, context: adapter.context };
     // Each language's text: the node trains on the head, the coordinator holds out the tail.
     let mut heldout = BTreeMap::new();
     let mut own_text = BTreeMap::new();
@@ -343,7 +343,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         nodes.push(RealNode {
             id: id.clone(),
             language: language.clone(),
-            tokens,
+            trainer: LoraNodeTrainer { config: config.clone(), tokens, training, steps: adapter.steps, windows },
             dir: out.join("nodes").join(id.as_str()),
             sovereign: None,
             artifacts: Vec::new(),
@@ -397,10 +397,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     }
     say!("round 0 base {}  held-out bits/byte {}", initial_hash.short(), bits_table(&initial_loss));
 
-    let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
-    // Nodes train A as well only on the full track; private adapters always keep A frozen.
-    let round_training = LoraTraining { train_a: plan.track == AdapterTrack::Full, ..training };
-    let windows = Windows { rows: adapter.batch, context: adapter.context };
     while coordinator.round() < rounds {
         let (announcement, done) = match coordinator.open_round_state() {
             Some(state) => state,
@@ -408,27 +404,38 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         };
         let round = announcement.round;
         let record = coordinator.adapter_round().context("an adapter round without its adapter")?;
-        let form = RoundForm::new(&config, &record)?;
         say!();
         say!("round {round}: {record}");
         // One copy of the frozen base serves every node of this process in turn.
         let model = Llama::from_state(config.clone(), coordinator.base())?;
         let mut contributions = Vec::new();
         for node in nodes.iter_mut().filter(|n| !done.contains(&n.id)) {
-            let mut adapters = form.initial().clone();
             let mut rng = SplitMix64::derive(seed, node.id.as_str(), round);
-            let report = train_with_bar(&model, &mut adapters, round_training, node, adapter.steps, windows, &mut rng)?;
-            let update = form.update_of(&adapters)?;
-            let kept_hash = keep_adapter(&node.dir, round, &adapters)?;
+            let bar = step_bar(&node.id, adapter.steps)?;
+            let mut on_step = |step, loss: f64| {
+                bar.set_position(step);
+                bar.set_message(format!("{loss:.3}"));
+            };
+            let trained =
+                node.trainer.train_on(&model, &record, &mut rng, &mut on_step).map_err(|e| anyhow::anyhow!(e))?;
+            bar.finish_and_clear();
+            say!(
+                "  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token",
+                node.id,
+                trained.steps,
+                trained.mean_loss,
+                trained.last_loss
+            );
+            let kept_hash = keep_adapter(&node.dir, round, &trained.adapter)?;
             node.artifacts.push((round, kept_hash));
-            node.bytes_sent += (update.num_values() * 4) as u64;
-            let declared = BTreeMap::from([("train_loss".to_owned(), report.mean_loss)]);
+            node.bytes_sent += (trained.update.num_values() * 4) as u64;
+            let declared = BTreeMap::from([("train_loss".to_owned(), trained.mean_loss)]);
             contributions.push(Contribution {
                 node: node.id.clone(),
                 round,
                 base_hash: announcement.base_hash,
-                delta: Delta::from_state(update),
-                token_count: report.tokens,
+                delta: Delta::from_state(trained.update),
+                token_count: trained.tokens,
                 declared,
             });
         }
@@ -467,7 +474,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     for node in &mut nodes {
         let text = &heldout[&node.language];
         let (adapters, nats) = private.train(&final_model, node, adapter.steps, ("sovereign", seed ^ 0x5e1f), text)?;
-        node.sovereign = Some(keep_adapter(&node.dir.join("sovereign"), rounds, &adapters)?);
+        node.sovereign = Some(keep_adapter(&node.dir.join("sovereign"), rounds, &adapters.to_state())?);
         sovereign.insert(node.language.clone(), nats);
     }
     drop(final_model);
@@ -533,7 +540,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     if let Some(kept) = &args.out {
         say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
     }
-    let update_values = RoundForm::new(&config, &plan.round(1))?.update_values();
+    let update_values = RoundAdapter::new(&config, &plan.round(1))?.update_values();
     let report = RealBaseReport {
         base: BaseInfo { name, dir, config, parameters },
         adapter: AdapterInfo {
@@ -555,7 +562,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             .map(|n| NodeRow {
                 node: n.id.clone(),
                 language: n.language.clone(),
-                train_tokens: n.tokens.len(),
+                train_tokens: n.trainer.tokens.len(),
                 bytes_sent: n.bytes_sent,
                 artifacts: n.artifacts.clone(),
                 sovereign: n.sovereign,
@@ -571,43 +578,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// A round's adapter as a node sees it: where training starts and what it sends.
-enum RoundForm {
-    Shared(SharedLora),
-    Full(FullLora),
-}
-
-impl RoundForm {
-    fn new(config: &LlamaConfig, record: &AdapterRound) -> anyhow::Result<Self> {
-        Ok(match record.track {
-            AdapterTrack::Shared => RoundForm::Shared(SharedLora::new(config, record)?),
-            AdapterTrack::Full => RoundForm::Full(FullLora::new(config, record)?),
-        })
-    }
-
-    fn initial(&self) -> &Adapters {
-        match self {
-            RoundForm::Shared(form) => form.initial(),
-            RoundForm::Full(form) => form.initial(),
-        }
-    }
-
-    /// The shared track sends `B`; the full track every factor.
-    fn update_of(&self, adapters: &Adapters) -> anyhow::Result<ModelState> {
-        Ok(match self {
-            RoundForm::Shared(form) => form.update_of(adapters)?,
-            RoundForm::Full(_) => adapters.to_state(),
-        })
-    }
-
-    fn update_values(&self) -> usize {
-        match self {
-            RoundForm::Shared(form) => form.layout(&ModelState::new()).num_values(),
-            RoundForm::Full(form) => form.layout(&ModelState::new()).num_values(),
-        }
-    }
 }
 
 /// How a node trains an adapter for itself (its sovereign adapter, or the node-alone baseline).
@@ -653,6 +623,17 @@ fn spinner(message: String) -> anyhow::Result<ProgressBar> {
     Ok(bar)
 }
 
+/// A progress bar for `steps` steps of `node`'s training; `on_step` moves it.
+fn step_bar(node: &NodeId, steps: u64) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("  {prefix:<14} {bar:30} {pos:>3}/{len} steps  loss {msg}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    bar.set_prefix(node.to_string());
+    Ok(bar)
+}
+
 /// Trains `adapters` on the node's tokens with a progress bar; returns the training report.
 fn train_with_bar(
     model: &Llama,
@@ -663,25 +644,12 @@ fn train_with_bar(
     windows: Windows,
     rng: &mut SplitMix64,
 ) -> anyhow::Result<weft_llama::LoraReport> {
-    let bar = ProgressBar::new(steps);
-    bar.set_style(
-        ProgressStyle::with_template("  {prefix:<14} {bar:30} {pos:>3}/{len} steps  loss {msg}")
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
-    bar.set_prefix(node.id.to_string());
-    let mut trainer = LoraTrainer::new(training, adapters);
-    let mut total = weft_llama::LoraReport::default();
-    let mut sum = 0.0;
-    for step in 1..=steps {
-        let report = trainer.train(model, adapters, &node.tokens, 1, windows, rng)?;
-        sum += report.mean_loss;
-        total.steps += report.steps;
-        total.tokens += report.tokens;
-        total.last_loss = report.last_loss;
+    let bar = step_bar(&node.id, steps)?;
+    let mut on_step = |step, loss: f64| {
         bar.set_position(step);
-        bar.set_message(format!("{:.3}", report.last_loss));
-    }
-    total.mean_loss = sum / steps.max(1) as f64;
+        bar.set_message(format!("{loss:.3}"));
+    };
+    let total = train_steps(model, adapters, training, &node.trainer.tokens, steps, windows, rng, &mut on_step)?;
     bar.finish_and_clear();
     say!("  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token", node.id, steps, total.mean_loss, total.last_loss);
     Ok(total)
@@ -689,10 +657,9 @@ fn train_with_bar(
 
 /// Writes the node's adapter of `round` (A and B, PEFT-style names) under its directory and
 /// returns its content hash (the node's manifest names it).
-fn keep_adapter(dir: &Path, round: u64, adapters: &Adapters) -> anyhow::Result<ContentHash> {
+fn keep_adapter(dir: &Path, round: u64, state: &ModelState) -> anyhow::Result<ContentHash> {
     let round_dir = dir.join(format!("round-{round:04}"));
     std::fs::create_dir_all(&round_dir).with_context(|| format!("creating {}", round_dir.display()))?;
-    let state: ModelState = adapters.to_state();
     let hash = state.content_hash();
     write_atomic(&round_dir.join("adapter.safetensors"), &state.to_safetensors(None)?)?;
     let manifest = serde_json::json!({ "round": round, "adapter_hash": hash, "file": "adapter.safetensors" });

@@ -1,0 +1,143 @@
+//! A node's side of an adapter round on a Llama base: start from the round's frozen factors,
+//! train on the node's own tokens, send the round's update form, keep every factor.
+
+use weft_core::{AdapterRound, AdapterTrack, ModelState, StateError, UpdateForm};
+use weft_model::{AdapterTrainer, FamilyError, SplitMix64, TrainedAdapter};
+
+use crate::config::LlamaConfig;
+use crate::family::{FullLora, SharedLora};
+use crate::lora::Adapters;
+use crate::model::{Llama, LlamaError};
+use crate::train::{LoraReport, LoraTrainer, LoraTraining, Windows};
+
+/// A round's adapter as a node sees it: where training starts and what it sends.
+#[derive(Clone, Debug)]
+pub enum RoundAdapter {
+    Shared(SharedLora),
+    Full(FullLora),
+}
+
+impl RoundAdapter {
+    pub fn new(config: &LlamaConfig, record: &AdapterRound) -> Result<Self, StateError> {
+        Ok(match record.track {
+            AdapterTrack::Shared => RoundAdapter::Shared(SharedLora::new(config, record)?),
+            AdapterTrack::Full => RoundAdapter::Full(FullLora::new(config, record)?),
+        })
+    }
+
+    /// The round's factors before training: `A` from the round's seed, `B = 0`.
+    pub fn initial(&self) -> &Adapters {
+        match self {
+            RoundAdapter::Shared(form) => form.initial(),
+            RoundAdapter::Full(form) => form.initial(),
+        }
+    }
+
+    /// What a node sends for its trained `adapters`: `B` on the shared track, every factor on
+    /// the full track.
+    pub fn update_of(&self, adapters: &Adapters) -> Result<ModelState, StateError> {
+        match self {
+            RoundAdapter::Shared(form) => form.update_of(adapters),
+            RoundAdapter::Full(_) => Ok(adapters.to_state()),
+        }
+    }
+
+    /// f32 values in one update.
+    pub fn update_values(&self) -> usize {
+        match self {
+            RoundAdapter::Shared(form) => form.layout(&ModelState::new()).num_values(),
+            RoundAdapter::Full(form) => form.layout(&ModelState::new()).num_values(),
+        }
+    }
+
+    /// Whether nodes train `A` too (the full track); the shared track keeps it frozen.
+    pub fn trains_a(&self) -> bool {
+        matches!(self, RoundAdapter::Full(_))
+    }
+}
+
+/// `steps` steps of adapter training, one at a time so that `on_step(step, loss)` can report
+/// each; the windows are drawn from `rng` exactly as [`LoraTrainer::train`] draws them.
+#[allow(clippy::too_many_arguments)]
+pub fn train_steps(
+    model: &Llama,
+    adapters: &mut Adapters,
+    training: LoraTraining,
+    tokens: &[u32],
+    steps: u64,
+    windows: Windows,
+    rng: &mut SplitMix64,
+    on_step: &mut dyn FnMut(u64, f64),
+) -> Result<LoraReport, LlamaError> {
+    let mut trainer = LoraTrainer::new(training, adapters);
+    let mut total = LoraReport::default();
+    let mut sum = 0.0;
+    for step in 1..=steps {
+        let report = trainer.train(model, adapters, tokens, 1, windows, rng)?;
+        sum += report.mean_loss;
+        total.steps += report.steps;
+        total.tokens += report.tokens;
+        total.last_loss = report.last_loss;
+        on_step(step, report.last_loss);
+    }
+    total.mean_loss = sum / steps.max(1) as f64;
+    Ok(total)
+}
+
+/// How one node trains every adapter round: its tokenized text and its local settings.
+#[derive(Clone, Debug)]
+pub struct LoraNodeTrainer {
+    pub config: LlamaConfig,
+    /// The node's training text, tokenized once.
+    pub tokens: Vec<u32>,
+    /// AdamW settings (`train_a` follows the round's track).
+    pub training: LoraTraining,
+    pub steps: u64,
+    pub windows: Windows,
+}
+
+impl LoraNodeTrainer {
+    /// Trains `record`'s adapter on `model` (the round's base, already built: one copy can
+    /// serve every node of a process in turn).
+    pub fn train_on(
+        &self,
+        model: &Llama,
+        record: &AdapterRound,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedAdapter, FamilyError> {
+        if self.tokens.len() < self.windows.context {
+            return Err(format!(
+                "the node's text has {} tokens, fewer than one training window of {}",
+                self.tokens.len(),
+                self.windows.context
+            )
+            .into());
+        }
+        let form = RoundAdapter::new(&self.config, record)?;
+        let mut adapters = form.initial().clone();
+        let training = LoraTraining { train_a: form.trains_a(), ..self.training };
+        let report = train_steps(model, &mut adapters, training, &self.tokens, self.steps, self.windows, rng, on_step)?;
+        Ok(TrainedAdapter {
+            update: form.update_of(&adapters)?,
+            adapter: adapters.to_state(),
+            steps: report.steps,
+            tokens: report.tokens,
+            mean_loss: report.mean_loss,
+            last_loss: report.last_loss,
+        })
+    }
+}
+
+impl AdapterTrainer for LoraNodeTrainer {
+    fn train_round(
+        &mut self,
+        base: &ModelState,
+        round: &AdapterRound,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedAdapter, FamilyError> {
+        let model = Llama::from_state(self.config.clone(), base)?;
+        self.train_on(&model, round, rng, on_step)
+    }
+}

@@ -1,0 +1,227 @@
+//! A node of a consortium whose contributions are adapters: each round it trains the round's
+//! adapter on its own text from the announced base (through [`AdapterTrainer`], whatever the
+//! model family), keeps every factor on its own disk, and sends the round's update form.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId};
+use weft_durable::write_atomic;
+use weft_model::{AdapterTrainer, SplitMix64};
+
+use crate::node::NodeError;
+
+/// `manifest.json` beside a round's kept adapter: written last, so a round is complete on disk
+/// once its manifest is there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterManifest {
+    pub node: NodeId,
+    pub language: String,
+    pub round: u64,
+    /// The shared base the adapter was trained on.
+    pub base_hash: ContentHash,
+    /// The round's adapter as the coordinator announced it (seed of `A`, rank, targets, track).
+    pub adapter: AdapterRound,
+    /// Content hash of `adapter.safetensors`: every factor, kept on the node.
+    pub adapter_hash: ContentHash,
+    /// Content hash of `update.safetensors`: what the node sent.
+    pub update_hash: ContentHash,
+    pub steps: u64,
+    pub tokens: u64,
+    /// Mean training loss of the round, nats per token.
+    pub train_loss: f64,
+}
+
+pub struct AdapterNode {
+    id: NodeId,
+    language: String,
+    trainer: Box<dyn AdapterTrainer>,
+    /// The run's seed: each node and round draws its own stream of training windows from it.
+    seed: u64,
+    dir: PathBuf,
+}
+
+impl AdapterNode {
+    pub const ADAPTER_FILE: &'static str = "adapter.safetensors";
+    pub const UPDATE_FILE: &'static str = "update.safetensors";
+    pub const MANIFEST_FILE: &'static str = "manifest.json";
+
+    /// A node that keeps its adapters under `dir` (one `round-NNNN/` per round).
+    pub fn new(
+        id: NodeId,
+        language: impl Into<String>,
+        trainer: Box<dyn AdapterTrainer>,
+        seed: u64,
+        dir: impl Into<PathBuf>,
+    ) -> Self {
+        AdapterNode { id, language: language.into(), trainer, seed, dir: dir.into() }
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    fn round_dir(&self, round: u64) -> PathBuf {
+        self.dir.join(format!("round-{round:04}"))
+    }
+
+    /// One round: check the base against its announced hash, train `adapter` on it, keep the
+    /// adapter, return the contribution (its delta is the update). A round already complete on
+    /// disk for the same base and adapter is sent again, not trained again.
+    pub fn run_cycle(
+        &mut self,
+        round: u64,
+        base: &ModelState,
+        base_hash: ContentHash,
+        adapter: &AdapterRound,
+        mut on_step: impl FnMut(u64, f64),
+    ) -> Result<Contribution, NodeError> {
+        let actual = base.content_hash();
+        if actual != base_hash {
+            return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
+        }
+        let dir = self.round_dir(round);
+        if let Some((manifest, update)) = read_kept(&dir) {
+            if manifest.round == round && manifest.base_hash == base_hash && &manifest.adapter == adapter {
+                tracing::info!(node = %self.id, round, "adapter already on disk: sending it again");
+                return Ok(self.contribution(&manifest, update));
+            }
+        }
+        let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
+        let trained = self
+            .trainer
+            .train_round(base, adapter, &mut rng, &mut on_step)
+            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })?;
+        let manifest = AdapterManifest {
+            node: self.id.clone(),
+            language: self.language.clone(),
+            round,
+            base_hash,
+            adapter: adapter.clone(),
+            adapter_hash: trained.adapter.content_hash(),
+            update_hash: trained.update.content_hash(),
+            steps: trained.steps,
+            tokens: trained.tokens,
+            train_loss: trained.mean_loss,
+        };
+        let io = |source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let delta = |source| NodeError::Delta { node: self.id.clone(), source };
+        write_atomic(&dir.join(Self::ADAPTER_FILE), &trained.adapter.to_safetensors(None).map_err(delta)?)
+            .map_err(io)?;
+        write_atomic(&dir.join(Self::UPDATE_FILE), &trained.update.to_safetensors(None).map_err(delta)?)
+            .map_err(io)?;
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(std::io::Error::other(e)))?;
+        weft_durable::crash::point("node-trained");
+        write_atomic(&dir.join(Self::MANIFEST_FILE), &text).map_err(io)?;
+        Ok(self.contribution(&manifest, trained.update))
+    }
+
+    fn contribution(&self, manifest: &AdapterManifest, update: ModelState) -> Contribution {
+        Contribution {
+            node: self.id.clone(),
+            round: manifest.round,
+            base_hash: manifest.base_hash,
+            delta: Delta::from_state(update),
+            token_count: manifest.tokens,
+            declared: BTreeMap::from([("train_loss".to_owned(), manifest.train_loss)]),
+        }
+    }
+}
+
+/// A round kept on disk, if it is complete and its update is the one its manifest names.
+fn read_kept(dir: &Path) -> Option<(AdapterManifest, ModelState)> {
+    let manifest: AdapterManifest =
+        serde_json::from_slice(&std::fs::read(dir.join(AdapterNode::MANIFEST_FILE)).ok()?).ok()?;
+    let update = ModelState::from_safetensors(&std::fs::read(dir.join(AdapterNode::UPDATE_FILE)).ok()?).ok()?;
+    (update.content_hash() == manifest.update_hash).then_some((manifest, update))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::{AdapterTrack, Tensor};
+    use weft_model::{FamilyError, TrainedAdapter};
+
+    /// A trainer that counts its calls and returns values drawn from `rng`, so that a second
+    /// call with the same stream would give the same update.
+    struct Counting {
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AdapterTrainer for Counting {
+        fn train_round(
+            &mut self,
+            base: &ModelState,
+            _round: &AdapterRound,
+            rng: &mut SplitMix64,
+            on_step: &mut dyn FnMut(u64, f64),
+        ) -> Result<TrainedAdapter, FamilyError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if base.is_empty() {
+                return Err("an empty base".into());
+            }
+            on_step(1, 0.5);
+            let mut update = ModelState::new();
+            update.insert("b", Tensor::new(vec![2], vec![rng.normal() as f32, rng.normal() as f32])?);
+            let mut adapter = update.clone();
+            adapter.insert("a", Tensor::new(vec![1], vec![1.0])?);
+            Ok(TrainedAdapter { update, adapter, steps: 1, tokens: 7, mean_loss: 0.5, last_loss: 0.5 })
+        }
+    }
+
+    fn record() -> AdapterRound {
+        AdapterRound { seed: 3, rank: 1, alpha: 1.0, targets: vec!["q".into()], track: AdapterTrack::Shared }
+    }
+
+    fn base() -> ModelState {
+        let mut base = ModelState::new();
+        base.insert("w", Tensor::new(vec![2], vec![1.0, 2.0]).unwrap());
+        base
+    }
+
+    #[test]
+    fn a_round_is_kept_and_sent_again_without_training_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let id = NodeId::new("n1").unwrap();
+        let node = |calls| AdapterNode::new(id.clone(), "de", Box::new(Counting { calls }), 9, dir.path());
+        let base = base();
+        let first = node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), |_, _| {}).unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(first.token_count, 7);
+        // A restarted node sends the same update for the same round, base and adapter…
+        let again = node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), |_, _| {}).unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(again.delta.content_hash(), first.delta.content_hash());
+        // …and trains again when the coordinator announces another adapter for it.
+        let other = AdapterRound { seed: 4, ..record() };
+        node(calls.clone()).run_cycle(1, &base, base.content_hash(), &other, |_, _| {}).unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let kept: AdapterManifest =
+            serde_json::from_slice(&std::fs::read(dir.path().join("round-0001/manifest.json")).unwrap()).unwrap();
+        assert_eq!(kept.adapter, other);
+        let adapter = std::fs::read(dir.path().join("round-0001/adapter.safetensors")).unwrap();
+        assert_eq!(ModelState::from_safetensors(&adapter).unwrap().content_hash(), kept.adapter_hash);
+    }
+
+    #[test]
+    fn a_base_that_is_not_the_announced_one_is_refused_before_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut node = AdapterNode::new(
+            NodeId::new("n1").unwrap(),
+            "de",
+            Box::new(Counting { calls: calls.clone() }),
+            9,
+            dir.path(),
+        );
+        let err = node.run_cycle(1, &base(), ModelState::new().content_hash(), &record(), |_, _| {}).unwrap_err();
+        assert!(matches!(err, NodeError::BaseMismatch { .. }), "{err}");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let err = node.run_cycle(1, &ModelState::new(), ModelState::new().content_hash(), &record(), |_, _| {});
+        assert!(matches!(err, Err(NodeError::Training { .. })));
+        assert!(!dir.path().join("round-0001/manifest.json").exists(), "a failed round keeps nothing");
+    }
+}
