@@ -344,6 +344,13 @@ impl<M: Measure> Coordinator<M> {
         self.open.as_ref().and_then(|p| p.form.adapter().cloned())
     }
 
+    /// Runs `f` on the layout an update to the open round must have (the base itself for full
+    /// deltas, without a copy); `None` when no round is open.
+    pub fn with_update_layout<R>(&self, f: impl FnOnce(&ModelState) -> R) -> Option<R> {
+        let pending = self.open.as_ref()?;
+        Some(f(pending.form.layout(self.head.base())))
+    }
+
     /// The open round's form (full weights when no round is open: nothing is then admitted).
     fn open_form(&self) -> Arc<dyn UpdateForm> {
         self.open.as_ref().map_or_else(|| Arc::new(FullWeights) as Arc<dyn UpdateForm>, |p| p.form.clone())

@@ -2,7 +2,7 @@
 //! train on the node's own tokens, send the round's update form, keep every factor.
 
 use weft_core::{AdapterRound, AdapterTrack, ModelState, StateError, UpdateForm};
-use weft_model::{AdapterTrainer, FamilyError, SplitMix64, TrainedAdapter};
+use weft_model::{AdapterTrainer, AdapterTraining, FamilyError, SplitMix64, TrainedAdapter};
 
 use crate::config::LlamaConfig;
 use crate::family::{FullLora, SharedLora};
@@ -84,16 +84,12 @@ pub fn train_steps(
     Ok(total)
 }
 
-/// How one node trains every adapter round: its tokenized text and its local settings.
+/// How one node trains every adapter round: the model's configuration and the node's text.
 #[derive(Clone, Debug)]
 pub struct LoraNodeTrainer {
     pub config: LlamaConfig,
     /// The node's training text, tokenized once.
     pub tokens: Vec<u32>,
-    /// AdamW settings (`train_a` follows the round's track).
-    pub training: LoraTraining,
-    pub steps: u64,
-    pub windows: Windows,
 }
 
 impl LoraNodeTrainer {
@@ -103,21 +99,37 @@ impl LoraNodeTrainer {
         &self,
         model: &Llama,
         record: &AdapterRound,
+        settings: &AdapterTraining,
         rng: &mut SplitMix64,
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError> {
-        if self.tokens.len() < self.windows.context {
+        if settings.steps == 0 || settings.batch == 0 || settings.context < 2 {
+            return Err(format!(
+                "adapter training needs at least one step of one window of two tokens, got {settings:?}"
+            )
+            .into());
+        }
+        if settings.context > self.config.max_position_embeddings {
+            return Err(format!(
+                "a training window of {} tokens exceeds the model's {} positions",
+                settings.context, self.config.max_position_embeddings
+            )
+            .into());
+        }
+        if self.tokens.len() < settings.context {
             return Err(format!(
                 "the node's text has {} tokens, fewer than one training window of {}",
                 self.tokens.len(),
-                self.windows.context
+                settings.context
             )
             .into());
         }
         let form = RoundAdapter::new(&self.config, record)?;
         let mut adapters = form.initial().clone();
-        let training = LoraTraining { train_a: form.trains_a(), ..self.training };
-        let report = train_steps(model, &mut adapters, training, &self.tokens, self.steps, self.windows, rng, on_step)?;
+        // Nodes train A as well only on the full track.
+        let training = LoraTraining { lr: settings.lr, train_a: form.trains_a(), ..LoraTraining::default() };
+        let windows = Windows { rows: settings.batch, context: settings.context };
+        let report = train_steps(model, &mut adapters, training, &self.tokens, settings.steps, windows, rng, on_step)?;
         Ok(TrainedAdapter {
             update: form.update_of(&adapters)?,
             adapter: adapters.to_state(),
@@ -134,10 +146,11 @@ impl AdapterTrainer for LoraNodeTrainer {
         &mut self,
         base: &ModelState,
         round: &AdapterRound,
+        settings: &AdapterTraining,
         rng: &mut SplitMix64,
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError> {
         let model = Llama::from_state(self.config.clone(), base)?;
-        self.train_on(&model, round, rng, on_step)
+        self.train_on(&model, round, settings, rng, on_step)
     }
 }

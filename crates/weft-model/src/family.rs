@@ -31,15 +31,29 @@ pub trait Evaluator: Send {
 /// How a node trains a round's adapter, whatever the family behind it: the node hands over the
 /// base as named f32 state and the round's adapter record, and gets named f32 state back.
 pub trait AdapterTrainer: Send {
-    /// Trains `round`'s adapter from `base` on the node's own text, drawing its windows from
-    /// `rng`; `on_step(step, loss)` reports progress.
+    /// Trains `round`'s adapter from `base` on the node's own text as `settings` say, drawing
+    /// its windows from `rng`; `on_step(step, loss)` reports progress.
     fn train_round(
         &mut self,
         base: &ModelState,
         round: &AdapterRound,
+        settings: &AdapterTraining,
         rng: &mut SplitMix64,
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError>;
+}
+
+/// How every node trains a round's adapter: the consortium's settings, the same for all.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterTraining {
+    /// Optimizer steps per round.
+    pub steps: u64,
+    /// Windows per step.
+    pub batch: usize,
+    /// Tokens per window.
+    pub context: usize,
+    /// AdamW learning rate.
+    pub lr: f32,
 }
 
 /// One round's adapter training, as the node keeps and sends it.

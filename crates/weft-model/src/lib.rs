@@ -20,7 +20,7 @@ mod rng;
 mod train;
 
 pub use config::{ConfigError, GptConfig};
-pub use family::{AdapterTrainer, ByteGpt, Evaluator, FamilyError, ModelFamily, TrainedAdapter};
+pub use family::{AdapterTrainer, AdapterTraining, ByteGpt, Evaluator, FamilyError, ModelFamily, TrainedAdapter};
 pub use layout::ModelError;
 pub use model::Gpt;
 pub use rng::SplitMix64;

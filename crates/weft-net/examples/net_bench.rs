@@ -48,7 +48,8 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
         round_deadline_secs: 3600,
         encoding: Encoding::F32,
         storage: "coordinator".into(),
-        model: GptConfig { layers: 1, heads: 1, width: 8, context: 8 },
+        model: Some(GptConfig { layers: 1, heads: 1, width: 8, context: 8 }),
+        base: None,
         training: Training { local_steps: 1, batch: 1, lr: 1e-3 },
         policy: PolicySettings {
             floor: -1e9,

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use weft_core::Contribution;
 use weft_core::{ContentHash, ModelState};
 use weft_ledger::{ContributionManifest, SigningKey};
-use weft_model::{AdamWSettings, GptConfig};
-use weft_node::{LocalCorpus, Node, NodeSettings};
+use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig};
+use weft_node::{AdapterNode, LocalCorpus, Node, NodeSettings};
 
 use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
@@ -135,16 +136,30 @@ async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<Consortiu
     }
 }
 
+/// What a node trains with: the built-in byte GPT on its corpus, or a pretrained base's
+/// adapters through its family's trainer (which holds the node's text).
+pub enum LocalTrainer {
+    ByteGpt(LocalCorpus),
+    Adapter(Box<dyn AdapterTrainer>),
+}
+
+/// A node across rounds: what it will train with until its first round, then the node itself
+/// (whose state — optimizer moments, kept artifacts — carries over).
+enum Participant {
+    Ready(LocalTrainer),
+    ByteGpt(Box<Node>),
+    Adapter(AdapterNode),
+}
+
 /// Takes part in rounds until the coordinator says the consortium is finished.
 pub async fn join(
     kit: Kit,
-    corpus: LocalCorpus,
+    trainer: LocalTrainer,
     artifacts: PathBuf,
     options: JoinOptions,
 ) -> Result<Participation, NetError> {
     let mut client = join_with_backoff(&kit, &options).await?;
-    let mut corpus = Some(corpus);
-    let mut node: Option<Node> = None;
+    let mut node = Some(Participant::Ready(trainer));
     let mut done = Participation::default();
     let mut last_attempt = 0u64;
     loop {
@@ -161,7 +176,7 @@ pub async fn join(
             proto::Phase::Finished => return Ok(done),
             proto::Phase::Open if !state.submitted && state.round > last_attempt => {
                 last_attempt = state.round;
-                let outcome = contribute(&mut client, &kit, &state, &mut node, &mut corpus, &artifacts).await;
+                let outcome = contribute(&mut client, &kit, &state, &mut node, &artifacts).await;
                 match outcome {
                     Ok(outcome) => {
                         if outcome.accepted {
@@ -195,51 +210,77 @@ async fn contribute(
     client: &mut ConsortiumClient<Channel>,
     kit: &Kit,
     state: &proto::RoundState,
-    node: &mut Option<Node>,
-    corpus: &mut Option<LocalCorpus>,
+    node: &mut Option<Participant>,
     artifacts: &Path,
 ) -> Result<RoundOutcome, NetError> {
     let base_hash: ContentHash =
         state.base_hash.parse().map_err(|_| NetError::Protocol("a base hash that is not 64 hex digits".into()))?;
-    let base = fetch_base(client, base_hash, artifacts).await?;
     let training = state.training.ok_or_else(|| NetError::Protocol("a round without training settings".into()))?;
-    let config = GptConfig {
-        layers: training.layers as usize,
-        heads: training.heads as usize,
-        width: training.width as usize,
-        context: training.context as usize,
-    };
-    let settings = NodeSettings {
-        steps: training.local_steps,
-        batch_rows: training.batch_rows as usize,
-        adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
-        seed: training.seed,
-    };
-    let mut trainer = match node.take() {
-        Some(n) => n,
-        None => {
-            let corpus = corpus.take().ok_or_else(|| NetError::Protocol("the corpus was lost".into()))?;
-            Node::new(
-                kit.config.id.clone(),
-                kit.config.language.clone(),
-                corpus,
-                config,
-                settings,
-                artifacts.to_owned(),
-            )?
+    let adapter =
+        state.adapter.as_ref().map(crate::announce::adapter_from_proto).transpose().map_err(NetError::Protocol)?;
+    // Checked before the base is fetched: a kit for the other kind of consortium trains nothing.
+    let participant = node.take().ok_or_else(|| NetError::Protocol("the node was lost".into()))?;
+    let participant = match (&adapter, participant) {
+        (Some(_), Participant::Ready(LocalTrainer::ByteGpt(_)) | Participant::ByteGpt(_)) => {
+            return Err(NetError::Protocol(
+                "the coordinator announces adapter rounds on a pretrained base, but this node's kit has no base (node.toml lacks `base`: use the kit the consortium made for this base)".into(),
+            ))
         }
+        (None, Participant::Ready(LocalTrainer::Adapter(_)) | Participant::Adapter(_)) => {
+            return Err(NetError::Protocol(
+                "the coordinator announces full-weight rounds of the byte GPT, but this node's kit is for a pretrained base".into(),
+            ))
+        }
+        (_, participant) => participant,
     };
+    let base = fetch_base(client, base_hash, artifacts).await?;
     let round = state.round;
     let training_started = std::time::Instant::now();
-    let (trainer, cycle) = tokio::task::spawn_blocking(move || {
-        let cycle = trainer.run_cycle(round, &base, base_hash, |_, _| {});
-        (trainer, cycle)
-    })
-    .await
-    .map_err(|e| NetError::Protocol(e.to_string()))?;
-    *node = Some(trainer);
+    let id = kit.config.id.clone();
+    let language = kit.config.language.clone();
+    let artifacts = artifacts.to_owned();
+    let (participant, contribution) =
+        tokio::task::spawn_blocking(move || -> (Participant, Result<Contribution, NetError>) {
+            match (participant, adapter) {
+                (Participant::Ready(LocalTrainer::Adapter(trainer)), Some(record)) => {
+                    let node = AdapterNode::new(id, language, trainer, training.seed, artifacts);
+                    adapter_cycle(node, round, &base, base_hash, &record, &training)
+                }
+                (Participant::Adapter(node), Some(record)) => {
+                    adapter_cycle(node, round, &base, base_hash, &record, &training)
+                }
+                (Participant::Ready(LocalTrainer::ByteGpt(corpus)), _) => {
+                    let config = GptConfig {
+                        layers: training.layers as usize,
+                        heads: training.heads as usize,
+                        width: training.width as usize,
+                        context: training.context as usize,
+                    };
+                    let settings = NodeSettings {
+                        steps: training.local_steps,
+                        batch_rows: training.batch_rows as usize,
+                        adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
+                        seed: training.seed,
+                    };
+                    match Node::new(id, language, corpus, config, settings, artifacts) {
+                        Ok(node) => byte_gpt_cycle(Box::new(node), round, &base, base_hash),
+                        // A node that cannot be built (an empty corpus, a model shape out of
+                        // range) ends the join with this error: nothing is left to train with.
+                        Err(e) => (
+                            Participant::Ready(LocalTrainer::ByteGpt(LocalCorpus::from_bytes(Vec::new()))),
+                            Err(e.into()),
+                        ),
+                    }
+                }
+                (Participant::ByteGpt(node), _) => byte_gpt_cycle(node, round, &base, base_hash),
+                (participant, _) => (participant, Err(NetError::Protocol("the round's kind changed".into()))),
+            }
+        })
+        .await
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+    *node = Some(participant);
     let train_seconds = training_started.elapsed().as_secs_f64();
-    let contribution = cycle?.contribution;
+    let contribution = contribution?;
     let encoding = Encoding::from_proto(state.encoding).ok_or_else(|| NetError::Protocol("unknown encoding".into()))?;
     let encoded = encoding::encode(contribution.delta.state(), encoding)?;
     // Sign the delta as the coordinator will decode it.
@@ -270,6 +311,34 @@ async fn contribute(
         wire_bytes: receipt.wire_bytes,
         train_seconds,
     })
+}
+
+fn adapter_cycle(
+    mut node: AdapterNode,
+    round: u64,
+    base: &ModelState,
+    base_hash: ContentHash,
+    record: &weft_core::AdapterRound,
+    training: &proto::TrainingSettings,
+) -> (Participant, Result<Contribution, NetError>) {
+    let settings = AdapterTraining {
+        steps: training.local_steps,
+        batch: training.batch_rows as usize,
+        context: training.context as usize,
+        lr: training.lr,
+    };
+    let contribution = node.run_cycle(round, base, base_hash, record, &settings, |_, _| {}).map_err(NetError::from);
+    (Participant::Adapter(node), contribution)
+}
+
+fn byte_gpt_cycle(
+    mut node: Box<Node>,
+    round: u64,
+    base: &ModelState,
+    base_hash: ContentHash,
+) -> (Participant, Result<Contribution, NetError>) {
+    let contribution = node.run_cycle(round, base, base_hash, |_, _| {}).map(|cycle| cycle.contribution);
+    (Participant::ByteGpt(node), contribution.map_err(NetError::from))
 }
 
 /// The header, then the encoded delta in chunks cut as the stream is read.

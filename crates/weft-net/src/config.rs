@@ -62,7 +62,13 @@ pub struct ConsortiumConfig {
     /// The coordinator's storage directory, relative to this file.
     #[serde(default = "default_storage")]
     pub storage: PathBuf,
-    pub model: GptConfig,
+    /// The built-in byte GPT, trained from scratch. Absent when the consortium adopts a
+    /// pretrained `[base]`: exactly one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<GptConfig>,
+    /// A pretrained open-weights base whose contributions are adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PretrainedBase>,
     pub training: Training,
     pub policy: PolicySettings,
     /// Canary scoring with a secret reserve and reputation-driven weights (as `weft demo
@@ -90,7 +96,86 @@ impl ConsortiumConfig {
         if self.rounds == 0 {
             return Err(setting("rounds", "must be at least 1"));
         }
+        match (&self.model, &self.base) {
+            (Some(_), Some(_)) => Err(setting("base", "give either [model] (the byte GPT) or [base], not both")),
+            (None, None) => Err(setting("model", "give [model] (the byte GPT) or [base] (a pretrained base)")),
+            (None, Some(base)) => base.validate(),
+            (Some(_), None) => Ok(()),
+        }
+    }
+
+    /// Tokens per training window: the byte GPT's context, or the base's `context`.
+    pub fn context(&self) -> usize {
+        match (&self.model, &self.base) {
+            (Some(model), _) => model.context,
+            (None, Some(base)) => base.context,
+            (None, None) => 0,
+        }
+    }
+}
+
+/// `[base]`: a pretrained model in `weft model import`'s layout (`model.safetensors`,
+/// `config.json`, `tokenizer.json`), improved with adapters: each round nodes train a LoRA
+/// adapter whose frozen factors the ledger's round record fixes, and send only its update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainedBase {
+    /// A name for reports and logs (`smollm2-135m`).
+    pub name: String,
+    /// The imported model's directory; relative paths are from `consortium.toml`.
+    pub dir: PathBuf,
+    /// weft's content hash of the imported state (its `weft-import.json`): the coordinator
+    /// refuses to start from anything else.
+    pub state_hash: weft_core::ContentHash,
+    /// Tokens per training window.
+    pub context: usize,
+    /// Bytes of each language's held-out text: the first lines of the last tenth of its corpus,
+    /// which no node trains on.
+    pub heldout_bytes: usize,
+    pub adapter: AdapterSettings,
+}
+
+/// `[base.adapter]`: the LoRA every round's contributions take.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSettings {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Projections adapted: `q`, `k`, `v`, `o`, `gate`, `up`, `down`, or `all`.
+    pub targets: Vec<String>,
+    /// `shared` (frozen `A` from the round's seed, nodes send `B`) or `full` (nodes send both
+    /// factors; aggregated in weight space).
+    #[serde(default)]
+    pub track: weft_core::AdapterTrack,
+}
+
+impl PretrainedBase {
+    pub fn validate(&self) -> Result<(), SettingError> {
+        if self.name.trim().is_empty() {
+            return Err(setting("base.name", "must not be empty"));
+        }
+        if self.context < 2 {
+            return Err(setting("base.context", format!("must be at least 2 tokens, got {}", self.context)));
+        }
+        if self.heldout_bytes == 0 {
+            return Err(setting("base.heldout_bytes", "must be at least 1"));
+        }
+        let adapter = &self.adapter;
+        if adapter.rank == 0 {
+            return Err(setting("base.adapter.rank", "must be at least 1"));
+        }
+        if !(adapter.alpha.is_finite() && adapter.alpha > 0.0) {
+            return Err(setting("base.adapter.alpha", format!("must be a positive number, got {}", adapter.alpha)));
+        }
+        if adapter.targets.is_empty() {
+            return Err(setting("base.adapter.targets", "must name at least one projection"));
+        }
         Ok(())
+    }
+
+    /// The base's directory, with a relative `dir` read from the consortium directory.
+    pub fn dir_in(&self, consortium: &Path) -> PathBuf {
+        consortium.join(&self.dir)
     }
 }
 
@@ -359,6 +444,10 @@ pub struct NodeKit {
     /// The coordinator's `host:port`.
     pub address: String,
     pub server_name: String,
+    /// For a consortium on a pretrained base: the directory (relative to the kit) holding the
+    /// base's `config.json` and `tokenizer.json`; its weights come from the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
 }
 
 /// The files of a node's startup kit.
@@ -403,7 +492,8 @@ mod tests {
             round_deadline_secs: 600,
             encoding: Encoding::F32,
             storage: default_storage(),
-            model: GptConfig { layers: 1, heads: 2, width: 16, context: 16 },
+            model: Some(GptConfig { layers: 1, heads: 2, width: 16, context: 16 }),
+            base: None,
             training: Training::default(),
             policy: PolicySettings::default(),
             governance: None,

@@ -2,6 +2,7 @@
 //! `protoc`), mutual TLS with the consortium's own CA, provisioning, the coordinator's server and
 //! the node's client.
 
+pub mod announce;
 pub mod client;
 pub mod config;
 pub mod encoding;

@@ -154,6 +154,7 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(NodeId, String)]) -
             consortium: config.name.clone(),
             address: config.address.clone(),
             server_name: config.server_name.clone(),
+            base: kit_base(dir, config, &kit)?,
         };
         write_toml(&kit.join(KitFiles::CONFIG), &node)?;
         roster.node.push(Member {
@@ -166,6 +167,24 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(NodeId, String)]) -
     write_toml(&dir.join("roster.toml"), &roster)?;
     write_toml(&dir.join("consortium.toml"), config)?;
     Ok(roster)
+}
+
+/// Files of a pretrained base a node needs beside the weights the coordinator sends it.
+const BASE_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+
+/// For a consortium on a pretrained base: copies the base's `config.json` and `tokenizer.json`
+/// into `kit/base/` and returns that directory as the kit names it.
+fn kit_base(dir: &Path, config: &ConsortiumConfig, kit: &Path) -> Result<Option<PathBuf>, ProvisionError> {
+    let Some(base) = &config.base else { return Ok(None) };
+    let from = base.dir_in(dir);
+    let to = kit.join("base");
+    std::fs::create_dir_all(&to).map_err(io(&to))?;
+    for file in BASE_FILES {
+        let source = from.join(file);
+        let bytes = std::fs::read(&source).map_err(io(&source))?;
+        write_public(&to.join(file), &bytes)?;
+    }
+    Ok(Some(PathBuf::from("base")))
 }
 
 /// What a site sends the consortium to join when it makes its own keys (`weft node keygen`):
@@ -249,6 +268,7 @@ pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, Prov
         consortium: config.name.clone(),
         address: config.address.clone(),
         server_name: config.server_name.clone(),
+        base: kit_base(dir, &config, &kit)?,
     };
     write_toml(&kit.join(KitFiles::CONFIG), &node)?;
     roster.node.push(Member {

@@ -18,7 +18,7 @@ use tokio_stream::Stream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use weft_coordinator::{BlobStore, DurableCoordinator, Measure, RoundRecord, SubmitError};
-use weft_core::{ContentHash, Contribution, Delta, NodeId, Rejection};
+use weft_core::{AdapterRound, ContentHash, Contribution, Delta, NodeId, Rejection};
 use weft_ledger::{ContributionManifest, Signature};
 
 use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster};
@@ -63,6 +63,8 @@ struct View {
     base_hash: ContentHash,
     deadline: Option<Instant>,
     submitted: BTreeSet<NodeId>,
+    /// The open round's adapter, when contributions are adapters.
+    adapter: Option<AdapterRound>,
 }
 
 /// The round engine on a thread of its own: every measurement, check and aggregation runs
@@ -170,6 +172,7 @@ pub async fn serve<M: Measure + Send + 'static>(
             base_hash: coordinator.base_hash(),
             deadline: None,
             submitted: BTreeSet::new(),
+            adapter: None,
         }),
         store: coordinator.store().clone(),
         engine: Engine::start(coordinator)?,
@@ -209,8 +212,8 @@ pub async fn serve<M: Measure + Send + 'static>(
     Ok(Served { rounds, wire_bytes: wire, round_seconds })
 }
 
-/// An open round: number, base hash, nodes already heard.
-type Opened = (u64, ContentHash, BTreeSet<NodeId>);
+/// An open round: number, base hash, nodes already heard, its adapter.
+type Opened = (u64, ContentHash, BTreeSet<NodeId>, Option<AdapterRound>);
 
 /// Opens, waits for, and closes every remaining round.
 async fn drive<M: Measure + Send + 'static>(
@@ -230,15 +233,22 @@ async fn drive<M: Measure + Send + 'static>(
                     None if engine.round() >= rounds => return Ok(None),
                     None => (engine.open_round()?, BTreeSet::new()),
                 };
-                Ok(Some((announcement.round, announcement.base_hash, done)))
+                Ok(Some((announcement.round, announcement.base_hash, done, engine.adapter_round())))
             })
             .await??;
-        let Some((round, base_hash, done)) = opened else { break };
+        let Some((round, base_hash, done, adapter)) = opened else { break };
         let opened_at = Instant::now();
         let closes_at = closes(opened_at)?;
         {
             let mut view = lock(&shared.view);
-            *view = View { phase: proto::Phase::Open, round, base_hash, deadline: Some(closes_at), submitted: done };
+            *view = View {
+                phase: proto::Phase::Open,
+                round,
+                base_hash,
+                deadline: Some(closes_at),
+                submitted: done,
+                adapter,
+            };
         }
         tracing::info!(round, base = %base_hash.short(), "round open");
         let roster = shared.options.roster.node.len();
@@ -331,14 +341,16 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 batch_rows: config.training.batch as u32,
                 lr: config.training.lr,
                 seed: config.seed,
-                layers: config.model.layers as u32,
-                heads: config.model.heads as u32,
-                width: config.model.width as u32,
-                context: config.model.context as u32,
+                // The byte GPT's shape; zero on a pretrained base (nodes read its config.json).
+                layers: config.model.map_or(0, |m| m.layers as u32),
+                heads: config.model.map_or(0, |m| m.heads as u32),
+                width: config.model.map_or(0, |m| m.width as u32),
+                context: config.context() as u32,
             }),
             encoding: config.encoding.to_proto() as i32,
             submitted: view.submitted.contains(&member.id),
             max_upload_bytes: config.encoding.max_bytes(self.shared.values, self.shared.tensors),
+            adapter: view.adapter.as_ref().map(crate::announce::adapter_to_proto),
         }))
     }
 
@@ -495,7 +507,12 @@ impl<M: Measure + Send + 'static> Service<M> {
                 Some((a, _)) if a.round == manifest.round => {}
                 _ => return Err(Refusal::ClosedMeanwhile { round: manifest.round }),
             }
-            let state = encoding::decode(&bytes, encoding, engine.base()).map_err(Refusal::MalformedDelta)?;
+            // Decoded against the layout the round's updates have (an adapter round's is the
+            // adapter's, not the base's).
+            let state = engine
+                .with_update_layout(|layout| encoding::decode(&bytes, encoding, layout))
+                .ok_or(Refusal::ClosedMeanwhile { round: manifest.round })?
+                .map_err(Refusal::MalformedDelta)?;
             drop(bytes);
             let delta = Delta::from_state(state);
             let actual = delta.content_hash();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId};
 use weft_durable::write_atomic;
-use weft_model::{AdapterTrainer, SplitMix64};
+use weft_model::{AdapterTrainer, AdapterTraining, SplitMix64};
 
 use crate::node::NodeError;
 
@@ -75,6 +75,7 @@ impl AdapterNode {
         base: &ModelState,
         base_hash: ContentHash,
         adapter: &AdapterRound,
+        settings: &AdapterTraining,
         mut on_step: impl FnMut(u64, f64),
     ) -> Result<Contribution, NodeError> {
         let actual = base.content_hash();
@@ -91,7 +92,7 @@ impl AdapterNode {
         let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
         let trained = self
             .trainer
-            .train_round(base, adapter, &mut rng, &mut on_step)
+            .train_round(base, adapter, settings, &mut rng, &mut on_step)
             .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })?;
         let manifest = AdapterManifest {
             node: self.id.clone(),
@@ -110,8 +111,7 @@ impl AdapterNode {
         let delta = |source| NodeError::Delta { node: self.id.clone(), source };
         write_atomic(&dir.join(Self::ADAPTER_FILE), &trained.adapter.to_safetensors(None).map_err(delta)?)
             .map_err(io)?;
-        write_atomic(&dir.join(Self::UPDATE_FILE), &trained.update.to_safetensors(None).map_err(delta)?)
-            .map_err(io)?;
+        write_atomic(&dir.join(Self::UPDATE_FILE), &trained.update.to_safetensors(None).map_err(delta)?).map_err(io)?;
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(std::io::Error::other(e)))?;
         weft_durable::crash::point("node-trained");
         write_atomic(&dir.join(Self::MANIFEST_FILE), &text).map_err(io)?;
@@ -155,6 +155,7 @@ mod tests {
             &mut self,
             base: &ModelState,
             _round: &AdapterRound,
+            _settings: &AdapterTraining,
             rng: &mut SplitMix64,
             on_step: &mut dyn FnMut(u64, f64),
         ) -> Result<TrainedAdapter, FamilyError> {
@@ -170,6 +171,8 @@ mod tests {
             Ok(TrainedAdapter { update, adapter, steps: 1, tokens: 7, mean_loss: 0.5, last_loss: 0.5 })
         }
     }
+
+    const SETTINGS: AdapterTraining = AdapterTraining { steps: 1, batch: 1, context: 2, lr: 1e-3 };
 
     fn record() -> AdapterRound {
         AdapterRound { seed: 3, rank: 1, alpha: 1.0, targets: vec!["q".into()], track: AdapterTrack::Shared }
@@ -188,16 +191,18 @@ mod tests {
         let id = NodeId::new("n1").unwrap();
         let node = |calls| AdapterNode::new(id.clone(), "de", Box::new(Counting { calls }), 9, dir.path());
         let base = base();
-        let first = node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), |_, _| {}).unwrap();
+        let first =
+            node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), &SETTINGS, |_, _| {}).unwrap();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(first.token_count, 7);
         // A restarted node sends the same update for the same round, base and adapter…
-        let again = node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), |_, _| {}).unwrap();
+        let again =
+            node(calls.clone()).run_cycle(1, &base, base.content_hash(), &record(), &SETTINGS, |_, _| {}).unwrap();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(again.delta.content_hash(), first.delta.content_hash());
         // …and trains again when the coordinator announces another adapter for it.
         let other = AdapterRound { seed: 4, ..record() };
-        node(calls.clone()).run_cycle(1, &base, base.content_hash(), &other, |_, _| {}).unwrap();
+        node(calls.clone()).run_cycle(1, &base, base.content_hash(), &other, &SETTINGS, |_, _| {}).unwrap();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
         let kept: AdapterManifest =
             serde_json::from_slice(&std::fs::read(dir.path().join("round-0001/manifest.json")).unwrap()).unwrap();
@@ -217,10 +222,12 @@ mod tests {
             9,
             dir.path(),
         );
-        let err = node.run_cycle(1, &base(), ModelState::new().content_hash(), &record(), |_, _| {}).unwrap_err();
+        let err =
+            node.run_cycle(1, &base(), ModelState::new().content_hash(), &record(), &SETTINGS, |_, _| {}).unwrap_err();
         assert!(matches!(err, NodeError::BaseMismatch { .. }), "{err}");
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
-        let err = node.run_cycle(1, &ModelState::new(), ModelState::new().content_hash(), &record(), |_, _| {});
+        let err =
+            node.run_cycle(1, &ModelState::new(), ModelState::new().content_hash(), &record(), &SETTINGS, |_, _| {});
         assert!(matches!(err, Err(NodeError::Training { .. })));
         assert!(!dir.path().join("round-0001/manifest.json").exists(), "a failed round keeps nothing");
     }

@@ -2,15 +2,16 @@
 
 use std::path::PathBuf;
 
+use anyhow::bail;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use weft_core::NodeId;
-use weft_net::config::{read_toml, ConsortiumConfig};
+use weft_net::config::{read_toml, AdapterSettings, ConsortiumConfig, PretrainedBase, Training};
 use weft_net::encoding::Encoding;
 
 use crate::args::RunArgs;
 use crate::run::{setting_error, RunSettings, Source};
-use crate::say;
+use crate::{data, say};
 
 #[derive(Subcommand)]
 pub enum ConsortiumCommand {
@@ -48,6 +49,17 @@ pub struct InitArgs {
     pub deadline_secs: u64,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Adopt a pretrained base instead of training the byte model: `smollm2-135m` (fetched and
+    /// imported on first use) or a directory written by `weft model import`. Contributions are
+    /// then adapters (the --adapter-* flags; --rounds defaults to 2); each kit gets the base's
+    /// config.json and tokenizer.json, and nodes fetch its weights from the coordinator.
+    #[arg(long)]
+    pub base: Option<String>,
+    #[command(flatten)]
+    pub adapter: crate::realbase::AdapterArgs,
+    /// Data directory where `smollm2-135m` is fetched and imported (default: the repository's data/).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -59,9 +71,18 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             Ok((NodeId::new(id).with_context(|| format!("--node {spec}"))?, language.to_owned()))
         })
         .collect::<anyhow::Result<_>>()?;
-    let sections = args.run.sections()?;
+    let mut sections = args.run.sections()?;
     // Checked as a run before anything is written.
-    RunSettings::new(sections.clone(), nodes.clone()).map_err(|e| setting_error(e, Source::Flags))?;
+    let run = RunSettings::new(sections.clone(), nodes.clone()).map_err(|e| setting_error(e, Source::Flags))?;
+    let mut model = Some(sections.model);
+    let mut base = None;
+    if let Some(name) = &args.base {
+        let (pretrained, training) = pretrained_base(&args, name, &run)?;
+        sections.rounds = args.run.rounds.unwrap_or(2);
+        sections.training = training;
+        model = None;
+        base = Some(pretrained);
+    }
     let config = ConsortiumConfig {
         name: args.name.clone(),
         address: args.address.clone(),
@@ -71,7 +92,8 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         round_deadline_secs: args.deadline_secs,
         encoding: args.encoding,
         storage: "coordinator".into(),
-        model: sections.model,
+        model,
+        base,
         training: sections.training,
         policy: sections.policy,
         governance: sections.governance,
@@ -89,6 +111,34 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     );
     say!("send each node its kit (nodes/<id>/); keep ca.key offline");
     Ok(())
+}
+
+/// `[base]` and `[training]` of a consortium on a pretrained base, checked against the model.
+fn pretrained_base(args: &InitArgs, name: &str, run: &RunSettings) -> anyhow::Result<(PretrainedBase, Training)> {
+    if run.sections.governance.is_some() {
+        bail!("--governance: canary scoring is not built for a pretrained base yet");
+    }
+    if !matches!(run.outer, weft_core::OuterOptimizer::Plain { .. }) {
+        bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
+    }
+    let (plan, training) = args.adapter.checked(run.seed())?;
+    if let Some(why) = plan.refuses(&run.aggregator) {
+        bail!("--aggregator: {why}");
+    }
+    let data_dir = data::data_dir(args.data.clone());
+    let (name, dir) = crate::realbase::resolve_base(name, &data_dir)?;
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let (config, _, state) = crate::model::read_imported(&dir)?;
+    crate::realbase::fits_model(&plan, &training, &config)?;
+    let base = PretrainedBase {
+        name,
+        dir,
+        state_hash: state.content_hash(),
+        context: training.context,
+        heldout_bytes: args.adapter.heldout_bytes,
+        adapter: AdapterSettings { rank: plan.rank, alpha: plan.alpha, targets: plan.targets, track: plan.track },
+    };
+    Ok((base, Training { local_steps: training.steps, batch: training.batch, lr: training.lr }))
 }
 
 #[derive(Args, Debug)]

@@ -46,13 +46,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config_path = args.dir.join("consortium.toml");
     let config: ConsortiumConfig = read_toml(&config_path)?;
     let roster = Roster::read(&args.dir.join("roster.toml"))?;
-    let members = roster.node.iter().map(|m| (m.id.clone(), m.language.clone())).collect();
-    let run = RunSettings::from_config(&config, members)
+    let members: Vec<_> = roster.node.iter().map(|m| (m.id.clone(), m.language.clone())).collect();
+    config
+        .validate()
         .map_err(|e| setting_error(e, Source::ConsortiumToml))
         .with_context(|| config_path.display().to_string())?;
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
-    let coordinator = run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }))?;
+    let coordinator = if config.base.is_some() {
+        crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
+            .with_context(|| config_path.display().to_string())?
+    } else {
+        let run = RunSettings::from_config(&config, members)
+            .map_err(|e| setting_error(e, Source::ConsortiumToml))
+            .with_context(|| config_path.display().to_string())?;
+        run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }))?
+    };
     if coordinator.round() > 0 || coordinator.open_round_state().is_some() {
         say!("continuing after round {} from {}", coordinator.round(), storage.display());
     }

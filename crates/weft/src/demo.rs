@@ -67,6 +67,9 @@ pub struct DemoArgs {
     pub base: Option<String>,
     #[command(flatten)]
     pub adapter: crate::realbase::AdapterArgs,
+    /// With --base: compare with each node training alone (`alone`, the default) or not (`none`).
+    #[arg(long, value_enum, default_value_t = crate::realbase::Baseline::Alone)]
+    pub baseline: crate::realbase::Baseline,
 }
 
 impl DemoArgs {
@@ -315,7 +318,8 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         round_deadline_secs: 600,
         encoding: args.encoding,
         storage: "coordinator".into(),
-        model: run.model(),
+        model: Some(run.model()),
+        base: None,
         training: run.sections.training,
         policy: run.sections.policy.clone(),
         governance: run.sections.governance.clone(),

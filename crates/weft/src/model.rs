@@ -192,17 +192,8 @@ fn load(dir: &Path) -> anyhow::Result<Loaded> {
 
 /// An imported model directory's config, tokenizer and weights, each checked.
 pub(crate) fn read_imported(dir: &Path) -> anyhow::Result<(LlamaConfig, LlamaTokenizer, ModelState)> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read(&path).with_context(|| {
-            format!("reading {} (is {} a directory written by `weft model import`?)", path.display(), dir.display())
-        })
-    };
-    let config_path = dir.join("config.json");
-    let config = LlamaConfig::from_json(&String::from_utf8_lossy(&read("config.json")?))
-        .with_context(|| format!("{}", config_path.display()))?;
     // The small files first, so that a broken directory fails before the weights are read.
-    let tokenizer = LlamaTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let (config, tokenizer) = read_config_and_tokenizer(dir)?;
     let weights_path = dir.join("model.safetensors");
     let weights = std::fs::File::open(&weights_path).with_context(|| {
         format!("opening {} (is {} a directory written by `weft model import`?)", weights_path.display(), dir.display())
@@ -212,6 +203,19 @@ pub(crate) fn read_imported(dir: &Path) -> anyhow::Result<(LlamaConfig, LlamaTok
     let map = unsafe { memmap2::Mmap::map(&weights) }.with_context(|| format!("mapping {}", weights_path.display()))?;
     let state = ModelState::from_safetensors(&map).with_context(|| format!("{}", weights_path.display()))?;
     Ok((config, tokenizer, state))
+}
+
+/// `config.json` and `tokenizer.json` of an imported model (a node's kit holds only these: its
+/// weights come from the coordinator).
+pub(crate) fn read_config_and_tokenizer(dir: &Path) -> anyhow::Result<(LlamaConfig, LlamaTokenizer)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read(&config_path).with_context(|| {
+        format!("reading {} (is {} a directory written by `weft model import`?)", config_path.display(), dir.display())
+    })?;
+    let config = LlamaConfig::from_json(&String::from_utf8_lossy(&text))
+        .with_context(|| format!("{}", config_path.display()))?;
+    let tokenizer = LlamaTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    Ok((config, tokenizer))
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use weft_core::NodeId;
 use weft_ledger::{ContributionProof, Event};
+use weft_net::client::LocalTrainer;
 use weft_net::config::KitFiles;
 use weft_node::{LocalCorpus, SovereignArtifact};
 
@@ -60,14 +61,25 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     if corpus.is_empty() {
         bail!("the corpus is empty");
     }
+    let trainer = match &kit.config.base {
+        None => LocalTrainer::ByteGpt(LocalCorpus::from_bytes(corpus)),
+        Some(base) => {
+            // The data directory's corpus is also where the coordinator's held-out text comes
+            // from (its tail): the node trains on the head only. A --corpus is the node's own.
+            let text = match &args.corpus {
+                Some(path) => String::from_utf8(corpus).with_context(|| format!("{} is not UTF-8", path.display()))?,
+                None => crate::realbase::training_head(&corpus)?,
+            };
+            crate::realbase::node_trainer(&args.kit.join(base), &text)?
+        }
+    };
     let artifacts = args.artifacts.clone().unwrap_or_else(|| args.kit.join(KitFiles::ARTIFACTS));
     let options =
         weft_net::client::JoinOptions { give_up_after: Duration::from_secs(args.give_up_after), ..Default::default() };
     let id = kit.config.id.clone();
     say!("{id}: joining {} at {}", kit.config.consortium, kit.config.address);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let done =
-        runtime.block_on(weft_net::client::join(kit, LocalCorpus::from_bytes(corpus), artifacts.clone(), options))?;
+    let done = runtime.block_on(weft_net::client::join(kit, trainer, artifacts.clone(), options))?;
     for r in &done.rounds {
         let outcome = if r.accepted {
             format!("measured, quality {:+.2}%", 100.0 * r.quality)

@@ -17,17 +17,25 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use weft_coordinator::{Coordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError};
+use weft_coordinator::{
+    Coordinator, DurableCoordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError,
+};
 use weft_core::quality::LossTable;
-use weft_core::{AdapterPlan, AdapterTrack, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer};
+use weft_core::{
+    AdapterPlan, AdapterTrack, Aggregator, ContentHash, Contribution, Delta, ModelState, NodeId, OuterOptimizer, Policy,
+};
 use weft_durable::write_atomic;
 use weft_llama::{
     train_steps, Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraNodeTrainer, LoraSpec,
     LoraTraining, Projection, RoundAdapter, Windows,
 };
-use weft_model::SplitMix64;
+use weft_model::{AdapterTraining, SplitMix64};
+
+use weft_net::client::LocalTrainer;
+use weft_net::config::ConsortiumConfig;
 
 use crate::demo::DemoArgs;
+use crate::run::{setting_error, Source};
 use crate::{data, say, table};
 
 /// The named base the project fetches and imports itself.
@@ -76,9 +84,58 @@ pub struct AdapterArgs {
     /// `full` (both, aggregated as products in weight space; mean and norm-bound only).
     #[arg(id = "adapter_track", long = "adapter-track", value_enum, default_value_t = Track::Shared)]
     pub track: Track,
-    /// Compare with each node training alone (`alone`, the default) or not (`none`).
-    #[arg(long, value_enum, default_value_t = Baseline::Alone)]
-    pub baseline: Baseline,
+}
+
+impl AdapterArgs {
+    /// The run's adapter plan and the nodes' training, checked (rank and alpha against the
+    /// model, by [`fits_model`]).
+    pub fn checked(&self, seed: u64) -> anyhow::Result<(AdapterPlan, AdapterTraining)> {
+        for target in &self.targets {
+            target.parse::<Projection>().context("--adapter-targets")?;
+        }
+        if self.steps == 0 || self.batch == 0 || self.context < 2 {
+            bail!("--adapter-steps and --adapter-batch must be at least 1, --adapter-context at least 2");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--adapter-lr must be a positive number, got {}", self.lr);
+        }
+        if self.heldout_bytes == 0 {
+            bail!("--heldout-bytes must be at least 1");
+        }
+        let plan = AdapterPlan {
+            seed,
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            track: self.track.into(),
+        };
+        let training = AdapterTraining { steps: self.steps, batch: self.batch, context: self.context, lr: self.lr };
+        Ok((plan, training))
+    }
+}
+
+/// The adapter of `plan` as `config` can carry it, and windows that fit its positions.
+pub(crate) fn fits_model(
+    plan: &AdapterPlan,
+    training: &AdapterTraining,
+    config: &LlamaConfig,
+) -> anyhow::Result<LoraSpec> {
+    let targets = plan
+        .targets
+        .iter()
+        .map(|t| t.parse::<Projection>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("adapter targets")?;
+    let spec = LoraSpec { rank: plan.rank, alpha: plan.alpha, targets };
+    spec.validate(config).context("adapter settings")?;
+    if training.context > config.max_position_embeddings {
+        bail!(
+            "a training window of {} tokens exceeds the model's {} positions",
+            training.context,
+            config.max_position_embeddings
+        );
+    }
+    Ok(spec)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -189,8 +246,62 @@ struct RealNode {
     bytes_sent: u64,
 }
 
+/// What the coordinator of a consortium on a pretrained base is built from: the same for
+/// `weft demo --base` and `weft coordinator serve`, so that the same settings give the same
+/// bases either way.
+pub(crate) struct BaseCoordinator<'a> {
+    pub name: &'a str,
+    pub config: &'a LlamaConfig,
+    pub family: Arc<LlamaFamily>,
+    pub base: ModelState,
+    pub members: &'a [(NodeId, String)],
+    /// Language → held-out text.
+    pub heldout: BTreeMap<String, Vec<u8>>,
+    pub policy: Policy,
+    pub outer: OuterOptimizer,
+    pub aggregator: Aggregator,
+    pub probe_scale: Option<f32>,
+    pub plan: AdapterPlan,
+    pub training: AdapterTraining,
+    pub heldout_bytes: usize,
+    /// The consortium's name, for a networked run.
+    pub networked: Option<&'a str>,
+}
+
+impl BaseCoordinator<'_> {
+    /// The coordinator, durable in `storage` (continued if it holds this run).
+    pub fn open(self, storage: &Path) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
+        std::fs::create_dir_all(storage).with_context(|| format!("creating {}", storage.display()))?;
+        let initial_hash = self.base.content_hash();
+        let members =
+            self.members.iter().map(|(node, language)| Member { node: node.clone(), language: language.clone() });
+        let measure = HeldoutSet::new(self.family.clone(), self.heldout)?;
+        let store = Arc::new(FsBlobStore::open(storage.join("blobs"))?);
+        let adapters = Arc::new(LlamaAdapters { config: self.config.clone() });
+        let mut coordinator = Coordinator::new(self.base, members.collect(), self.policy, self.outer, measure, store)?
+            .with_aggregator(self.aggregator)?
+            .with_adapters(self.plan.clone(), adapters)?;
+        if let Some(scale) = self.probe_scale {
+            coordinator = coordinator.with_probe_scale(scale)?;
+        }
+        // `ledger verify` rebuilds each round's factors from `base.config` and `adapters`.
+        let mut settings = serde_json::json!({
+            "base": { "family": "llama", "name": self.name, "config": self.config, "state_hash": initial_hash },
+            "adapters": self.plan,
+            "training": self.training,
+            "heldout_bytes": self.heldout_bytes,
+            "seed": self.plan.seed,
+        });
+        if let (Some(name), Some(map)) = (self.networked, settings.as_object_mut()) {
+            map.insert("networked".into(), name.into());
+        }
+        let journal = SqliteJournal::open(storage)?;
+        Ok(coordinator.durable(Box::new(journal), settings)?)
+    }
+}
+
 /// The base directory `--base` names: `smollm2-135m` is fetched and imported on first use.
-fn resolve_base(base: &str, data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+pub(crate) fn resolve_base(base: &str, data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
     if base != SMOLLM2 {
         let dir = PathBuf::from(base);
         if !dir.join("config.json").is_file() {
@@ -228,12 +339,29 @@ fn resolve_base(base: &str, data_dir: &Path) -> anyhow::Result<(String, PathBuf)
     Ok((SMOLLM2.to_owned(), dir))
 }
 
+/// The part of a corpus a node trains on: every line before the held-out tail (whatever
+/// share of that tail the coordinator scores).
+pub(crate) fn training_head(bytes: &[u8]) -> anyhow::Result<String> {
+    let text = std::str::from_utf8(bytes).context("the corpus is not UTF-8")?;
+    let lines: Vec<&str> = text.lines().collect();
+    let train = lines[..head_lines(lines.len())].join("\n");
+    if train.len() < 2 {
+        bail!("the corpus is too short to hold text out ({} lines)", lines.len());
+    }
+    Ok(train)
+}
+
+/// How many of a corpus's `lines` are training text: all but the last tenth.
+fn head_lines(lines: usize) -> usize {
+    lines - lines / HELDOUT_SHARE
+}
+
 /// Splits a corpus into the node's training text (the head) and held-out text (the first
 /// `heldout_bytes` of the tail's lines), at line boundaries.
 fn split_corpus(bytes: &[u8], heldout_bytes: usize) -> anyhow::Result<(String, String)> {
     let text = std::str::from_utf8(bytes).context("the corpus is not UTF-8")?;
     let lines: Vec<&str> = text.lines().collect();
-    let cut = lines.len() - lines.len() / HELDOUT_SHARE;
+    let cut = head_lines(lines.len());
     let train = lines[..cut].join("\n");
     let mut heldout = String::new();
     for line in &lines[cut..] {
@@ -261,6 +389,89 @@ fn tail_lines(text: &str, bytes: usize) -> String {
     text.get(start..).unwrap_or_default().to_owned()
 }
 
+/// The coordinator of a networked consortium on a pretrained base (`[base]` in
+/// `consortium.toml`): the base must be the one the consortium was made with.
+pub(crate) fn serve_coordinator(
+    consortium: &ConsortiumConfig,
+    consortium_dir: &Path,
+    members: &[(NodeId, String)],
+    data_dir: &Path,
+    storage: &Path,
+) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
+    let base = consortium.base.as_ref().context("consortium.toml has no [base]")?;
+    if consortium.governance.is_some() {
+        bail!("[governance]: canary scoring is not built for a pretrained base yet; remove the section");
+    }
+    let policy = consortium.policy.policy().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
+    let outer = consortium.policy.outer_optimizer().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
+    consortium.policy.validate().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
+    consortium.training.validate().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
+    let plan = AdapterPlan {
+        seed: consortium.seed,
+        rank: base.adapter.rank,
+        alpha: base.adapter.alpha,
+        targets: base.adapter.targets.clone(),
+        track: base.adapter.track,
+    };
+    let aggregator = consortium.policy.aggregator;
+    if let Some(why) = plan.refuses(&aggregator) {
+        bail!("[policy] aggregator: {why}");
+    }
+    if !matches!(outer, OuterOptimizer::Plain { .. }) {
+        bail!("[policy] outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
+    }
+    let training = AdapterTraining {
+        steps: consortium.training.local_steps,
+        batch: consortium.training.batch,
+        context: base.context,
+        lr: consortium.training.lr,
+    };
+    let dir = base.dir_in(consortium_dir);
+    let (config, tokenizer, state) = crate::model::read_imported(&dir)?;
+    let hash = state.content_hash();
+    if hash != base.state_hash {
+        bail!(
+            "[base] {}: the model there hashes to {hash}, the consortium was made with {} (state_hash)",
+            dir.display(),
+            base.state_hash
+        );
+    }
+    fits_model(&plan, &training, &config)?;
+    let mut heldout = BTreeMap::new();
+    for (_, language) in members {
+        let bytes = data::corpus(data_dir, language)?;
+        let (_, held) = split_corpus(&bytes, base.heldout_bytes).with_context(|| format!("the {language} corpus"))?;
+        heldout.insert(language.clone(), held.into_bytes());
+    }
+    let family =
+        Arc::new(LlamaFamily { config: config.clone(), tokenizer: Arc::new(tokenizer), context: SCORE_CONTEXT });
+    BaseCoordinator {
+        name: &base.name,
+        config: &config,
+        family,
+        base: state,
+        members,
+        heldout,
+        policy,
+        outer,
+        aggregator,
+        probe_scale: consortium.policy.probe_scale,
+        plan,
+        training,
+        heldout_bytes: base.heldout_bytes,
+        networked: Some(&consortium.name),
+    }
+    .open(storage)
+}
+
+/// A networked node's trainer on a pretrained base: the base's config and tokenizer from its
+/// kit, its text tokenized once.
+pub(crate) fn node_trainer(kit_base: &Path, text: &str) -> anyhow::Result<LocalTrainer> {
+    let (config, tokenizer) = crate::model::read_config_and_tokenizer(kit_base)?;
+    let tokens = tokenizer.encode(text)?;
+    Ok(LocalTrainer::Adapter(Box::new(LoraNodeTrainer { config, tokens })))
+}
+
 fn bits(nats_per_byte: f64) -> f64 {
     nats_per_byte / std::f64::consts::LN_2
 }
@@ -279,18 +490,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             "--base runs in one process, without attacks or canary governance, for now: drop --processes, --attack and --governance"
         );
     }
-    let targets = adapter
-        .targets
-        .iter()
-        .map(|t| t.parse::<Projection>())
-        .collect::<Result<Vec<_>, _>>()
-        .context("--adapter-targets")?;
-    if adapter.steps == 0 || adapter.batch == 0 || adapter.context < 2 {
-        bail!("--adapter-steps and --adapter-batch must be at least 1, --adapter-context at least 2");
-    }
-    if !(adapter.lr.is_finite() && adapter.lr > 0.0) {
-        bail!("--adapter-lr must be a positive number, got {}", adapter.lr);
-    }
     let run = args.run_settings(&languages)?;
     if !matches!(run.outer, OuterOptimizer::Plain { .. }) {
         bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
@@ -300,27 +499,16 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     let seed = run.seed();
-    let plan = AdapterPlan {
-        seed,
-        rank: adapter.rank,
-        alpha: adapter.alpha,
-        targets: adapter.targets.clone(),
-        track: adapter.track.into(),
-    };
+    let (plan, node_training) = adapter.checked(seed)?;
     if let Some(why) = plan.refuses(&run.aggregator) {
         bail!("--aggregator: {why}");
     }
 
     let (name, dir) = resolve_base(base, &data_dir)?;
     let (config, tokenizer, base_state) = crate::model::read_imported(&dir)?;
-    let spec = LoraSpec { rank: adapter.rank, alpha: adapter.alpha, targets: targets.clone() };
-    spec.validate(&config).context("adapter settings")?;
-    if adapter.context > config.max_position_embeddings {
-        bail!("--adapter-context {} exceeds the model's {} positions", adapter.context, config.max_position_embeddings);
-    }
+    let spec = fits_model(&plan, &node_training, &config)?;
     let tokenizer = Arc::new(tokenizer);
     let family = Arc::new(LlamaFamily { config: config.clone(), tokenizer: tokenizer.clone(), context: SCORE_CONTEXT });
-    let adapters_family = Arc::new(LlamaAdapters { config: config.clone() });
 
     let training = LoraTraining { lr: adapter.lr, ..LoraTraining::default() };
     let windows = Windows { rows: adapter.batch, context: adapter.context };
@@ -343,7 +531,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         nodes.push(RealNode {
             id: id.clone(),
             language: language.clone(),
-            trainer: LoraNodeTrainer { config: config.clone(), tokens, training, steps: adapter.steps, windows },
+            trainer: LoraNodeTrainer { config: config.clone(), tokens },
             dir: out.join("nodes").join(id.as_str()),
             sovereign: None,
             artifacts: Vec::new(),
@@ -355,7 +543,6 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&storage).with_context(|| format!("creating {}", storage.display()))?;
     let parameters = base_state.num_values();
     let initial_hash = base_state.content_hash();
-    let members = run.members.iter().map(|(node, language)| Member { node: node.clone(), language: language.clone() });
     say!(
         "weft demo --base {name}: {} nodes ({}), {rounds} rounds, {} parameters, base {}",
         nodes.len(),
@@ -375,20 +562,23 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         adapter.lr
     );
     say!("  measuring the initial base on held-out text ({} bytes per language)…", adapter.heldout_bytes);
-    let measure = HeldoutSet::new(family.clone(), heldout.clone())?;
-    let store = Arc::new(FsBlobStore::open(storage.join("blobs"))?);
-    let coordinator = Coordinator::new(base_state, members.collect(), run.policy, run.outer, measure, store)?
-        .with_aggregator(run.aggregator)?
-        .with_adapters(plan.clone(), adapters_family.clone())?;
-    let settings = serde_json::json!({
-        "base": { "family": "llama", "name": name, "config": config, "state_hash": initial_hash },
-        "adapters": plan,
-        "training": { "steps": adapter.steps, "batch": adapter.batch, "context": adapter.context, "lr": adapter.lr },
-        "heldout_bytes": adapter.heldout_bytes,
-        "seed": seed,
-    });
-    let journal = SqliteJournal::open(&storage)?;
-    let mut coordinator = coordinator.durable(Box::new(journal), settings)?;
+    let mut coordinator = BaseCoordinator {
+        name: &name,
+        config: &config,
+        family: family.clone(),
+        base: base_state,
+        members: &run.members,
+        heldout: heldout.clone(),
+        policy: run.policy,
+        outer: run.outer,
+        aggregator: run.aggregator,
+        probe_scale: run.sections.policy.probe_scale,
+        plan: plan.clone(),
+        training: node_training,
+        heldout_bytes: adapter.heldout_bytes,
+        networked: None,
+    }
+    .open(&storage)?;
     // The genesis as the journal holds it: a run continued in the same --out starts mid-way.
     let genesis = SqliteJournal::read(&storage)?.head_after(0)?.context("the coordinator's journal has no genesis")?;
     let initial_loss = genesis.base_loss;
@@ -416,8 +606,10 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
                 bar.set_position(step);
                 bar.set_message(format!("{loss:.3}"));
             };
-            let trained =
-                node.trainer.train_on(&model, &record, &mut rng, &mut on_step).map_err(|e| anyhow::anyhow!(e))?;
+            let trained = node
+                .trainer
+                .train_on(&model, &record, &node_training, &mut rng, &mut on_step)
+                .map_err(|e| anyhow::anyhow!(e))?;
             bar.finish_and_clear();
             say!(
                 "  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token",
@@ -492,7 +684,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             own_training_text: bits(own),
         });
     }
-    if adapter.baseline == Baseline::Alone {
+    if args.baseline == Baseline::Alone {
         say!();
         say!("baseline: every node alone, {} steps from the initial base", rounds * adapter.steps);
         for node in &nodes {
@@ -678,6 +870,8 @@ mod tests {
         assert!(train.ends_with("line number 89"));
         assert!(heldout.starts_with("line number 90\n"));
         assert!(heldout.len() >= 40 && heldout.lines().all(|l| !train.contains(&format!("{l}\n"))));
+        // A networked node cuts its training text where the coordinator does.
+        assert_eq!(training_head(corpus.as_bytes()).unwrap(), train);
         assert_eq!(tail_lines("a\nbb\nccc\n", 5), "ccc\n");
         // Multi-byte scripts: a cut inside a character moves to the next line.
         let japanese = "リファレンス\n製作著作\nシステム\n";

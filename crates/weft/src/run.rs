@@ -35,15 +35,21 @@ pub struct RunSections {
 }
 
 impl RunSections {
-    pub fn of(config: &ConsortiumConfig) -> Self {
-        RunSections {
+    /// The sections of a consortium on the byte GPT (`[model]`); a `[base]` consortium's
+    /// coordinator is built by `realbase`.
+    pub fn of(config: &ConsortiumConfig) -> Result<Self, SettingError> {
+        let model = config.model.ok_or_else(|| SettingError {
+            key: "model",
+            detail: "this consortium trains a pretrained [base], not the byte GPT".into(),
+        })?;
+        Ok(RunSections {
             seed: config.seed,
             rounds: config.rounds,
-            model: config.model,
+            model,
             training: config.training,
             policy: config.policy.clone(),
             governance: config.governance.clone(),
-        }
+        })
     }
 }
 
@@ -100,7 +106,7 @@ impl RunSettings {
     /// The settings of a networked consortium, from its config and roster.
     pub fn from_config(config: &ConsortiumConfig, members: Vec<(NodeId, String)>) -> Result<Self, SettingError> {
         config.validate()?;
-        Self::new(RunSections::of(config), members)
+        Self::new(RunSections::of(config)?, members)
     }
 
     pub fn model(&self) -> GptConfig {

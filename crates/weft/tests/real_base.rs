@@ -178,9 +178,169 @@ fn bad_real_base_settings_get_a_clear_error() {
         assert!(message.contains(expected), "{args:?}: expected {expected:?} in\n{message}");
         assert!(!message.contains("panicked"), "{args:?}: {message}");
     }
+    // A consortium on this base: refused before anything is written when it asks for what adapter
+    // rounds cannot do…
+    let dir = tmp.path().join("consortium");
+    let d = dir.to_str().unwrap();
+    let init = [
+        "consortium",
+        "init",
+        d,
+        "--base",
+        b,
+        "--adapter-context",
+        "32",
+        "--node",
+        "n1:de",
+        "--node",
+        "n2:fr",
+        "--node",
+        "n3:es",
+    ];
+    for (extra, expected) in [
+        (&["--governance"][..], "canary scoring is not built for a pretrained base"),
+        (&["--adapter-track", "full", "--aggregator", "median"][..], "--aggregator: median"),
+        (&["--adapter-targets", "q,w9"][..], "'w9' is not a projection"),
+    ] {
+        let out = weft(&[&init[..], extra].concat());
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert!(stderr(&out).contains(expected), "{extra:?}: expected {expected:?} in\n{}", stderr(&out));
+        assert!(!dir.exists(), "{extra:?}: a refused init left {}", dir.display());
+    }
+    // …and its coordinator refuses to start from another base than the one it was made with.
+    let made = weft(&init);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let weights = base.join("model.safetensors");
+    let mut state = ModelState::from_safetensors(&std::fs::read(&weights).unwrap()).unwrap();
+    let norm = state.get("model.norm.weight").unwrap().clone();
+    let changed: Vec<f32> = norm.data().iter().map(|v| v + 0.5).collect();
+    state.insert("model.norm.weight", Tensor::new(norm.shape().to_vec(), changed).unwrap());
+    std::fs::write(&weights, state.to_safetensors(None).unwrap()).unwrap();
+    let out = weft(&["coordinator", "serve", d]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the consortium was made with"), "{}", stderr(&out));
+    assert!(!dir.join("coordinator/state.sqlite").exists(), "a refused serve started a ledger");
+
     // A broken weights file: an error naming it, no panic.
     std::fs::write(base.join("model.safetensors"), b"not safetensors").unwrap();
     let out = weft(&["demo", "--base", b, "--out", tmp.path().join("x").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("model.safetensors"), "{}", stderr(&out));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the process when dropped, so a failed test leaves nothing running.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn spawn(args: &[&str], log: &Path) -> Running {
+        let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(args)
+            .env("WEFT_LOG", "info")
+            .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap();
+        Running(child)
+    }
+
+    fn succeeds(&mut self, log: &Path) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(300) {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+                assert!(status.success(), "{} failed:\n{err}", log.display());
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} did not finish in 5 minutes", log.display());
+    }
+}
+
+#[test]
+fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_base(&base);
+    let languages = ["de", "fr", "es"];
+    let in_process =
+        demo(&base, &tmp.path().join("demo"), &["--nodes", "3", "--languages", "de,fr,es", "--baseline", "none"]);
+
+    // `consortium init --base` pins the base by hash; each kit gets its config and tokenizer,
+    // never its weights (the coordinator sends those).
+    let dir = tmp.path().join("consortium");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut init = vec!["consortium", "init", dir.to_str().unwrap(), "--address", &address, "--base"];
+    init.push(base.to_str().unwrap());
+    init.extend_from_slice(SMALL);
+    let nodes: Vec<String> = languages.iter().map(|l| format!("node-{l}:{l}")).collect();
+    for node in &nodes {
+        init.extend_from_slice(&["--node", node]);
+    }
+    let made = weft(&init);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let config: toml::Value = toml::from_str(&std::fs::read_to_string(dir.join("consortium.toml")).unwrap()).unwrap();
+    assert!(config.get("model").is_none());
+    assert_eq!(config["base"]["adapter"]["rank"].as_integer(), Some(2));
+    let kit = dir.join("nodes/node-de");
+    assert!(kit.join("base/config.json").is_file() && kit.join("base/tokenizer.json").is_file());
+    assert!(!kit.join("base/model.safetensors").exists());
+
+    let served = dir.join("serve.json");
+    let mut coordinator = Running::spawn(
+        &["coordinator", "serve", dir.to_str().unwrap(), "--linger-secs", "2", "--json", served.to_str().unwrap()],
+        &dir.join("coordinator-log"),
+    );
+    let mut members: Vec<(Running, std::path::PathBuf)> = languages
+        .iter()
+        .map(|l| {
+            let kit = dir.join("nodes").join(format!("node-{l}"));
+            let log = dir.join(format!("node-{l}-log"));
+            (Running::spawn(&["node", "join", kit.to_str().unwrap(), "--give-up-after", "60"], &log), log)
+        })
+        .collect();
+    for (node, log) in &mut members {
+        node.succeeds(log);
+    }
+    coordinator.succeeds(&dir.join("coordinator-log"));
+
+    // Three processes over mutual TLS, the same bases as one process, bit for bit.
+    let served: Value = serde_json::from_slice(&std::fs::read(&served).unwrap()).unwrap();
+    let bases = |rounds: &Value| -> Vec<String> {
+        rounds.as_array().unwrap().iter().map(|r| r["base_hash"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(bases(&served["rounds"]), bases(&in_process["rounds"]));
+    assert!(served["rounds"].as_array().unwrap().iter().any(|r| r["base_changed"] == true));
+    // What crossed the wire per node and round: B only, f32.
+    for (_, per_node) in served["wire_bytes"].as_object().unwrap() {
+        for (_, bytes) in per_node.as_object().unwrap() {
+            assert!(bytes.as_u64().unwrap() < 2 * 256 * 2 * 4 + 4096, "{bytes} bytes: more than the B factors");
+        }
+    }
+    let verified = weft(&["ledger", "verify", dir.join("coordinator").to_str().unwrap(), "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(report["final_base_hash"], in_process["final_base_hash"]);
+
+    // Each node keeps every round's adapter with the record it was trained for.
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(kit.join("artifacts/round-0002/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["round"], 2);
+    assert_eq!(manifest["adapter"]["rank"], 2);
+    let adapter = std::fs::read(kit.join("artifacts/round-0002/adapter.safetensors")).unwrap();
+    assert_eq!(
+        ModelState::from_safetensors(&adapter).unwrap().content_hash().to_string(),
+        manifest["adapter_hash"].as_str().unwrap()
+    );
 }
