@@ -46,6 +46,10 @@ impl Kit {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Participation {
     pub rounds: Vec<RoundOutcome>,
+    /// On a pretrained base: the adapter the node trained for itself on the final published
+    /// base and keeps (never sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_adapter: Option<weft_node::PrivateAdapterManifest>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -162,6 +166,8 @@ pub async fn join(
     let mut node = Some(Participant::Ready(trainer));
     let mut done = Participation::default();
     let mut last_attempt = 0u64;
+    // The last adapter announced and its training: the private adapter takes their shape.
+    let mut last_adapter: Option<(proto::AdapterRound, proto::TrainingSettings)> = None;
     loop {
         let state = match client.heartbeat(proto::HeartbeatRequest {}).await {
             Ok(state) => state.into_inner(),
@@ -173,9 +179,25 @@ pub async fn join(
         };
         let phase = proto::Phase::try_from(state.phase).unwrap_or(proto::Phase::Unspecified);
         match phase {
-            proto::Phase::Finished => return Ok(done),
+            proto::Phase::Finished => {
+                if let (Some((adapter, training)), Some(Participant::Adapter(_))) = (&last_adapter, &node) {
+                    // The published base is served while the coordinator lingers: a node that
+                    // misses it keeps its round adapters and says so.
+                    match keep_private(&mut client, &state, &mut node, adapter, training, &artifacts).await {
+                        Ok(manifest) => {
+                            tracing::info!(adapter = %manifest.adapter_hash.short(), "kept a private adapter trained on the final base");
+                            done.private_adapter = Some(manifest);
+                        }
+                        Err(e) => tracing::warn!("no private adapter on the final base: {e}"),
+                    }
+                }
+                return Ok(done);
+            }
             proto::Phase::Open if !state.submitted && state.round > last_attempt => {
                 last_attempt = state.round;
+                if let (Some(adapter), Some(training)) = (&state.adapter, state.training) {
+                    last_adapter = Some((adapter.clone(), training));
+                }
                 let outcome = contribute(&mut client, &kit, &state, &mut node, &artifacts).await;
                 match outcome {
                     Ok(outcome) => {
@@ -313,6 +335,39 @@ async fn contribute(
     })
 }
 
+/// After the last round: the final published base, and the node's private adapter on it.
+async fn keep_private(
+    client: &mut ConsortiumClient<Channel>,
+    state: &proto::RoundState,
+    node: &mut Option<Participant>,
+    adapter: &proto::AdapterRound,
+    training: &proto::TrainingSettings,
+    artifacts: &Path,
+) -> Result<weft_node::PrivateAdapterManifest, NetError> {
+    let base_hash: ContentHash =
+        state.base_hash.parse().map_err(|_| NetError::Protocol("a base hash that is not 64 hex digits".into()))?;
+    let record = crate::announce::adapter_from_proto(adapter).map_err(NetError::Protocol)?;
+    let settings = adapter_training(training);
+    let base = fetch_base(client, base_hash, artifacts).await?;
+    let Some(Participant::Adapter(mut trainer)) = node.take() else {
+        return Err(NetError::Protocol("the node trains no adapters".into()));
+    };
+    let round = state.round;
+    let kept = tokio::task::spawn_blocking(move || trainer.keep_private(round, &base, base_hash, &record, &settings))
+        .await
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+    Ok(kept?)
+}
+
+fn adapter_training(training: &proto::TrainingSettings) -> AdapterTraining {
+    AdapterTraining {
+        steps: training.local_steps,
+        batch: training.batch_rows as usize,
+        context: training.context as usize,
+        lr: training.lr,
+    }
+}
+
 fn adapter_cycle(
     mut node: AdapterNode,
     round: u64,
@@ -321,12 +376,7 @@ fn adapter_cycle(
     record: &weft_core::AdapterRound,
     training: &proto::TrainingSettings,
 ) -> (Participant, Result<Contribution, NetError>) {
-    let settings = AdapterTraining {
-        steps: training.local_steps,
-        batch: training.batch_rows as usize,
-        context: training.context as usize,
-        lr: training.lr,
-    };
+    let settings = adapter_training(training);
     let contribution = node.run_cycle(round, base, base_hash, record, &settings, |_, _| {}).map_err(NetError::from);
     (Participant::Adapter(node), contribution)
 }

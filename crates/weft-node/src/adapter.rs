@@ -33,6 +33,35 @@ pub struct AdapterManifest {
     pub train_loss: f64,
 }
 
+/// `sovereign/round-NNNN/manifest.json`: the node's private adapter, trained on the base
+/// published after round `round` and never sent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivateAdapterManifest {
+    pub node: NodeId,
+    pub round: u64,
+    /// The published base it was trained on.
+    pub base_hash: ContentHash,
+    /// Its factors (`A` from a seed of the node's own).
+    pub adapter: AdapterRound,
+    pub adapter_hash: ContentHash,
+    pub steps: u64,
+    pub train_loss: f64,
+}
+
+/// The factors of a node's private adapter: the consortium's rank, alpha and targets, `A` from
+/// the node's own seed, trained on the shared track (`A` frozen).
+pub fn private_adapter(consortium: &AdapterRound, seed: u64) -> AdapterRound {
+    AdapterRound { seed: seed ^ PRIVATE_SEED, track: weft_core::AdapterTrack::Shared, ..consortium.clone() }
+}
+
+/// The stream a node's private adapter draws its training windows from.
+pub fn private_stream(seed: u64, node: &NodeId) -> SplitMix64 {
+    SplitMix64::derive(seed, &format!("sovereign/{node}"), 0)
+}
+
+/// Separates a private adapter's `A` seed from the rounds' (which are BLAKE3-derived).
+const PRIVATE_SEED: u64 = 0x5e1f;
+
 pub struct AdapterNode {
     id: NodeId,
     language: String,
@@ -116,6 +145,57 @@ impl AdapterNode {
         weft_durable::crash::point("node-trained");
         write_atomic(&dir.join(Self::MANIFEST_FILE), &text).map_err(io)?;
         Ok(self.contribution(&manifest, trained.update))
+    }
+
+    /// After the last round: trains the node's private adapter on the published `base` (shaped
+    /// like the consortium's `adapter`, see [`private_adapter`]) and keeps it under
+    /// `sovereign/round-NNNN/`. Never sent. Kept already for this base: not trained again.
+    pub fn keep_private(
+        &mut self,
+        round: u64,
+        base: &ModelState,
+        base_hash: ContentHash,
+        adapter: &AdapterRound,
+        settings: &AdapterTraining,
+    ) -> Result<PrivateAdapterManifest, NodeError> {
+        let actual = base.content_hash();
+        if actual != base_hash {
+            return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
+        }
+        let dir = self.dir.join("sovereign").join(format!("round-{round:04}"));
+        let manifest_path = dir.join(Self::MANIFEST_FILE);
+        if let Some(kept) = std::fs::read(&manifest_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<PrivateAdapterManifest>(&bytes).ok())
+            .filter(|kept| kept.base_hash == base_hash && kept.round == round)
+        {
+            return Ok(kept);
+        }
+        let record = private_adapter(adapter, self.seed);
+        let mut rng = private_stream(self.seed, &self.id);
+        let trained = self
+            .trainer
+            .train_round(base, &record, settings, &mut rng, &mut |_, _| {})
+            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })?;
+        let manifest = PrivateAdapterManifest {
+            node: self.id.clone(),
+            round,
+            base_hash,
+            adapter: record,
+            adapter_hash: trained.adapter.content_hash(),
+            steps: trained.steps,
+            train_loss: trained.mean_loss,
+        };
+        let io = |source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let bytes = trained
+            .adapter
+            .to_safetensors(None)
+            .map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
+        write_atomic(&dir.join(Self::ADAPTER_FILE), &bytes).map_err(io)?;
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(std::io::Error::other(e)))?;
+        write_atomic(&manifest_path, &text).map_err(io)?;
+        Ok(manifest)
     }
 
     fn contribution(&self, manifest: &AdapterManifest, update: ModelState) -> Contribution {

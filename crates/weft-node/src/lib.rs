@@ -8,7 +8,7 @@ mod artifact;
 mod corpus;
 mod node;
 
-pub use adapter::{AdapterManifest, AdapterNode};
+pub use adapter::{private_adapter, private_stream, AdapterManifest, AdapterNode, PrivateAdapterManifest};
 pub use artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 pub use corpus::LocalCorpus;
 pub use node::{Cycle, Node, NodeError, NodeSettings};

@@ -662,10 +662,13 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     say!();
     say!("sovereign adapters: every node trains its own, {} steps on the published base, and keeps it", adapter.steps);
     let mut sovereign = BTreeMap::new();
-    let private = PrivateAdapter { config: &config, spec: &spec, training, windows, seed, tokenizer: &tokenizer };
+    let private = PrivateAdapter { config: &config, spec: &spec, training, windows, tokenizer: &tokenizer };
     for node in &mut nodes {
         let text = &heldout[&node.language];
-        let (adapters, nats) = private.train(&final_model, node, adapter.steps, ("sovereign", seed ^ 0x5e1f), text)?;
+        // As a networked node keeps it (`weft node join`): same factors, same stream.
+        let a_seed = weft_node::private_adapter(&plan.round(rounds), seed).seed;
+        let stream = weft_node::private_stream(seed, &node.id);
+        let (adapters, nats) = private.train(&final_model, node, adapter.steps, (a_seed, stream), text)?;
         node.sovereign = Some(keep_adapter(&node.dir.join("sovereign"), rounds, &adapters.to_state())?);
         sovereign.insert(node.language.clone(), nats);
     }
@@ -689,7 +692,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         say!("baseline: every node alone, {} steps from the initial base", rounds * adapter.steps);
         for node in &nodes {
             let text = &heldout[&node.language];
-            let (_, nats) = private.train(&model, node, rounds * adapter.steps, ("alone", seed ^ 0xa10e), text)?;
+            let stream = SplitMix64::derive(seed, &format!("alone/{}", node.id), 0);
+            let (_, nats) = private.train(&model, node, rounds * adapter.steps, (seed ^ 0xa10e, stream), text)?;
             alone.insert(node.language.clone(), nats);
         }
     }
@@ -778,24 +782,21 @@ struct PrivateAdapter<'a> {
     spec: &'a LoraSpec,
     training: LoraTraining,
     windows: Windows,
-    seed: u64,
     tokenizer: &'a LlamaTokenizer,
 }
 
 impl PrivateAdapter<'_> {
-    /// Trains a fresh adapter (`A` from `a_seed`) `steps` steps on `node`'s text from `model`
-    /// and scores it on `heldout`: the adapter and its nats per byte. `purpose` names the
-    /// node's sampling stream.
+    /// Trains a fresh adapter (`A` from `a_seed`) `steps` steps on `node`'s text from `model`,
+    /// drawing windows from `rng`, and scores it on `heldout`: the adapter and its nats per byte.
     fn train(
         &self,
         model: &Llama,
         node: &RealNode,
         steps: u64,
-        (purpose, a_seed): (&str, u64),
+        (a_seed, mut rng): (u64, SplitMix64),
         heldout: &[u8],
     ) -> anyhow::Result<(Adapters, f64)> {
         let mut adapters = Adapters::init(self.config, self.spec.clone(), a_seed)?;
-        let mut rng = SplitMix64::derive(self.seed, &format!("{purpose}/{}", node.id), 0);
         train_with_bar(model, &mut adapters, self.training, node, steps, self.windows, &mut rng)?;
         let nats = weft_llama::family::nats_per_byte(model, self.tokenizer, Some(&adapters), heldout, SCORE_CONTEXT)
             .map_err(|e| anyhow::anyhow!(e))?;

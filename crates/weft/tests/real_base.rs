@@ -307,7 +307,10 @@ fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
         .map(|l| {
             let kit = dir.join("nodes").join(format!("node-{l}"));
             let log = dir.join(format!("node-{l}-log"));
-            (Running::spawn(&["node", "join", kit.to_str().unwrap(), "--give-up-after", "60"], &log), log)
+            let json = dir.join(format!("node-{l}.json"));
+            let args =
+                ["node", "join", kit.to_str().unwrap(), "--give-up-after", "60", "--json", json.to_str().unwrap()];
+            (Running::spawn(&args, &log), log)
         })
         .collect();
     for (node, log) in &mut members {
@@ -332,6 +335,15 @@ fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
     assert!(verified.status.success(), "{}", stderr(&verified));
     let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(report["final_base_hash"], in_process["final_base_hash"]);
+
+    // After the last round each node trains its own adapter on the published base and keeps it:
+    // the one the in-process demo's node keeps.
+    for node in in_process["nodes"].as_array().unwrap() {
+        let id = node["node"].as_str().unwrap();
+        let joined: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{id}.json"))).unwrap()).unwrap();
+        assert_eq!(joined["private_adapter"]["adapter_hash"], node["sovereign"], "{id}");
+        assert_eq!(joined["private_adapter"]["base_hash"], in_process["final_base_hash"], "{id}");
+    }
 
     // Each node keeps every round's adapter with the record it was trained for.
     let manifest: Value =
