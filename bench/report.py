@@ -144,6 +144,42 @@ for rnd in served["rounds"]:
     wall = served["round_seconds"][str(r)]
     train = max(o["train_seconds"] for n in nodes.values() for o in n["rounds"] if o["round"] == r)
     lines.append(f"| {r} | {wall:.2f} s | {train:.2f} s | {wall - train:.2f} s ({(wall - train) / wall:.0%}) |")
+pairs = sorted({int(p.stem.split("-")[-1]) for p in src.glob("llama-weft-1-*.json")})
+if pairs:
+    imported = load("llama-import.json")
+    first = load("llama-weft-1-1.json")
+    lines += ["", "## Llama (SmolLM2-135M): forward and LoRA training against PyTorch", "",
+              f"`weft model import` of the Q4_1 GGUF (dequantize, un-permute Q/K, rebuild the tokenizer, write 540 MB):"
+              f" **{imported['seconds']:.1f} s**.", "",
+              f"The same weights and the same {first['batch']} × {first['context']} token ids (the French *Debian Reference*):"
+              " weft's forward pass (`crates/weft-llama/examples/llama_bench.rs`) against a plain-torch Llama written as"
+              " Hugging Face's LlamaForCausalLM computes it (`bench/llama_torch.py`: RMSNorm, rotate-half RoPE,"
+              " grouped-query attention through `scaled_dot_product_attention`, SwiGLU, tied head); LoRA training is one"
+              " AdamW step of rank-8 adapters on every projection with the base frozen and only B trained, as a node"
+              " does, after one untimed warm-up step. Each process times the median of its repeats; the pairs"
+              " (weft, then PyTorch) are interleaved and each ratio below is the median of the pairs' ratios"
+              f" ({len(pairs)} pairs; the pairs' ratios in brackets).", "",
+              "| threads | weft forward tokens/s | PyTorch | weft ÷ PyTorch | weft LoRA training tokens/s | PyTorch | weft ÷ PyTorch | peak RSS weft / PyTorch |",
+              "|---|---|---|---|---|---|---|---|"]
+    results["llama"] = {"import_seconds": imported["seconds"], "pairs": []}
+    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2
+    nll_gap = 0.0
+    for t in (1, 2):
+        runs = [(load(f"llama-weft-{t}-{p}.json"), load(f"llama-torch-{t}-{p}.json")) for p in pairs]
+        results["llama"]["pairs"] += [{"threads": t, "weft": w, "torch": tch} for w, tch in runs]
+        fwd = [w["forward_tokens_per_s"] / tch["forward_tokens_per_s"] for w, tch in runs]
+        trn = [w["train_tokens_per_s"] / tch["train_tokens_per_s"] for w, tch in runs]
+        nll_gap = max([nll_gap] + [abs(w["mean_nll"] - tch["mean_nll"]) for w, tch in runs])
+        show = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
+        gb = lambda b: f"{b / 1e9:.2f} GB"
+        lines.append(
+            f"| {t} | {med([w['forward_tokens_per_s'] for w, _ in runs]):.0f} | {med([c['forward_tokens_per_s'] for _, c in runs]):.0f} | "
+            f"**{med(fwd):.2f}×** ({show(fwd)}) | {med([w['train_tokens_per_s'] for w, _ in runs]):.0f} | "
+            f"{med([c['train_tokens_per_s'] for _, c in runs]):.0f} | **{med(trn):.2f}×** ({show(trn)}) | "
+            f"{gb(runs[0][0]['peak_rss_bytes'])} / {gb(runs[0][1]['peak_rss_bytes'])} |")
+    results["llama"]["max_mean_nll_difference"] = nll_gap
+    lines += ["", f"Both compute the same model: their mean next-token loss on these tokens differs by at most"
+              f" {nll_gap:.1e} nats (f32 round-off; {first['mean_nll']:.6f} for weft)."]
 pathlib.Path(md_path).write_text("\n".join(lines) + "\n")
 pathlib.Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
 print("\n".join(lines))
