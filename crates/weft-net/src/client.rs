@@ -433,7 +433,14 @@ pub async fn fetch_base(
     }
     if let Some(dir) = cache.parent() {
         let _ = std::fs::create_dir_all(dir);
-        let _ = weft_durable::write_atomic(&cache, &bytes);
+        if weft_durable::write_atomic(&cache, &bytes).is_ok() {
+            // Only the current base is worth keeping: a pretrained base is hundreds of MB a round.
+            for old in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+                if old.path() != cache {
+                    let _ = std::fs::remove_file(old.path());
+                }
+            }
+        }
     }
     Ok(state)
 }

@@ -65,6 +65,8 @@ struct View {
     submitted: BTreeSet<NodeId>,
     /// The open round's adapter, when contributions are adapters.
     adapter: Option<AdapterRound>,
+    /// f32 values and tensors an update to the open round has: an upload may need no more.
+    update_size: (usize, usize),
 }
 
 /// The round engine on a thread of its own: every measurement, check and aggregation runs
@@ -115,8 +117,6 @@ struct Shared<M: Measure> {
     coordinator_key: String,
     wire: Mutex<WireBytes>,
     uploads: std::sync::atomic::AtomicU64,
-    values: usize,
-    tensors: usize,
 }
 
 /// An upload in progress. If the node goes away mid-stream (killed, connection reset), the
@@ -164,7 +164,7 @@ pub async fn serve<M: Measure + Send + 'static>(
         .map_err(|e| NetError::Address(options.config.address.clone(), e.to_string()))?;
     std::fs::create_dir_all(&options.spool).map_err(|source| NetError::Io { path: options.spool.clone(), source })?;
     let coordinator_key = coordinator.public_key().map(|k| k.to_string()).unwrap_or_default();
-    let (values, tensors) = (coordinator.base().num_values(), coordinator.base().len());
+    let base_size = (coordinator.base().num_values(), coordinator.base().len());
     let shared = Arc::new(Shared {
         view: Mutex::new(View {
             phase: proto::Phase::Waiting,
@@ -173,6 +173,7 @@ pub async fn serve<M: Measure + Send + 'static>(
             deadline: None,
             submitted: BTreeSet::new(),
             adapter: None,
+            update_size: base_size,
         }),
         store: coordinator.store().clone(),
         engine: Engine::start(coordinator)?,
@@ -181,8 +182,6 @@ pub async fn serve<M: Measure + Send + 'static>(
         coordinator_key,
         wire: Mutex::new(BTreeMap::new()),
         uploads: std::sync::atomic::AtomicU64::new(0),
-        values,
-        tensors,
     });
     let service = ConsortiumServer::new(Service { shared: shared.clone() })
         .max_decoding_message_size(MAX_MESSAGE)
@@ -212,8 +211,15 @@ pub async fn serve<M: Measure + Send + 'static>(
     Ok(Served { rounds, wire_bytes: wire, round_seconds })
 }
 
-/// An open round: number, base hash, nodes already heard, its adapter.
-type Opened = (u64, ContentHash, BTreeSet<NodeId>, Option<AdapterRound>);
+/// An open round as the engine reports it.
+struct Opened {
+    round: u64,
+    base_hash: ContentHash,
+    /// Nodes already heard (a round continued after a restart).
+    done: BTreeSet<NodeId>,
+    adapter: Option<AdapterRound>,
+    update_size: (usize, usize),
+}
 
 /// Opens, waits for, and closes every remaining round.
 async fn drive<M: Measure + Send + 'static>(
@@ -233,10 +239,17 @@ async fn drive<M: Measure + Send + 'static>(
                     None if engine.round() >= rounds => return Ok(None),
                     None => (engine.open_round()?, BTreeSet::new()),
                 };
-                Ok(Some((announcement.round, announcement.base_hash, done, engine.adapter_round())))
+                let update_size = engine.with_update_layout(|l| (l.num_values(), l.len())).unwrap_or_default();
+                Ok(Some(Opened {
+                    round: announcement.round,
+                    base_hash: announcement.base_hash,
+                    done,
+                    adapter: engine.adapter_round(),
+                    update_size,
+                }))
             })
             .await??;
-        let Some((round, base_hash, done, adapter)) = opened else { break };
+        let Some(Opened { round, base_hash, done, adapter, update_size }) = opened else { break };
         let opened_at = Instant::now();
         let closes_at = closes(opened_at)?;
         {
@@ -248,6 +261,7 @@ async fn drive<M: Measure + Send + 'static>(
                 deadline: Some(closes_at),
                 submitted: done,
                 adapter,
+                update_size,
             };
         }
         tracing::info!(round, base = %base_hash.short(), "round open");
@@ -349,7 +363,7 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
             }),
             encoding: config.encoding.to_proto() as i32,
             submitted: view.submitted.contains(&member.id),
-            max_upload_bytes: config.encoding.max_bytes(self.shared.values, self.shared.tensors),
+            max_upload_bytes: config.encoding.max_bytes(view.update_size.0, view.update_size.1),
             adapter: view.adapter.as_ref().map(crate::announce::adapter_to_proto),
         }))
     }
@@ -442,7 +456,8 @@ impl<M: Measure + Send + 'static> Service<M> {
         if encoding != config.encoding {
             return Err(Refusal::WrongEncoding { expected: config.encoding, got: encoding });
         }
-        let max = config.encoding.max_bytes(self.shared.values, self.shared.tensors);
+        let (values, tensors) = lock(&self.shared.view).update_size;
+        let max = config.encoding.max_bytes(values, tensors);
         if header.encoded_bytes > max {
             return Err(Refusal::Oversize { announced: header.encoded_bytes, max });
         }

@@ -116,6 +116,21 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Copies a kept directory (and its sub-directories: `sovereign/round-NNNN/`), leaving out
+/// files a crash left half-written.
+fn copy_kept(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for file in std::fs::read_dir(from)?.filter_map(Result::ok) {
+        let path = file.path();
+        if path.is_dir() {
+            copy_kept(&path, &to.join(file.file_name()))?;
+        } else if !file.file_name().to_string_lossy().contains(".tmp.") {
+            std::fs::copy(&path, to.join(file.file_name())).with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// `weft node export NODE_DIR --coordinator DIR --node ID --out BUNDLE`.
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -140,8 +155,22 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     if !args.node_dir.is_dir() {
         bail!("{} is not a node's artifact directory", args.node_dir.display());
     }
-    let artifacts =
-        SovereignArtifact::all_in(&args.node_dir).with_context(|| format!("reading {}", args.node_dir.display()))?;
+    // Every round the node kept (a byte-model artifact or an adapter, each with its manifest),
+    // and its private adapter on a pretrained base.
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(&args.node_dir).with_context(|| format!("reading {}", args.node_dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with("round-") && path.join(SovereignArtifact::MANIFEST_FILE).is_file() {
+            kept.push(path);
+        }
+    }
+    kept.sort();
+    let rounds_kept = kept.len();
+    let sovereign = args.node_dir.join("sovereign");
+    if sovereign.is_dir() {
+        kept.push(sovereign);
+    }
     let entries = checked_entries(&args.coordinator)?;
     let mut rounds: Vec<u64> = entries
         .iter()
@@ -160,21 +189,15 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    for artifact in &artifacts {
-        let Some(name) = artifact.dir.file_name() else { continue };
-        let target = args.out.join(name);
-        std::fs::create_dir_all(&target)?;
-        for file in std::fs::read_dir(&artifact.dir)?.filter_map(Result::ok) {
-            if !file.file_name().to_string_lossy().contains(".tmp.") {
-                std::fs::copy(file.path(), target.join(file.file_name()))?;
-            }
-        }
+    for dir in &kept {
+        let Some(name) = dir.file_name() else { continue };
+        copy_kept(dir, &args.out.join(name))?;
     }
     std::fs::write(args.out.join("proofs.json"), serde_json::to_vec_pretty(&proofs)?)?;
     say!(
         "{}: {} rounds of artifacts and {} ledger proofs (check each with `weft ledger check-proof`) in {}",
         args.node,
-        artifacts.len(),
+        rounds_kept,
         proofs.len(),
         args.out.display()
     );

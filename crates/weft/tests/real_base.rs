@@ -345,6 +345,29 @@ fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
         assert_eq!(joined["private_adapter"]["base_hash"], in_process["final_base_hash"], "{id}");
     }
 
+    // A node leaves with its adapters, its private adapter and a ledger proof per contribution.
+    let bundle = tmp.path().join("bundle");
+    let exported = weft(&[
+        "node",
+        "export",
+        kit.join("artifacts").to_str().unwrap(),
+        "--coordinator",
+        dir.join("coordinator").to_str().unwrap(),
+        "--node",
+        "node-de",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    for kept in
+        ["round-0001/update.safetensors", "round-0002/adapter.safetensors", "sovereign/round-0002/manifest.json"]
+    {
+        assert!(bundle.join(kept).is_file(), "{kept} is not in the bundle");
+    }
+    assert!(!bundle.join("bases").exists(), "the bundle carries a cached base");
+    let proofs: Value = serde_json::from_slice(&std::fs::read(bundle.join("proofs.json")).unwrap()).unwrap();
+    assert_eq!(proofs.as_array().unwrap().len(), 2);
+
     // Each node keeps every round's adapter with the record it was trained for.
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(kit.join("artifacts/round-0002/manifest.json")).unwrap()).unwrap();
