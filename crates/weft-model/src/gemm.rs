@@ -33,9 +33,10 @@ pub enum Start<'a> {
     Accumulate,
 }
 
-/// Rows per parallel task. Small enough that the narrowest weight gradient (128 rows) still
-/// splits into several tasks for two threads.
+/// Fewest rows per parallel task (a multiple of the micro-kernel's six).
 const ROWS_PER_TASK: usize = 24;
+/// A right operand past this many bytes no longer stays in a core's cache between tasks.
+const LARGE_RHS_BYTES: usize = 256 << 10;
 
 /// `c[m, j] = start + Σ_k a[m, k] · b[k·ldb + j]` for the `cols`-column row-major matrix `c`.
 ///
@@ -51,8 +52,15 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
     if depth == 0 {
         return portable_block(c, cols, rows, cols, a, b, ldb, 0, start);
     }
-    c.par_chunks_mut(ROWS_PER_TASK * cols).enumerate().for_each(|(task, block)| {
-        let a = Lhs { data: &a.data[task * ROWS_PER_TASK * a.row_stride..], ..a };
+    // Each task reads all of `B`: a `B` larger than a core's cache is split in as few tasks as
+    // keep every thread busy; a small one in many, which balance better on a busy machine.
+    let per_task = if depth * cols * 4 > LARGE_RHS_BYTES {
+        rows.div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(6).max(ROWS_PER_TASK)
+    } else {
+        ROWS_PER_TASK
+    };
+    c.par_chunks_mut(per_task * cols).enumerate().for_each(|(task, block)| {
+        let a = Lhs { data: &a.data[task * per_task * a.row_stride..], ..a };
         let rows = block.len() / cols;
         #[cfg(target_arch = "x86_64")]
         if wide_vectors() {
@@ -212,6 +220,11 @@ mod avx2 {
         if depth == 0 {
             return super::portable_block(c, ldc, rows, cols, a, b, ldb, 0, start);
         }
+        // The panel of `B` the row tiles share, packed contiguously when `B` is large: rows of
+        // `B` a multiple of 4 KB apart (a 49152-column head, a 1536-column MLP) would all fall
+        // into one L1 set. A small `B` stays in cache as it is, and copying it would only cost.
+        let pack = rows > MR && depth * cols * 4 > super::LARGE_RHS_BYTES;
+        let mut panel = [0.0f32; KC * 16];
         let mut k0 = 0;
         while k0 < depth {
             let kc = KC.min(depth - k0);
@@ -229,6 +242,16 @@ mod avx2 {
                     (0, Start::Bias(bias)) => Init::Bias(bias.as_ptr().add(j)),
                     _ => Init::Load,
                 };
+                // Packing moves values, never changes which are multiplied or in what order.
+                let (panel_b, panel_ldb) = if pack && width >= 8 {
+                    for k in 0..kc {
+                        let from = b.as_ptr().add((k0 + k) * ldb + j);
+                        std::ptr::copy_nonoverlapping(from, panel.as_mut_ptr().add(k * width), width);
+                    }
+                    (panel.as_ptr(), width)
+                } else {
+                    (b.as_ptr().add(k0 * ldb + j), ldb)
+                };
                 let mut m = 0;
                 while m < rows {
                     let mr = MR.min(rows - m);
@@ -236,8 +259,8 @@ mod avx2 {
                         a: a.data.as_ptr().add(m * a.row_stride + k0 * a.k_stride),
                         a_rs: a.row_stride,
                         a_ks: a.k_stride,
-                        b: b.as_ptr().add(k0 * ldb + j),
-                        ldb,
+                        b: panel_b,
+                        ldb: panel_ldb,
                         c: c.as_mut_ptr().add(m * ldc + j),
                         ldc,
                         depth: kc,
@@ -354,8 +377,10 @@ mod tests {
     #[test]
     fn every_build_gives_the_definitions_bits_on_ragged_shapes() {
         // Rows, columns and depths that leave remainders in every blocking dimension, including
-        // a depth past one pass of the AVX2 kernel (256).
-        for &(rows, cols, depth) in &[(1, 1, 1), (7, 9, 3), (13, 23, 5), (25, 40, 300), (50, 17, 257), (6, 16, 0)] {
+        // a depth past one pass of the AVX2 kernel (256), packed panels of 16 and 8 columns, and
+        // a right operand large enough to be split by rows per thread (61 × 300 × 260).
+        let shapes = [(1, 1, 1), (7, 9, 3), (13, 23, 5), (25, 40, 300), (50, 17, 257), (6, 16, 0), (61, 300, 260)];
+        for &(rows, cols, depth) in &shapes {
             for (s, transposed) in [(0u32, false), (1, true)] {
                 let a_data = values(rows * depth + 1, 11 + s);
                 let a = if transposed {
