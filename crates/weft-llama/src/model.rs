@@ -299,8 +299,13 @@ impl Llama {
     pub fn nll_adapted(&self, tokens: &[u32], adapters: Option<&Adapters>) -> Result<(f64, usize), LlamaError> {
         let v = self.config.vocab_size;
         let logits = self.head(&self.forward(tokens, adapters, None)?);
-        let total =
-            logits.chunks_exact(v).zip(&tokens[1..]).map(|(row, &next)| -log_softmax_at(row, next as usize)).sum();
+        // Rows in parallel, summed in order: the same bits on any thread count.
+        let per_row: Vec<f64> = logits
+            .par_chunks_exact(v)
+            .zip(&tokens[1..])
+            .map(|(row, &next)| -log_softmax_at(row, next as usize))
+            .collect();
+        let total = per_row.iter().sum();
         Ok((total, tokens.len() - 1))
     }
 
@@ -556,15 +561,20 @@ fn project(
 /// element.
 pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; rows * cols];
-    for r0 in (0..rows).step_by(16) {
-        for c0 in (0..cols).step_by(16) {
-            for r in r0..(r0 + 16).min(rows) {
-                for c in c0..(c0 + 16).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    // Bands of 16 output rows (input columns) in parallel: a copy, so threads change no bit.
+    out.par_chunks_mut(16 * rows).enumerate().for_each(|(band, block)| {
+        let c0 = band * 16;
+        for r0 in (0..rows).step_by(16) {
+            for (i, c) in (c0..(c0 + 16).min(cols)).enumerate() {
+                for r in r0..(r0 + 16).min(rows) {
+                    block[i * rows + r] = data[r * cols + c];
                 }
             }
         }
-    }
+    });
     out
 }
 

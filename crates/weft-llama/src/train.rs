@@ -56,17 +56,25 @@ impl Llama {
         // position that predicts a next token.
         let logits = self.head(&hidden);
         let mut dlogits = vec![0.0f32; t * v];
-        let mut loss = 0.0f64;
-        for (pos, (row, drow)) in logits.chunks_exact(v).zip(dlogits.chunks_exact_mut(v)).enumerate().take(t - 1) {
-            let next = tokens[pos + 1] as usize;
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-            loss += sum.ln() - (row[next] - max) as f64;
-            for (dl, &x) in drow.iter_mut().zip(row) {
-                *dl = (((x - max) as f64).exp() / sum) as f32 * weight;
-            }
-            drow[next] -= weight;
-        }
+        // Positions in parallel (each row on its own), their losses summed in order afterwards:
+        // the same bits on any thread count.
+        let losses: Vec<f64> = logits
+            .par_chunks_exact(v)
+            .zip(dlogits.par_chunks_exact_mut(v))
+            .enumerate()
+            .take(t - 1)
+            .map(|(pos, (row, drow))| {
+                let next = tokens[pos + 1] as usize;
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                for (dl, &x) in drow.iter_mut().zip(row) {
+                    *dl = (((x - max) as f64).exp() / sum) as f32 * weight;
+                }
+                drow[next] -= weight;
+                sum.ln() - (row[next] - max) as f64
+            })
+            .collect();
+        let loss: f64 = losses.iter().sum();
         let mut dhidden = vec![0.0f32; t * d];
         input_grad(&mut dhidden, &dlogits, self.head_t(), d, v);
         drop(dlogits);
