@@ -242,7 +242,8 @@ pub fn setting_name(key: &str, source: Source) -> String {
             .iter()
             .find(|(prefix, _)| key == *prefix || key.starts_with(&format!("{prefix}.")))
             .map_or_else(|| key.to_owned(), |(_, flag)| (*flag).to_owned()),
-        Source::ConsortiumToml => match key.split_once('.') {
+        // The last dot separates the key from its table: `base.adapter.rank` is `[base.adapter] rank`.
+        Source::ConsortiumToml => match key.rsplit_once('.') {
             Some((section, field)) => format!("[{section}] {field}"),
             None => key.to_owned(),
         },
@@ -289,5 +290,6 @@ mod tests {
         assert_eq!(setting_name("outer.kind", Source::Flags), "--outer");
         assert_eq!(setting_name("policy.cap", Source::ConsortiumToml), "[policy] cap");
         assert_eq!(setting_name("round_deadline_secs", Source::ConsortiumToml), "round_deadline_secs");
+        assert_eq!(setting_name("base.adapter.rank", Source::ConsortiumToml), "[base.adapter] rank");
     }
 }
