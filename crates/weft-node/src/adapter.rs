@@ -91,6 +91,16 @@ impl AdapterNode {
         &self.id
     }
 
+    /// The base must be the one announced: training on anything else would send a delta from
+    /// the wrong point.
+    fn check_base(&self, base: &ModelState, announced: ContentHash) -> Result<(), NodeError> {
+        let actual = base.content_hash();
+        if actual != announced {
+            return Err(NodeError::BaseMismatch { node: self.id.clone(), announced, actual });
+        }
+        Ok(())
+    }
+
     fn round_dir(&self, round: u64) -> PathBuf {
         self.dir.join(format!("round-{round:04}"))
     }
@@ -107,10 +117,7 @@ impl AdapterNode {
         settings: &AdapterTraining,
         mut on_step: impl FnMut(u64, f64),
     ) -> Result<Contribution, NodeError> {
-        let actual = base.content_hash();
-        if actual != base_hash {
-            return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
-        }
+        self.check_base(base, base_hash)?;
         let dir = self.round_dir(round);
         if let Some((manifest, update)) = read_kept(&dir) {
             if manifest.round == round && manifest.base_hash == base_hash && &manifest.adapter == adapter {
@@ -158,10 +165,7 @@ impl AdapterNode {
         adapter: &AdapterRound,
         settings: &AdapterTraining,
     ) -> Result<PrivateAdapterManifest, NodeError> {
-        let actual = base.content_hash();
-        if actual != base_hash {
-            return Err(NodeError::BaseMismatch { node: self.id.clone(), announced: base_hash, actual });
-        }
+        self.check_base(base, base_hash)?;
         let dir = self.dir.join("sovereign").join(format!("round-{round:04}"));
         let manifest_path = dir.join(Self::MANIFEST_FILE);
         if let Some(kept) = std::fs::read(&manifest_path)
