@@ -302,6 +302,18 @@ fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
         &["coordinator", "serve", dir.to_str().unwrap(), "--linger-secs", "2", "--json", served.to_str().unwrap()],
         &dir.join("coordinator-log"),
     );
+    // A byte-model kit (no `base` in node.toml) in this consortium is told so and sends nothing.
+    let wrong_kit = tmp.path().join("wrong-kit");
+    std::fs::create_dir_all(&wrong_kit).unwrap();
+    for file in ["ca.pem", "tls.pem", "tls.key", "signing.key"] {
+        std::fs::copy(kit.join(file), wrong_kit.join(file)).unwrap();
+    }
+    let node_toml = std::fs::read_to_string(kit.join("node.toml")).unwrap();
+    std::fs::write(wrong_kit.join("node.toml"), node_toml.replace("base = \"base\"\n", "")).unwrap();
+    let wrong = weft(&["node", "join", wrong_kit.to_str().unwrap(), "--give-up-after", "60"]);
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("this node's kit has no base"), "{}", stderr(&wrong));
+
     let mut members: Vec<(Running, std::path::PathBuf)> = languages
         .iter()
         .map(|l| {
