@@ -565,7 +565,8 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         return out;
     }
     // Bands of 16 output rows (input columns) in parallel: a copy, so threads change no bit.
-    out.par_chunks_mut(16 * rows).enumerate().for_each(|(band, block)| {
+    // At least 64 bands a task: an adapter factor's transpose stays on the calling thread.
+    out.par_chunks_mut(16 * rows).enumerate().with_min_len(64).for_each(|(band, block)| {
         let c0 = band * 16;
         for r0 in (0..rows).step_by(16) {
             for (i, c) in (c0..(c0 + 16).min(cols)).enumerate() {

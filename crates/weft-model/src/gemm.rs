@@ -224,7 +224,8 @@ mod avx2 {
         // `B` a multiple of 4 KB apart (a 49152-column head, a 1536-column MLP) would all fall
         // into one L1 set. A small `B` stays in cache as it is, and copying it would only cost.
         let pack = rows > MR && depth * cols * 4 > super::LARGE_RHS_BYTES;
-        let mut panel = [0.0f32; KC * 16];
+        // Allocated only when packing: small products (attention's, per head) run often.
+        let mut panel = if pack { vec![0.0f32; KC * 16] } else { Vec::new() };
         let mut k0 = 0;
         while k0 < depth {
             let kc = KC.min(depth - k0);
