@@ -51,8 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..repeats {
         let started = Instant::now();
         let (mut nats, mut count) = (0.0, 0);
-        for sequence in &sequences {
-            let (sum, n) = model.nll(sequence)?;
+        for (sum, n) in model.nll_sequences(&sequences, None)? {
             nats += sum;
             count += n;
         }

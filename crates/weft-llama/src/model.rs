@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 use weft_core::{ModelState, StateError};
-use weft_model::gemm::{gemm, gemm_serial, Lhs, Start};
+use weft_model::gemm::{gemm_serial, gemm_transposed_rhs, Lhs, Start};
 
 use crate::config::{LlamaConfig, LlamaConfigError};
 use crate::lora::{Adapters, Projection};
@@ -25,19 +25,20 @@ pub enum LlamaError {
     Empty,
 }
 
-/// One transformer block. Projection weights are kept transposed (`[in, out]`): the products'
-/// right operands then have the output columns contiguous, as `gemm` wants.
+/// One transformer block. Projection weights are kept as Hugging Face stores them, `[out, in]`:
+/// the forward pass reads them as a transposed right operand (`x·Wᵀ`), the input gradient as
+/// they are (`dy·W`), so no copy of the base is made when it loads.
 pub(crate) struct Block {
     pub attn_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
-    pub q_t: Vec<f32>,
-    pub k_t: Vec<f32>,
-    pub v_t: Vec<f32>,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
     pub qkv_bias: Option<[Vec<f32>; 3]>,
-    pub o_t: Vec<f32>,
-    pub gate_t: Vec<f32>,
-    pub up_t: Vec<f32>,
-    pub down_t: Vec<f32>,
+    pub o: Vec<f32>,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
 }
 
 /// What the backward pass needs of one block's forward pass.
@@ -49,8 +50,8 @@ pub(crate) struct BlockCache {
     pub q: Vec<f32>,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
-    /// Softmax probabilities per head, `[T, T]` each.
-    pub probs: Vec<Vec<f32>>,
+    /// Softmax probabilities per sequence and head, `[T, T]` each.
+    pub probs: Vec<Vec<Vec<f32>>>,
     pub attended: Vec<f32>,
     pub x_mid: Vec<f32>,
     /// The FFN norm's output.
@@ -75,6 +76,65 @@ impl LoraActivations {
     }
 }
 
+/// Sequences stacked row after row. The projections run on all rows at once (each weight is
+/// read once per pass, and the products see more rows per packed panel); RoPE and attention run
+/// per sequence on its own rows. Each row's arithmetic is the same as for its sequence alone.
+pub(crate) struct Stack {
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Stack {
+    pub(crate) fn of(sequences: &[&[u32]]) -> Self {
+        let mut start = 0;
+        let spans = sequences
+            .iter()
+            .map(|s| {
+                start += s.len();
+                start - s.len()..start
+            })
+            .collect();
+        Self { spans }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.spans.last().map_or(0, |span| span.end)
+    }
+
+    pub(crate) fn longest(&self) -> usize {
+        self.spans.iter().map(|span| span.len()).max().unwrap_or(0)
+    }
+
+    /// Each sequence's rows.
+    pub(crate) fn spans(&self) -> &[std::ops::Range<usize>] {
+        &self.spans
+    }
+}
+
+/// Sequences grouped so that one forward pass holds at most about this many rows (a group has at
+/// least one sequence): the rows of the products, and the memory of the logits and of the
+/// backward pass's cache, both grow with it.
+pub(crate) const ROWS_PER_PASS: usize = 256;
+
+/// Consecutive groups of `sequences` of at most [`ROWS_PER_PASS`] rows each (one sequence longer
+/// than that is a group of its own).
+pub(crate) fn passes<'a, 's>(sequences: &'a [&'s [u32]]) -> impl Iterator<Item = &'a [&'s [u32]]> {
+    let mut rest = sequences;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut rows = rest[0].len();
+        let mut count = 1;
+        while count < rest.len() && rows + rest[count].len() <= ROWS_PER_PASS {
+            rows += rest[count].len();
+            count += 1;
+        }
+        let (group, tail) = rest.split_at(count);
+        rest = tail;
+        Some(group)
+    })
+}
+
 #[derive(Default)]
 pub(crate) struct ForwardCache {
     pub blocks: Vec<BlockCache>,
@@ -84,11 +144,11 @@ pub(crate) struct ForwardCache {
 
 pub struct Llama {
     config: LlamaConfig,
-    /// The token embedding transposed, `[hidden, vocab]`: with tied embeddings it is the output
-    /// head's right operand as it stands, and a token's embedding is a strided column of it.
-    embed_t: Vec<f32>,
-    /// `[hidden, vocab]`, only when the head is not tied to the embedding.
-    lm_head_t: Option<Vec<f32>>,
+    /// The token embedding, `[vocab, hidden]`; with tied embeddings also the output head. Read
+    /// transposed by the head, each panel of it is 16 whole rows: memory read in order.
+    embed: Vec<f32>,
+    /// `[vocab, hidden]`, only when the head is not tied to the embedding.
+    lm_head: Option<Vec<f32>>,
     norm: Vec<f32>,
     blocks: Vec<Block>,
 }
@@ -115,10 +175,7 @@ impl Llama {
         state.check_finite()?;
         // Shapes were checked above, so every lookup below succeeds.
         let get = |name: &str| state.get(name).map(|t| t.data()).unwrap_or(&[]);
-        let transposed = |name: &str| {
-            let t = state.get(name).map(|t| (t.shape()[0], t.shape()[1], t.data()));
-            t.map(|(rows, cols, data)| transpose(data, rows, cols)).unwrap_or_default()
-        };
+        let weight = |name: &str| get(name).to_vec();
         let blocks = (0..config.num_hidden_layers)
             .into_par_iter()
             .map(|layer| {
@@ -127,22 +184,22 @@ impl Llama {
                 Block {
                     attn_norm: get(&format!("{p}input_layernorm.weight")).to_vec(),
                     ffn_norm: get(&format!("{p}post_attention_layernorm.weight")).to_vec(),
-                    q_t: transposed(&attn("q_proj.weight")),
-                    k_t: transposed(&attn("k_proj.weight")),
-                    v_t: transposed(&attn("v_proj.weight")),
+                    q: weight(&attn("q_proj.weight")),
+                    k: weight(&attn("k_proj.weight")),
+                    v: weight(&attn("v_proj.weight")),
                     qkv_bias: config.attention_bias.then(|| {
                         [attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias")].map(|n| get(&n).to_vec())
                     }),
-                    o_t: transposed(&attn("o_proj.weight")),
-                    gate_t: transposed(&format!("{p}mlp.gate_proj.weight")),
-                    up_t: transposed(&format!("{p}mlp.up_proj.weight")),
-                    down_t: transposed(&format!("{p}mlp.down_proj.weight")),
+                    o: weight(&attn("o_proj.weight")),
+                    gate: weight(&format!("{p}mlp.gate_proj.weight")),
+                    up: weight(&format!("{p}mlp.up_proj.weight")),
+                    down: weight(&format!("{p}mlp.down_proj.weight")),
                 }
             })
             .collect();
         Ok(Self {
-            embed_t: transposed("model.embed_tokens.weight"),
-            lm_head_t: (!config.tie_word_embeddings).then(|| transposed("lm_head.weight")),
+            embed: weight("model.embed_tokens.weight"),
+            lm_head: (!config.tie_word_embeddings).then(|| weight("lm_head.weight")),
             norm: get("model.norm.weight").to_vec(),
             blocks,
             config,
@@ -169,27 +226,33 @@ impl Llama {
 
     /// The final hidden states `[T, hidden]`, after the last norm.
     fn hidden(&self, tokens: &[u32]) -> Result<Vec<f32>, LlamaError> {
-        self.forward(tokens, None, None)
+        self.forward(&[tokens], None, None)
     }
 
-    /// The forward pass, with adapters when given, keeping what the backward pass needs in
-    /// `cache` when given. One code path for evaluation and training.
+    /// The forward pass of `sequences` stacked row after row ([`Stack`]), with adapters when
+    /// given, keeping what the backward pass needs in `cache` when given. One code path for
+    /// evaluation and training. Returns the final hidden states `[rows, hidden]`.
     pub(crate) fn forward(
         &self,
-        tokens: &[u32],
+        sequences: &[&[u32]],
         adapters: Option<&Adapters>,
         mut cache: Option<&mut ForwardCache>,
     ) -> Result<Vec<f32>, LlamaError> {
-        self.check_tokens(tokens)?;
+        if sequences.is_empty() {
+            return Err(LlamaError::Empty);
+        }
+        for tokens in sequences {
+            self.check_tokens(tokens)?;
+        }
+        let stack = Stack::of(sequences);
         let c = &self.config;
-        let (t, d, f, v) = (tokens.len(), c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q_width, kv_width) = (c.num_attention_heads * c.head_size(), c.kv_heads() * c.head_size());
-        let rope = Rope::new(c.rope_theta, c.head_size(), t);
+        let (t, d, f) = (stack.rows(), c.hidden_size, c.intermediate_size);
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.kv_heads(), c.head_size());
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        let rope = Rope::new(c.rope_theta, hd, stack.longest());
         let mut x = vec![0.0f32; t * d];
-        for (row, &id) in x.chunks_exact_mut(d).zip(tokens) {
-            for (j, value) in row.iter_mut().enumerate() {
-                *value = self.embed_t[j * v + id as usize];
-            }
+        for (row, &id) in x.chunks_exact_mut(d).zip(sequences.iter().flat_map(|s| s.iter())) {
+            row.copy_from_slice(&self.embed[id as usize * d..][..d]);
         }
         let eps = c.rms_norm_eps as f32;
         let mut h = vec![0.0f32; t * d];
@@ -210,32 +273,49 @@ impl Llama {
             let x_in = cache.is_some().then(|| x.clone());
             rms_norm(&mut h, &x, &block.attn_norm, eps);
             let bias = |i: usize| block.qkv_bias.as_ref().map(|b| b[i].as_slice());
-            lora.set(Projection::Q, project(&mut q, q_width, &h, d, &block.q_t, bias(0), adapter(Projection::Q)));
-            lora.set(Projection::K, project(&mut k, kv_width, &h, d, &block.k_t, bias(1), adapter(Projection::K)));
-            lora.set(Projection::V, project(&mut val, kv_width, &h, d, &block.v_t, bias(2), adapter(Projection::V)));
-            rope.apply(&mut q, c.head_size());
-            rope.apply(&mut k, c.head_size());
-            let (attended, probs) = attention(&q, &k, &val, t, c.num_attention_heads, c.kv_heads(), c.head_size());
+            lora.set(Projection::Q, project(&mut q, q_width, &h, d, &block.q, bias(0), adapter(Projection::Q)));
+            lora.set(Projection::K, project(&mut k, kv_width, &h, d, &block.k, bias(1), adapter(Projection::K)));
+            lora.set(Projection::V, project(&mut val, kv_width, &h, d, &block.v, bias(2), adapter(Projection::V)));
+            for span in stack.spans() {
+                rope.apply(&mut q[span.start * q_width..span.end * q_width], q_width, hd);
+                rope.apply(&mut k[span.start * kv_width..span.end * kv_width], kv_width, hd);
+            }
+            // Sequences in parallel (and each one's heads), placed in order.
+            let per_sequence: Vec<(Vec<f32>, Vec<Vec<f32>>)> = stack
+                .spans()
+                .par_iter()
+                .map(|span| {
+                    let (q_rows, kv_rows) =
+                        (span.start * q_width..span.end * q_width, span.start * kv_width..span.end * kv_width);
+                    attention(&q[q_rows], &k[kv_rows.clone()], &val[kv_rows], span.len(), heads, kv_heads, hd)
+                })
+                .collect();
+            let mut attended = Vec::with_capacity(t * q_width);
+            let mut probs = Vec::with_capacity(stack.spans().len());
+            for (out, p) in per_sequence {
+                attended.extend_from_slice(&out);
+                probs.push(p);
+            }
             let mut attn_out = vec![0.0f32; t * d];
             lora.set(
                 Projection::O,
-                project(&mut attn_out, d, &attended, q_width, &block.o_t, None, adapter(Projection::O)),
+                project(&mut attn_out, d, &attended, q_width, &block.o, None, adapter(Projection::O)),
             );
             let h1 = cache.is_some().then(|| h.clone());
             x.iter_mut().zip(&attn_out).for_each(|(x, a)| *x += a);
             let x_mid = cache.is_some().then(|| x.clone());
 
             rms_norm(&mut h, &x, &block.ffn_norm, eps);
-            lora.set(Projection::Gate, project(&mut gate, f, &h, d, &block.gate_t, None, adapter(Projection::Gate)));
-            lora.set(Projection::Up, project(&mut up, f, &h, d, &block.up_t, None, adapter(Projection::Up)));
-            for ((a, &g), &u) in act.iter_mut().zip(&gate).zip(&up) {
-                *a = silu(g) * u;
-            }
+            lora.set(Projection::Gate, project(&mut gate, f, &h, d, &block.gate, None, adapter(Projection::Gate)));
+            lora.set(Projection::Up, project(&mut up, f, &h, d, &block.up, None, adapter(Projection::Up)));
+            let rows = act.par_chunks_exact_mut(f).zip(gate.par_chunks_exact(f)).zip(up.par_chunks_exact(f));
+            rows.with_min_len(ROWS_PER_TASK).for_each(|((act, gate), up)| {
+                for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
+                    *a = silu(g) * u;
+                }
+            });
             let mut ffn_out = vec![0.0f32; t * d];
-            lora.set(
-                Projection::Down,
-                project(&mut ffn_out, d, &act, f, &block.down_t, None, adapter(Projection::Down)),
-            );
+            lora.set(Projection::Down, project(&mut ffn_out, d, &act, f, &block.down, None, adapter(Projection::Down)));
             x.iter_mut().zip(&ffn_out).for_each(|(x, a)| *x += a);
             if let Some(cache) = cache.as_deref_mut() {
                 cache.blocks.push(BlockCache {
@@ -270,17 +350,17 @@ impl Llama {
         &self.norm
     }
 
-    /// The output head transposed, `[hidden, vocab]`.
-    pub(crate) fn head_t(&self) -> &[f32] {
-        self.lm_head_t.as_deref().unwrap_or(&self.embed_t)
+    /// The output head, `[vocab, hidden]`.
+    pub(crate) fn head_weight(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed)
     }
 
     /// Next-token logits `[rows, vocab]` for hidden states `[rows, hidden]`.
     pub(crate) fn head(&self, hidden: &[f32]) -> Vec<f32> {
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
         let mut logits = vec![0.0f32; hidden.len() / d * v];
-        let head = self.lm_head_t.as_deref().unwrap_or(&self.embed_t);
-        gemm(&mut logits, v, Lhs { data: hidden, row_stride: d, k_stride: 1 }, head, v, d, Start::Zero);
+        let rows = Lhs { data: hidden, row_stride: d, k_stride: 1 };
+        gemm_transposed_rhs(&mut logits, v, rows, self.head_weight(), d, d, Start::Zero);
         logits
     }
 
@@ -297,16 +377,28 @@ impl Llama {
 
     /// [`nll`](Self::nll) of the base with `adapters` applied.
     pub fn nll_adapted(&self, tokens: &[u32], adapters: Option<&Adapters>) -> Result<(f64, usize), LlamaError> {
+        let mut per_sequence = self.nll_pass(&[tokens], adapters)?;
+        Ok(per_sequence.pop().unwrap_or((0.0, 0)))
+    }
+
+    /// (nats, tokens predicted) of each sequence, from one stacked forward pass.
+    fn nll_pass(&self, sequences: &[&[u32]], adapters: Option<&Adapters>) -> Result<Vec<(f64, usize)>, LlamaError> {
         let v = self.config.vocab_size;
-        let logits = self.head(&self.forward(tokens, adapters, None)?);
-        // Rows in parallel, summed in order: the same bits on any thread count.
+        let logits = self.head(&self.forward(sequences, adapters, None)?);
+        // Each row's next token; a sequence's last row predicts nothing.
+        let next: Vec<Option<u32>> =
+            sequences.iter().flat_map(|s| s.iter().skip(1).map(|&id| Some(id)).chain([None])).collect();
+        // Rows in parallel, summed in order per sequence: the same bits on any thread count.
         let per_row: Vec<f64> = logits
             .par_chunks_exact(v)
-            .zip(&tokens[1..])
-            .map(|(row, &next)| -log_softmax_at(row, next as usize))
+            .zip(&next)
+            .map(|(row, next)| next.map_or(0.0, |id| -log_softmax_at(row, id as usize)))
             .collect();
-        let total = per_row.iter().sum();
-        Ok((total, tokens.len() - 1))
+        Ok(Stack::of(sequences)
+            .spans()
+            .iter()
+            .map(|span| (per_row[span.start..span.end - 1].iter().sum(), span.len() - 1))
+            .collect())
     }
 
     /// The loss of a long text in windows of `context` tokens that share one token, so that every
@@ -318,15 +410,30 @@ impl Llama {
         context: usize,
     ) -> Result<(f64, usize), LlamaError> {
         let context = context.clamp(2, self.config.max_position_embeddings);
+        let windows: Vec<&[u32]> = (0..tokens.len().saturating_sub(1))
+            .step_by(context - 1)
+            .map(|start| &tokens[start..(start + context).min(tokens.len())])
+            .collect();
         let (mut nats, mut predicted) = (0.0, 0);
-        let mut start = 0;
-        while start + 1 < tokens.len() {
-            let (sum, count) = self.nll_adapted(&tokens[start..(start + context).min(tokens.len())], adapters)?;
+        for (sum, count) in self.nll_sequences(&windows, adapters)? {
             nats += sum;
             predicted += count;
-            start += context - 1;
         }
         Ok((nats, predicted))
+    }
+
+    /// [`nll_adapted`](Self::nll_adapted) of each sequence, in stacked passes of up to
+    /// 256 rows (memory holds one pass's logits, not all).
+    pub fn nll_sequences(
+        &self,
+        sequences: &[&[u32]],
+        adapters: Option<&Adapters>,
+    ) -> Result<Vec<(f64, usize)>, LlamaError> {
+        let mut out = Vec::with_capacity(sequences.len());
+        for group in passes(sequences) {
+            out.extend(self.nll_pass(group, adapters)?);
+        }
+        Ok(out)
     }
 
     /// The `count` most likely next tokens, one at a time (ties go to the lower id).
@@ -360,20 +467,25 @@ pub(crate) fn silu(x: f32) -> f32 {
 /// `out = x / sqrt(mean(x²) + eps) · weight`, row by row.
 fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
-    for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+    // Rows in parallel: each row's arithmetic is its own, so threads change no bit.
+    out.par_chunks_exact_mut(d).zip(x.par_chunks_exact(d)).with_min_len(ROWS_PER_TASK).for_each(|(o, row)| {
         let mean_square = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
         let scale = 1.0 / (mean_square + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = w * (v * scale);
         }
-    }
+    });
 }
+
+/// Fewest rows per parallel task of the row-wise steps (norms, activations).
+pub(crate) const ROWS_PER_TASK: usize = 16;
 
 /// `dx += ∂/∂x` of `rms_norm` given `dy`: with `r = 1/√(mean(x²) + ε)` and `g = w·dy`,
 /// `dx = r·g − x·r³·(g·x)/d`.
 pub(crate) fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
-    for ((dx, dy), x) in dx.chunks_exact_mut(d).zip(dy.chunks_exact(d)).zip(x.chunks_exact(d)) {
+    let rows = dx.par_chunks_exact_mut(d).zip(dy.par_chunks_exact(d)).zip(x.par_chunks_exact(d));
+    rows.with_min_len(ROWS_PER_TASK).for_each(|((dx, dy), x)| {
         let mean_square = x.iter().map(|&v| v * v).sum::<f32>() / d as f32;
         let r = 1.0 / (mean_square + eps).sqrt();
         let gx: f32 = dy.iter().zip(weight).zip(x).map(|((&g, &w), &v)| g * w * v).sum();
@@ -381,7 +493,7 @@ pub(crate) fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], weight: &
         for (((dx, &g), &w), &v) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
             *dx += r * w * g - v * coefficient;
         }
-    }
+    });
 }
 
 /// Rotate-half rotary embeddings (Hugging Face's layout): dimension `i < hd/2` of a head pairs
@@ -408,18 +520,18 @@ impl Rope {
         Self { cos, sin, half }
     }
 
-    /// Rotates every head of `x` (`[T, heads·hd]`) in place.
-    pub(crate) fn apply(&self, x: &mut [f32], head: usize) {
-        self.rotate(x, head, 1.0);
+    /// Rotates every head of `x` (one sequence's rows, `width = heads·hd` apart; row `p` at
+    /// position `p`) in place.
+    pub(crate) fn apply(&self, x: &mut [f32], width: usize, head: usize) {
+        self.rotate(x, width, head, 1.0);
     }
 
     /// The inverse (and transpose) rotation: carries a gradient back through [`apply`](Self::apply).
-    pub(crate) fn apply_inverse(&self, x: &mut [f32], head: usize) {
-        self.rotate(x, head, -1.0);
+    pub(crate) fn apply_inverse(&self, x: &mut [f32], width: usize, head: usize) {
+        self.rotate(x, width, head, -1.0);
     }
 
-    fn rotate(&self, x: &mut [f32], head: usize, direction: f32) {
-        let width = x.len() / (self.cos.len() / self.half);
+    fn rotate(&self, x: &mut [f32], width: usize, head: usize, direction: f32) {
         for (p, row) in x.chunks_exact_mut(width).enumerate() {
             let (cos, sin) = (&self.cos[p * self.half..][..self.half], &self.sin[p * self.half..][..self.half]);
             for h in row.chunks_exact_mut(head) {
@@ -524,7 +636,7 @@ struct AdapterView<'a> {
     scale: f32,
 }
 
-/// `y = x·Wᵀ (+ bias)` for `x` `[T, in]`, `y` `[T, out]` and `w_t` `[in, out]`, plus
+/// `y = x·Wᵀ (+ bias)` for `x` `[T, in]`, `y` `[T, out]` and `w` `[out, in]`, plus
 /// `s·(x·Aᵀ)·Bᵀ` when the projection carries an adapter; returns `s·x·Aᵀ` `[T, rank]` for the
 /// backward pass.
 fn project(
@@ -532,51 +644,22 @@ fn project(
     out: usize,
     x: &[f32],
     inp: usize,
-    w_t: &[f32],
+    w: &[f32],
     bias: Option<&[f32]>,
     adapter: Option<AdapterView<'_>>,
 ) -> Option<Vec<f32>> {
     let rows = Lhs { data: x, row_stride: inp, k_stride: 1 };
-    gemm(y, out, rows, w_t, out, inp, bias.map_or(Start::Zero, Start::Bias));
+    gemm_transposed_rhs(y, out, rows, w, inp, inp, bias.map_or(Start::Zero, Start::Bias));
     let AdapterView { a, b, scale } = adapter?;
     let rank = a.len() / inp;
     let t = x.len() / inp;
-    // z = s·x·Aᵀ: the right operand is Aᵀ [in, rank].
+    // z = s·x·Aᵀ: the right operand is Aᵀ, `a` [rank, in] read transposed.
     let mut z = vec![0.0f32; t * rank];
-    gemm(&mut z, rank, rows, &transpose(a, rank, inp), rank, inp, Start::Zero);
+    gemm_transposed_rhs(&mut z, rank, rows, a, inp, inp, Start::Zero);
     z.iter_mut().for_each(|v| *v *= scale);
-    gemm(
-        y,
-        out,
-        Lhs { data: &z, row_stride: rank, k_stride: 1 },
-        &transpose(b, out, rank),
-        out,
-        rank,
-        Start::Accumulate,
-    );
+    // y += z·Bᵀ, `b` [out, rank] read transposed.
+    gemm_transposed_rhs(y, out, Lhs { data: &z, row_stride: rank, k_stride: 1 }, b, rank, rank, Start::Accumulate);
     Some(z)
-}
-
-/// `[rows, cols]` → `[cols, rows]`, in 16 × 16 tiles so neither side is walked a row apart per
-/// element.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows * cols];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    // Bands of 16 output rows (input columns) in parallel: a copy, so threads change no bit.
-    // At least 64 bands a task: an adapter factor's transpose stays on the calling thread.
-    out.par_chunks_mut(16 * rows).enumerate().with_min_len(64).for_each(|(band, block)| {
-        let c0 = band * 16;
-        for r0 in (0..rows).step_by(16) {
-            for (i, c) in (c0..(c0 + 16).min(cols)).enumerate() {
-                for r in r0..(r0 + 16).min(rows) {
-                    block[i * rows + r] = data[r * cols + c];
-                }
-            }
-        }
-    });
-    out
 }
 
 #[cfg(test)]
@@ -715,6 +798,42 @@ pub(crate) mod tests {
         let three =
             rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| model.logits(&tokens).unwrap());
         assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn stacked_evaluation_gives_each_sequence_its_own_bits() {
+        let config = tiny_config(false, true);
+        let model = Llama::from_state(config.clone(), &random_state(&config, 6)).unwrap();
+        // Lengths from 1 (nothing to predict) to the model's 64 positions, more rows than a pass.
+        let batch: Vec<Vec<u32>> = [1usize, 64, 17, 2, 64, 64, 64, 33]
+            .iter()
+            .map(|&n| (0..n).map(|i| ((i * 13 + n) % 37) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        assert!(passes(&refs).count() > 1);
+        let stacked = model.nll_sequences(&refs, None).unwrap();
+        let alone: Vec<(f64, usize)> = refs.iter().map(|s| model.nll(s).unwrap()).collect();
+        let bits = |v: &[(f64, usize)]| v.iter().map(|&(n, c)| (n.to_bits(), c)).collect::<Vec<_>>();
+        assert_eq!(bits(&stacked), bits(&alone));
+        assert_eq!(stacked[0], (0.0, 0));
+        // The logits of a sequence alone are the same bits as its rows in a stack.
+        let hidden = model.forward(&refs[1..3], None, None).unwrap();
+        let d = config.hidden_size;
+        let second_alone = model.forward(&refs[2..3], None, None).unwrap();
+        assert_eq!(
+            hidden[64 * d..].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            second_alone.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn passes_hold_whole_sequences_in_order() {
+        let lengths = [100usize, 100, 100, 300, 10, 256, 1];
+        let batch: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let groups: Vec<Vec<usize>> = passes(&refs).map(|g| g.iter().map(|s| s.len()).collect()).collect();
+        assert_eq!(groups, vec![vec![100, 100], vec![100], vec![300], vec![10], vec![256], vec![1]]);
+        assert_eq!(passes(&[]).count(), 0);
     }
 
     #[test]

@@ -10,12 +10,16 @@ use weft_model::gemm::{gemm, Lhs, Start};
 use weft_model::SplitMix64;
 
 use crate::lora::{Adapters, Projection};
-use crate::model::{rms_norm_backward, silu, transpose, ForwardCache, Llama, LlamaError, Rope};
+use crate::model::{passes, rms_norm_backward, silu, ForwardCache, Llama, LlamaError, Rope, Stack, ROWS_PER_TASK};
 
 impl Llama {
     /// Mean next-token loss (nats per predicted token) over `sequences`, and its gradient with
     /// respect to the adapters, in the adapters' layout. With `train_a` false the `A` gradients
     /// are left at zero (the shared track trains `B` only).
+    ///
+    /// Sequences run stacked, in passes of up to `ROWS_PER_PASS` (256) rows (memory holds one pass's
+    /// cache, not the whole batch's). Every gradient sums its terms in sequence and position
+    /// order whatever the passes, so a step gives the same bits on any thread count.
     pub fn lora_loss_and_grads(
         &self,
         adapters: &Adapters,
@@ -28,60 +32,72 @@ impl Llama {
         }
         let mut grads = adapters.zeros_like();
         let mut total = 0.0f64;
-        for tokens in sequences {
-            total += self.sequence_backward(adapters, tokens, 1.0 / predicted as f32, train_a, &mut grads)?;
+        for group in passes(sequences) {
+            for loss in self.pass_backward(adapters, group, 1.0 / predicted as f32, train_a, &mut grads)? {
+                total += loss;
+            }
         }
         Ok((total / predicted as f64, grads))
     }
 
-    /// One sequence's forward and backward; adds `weight ×` its loss gradient to `grads` and
-    /// returns its summed loss in nats.
-    fn sequence_backward(
+    /// One stacked pass's forward and backward; adds `weight ×` its loss gradient to `grads` and
+    /// returns each sequence's summed loss in nats.
+    fn pass_backward(
         &self,
         adapters: &Adapters,
-        tokens: &[u32],
+        sequences: &[&[u32]],
         weight: f32,
         train_a: bool,
         grads: &mut Adapters,
-    ) -> Result<f64, LlamaError> {
+    ) -> Result<Vec<f64>, LlamaError> {
+        let stack = Stack::of(sequences);
         let c = self.config();
-        let (t, d, f, v) = (tokens.len(), c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (t, d, f, v) = (stack.rows(), c.hidden_size, c.intermediate_size, c.vocab_size);
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.kv_heads(), c.head_size());
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
         let eps = c.rms_norm_eps as f32;
         let mut cache = ForwardCache::default();
-        let hidden = self.forward(tokens, Some(adapters), Some(&mut cache))?;
+        let hidden = self.forward(sequences, Some(adapters), Some(&mut cache))?;
 
         // The head: logits = hidden · headᵀ; dlogits = weight · (softmax − one-hot) on every
-        // position that predicts a next token.
-        let logits = self.head(&hidden);
-        let mut dlogits = vec![0.0f32; t * v];
-        // Positions in parallel (each row on its own), their losses summed in order afterwards:
-        // the same bits on any thread count.
-        let losses: Vec<f64> = logits
-            .par_chunks_exact(v)
-            .zip(dlogits.par_chunks_exact_mut(v))
-            .enumerate()
-            .take(t - 1)
-            .map(|(pos, (row, drow))| {
-                let next = tokens[pos + 1] as usize;
+        // position that predicts a next token. The logits become their own gradient row by row
+        // (a 25 MB buffer per 128 rows for SmolLM2's vocabulary, not allocated twice).
+        let mut dlogits = self.head(&hidden);
+        // Each row's next token; a sequence's last row predicts nothing.
+        let next: Vec<Option<u32>> =
+            sequences.iter().flat_map(|s| s.iter().skip(1).map(|&id| Some(id)).chain([None])).collect();
+        // Rows in parallel (each on its own), their losses summed in order per sequence
+        // afterwards: the same bits on any thread count. Each task keeps one row of
+        // exponentials, computed once for the sum and the probabilities.
+        let per_row: Vec<f64> = dlogits
+            .par_chunks_exact_mut(v)
+            .zip(&next)
+            .map_init(Vec::new, |exps: &mut Vec<f64>, (row, next)| {
+                let Some(next) = next.map(|id| id as usize) else {
+                    row.fill(0.0);
+                    return 0.0;
+                };
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                for (dl, &x) in drow.iter_mut().zip(row) {
-                    *dl = (((x - max) as f64).exp() / sum) as f32 * weight;
+                exps.clear();
+                exps.extend(row.iter().map(|&x| ((x - max) as f64).exp()));
+                let sum: f64 = exps.iter().sum();
+                let loss = sum.ln() - (row[next] - max) as f64;
+                for (x, &e) in row.iter_mut().zip(exps.iter()) {
+                    *x = (e / sum) as f32 * weight;
                 }
-                drow[next] -= weight;
-                sum.ln() - (row[next] - max) as f64
+                row[next] -= weight;
+                loss
             })
             .collect();
-        let loss: f64 = losses.iter().sum();
+        let losses: Vec<f64> =
+            stack.spans().iter().map(|span| per_row[span.start..span.end - 1].iter().sum()).collect();
         let mut dhidden = vec![0.0f32; t * d];
-        input_grad(&mut dhidden, &dlogits, self.head_t(), d, v);
+        input_grad(&mut dhidden, &dlogits, self.head_weight(), d, v);
         drop(dlogits);
         let mut dx = vec![0.0f32; t * d];
         rms_norm_backward(&mut dx, &dhidden, &cache.x_out, self.final_norm(), eps);
 
-        let rope = Rope::new(c.rope_theta, hd, t);
+        let rope = Rope::new(c.rope_theta, hd, stack.longest());
         let scale = adapters.spec().scale();
         for (layer, bc) in cache.blocks.iter().enumerate().rev() {
             let block = self.block(layer);
@@ -89,7 +105,7 @@ impl Llama {
 
             // FFN: x_out = x_mid + act·Wdownᵀ.
             let mut dact = vec![0.0f32; t * f];
-            input_grad(&mut dact, &dx, &block.down_t, f, d);
+            input_grad(&mut dact, &dx, &block.down, f, d);
             if let Some((a, b)) = adapted(Projection::Down) {
                 lora_backward(
                     grads,
@@ -107,15 +123,19 @@ impl Llama {
             }
             let mut dgate = vec![0.0f32; t * f];
             let mut dup = vec![0.0f32; t * f];
-            for i in 0..t * f {
-                let (g, u, da) = (bc.gate[i], bc.up[i], dact[i]);
-                let sig = 1.0 / (1.0 + (-g).exp());
-                dup[i] = da * silu(g);
-                dgate[i] = da * u * sig * (1.0 + g * (1.0 - sig));
-            }
+            let rows = dgate.par_chunks_exact_mut(f).zip(dup.par_chunks_exact_mut(f));
+            let inputs = bc.gate.par_chunks_exact(f).zip(bc.up.par_chunks_exact(f)).zip(dact.par_chunks_exact(f));
+            rows.zip(inputs).with_min_len(ROWS_PER_TASK).for_each(|((dgate, dup), ((gate, up), dact))| {
+                for i in 0..f {
+                    let (g, u, da) = (gate[i], up[i], dact[i]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    dup[i] = da * silu(g);
+                    dgate[i] = da * u * sig * (1.0 + g * (1.0 - sig));
+                }
+            });
             let mut dh2 = vec![0.0f32; t * d];
-            input_grad(&mut dh2, &dgate, &block.gate_t, d, f);
-            input_grad(&mut dh2, &dup, &block.up_t, d, f);
+            input_grad(&mut dh2, &dgate, &block.gate, d, f);
+            input_grad(&mut dh2, &dup, &block.up, d, f);
             if let Some((a, b)) = adapted(Projection::Gate) {
                 lora_backward(
                     grads,
@@ -151,7 +171,7 @@ impl Llama {
 
             // Attention: x_mid = x_in + attended·Woᵀ.
             let mut dattended = vec![0.0f32; t * q_width];
-            input_grad(&mut dattended, &dx_mid, &block.o_t, q_width, d);
+            input_grad(&mut dattended, &dx_mid, &block.o, q_width, d);
             if let Some((a, b)) = adapted(Projection::O) {
                 lora_backward(
                     grads,
@@ -167,14 +187,41 @@ impl Llama {
                     &mut dattended,
                 );
             }
-            let (mut dq, mut dk, dv) =
-                attention_backward(&dattended, &bc.q, &bc.k, &bc.v, &bc.probs, t, heads, kv_heads, hd);
-            rope.apply_inverse(&mut dq, hd);
-            rope.apply_inverse(&mut dk, hd);
+            // Sequences in parallel (and each one's heads), placed in order.
+            let per_sequence: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = stack
+                .spans()
+                .par_iter()
+                .zip(&bc.probs)
+                .map(|(span, probs)| {
+                    let (q_rows, kv_rows) =
+                        (span.start * q_width..span.end * q_width, span.start * kv_width..span.end * kv_width);
+                    let (mut dq, mut dk, dv) = attention_backward(
+                        &dattended[q_rows.clone()],
+                        &bc.q[q_rows],
+                        &bc.k[kv_rows.clone()],
+                        &bc.v[kv_rows],
+                        probs,
+                        span.len(),
+                        heads,
+                        kv_heads,
+                        hd,
+                    );
+                    rope.apply_inverse(&mut dq, q_width, hd);
+                    rope.apply_inverse(&mut dk, kv_width, hd);
+                    (dq, dk, dv)
+                })
+                .collect();
+            let (mut dq, mut dk, mut dv) =
+                (Vec::with_capacity(t * q_width), Vec::with_capacity(t * kv_width), Vec::with_capacity(t * kv_width));
+            for (dq_s, dk_s, dv_s) in per_sequence {
+                dq.extend_from_slice(&dq_s);
+                dk.extend_from_slice(&dk_s);
+                dv.extend_from_slice(&dv_s);
+            }
             let mut dh1 = vec![0.0f32; t * d];
-            input_grad(&mut dh1, &dq, &block.q_t, d, q_width);
-            input_grad(&mut dh1, &dk, &block.k_t, d, kv_width);
-            input_grad(&mut dh1, &dv, &block.v_t, d, kv_width);
+            input_grad(&mut dh1, &dq, &block.q, d, q_width);
+            input_grad(&mut dh1, &dk, &block.k, d, kv_width);
+            input_grad(&mut dh1, &dv, &block.v, d, kv_width);
             for (p, dy) in [(Projection::Q, &dq), (Projection::K, &dk), (Projection::V, &dv)] {
                 if let Some((a, b)) = adapted(p) {
                     lora_backward(grads, layer, p, dy, &bc.h1, bc.lora.get(p), a, b, scale, train_a, &mut dh1);
@@ -184,23 +231,17 @@ impl Llama {
             rms_norm_backward(&mut dx_in, &dh1, &bc.x_in, &block.attn_norm, eps);
             dx = dx_in;
         }
-        Ok(loss)
+        Ok(losses)
     }
 }
 
-/// `dx += dy · W` for `dy` `[T, out]` and the stored `w_t = Wᵀ` `[in, out]`: computed as
-/// `(W_t · dyᵀ)ᵀ`, so the frozen weights are kept in one layout only; the two transposes are of
-/// activations, `T·(in + out)` moves against `T·in·out` multiply-adds.
-fn input_grad(dx: &mut [f32], dy: &[f32], w_t: &[f32], inp: usize, out: usize) {
+/// `dx += dy · W` for `dy` `[T, out]` and the frozen `w` `[out, in]`. The product is formed from
+/// zero and then added, so `dx`'s earlier terms keep their own rounding.
+fn input_grad(dx: &mut [f32], dy: &[f32], w: &[f32], inp: usize, out: usize) {
     let t = dy.len() / out;
-    let dy_t = transpose(dy, t, out);
-    let mut dx_t = vec![0.0f32; inp * t];
-    gemm(&mut dx_t, t, Lhs { data: w_t, row_stride: out, k_stride: 1 }, &dy_t, t, out, Start::Zero);
-    for (i, row) in dx_t.chunks_exact(t).enumerate() {
-        for (s, &g) in row.iter().enumerate() {
-            dx[s * inp + i] += g;
-        }
-    }
+    let mut product = vec![0.0f32; t * inp];
+    gemm(&mut product, inp, Lhs { data: dy, row_stride: out, k_stride: 1 }, w, inp, out, Start::Zero);
+    dx.iter_mut().zip(&product).for_each(|(x, g)| *x += g);
 }
 
 /// The adapter's part of a projection's backward pass, for `y += z·Bᵀ` with `z = s·x·Aᵀ`:
@@ -493,10 +534,15 @@ mod tests {
         adapters.merge_into(&mut merged, 1.0).unwrap();
         let merged = Llama::from_state(config.clone(), &merged).unwrap();
         let tokens = &corpus[..20];
-        let with = model.forward(tokens, Some(&adapters), None).unwrap();
-        let folded = merged.forward(tokens, None, None).unwrap();
+        let with = model.forward(&[tokens], Some(&adapters), None).unwrap();
+        let folded = merged.forward(&[tokens], None, None).unwrap();
         let worst = with.iter().zip(&folded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-4, "max |Δ| {worst}");
+    }
+
+    /// Sequences of several lengths, more rows in all than one stacked pass holds.
+    fn uneven_batch() -> Vec<Vec<u32>> {
+        (0..7).map(|s| (0..40 + 3 * s).map(|i| ((i * 7 + s * 5 + 1) % 37) as u32).collect()).collect()
     }
 
     #[test]
@@ -504,13 +550,38 @@ mod tests {
         let config = tiny_config(false, true);
         let model = Llama::from_state(config.clone(), &random_state(&config, 4)).unwrap();
         let adapters = trained_looking(&config, spec(Projection::ALL.to_vec()));
-        let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 1) % 37).collect();
+        let batch = uneven_batch();
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
         let run = |threads: usize| {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-                let (loss, grads) = model.lora_loss_and_grads(&adapters, &[&tokens], true).unwrap();
+                let (loss, grads) = model.lora_loss_and_grads(&adapters, &refs, true).unwrap();
                 (loss.to_bits(), grads.params().iter().map(|g| g.to_bits()).collect::<Vec<_>>())
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// Stacking sequences into passes changes which rows a product sees, never a bit of the
+    /// result: the step equals one sequence per pass, accumulated in order.
+    #[test]
+    fn stacked_passes_give_the_bits_of_one_sequence_at_a_time() {
+        let config = tiny_config(true, false);
+        let model = Llama::from_state(config.clone(), &random_state(&config, 5)).unwrap();
+        let adapters = trained_looking(&config, spec(Projection::ALL.to_vec()));
+        let batch = uneven_batch();
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        assert!(crate::model::passes(&refs).count() > 1, "the batch spans more than one pass");
+        let (loss, grads) = model.lora_loss_and_grads(&adapters, &refs, true).unwrap();
+
+        let predicted: usize = refs.iter().map(|s| s.len() - 1).sum();
+        let mut alone = adapters.zeros_like();
+        let mut total = 0.0f64;
+        for sequence in &refs {
+            let losses = model.pass_backward(&adapters, &[sequence], 1.0 / predicted as f32, true, &mut alone).unwrap();
+            total += losses[0];
+        }
+        assert_eq!(loss.to_bits(), (total / predicted as f64).to_bits());
+        let bits = |a: &Adapters| a.params().iter().map(|g| g.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&grads), bits(&alone));
     }
 }

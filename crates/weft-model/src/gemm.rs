@@ -23,6 +23,22 @@ pub struct Lhs<'a> {
     pub k_stride: usize,
 }
 
+/// The right operand: element `(k, j)` is `data[k * k_stride + j * j_stride]`. Either its rows
+/// are contiguous (`j_stride == 1`, the usual `B`) or its columns are (`k_stride == 1`, a
+/// transposed view such as a stored `Wᵀ` read as `W`).
+#[derive(Clone, Copy)]
+struct Rhs<'a> {
+    data: &'a [f32],
+    k_stride: usize,
+    j_stride: usize,
+}
+
+impl Rhs<'_> {
+    fn is_transposed(&self) -> bool {
+        self.j_stride != 1
+    }
+}
+
 /// What each output starts from before the products are added.
 #[derive(Clone, Copy)]
 pub enum Start<'a> {
@@ -43,14 +59,25 @@ const LARGE_RHS_BYTES: usize = 256 << 10;
 /// Panics if an operand is shorter than its shape says (a bug in the caller, not bad input:
 /// shapes come from a validated configuration).
 pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+    parallel(c, cols, a, Rhs { data: b, k_stride: ldb, j_stride: 1 }, depth, start);
+}
+
+/// [`gemm`] with the right operand given transposed: `c[m, j] = start + Σ_k a[m, k] ·
+/// bt[j·ldbt + k]`. The input gradient `dy·W` of a layer that stores `Wᵀ` for its forward pass
+/// reads it in place, with the same summation order as `gemm` on `W` itself.
+pub fn gemm_transposed_rhs(c: &mut [f32], cols: usize, a: Lhs, bt: &[f32], ldbt: usize, depth: usize, start: Start) {
+    parallel(c, cols, a, Rhs { data: bt, k_stride: 1, j_stride: ldbt }, depth, start);
+}
+
+fn parallel(c: &mut [f32], cols: usize, a: Lhs, b: Rhs, depth: usize, start: Start) {
     if cols == 0 || c.is_empty() {
         return;
     }
     assert_eq!(c.len() % cols, 0, "output is not a whole number of rows");
     let rows = c.len() / cols;
-    check_operands(rows, cols, a, b, ldb, depth, start);
+    check_operands(rows, cols, a, b, depth, start);
     if depth == 0 {
-        return portable_block(c, cols, rows, cols, a, b, ldb, 0, start);
+        return portable_block(c, cols, rows, cols, a, b, 0, start);
     }
     // Each task reads all of `B`: a `B` larger than a core's cache is split in as few tasks as
     // keep every thread busy; a small one in many, which balance better on a busy machine.
@@ -66,9 +93,9 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
         if wide_vectors() {
             // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the operand lengths
             // were checked above for every row, and `a` was advanced to this block's first row.
-            return unsafe { avx2::block(block, cols, rows, cols, a, b, ldb, depth, start) };
+            return unsafe { avx2::block(block, cols, rows, cols, a, b, depth, start) };
         }
-        portable_block(block, cols, rows, cols, a, b, ldb, depth, start);
+        portable_block(block, cols, rows, cols, a, b, depth, start);
     });
 }
 
@@ -90,20 +117,23 @@ pub fn gemm_serial(
         return;
     }
     assert!(ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "output too short");
-    check_operands(rows, cols, a, b, ldb, depth, start);
+    let b = Rhs { data: b, k_stride: ldb, j_stride: 1 };
+    check_operands(rows, cols, a, b, depth, start);
     #[cfg(target_arch = "x86_64")]
     if depth > 0 && wide_vectors() {
         // SAFETY: as in `gemm`; every row of the window was checked above.
-        return unsafe { avx2::block(c, ldc, rows, cols, a, b, ldb, depth, start) };
+        return unsafe { avx2::block(c, ldc, rows, cols, a, b, depth, start) };
     }
-    portable_block(c, ldc, rows, cols, a, b, ldb, depth, start);
+    portable_block(c, ldc, rows, cols, a, b, depth, start);
 }
 
 /// The bounds the AVX2 block relies on, for `rows ≥ 1` rows and `cols ≥ 1` columns.
-fn check_operands(rows: usize, cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: usize, start: Start) {
+fn check_operands(rows: usize, cols: usize, a: Lhs, b: Rhs, depth: usize, start: Start) {
     if depth > 0 {
         assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");
-        assert!(ldb >= cols && b.len() >= (depth - 1) * ldb + cols, "right operand too short");
+        let (along, across) = if b.is_transposed() { (b.j_stride, depth) } else { (b.k_stride, cols) };
+        assert!((b.k_stride == 1 || b.j_stride == 1) && along >= across, "right operand's rows overlap");
+        assert!(b.data.len() > (depth - 1) * b.k_stride + (cols - 1) * b.j_stride, "right operand too short");
     }
     if let Start::Bias(bias) = start {
         assert!(bias.len() >= cols, "bias too short");
@@ -112,17 +142,7 @@ fn check_operands(rows: usize, cols: usize, a: Lhs, b: &[f32], ldb: usize, depth
 
 /// The definition of the product, row by row; the compiler vectorises the inner loop over `j`.
 #[allow(clippy::too_many_arguments)]
-fn portable_block(
-    c: &mut [f32],
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    a: Lhs,
-    b: &[f32],
-    ldb: usize,
-    depth: usize,
-    start: Start,
-) {
+fn portable_block(c: &mut [f32], ldc: usize, rows: usize, cols: usize, a: Lhs, b: Rhs, depth: usize, start: Start) {
     for m in 0..rows {
         let row = &mut c[m * ldc..][..cols];
         match start {
@@ -132,7 +152,8 @@ fn portable_block(
         }
         for k in 0..depth {
             let av = a.data[m * a.row_stride + k * a.k_stride];
-            for (o, &bv) in row.iter_mut().zip(&b[k * ldb..][..cols]) {
+            let b_row = b.data[k * b.k_stride..].iter().step_by(b.j_stride);
+            for (o, &bv) in row.iter_mut().zip(b_row) {
                 *o = fused_mul_add(av, bv, *o);
             }
         }
@@ -170,7 +191,7 @@ fn fma_by_rounding_to_odd(a: f32, b: f32, c: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Lhs, Start};
+    use super::{Lhs, Rhs, Start};
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
@@ -193,7 +214,8 @@ mod avx2 {
         a_rs: usize,
         a_ks: usize,
         b: *const f32,
-        ldb: usize,
+        b_ks: usize,
+        b_js: usize,
         c: *mut f32,
         ldc: usize,
         depth: usize,
@@ -212,18 +234,18 @@ mod avx2 {
         rows: usize,
         cols: usize,
         a: Lhs,
-        b: &[f32],
-        ldb: usize,
+        b: Rhs,
         depth: usize,
         start: Start,
     ) {
         if depth == 0 {
-            return super::portable_block(c, ldc, rows, cols, a, b, ldb, 0, start);
+            return super::portable_block(c, ldc, rows, cols, a, b, 0, start);
         }
         // The panel of `B` the row tiles share, packed contiguously when `B` is large: rows of
         // `B` a multiple of 4 KB apart (a 49152-column head, a 1536-column MLP) would all fall
         // into one L1 set. A small `B` stays in cache as it is, and copying it would only cost.
-        let pack = rows > MR && depth * cols * 4 > super::LARGE_RHS_BYTES;
+        // A transposed `B` is always packed: its columns are what lie contiguously.
+        let pack = b.is_transposed() || (rows > MR && depth * cols * 4 > super::LARGE_RHS_BYTES);
         // Allocated only when packing: small products (attention's, per head) run often.
         let mut panel = if pack { vec![0.0f32; KC * 16] } else { Vec::new() };
         let mut k0 = 0;
@@ -244,14 +266,16 @@ mod avx2 {
                     _ => Init::Load,
                 };
                 // Packing moves values, never changes which are multiplied or in what order.
-                let (panel_b, panel_ldb) = if pack && width >= 8 {
-                    for k in 0..kc {
-                        let from = b.as_ptr().add((k0 + k) * ldb + j);
-                        std::ptr::copy_nonoverlapping(from, panel.as_mut_ptr().add(k * width), width);
+                let origin = b.data.as_ptr().add(k0 * b.k_stride + j * b.j_stride);
+                let (panel_b, panel_ks, panel_js) = if pack && width >= 8 {
+                    if b.is_transposed() {
+                        pack_transposed(panel.as_mut_ptr(), origin, b.j_stride, kc, width);
+                    } else {
+                        pack_rows(panel.as_mut_ptr(), origin, b.k_stride, kc, width);
                     }
-                    (panel.as_ptr(), width)
+                    (panel.as_ptr(), width, 1)
                 } else {
-                    (b.as_ptr().add(k0 * ldb + j), ldb)
+                    (origin, b.k_stride, b.j_stride)
                 };
                 let mut m = 0;
                 while m < rows {
@@ -261,7 +285,8 @@ mod avx2 {
                         a_rs: a.row_stride,
                         a_ks: a.k_stride,
                         b: panel_b,
-                        ldb: panel_ldb,
+                        b_ks: panel_ks,
+                        b_js: panel_js,
                         c: c.as_mut_ptr().add(m * ldc + j),
                         ldc,
                         depth: kc,
@@ -290,7 +315,70 @@ mod avx2 {
         }
     }
 
-    /// `R` rows × `V` vectors of eight columns, accumulated in registers across the depth.
+    /// Copies `kc` rows of `width` (8 or 16) columns, `ldb` apart, to `panel` `width` apart.
+    #[inline(always)]
+    unsafe fn pack_rows(panel: *mut f32, b: *const f32, ldb: usize, kc: usize, width: usize) {
+        for k in 0..kc {
+            for v in (0..width).step_by(8) {
+                _mm256_storeu_ps(panel.add(k * width + v), _mm256_loadu_ps(b.add(k * ldb + v)));
+            }
+        }
+    }
+
+    /// The panel of a transposed `B`: column `jj` of the panel is `kc` contiguous values at
+    /// `bt + jj·ldbt`. Blocks of 8 × 8 are transposed in registers.
+    #[inline(always)]
+    unsafe fn pack_transposed(panel: *mut f32, bt: *const f32, ldbt: usize, kc: usize, width: usize) {
+        for j0 in (0..width).step_by(8) {
+            let mut k = 0;
+            while k + 8 <= kc {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(bt.add((j0 + i) * ldbt + k)));
+                for (i, column) in transpose8(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(panel.add((k + i) * width + j0), column);
+                }
+                k += 8;
+            }
+            for k in k..kc {
+                for i in 0..8 {
+                    *panel.add(k * width + j0 + i) = *bt.add((j0 + i) * ldbt + k);
+                }
+            }
+        }
+    }
+
+    /// Row `i` of the result is lane `i` of every input.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// `R` rows × `V` vectors of eight columns, accumulated in registers across the depth;
+    /// `B`'s rows are contiguous (`b_js == 1`).
     #[inline(always)]
     unsafe fn vector_tile<const R: usize, const V: usize>(t: Tile) {
         let mut acc = [[_mm256_setzero_ps(); V]; R];
@@ -304,7 +392,7 @@ mod avx2 {
             }
         }
         for k in 0..t.depth {
-            let bk = t.b.add(k * t.ldb);
+            let bk = t.b.add(k * t.b_ks);
             let mut bv = [_mm256_setzero_ps(); V];
             for (v, lane) in bv.iter_mut().enumerate() {
                 *lane = _mm256_loadu_ps(bk.add(8 * v));
@@ -336,7 +424,7 @@ mod avx2 {
                     Init::Load => *out,
                 };
                 for k in 0..t.depth {
-                    acc = (*t.a.add(r * t.a_rs + k * t.a_ks)).mul_add(*t.b.add(k * t.ldb + j), acc);
+                    acc = (*t.a.add(r * t.a_rs + k * t.a_ks)).mul_add(*t.b.add(k * t.b_ks + j * t.b_js), acc);
                 }
                 *out = acc;
             }
@@ -399,15 +487,30 @@ mod tests {
                     let mut through_gemm = initial.clone();
                     gemm(&mut through_gemm, cols, a, &b, ldb, depth, start);
                     assert_eq!(bits(&through_gemm), bits(&expected), "gemm {rows}×{cols}×{depth}");
-                    let mut portable = initial.clone();
-                    portable_block(&mut portable, cols, rows, cols, a, &b, ldb, depth, start);
-                    assert_eq!(bits(&portable), bits(&expected), "portable {rows}×{cols}×{depth}");
-                    #[cfg(target_arch = "x86_64")]
-                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                        let mut wide = initial.clone();
-                        // SAFETY: features checked; shapes as above.
-                        unsafe { avx2::block(&mut wide, cols, rows, cols, a, &b, ldb, depth, start) };
-                        assert_eq!(bits(&wide), bits(&expected), "avx2 {rows}×{cols}×{depth}");
+                    // The same `B` stored transposed, its columns `depth + 2` apart.
+                    let ldbt = depth + 2;
+                    let mut bt = vec![f32::NAN; cols * ldbt];
+                    for k in 0..depth {
+                        for j in 0..cols {
+                            bt[j * ldbt + k] = b[k * ldb + j];
+                        }
+                    }
+                    let mut through_transposed = initial.clone();
+                    gemm_transposed_rhs(&mut through_transposed, cols, a, &bt, ldbt, depth, start);
+                    assert_eq!(bits(&through_transposed), bits(&expected), "transposed {rows}×{cols}×{depth}");
+                    let rhs = Rhs { data: &b, k_stride: ldb, j_stride: 1 };
+                    let rhs_t = Rhs { data: &bt, k_stride: 1, j_stride: ldbt };
+                    for (rhs, layout) in [(rhs, "rows"), (rhs_t, "columns")] {
+                        let mut portable = initial.clone();
+                        portable_block(&mut portable, cols, rows, cols, a, rhs, depth, start);
+                        assert_eq!(bits(&portable), bits(&expected), "portable {rows}×{cols}×{depth} {layout}");
+                        #[cfg(target_arch = "x86_64")]
+                        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                            let mut wide = initial.clone();
+                            // SAFETY: features checked; shapes as above.
+                            unsafe { avx2::block(&mut wide, cols, rows, cols, a, rhs, depth, start) };
+                            assert_eq!(bits(&wide), bits(&expected), "avx2 {rows}×{cols}×{depth} {layout}");
+                        }
                     }
                     // The same product as a window of a wider matrix: the columns outside it
                     // are left alone.
