@@ -429,11 +429,14 @@ impl Llama {
         sequences: &[&[u32]],
         adapters: Option<&Adapters>,
     ) -> Result<Vec<(f64, usize)>, LlamaError> {
-        let mut out = Vec::with_capacity(sequences.len());
-        for group in passes(sequences) {
-            out.extend(self.nll_pass(group, adapters)?);
-        }
-        Ok(out)
+        // On a thread of the pool, as training does (`lora_loss_and_grads`).
+        rayon::scope(|_| {
+            let mut out = Vec::with_capacity(sequences.len());
+            for group in passes(sequences) {
+                out.extend(self.nll_pass(group, adapters)?);
+            }
+            Ok(out)
+        })
     }
 
     /// The `count` most likely next tokens, one at a time (ties go to the lower id).

@@ -30,14 +30,18 @@ impl Llama {
         if predicted == 0 {
             return Err(LlamaError::Empty);
         }
-        let mut grads = adapters.zeros_like();
-        let mut total = 0.0f64;
-        for group in passes(sequences) {
-            for loss in self.pass_backward(adapters, group, 1.0 / predicted as f32, train_a, &mut grads)? {
-                total += loss;
+        // On a thread of the pool, so that the products and row-wise steps inside start their
+        // tasks there instead of each handing work over from outside (thousands per step).
+        rayon::scope(|_| {
+            let mut grads = adapters.zeros_like();
+            let mut total = 0.0f64;
+            for group in passes(sequences) {
+                for loss in self.pass_backward(adapters, group, 1.0 / predicted as f32, train_a, &mut grads)? {
+                    total += loss;
+                }
             }
-        }
-        Ok((total / predicted as f64, grads))
+            Ok((total / predicted as f64, grads))
+        })
     }
 
     /// One stacked pass's forward and backward; adds `weight ×` its loss gradient to `grads` and
