@@ -3,16 +3,17 @@
 //! Every output element is its `start` followed by one fused multiply-add per `k`, in increasing
 //! `k`: `acc = fma(a[m, k], b[k, j], acc)`. Blocking, threads and vector width only decide which
 //! outputs are computed together, never the order within one. A fused multiply-add is exactly
-//! rounded whether the CPU computes it or `f32::mul_add` does in software, so the AVX2 build and
-//! the portable build give the same bits, on any thread count (tested below).
+//! rounded whether the CPU computes it or `f32::mul_add` does in software, so the AVX-512, AVX2
+//! and portable builds give the same bits, on any thread count (tested below).
 //!
 //! The AVX2 build is a register-blocked micro-kernel in the style of BLIS: a tile of 6 rows ×
 //! 16 columns lives in twelve vector registers while `k` runs, so each step loads two vectors
-//! of `B` and six scalars of `A` for twelve fused multiply-adds.
+//! of `B` and six scalars of `A` for twelve fused multiply-adds. The AVX-512 build does the same
+//! with 12 rows × 32 columns (24 registers of 16 lanes), where the CPU has it.
 
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
-use weft_core::cpu::wide_vectors;
+use weft_core::cpu::{wide_vectors, widest_vectors};
 
 /// The left operand: element `(m, k)` is `data[m * row_stride + k * k_stride]`, so a transposed
 /// view (the weight gradient's `doutᵀ`) costs nothing.
@@ -49,7 +50,7 @@ pub enum Start<'a> {
     Accumulate,
 }
 
-/// Fewest rows per parallel task (a multiple of the micro-kernel's six).
+/// Fewest rows per parallel task (a multiple of the micro-kernels' six and twelve rows).
 const ROWS_PER_TASK: usize = 24;
 /// A right operand past this many bytes no longer stays in a core's cache between tasks.
 const LARGE_RHS_BYTES: usize = 256 << 10;
@@ -82,7 +83,7 @@ fn parallel(c: &mut [f32], cols: usize, a: Lhs, b: Rhs, depth: usize, start: Sta
     // Each task reads all of `B`: a `B` larger than a core's cache is split in as few tasks as
     // keep every thread busy; a small one in many, which balance better on a busy machine.
     let per_task = if depth * cols * 4 > LARGE_RHS_BYTES {
-        rows.div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(6).max(ROWS_PER_TASK)
+        rows.div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(12).max(ROWS_PER_TASK)
     } else {
         ROWS_PER_TASK
     };
@@ -90,9 +91,15 @@ fn parallel(c: &mut [f32], cols: usize, a: Lhs, b: Rhs, depth: usize, start: Sta
         let a = Lhs { data: &a.data[task * per_task * a.row_stride..], ..a };
         let rows = block.len() / cols;
         #[cfg(target_arch = "x86_64")]
+        if widest_vectors() {
+            // SAFETY: `widest_vectors` checked that this CPU has AVX-512F, AVX2 and FMA; the
+            // operand lengths were checked above for every row, and `a` was advanced to this
+            // block's first row.
+            return unsafe { avx512::block(block, cols, rows, cols, a, b, depth, start) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if wide_vectors() {
-            // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the operand lengths
-            // were checked above for every row, and `a` was advanced to this block's first row.
+            // SAFETY: `wide_vectors` checked that this CPU has AVX2 and FMA; the rest as above.
             return unsafe { avx2::block(block, cols, rows, cols, a, b, depth, start) };
         }
         portable_block(block, cols, rows, cols, a, b, depth, start);
@@ -119,6 +126,11 @@ pub fn gemm_serial(
     assert!(ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "output too short");
     let b = Rhs { data: b, k_stride: ldb, j_stride: 1 };
     check_operands(rows, cols, a, b, depth, start);
+    #[cfg(target_arch = "x86_64")]
+    if depth > 0 && widest_vectors() {
+        // SAFETY: as in `gemm`; every row of the window was checked above.
+        return unsafe { avx512::block(c, ldc, rows, cols, a, b, depth, start) };
+    }
     #[cfg(target_arch = "x86_64")]
     if depth > 0 && wide_vectors() {
         // SAFETY: as in `gemm`; every row of the window was checked above.
@@ -325,11 +337,13 @@ mod avx2 {
         }
     }
 
-    /// The panel of a transposed `B`: column `jj` of the panel is `kc` contiguous values at
-    /// `bt + jj·ldbt`. Blocks of 8 × 8 are transposed in registers.
+    /// The panel of a transposed `B`: column `jj` of the panel (`width` apart) is `kc`
+    /// contiguous values at `bt + jj·ldbt`. Blocks of 8 × 8 are transposed in registers, the
+    /// columns past the last whole eight one value at a time.
     #[inline(always)]
-    unsafe fn pack_transposed(panel: *mut f32, bt: *const f32, ldbt: usize, kc: usize, width: usize) {
-        for j0 in (0..width).step_by(8) {
+    pub(super) unsafe fn pack_transposed(panel: *mut f32, bt: *const f32, ldbt: usize, kc: usize, width: usize) {
+        let whole = width / 8 * 8;
+        for j0 in (0..whole).step_by(8) {
             let mut k = 0;
             while k + 8 <= kc {
                 let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(bt.add((j0 + i) * ldbt + k)));
@@ -342,6 +356,11 @@ mod avx2 {
                 for i in 0..8 {
                     *panel.add(k * width + j0 + i) = *bt.add((j0 + i) * ldbt + k);
                 }
+            }
+        }
+        for jj in whole..width {
+            for k in 0..kc {
+                *panel.add(k * width + jj) = *bt.add(jj * ldbt + k);
             }
         }
     }
@@ -432,6 +451,176 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 build: a tile of up to 12 rows × 32 columns in 24 of the 32 vector registers; a
+/// panel narrower than 32 columns masks its last vector, so no column is left to scalar code.
+/// Same order of operations per output as every other build.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Lhs, Rhs, Start};
+    use std::arch::x86_64::*;
+
+    const MR: usize = 12;
+    const NR: usize = 32;
+    /// Depth per pass: a 32-column panel of `B` (32 KB) and a row tile of `A` (12 KB) share L1.
+    const KC: usize = 256;
+
+    #[derive(Clone, Copy)]
+    enum Init {
+        Zero,
+        Bias(*const f32),
+        Load,
+    }
+
+    /// Pointers and strides of one tile; `a`, `b`, `c` point at its first row / depth / column.
+    /// `B`'s rows are contiguous; `last` masks the columns of the tile's last vector.
+    #[derive(Clone, Copy)]
+    struct Tile {
+        a: *const f32,
+        a_rs: usize,
+        a_ks: usize,
+        b: *const f32,
+        b_ks: usize,
+        c: *mut f32,
+        ldc: usize,
+        depth: usize,
+        init: Init,
+        last: __mmask16,
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2 and FMA; the operands cover the shapes as for
+    /// [`super::avx2::block`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn block(
+        c: &mut [f32],
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        a: Lhs,
+        b: Rhs,
+        depth: usize,
+        start: Start,
+    ) {
+        if depth == 0 {
+            return super::portable_block(c, ldc, rows, cols, a, b, 0, start);
+        }
+        // As in the AVX2 build: a large or transposed `B` is packed panel by panel.
+        let pack = b.is_transposed() || (rows > MR && depth * cols * 4 > super::LARGE_RHS_BYTES);
+        let mut panel = if pack { vec![0.0f32; KC * NR] } else { Vec::new() };
+        let mut k0 = 0;
+        while k0 < depth {
+            let kc = KC.min(depth - k0);
+            let mut j = 0;
+            while j < cols {
+                let width = NR.min(cols - j);
+                let init = match (k0, start) {
+                    (0, Start::Zero) => Init::Zero,
+                    (0, Start::Bias(bias)) => Init::Bias(bias.as_ptr().add(j)),
+                    _ => Init::Load,
+                };
+                let origin = b.data.as_ptr().add(k0 * b.k_stride + j * b.j_stride);
+                let (panel_b, panel_ks) = if pack {
+                    if b.is_transposed() {
+                        super::avx2::pack_transposed(panel.as_mut_ptr(), origin, b.j_stride, kc, width);
+                    } else {
+                        pack_rows(panel.as_mut_ptr(), origin, b.k_stride, kc, width);
+                    }
+                    (panel.as_ptr(), width)
+                } else {
+                    (origin, b.k_stride)
+                };
+                let vectors = width.div_ceil(16);
+                let tail = width - 16 * (vectors - 1);
+                let last = if tail == 16 { u16::MAX } else { (1u16 << tail) - 1 };
+                let mut m = 0;
+                while m < rows {
+                    // Twelve rows, then the rest in eights, fours, twos and ones.
+                    let mr = [MR, 8, 4, 2, 1].into_iter().find(|&r| r <= rows - m).unwrap_or(1);
+                    let tile = Tile {
+                        a: a.data.as_ptr().add(m * a.row_stride + k0 * a.k_stride),
+                        a_rs: a.row_stride,
+                        a_ks: a.k_stride,
+                        b: panel_b,
+                        b_ks: panel_ks,
+                        c: c.as_mut_ptr().add(m * ldc + j),
+                        ldc,
+                        depth: kc,
+                        init,
+                        last,
+                    };
+                    match (vectors, mr) {
+                        (2, 12) => vector_tile::<12, 2>(tile),
+                        (2, 8) => vector_tile::<8, 2>(tile),
+                        (2, 4) => vector_tile::<4, 2>(tile),
+                        (2, 2) => vector_tile::<2, 2>(tile),
+                        (2, _) => vector_tile::<1, 2>(tile),
+                        (_, 12) => vector_tile::<12, 1>(tile),
+                        (_, 8) => vector_tile::<8, 1>(tile),
+                        (_, 4) => vector_tile::<4, 1>(tile),
+                        (_, 2) => vector_tile::<2, 1>(tile),
+                        (_, _) => vector_tile::<1, 1>(tile),
+                    }
+                    m += mr;
+                }
+                j += width;
+            }
+            k0 += kc;
+        }
+    }
+
+    /// Copies `kc` rows of `width` (≤ 32) columns, `ldb` apart, to `panel` `width` apart.
+    #[inline(always)]
+    unsafe fn pack_rows(panel: *mut f32, b: *const f32, ldb: usize, kc: usize, width: usize) {
+        for k in 0..kc {
+            let mut v = 0;
+            while v < width {
+                let lanes = (width - v).min(16);
+                let mask = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+                let values = _mm512_maskz_loadu_ps(mask, b.add(k * ldb + v));
+                _mm512_mask_storeu_ps(panel.add(k * width + v), mask, values);
+                v += 16;
+            }
+        }
+    }
+
+    /// `R` rows × `V` vectors of sixteen columns (the last masked by `t.last`), accumulated in
+    /// registers across the depth.
+    #[inline(always)]
+    unsafe fn vector_tile<const R: usize, const V: usize>(t: Tile) {
+        let mask = |v: usize| if v + 1 == V { t.last } else { u16::MAX };
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, lane) in row.iter_mut().enumerate() {
+                *lane = match t.init {
+                    Init::Zero => _mm512_setzero_ps(),
+                    Init::Bias(bias) => _mm512_maskz_loadu_ps(mask(v), bias.add(16 * v)),
+                    Init::Load => _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v)),
+                };
+            }
+        }
+        for k in 0..t.depth {
+            let bk = t.b.add(k * t.b_ks);
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, lane) in bv.iter_mut().enumerate() {
+                *lane = _mm512_maskz_loadu_ps(mask(v), bk.add(16 * v));
+            }
+            let ak = t.a.add(k * t.a_ks);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ak.add(r * t.a_rs));
+                for (lane, &bl) in row.iter_mut().zip(&bv) {
+                    *lane = _mm512_fmadd_ps(av, bl, *lane);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), mask(v), *lane);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,7 +657,18 @@ mod tests {
         // Rows, columns and depths that leave remainders in every blocking dimension, including
         // a depth past one pass of the AVX2 kernel (256), packed panels of 16 and 8 columns, and
         // a right operand large enough to be split by rows per thread (61 × 300 × 260).
-        let shapes = [(1, 1, 1), (7, 9, 3), (13, 23, 5), (25, 40, 300), (50, 17, 257), (6, 16, 0), (61, 300, 260)];
+        let shapes = [
+            (1, 1, 1),
+            (7, 9, 3),
+            (13, 23, 5),
+            (25, 40, 300),
+            (50, 17, 257),
+            (6, 16, 0),
+            (61, 300, 260),
+            (30, 48, 9),
+            (11, 64, 20),
+            (37, 33, 70),
+        ];
         for &(rows, cols, depth) in &shapes {
             for (s, transposed) in [(0u32, false), (1, true)] {
                 let a_data = values(rows * depth + 1, 11 + s);
@@ -510,6 +710,12 @@ mod tests {
                             // SAFETY: features checked; shapes as above.
                             unsafe { avx2::block(&mut wide, cols, rows, cols, a, rhs, depth, start) };
                             assert_eq!(bits(&wide), bits(&expected), "avx2 {rows}×{cols}×{depth} {layout}");
+                            if std::arch::is_x86_feature_detected!("avx512f") {
+                                let mut widest = initial.clone();
+                                // SAFETY: features checked; shapes as above.
+                                unsafe { avx512::block(&mut widest, cols, rows, cols, a, rhs, depth, start) };
+                                assert_eq!(bits(&widest), bits(&expected), "avx512 {rows}×{cols}×{depth} {layout}");
+                            }
                         }
                     }
                     // The same product as a window of a wider matrix: the columns outside it
