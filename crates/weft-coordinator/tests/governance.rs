@@ -94,8 +94,8 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
                 id.clone(),
                 *lang,
                 LocalCorpus::from_bytes(train),
-                config,
-                settings,
+                settings.byte_gpt_trainer(config).unwrap(),
+                settings.seed,
                 tmp.path().join(id.as_str()),
             )
             .unwrap(),

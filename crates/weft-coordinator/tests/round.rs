@@ -56,7 +56,8 @@ fn consortium_with(
         heldout.insert(lang.to_string(), test);
         let id = NodeId::new(format!("node-{lang}")).unwrap();
         let dir = tmp.path().join("nodes").join(id.as_str());
-        nodes.push(Node::new(id.clone(), *lang, LocalCorpus::from_bytes(train), CONFIG, settings, dir).unwrap());
+        let trainer = settings.byte_gpt_trainer(CONFIG).unwrap();
+        nodes.push(Node::new(id.clone(), *lang, LocalCorpus::from_bytes(train), trainer, seed, dir).unwrap());
         members.push(Member { node: id, language: lang.to_string() });
     }
     let base = Gpt::init(CONFIG, seed).unwrap().to_state();

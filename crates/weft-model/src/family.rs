@@ -6,7 +6,7 @@ use std::fmt;
 
 use weft_core::{AdapterRound, ModelState};
 
-use crate::{Gpt, GptConfig, ModelError, SplitMix64};
+use crate::{AdamW, AdamWSettings, Gpt, GptConfig, ModelError, SplitMix64, TrainReport};
 
 /// A family's own error, carried as is (its message names what was wrong).
 pub type FamilyError = Box<dyn std::error::Error + Send + Sync>;
@@ -68,6 +68,126 @@ pub struct TrainedAdapter {
     /// Mean training loss over the round, nats per token.
     pub mean_loss: f64,
     pub last_loss: f64,
+}
+
+/// How a node trains a full-weight round, whatever the family behind it: from the base as named
+/// f32 state to the node's own trained state. The optimizer's state lives in the trainer across
+/// rounds; the node keeps it beside each round's artifact, as named f32 state, and hands it back
+/// after a restart.
+pub trait WeightTrainer: Send {
+    /// The trained model's configuration, as the node's artifact manifest records it.
+    fn configuration(&self) -> serde_json::Value;
+    /// Trains from `base` on the node's `text`, drawing batches from `rng`; `on_step(step, loss)`
+    /// reports progress.
+    fn train_round(
+        &mut self,
+        base: &ModelState,
+        text: CorpusText<'_>,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedWeights, FamilyError>;
+    /// Whether the optimizer has a state in this process (trained or restored).
+    fn has_optimizer(&self) -> bool;
+    /// The optimizer's steps over the node's life.
+    fn optimizer_steps(&self) -> u64;
+    /// The optimizer's state, to keep beside a round's artifact.
+    fn optimizer_state(&self) -> Result<ModelState, FamilyError>;
+    /// Continues from a kept optimizer state after `steps` steps; `layout` is any state of the
+    /// model (it gives the shapes the state must fit).
+    fn restore_optimizer(&mut self, layout: &ModelState, state: &ModelState, steps: u64) -> Result<(), FamilyError>;
+}
+
+/// The node's own text as a trainer reads it, borrowed for one round: it stays with the node.
+#[derive(Clone, Copy)]
+pub struct CorpusText<'a> {
+    pub train: &'a [u8],
+    /// The node's validation tail, never trained on.
+    pub validation: &'a [u8],
+}
+
+/// One round of full-weight training, as the node keeps it.
+#[derive(Clone, Debug)]
+pub struct TrainedWeights {
+    pub weights: ModelState,
+    pub report: TrainReport,
+    /// Loss on the node's validation tail before and after the round.
+    pub validation_loss_before: f64,
+    pub validation_loss_after: f64,
+}
+
+/// The byte GPT's node trainer: AdamW, `steps` steps of `batch_rows` windows per round, its
+/// moments carried from round to round.
+pub struct ByteGptTrainer {
+    config: GptConfig,
+    steps: u64,
+    batch_rows: usize,
+    adamw: AdamWSettings,
+    optimizer: Option<AdamW>,
+}
+
+impl ByteGptTrainer {
+    pub fn new(config: GptConfig, steps: u64, batch_rows: usize, adamw: AdamWSettings) -> Result<Self, ModelError> {
+        config.validate()?;
+        Ok(ByteGptTrainer { config, steps, batch_rows, adamw, optimizer: None })
+    }
+}
+
+impl WeightTrainer for ByteGptTrainer {
+    fn configuration(&self) -> serde_json::Value {
+        serde_json::to_value(self.config).unwrap_or_default()
+    }
+
+    fn train_round(
+        &mut self,
+        base: &ModelState,
+        text: CorpusText<'_>,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedWeights, FamilyError> {
+        let mut model = Gpt::from_state(self.config, base)?;
+        let eval_rows = self.batch_rows.max(1);
+        let validation_loss_before = model.loss_per_byte(text.validation, eval_rows);
+        let optimizer = self.optimizer.get_or_insert_with(|| AdamW::new(self.adamw, &model));
+        let report = optimizer.train(&mut model, text.train, self.steps, self.batch_rows, rng, on_step);
+        Ok(TrainedWeights {
+            weights: model.to_state(),
+            report,
+            validation_loss_before,
+            validation_loss_after: model.loss_per_byte(text.validation, eval_rows),
+        })
+    }
+
+    fn has_optimizer(&self) -> bool {
+        self.optimizer.is_some()
+    }
+
+    fn optimizer_steps(&self) -> u64 {
+        self.optimizer.as_ref().map_or(0, AdamW::steps_taken)
+    }
+
+    fn optimizer_state(&self) -> Result<ModelState, FamilyError> {
+        let optimizer = self.optimizer.as_ref().ok_or("no optimizer state: nothing trained yet")?;
+        let (m, v) = optimizer.moments();
+        let mut state = ModelState::new();
+        for (name, data) in [("m", m), ("v", v)] {
+            let tensor = weft_core::Tensor::new(vec![data.len()], data.to_vec())
+                .map_err(|e| format!("optimizer moment {name}: {e}"))?;
+            state.insert(name, tensor);
+        }
+        Ok(state)
+    }
+
+    fn restore_optimizer(&mut self, layout: &ModelState, state: &ModelState, steps: u64) -> Result<(), FamilyError> {
+        let model = Gpt::from_state(self.config, layout)?;
+        let (m, v) = match (state.get("m"), state.get("v")) {
+            (Some(m), Some(v)) => (m.data().to_vec(), v.data().to_vec()),
+            _ => return Err("optimizer state lacks its moments".into()),
+        };
+        let optimizer =
+            AdamW::restore(self.adamw, &model, m, v, steps).ok_or("optimizer state does not fit the model")?;
+        self.optimizer = Some(optimizer);
+        Ok(())
+    }
 }
 
 /// The built-in byte-level GPT, scored in batches of `batch_rows` windows.

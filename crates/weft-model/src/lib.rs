@@ -20,7 +20,10 @@ mod rng;
 mod train;
 
 pub use config::{ConfigError, GptConfig};
-pub use family::{AdapterTrainer, AdapterTraining, ByteGpt, Evaluator, FamilyError, ModelFamily, TrainedAdapter};
+pub use family::{
+    AdapterTrainer, AdapterTraining, ByteGpt, ByteGptTrainer, CorpusText, Evaluator, FamilyError, ModelFamily,
+    TrainedAdapter, TrainedWeights, WeightTrainer,
+};
 pub use layout::ModelError;
 pub use model::Gpt;
 pub use rng::SplitMix64;

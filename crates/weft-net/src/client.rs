@@ -9,7 +9,7 @@ use weft_core::Contribution;
 use weft_core::{ContentHash, ModelState};
 use weft_ledger::{ContributionManifest, SigningKey};
 use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig};
-use weft_node::{AdapterNode, LocalCorpus, Node, NodeSettings};
+use weft_node::{AdapterNode, LocalCorpus, Node, NodeError, NodeSettings};
 
 use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
@@ -284,7 +284,11 @@ async fn contribute(
                         adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
                         seed: training.seed,
                     };
-                    match Node::new(id, language, corpus, config, settings, artifacts) {
+                    let built = settings
+                        .byte_gpt_trainer(config)
+                        .map_err(|e| NodeError::Training { node: id.clone(), detail: e.to_string() })
+                        .and_then(|trainer| Node::new(id, language, corpus, trainer, settings.seed, artifacts));
+                    match built {
                         Ok(node) => byte_gpt_cycle(Box::new(node), round, &base, base_hash),
                         // A node that cannot be built (an empty corpus, a model shape out of
                         // range) ends the join with this error: nothing is left to train with.

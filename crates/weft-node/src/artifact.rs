@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use weft_core::{ContentHash, ModelState, NodeId};
 use weft_durable::write_atomic;
-use weft_model::GptConfig;
 
 /// What the node measured about its own training. Reported to the coordinator as *declared*
 /// metrics, which the coordinator records and never uses for weights.
@@ -35,7 +34,8 @@ pub struct ArtifactManifest {
     pub base_hash: ContentHash,
     /// Content hash of the artifact's own weights.
     pub artifact_hash: ContentHash,
-    pub model: GptConfig,
+    /// The trained model's configuration, as its trainer describes it.
+    pub model: serde_json::Value,
     pub metrics: LocalMetrics,
     pub file: String,
     /// AdamW steps over the node's life after this round (its moments are in `optimizer.safetensors`).

@@ -18,6 +18,8 @@
 use std::fmt;
 use std::path::Path;
 
+use weft_model::CorpusText;
+
 /// Share of the corpus held back for the node's own validation loss.
 const VALIDATION_SHARE: usize = 20;
 /// Upper bound of the validation slice, to keep the per-round evaluation cheap.
@@ -41,12 +43,9 @@ impl LocalCorpus {
         Ok(Self::from_bytes(std::fs::read(path)?))
     }
 
-    pub(crate) fn train(&self) -> &[u8] {
-        &self.train
-    }
-
-    pub(crate) fn validation(&self) -> &[u8] {
-        &self.validation
+    /// Lent to the node's trainer for one round.
+    pub(crate) fn text(&self) -> CorpusText<'_> {
+        CorpusText { train: &self.train, validation: &self.validation }
     }
 
     pub fn train_len(&self) -> usize {

@@ -5,23 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use weft_core::{ContentHash, Contribution, Delta, ModelState, NodeId, StateError};
-use weft_model::{AdamW, AdamWSettings, Gpt, GptConfig, ModelError, SplitMix64};
+use weft_model::{AdamWSettings, ByteGptTrainer, FamilyError, GptConfig, ModelError, SplitMix64, WeightTrainer};
 
 use crate::artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
-
-/// AdamW's moments as a storable state.
-fn moments_state(m: &[f32], v: &[f32]) -> Result<ModelState, StateError> {
-    let mut state = ModelState::new();
-    for (name, data) in [("m", m), ("v", v)] {
-        let tensor = weft_core::Tensor::new(vec![data.len()], data.to_vec())
-            .map_err(|e| StateError::Format(format!("optimizer moment {name}: {e}")))?;
-        state.insert(name, tensor);
-    }
-    Ok(state)
-}
 use crate::corpus::LocalCorpus;
 
-/// How a node trains each round.
+/// How the built-in byte GPT's nodes train each round.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeSettings {
     /// Local optimizer steps per round (K).
@@ -39,14 +28,20 @@ impl Default for NodeSettings {
     }
 }
 
+impl NodeSettings {
+    /// The byte GPT's trainer for a node with these settings (fails on a configuration out of
+    /// range).
+    pub fn byte_gpt_trainer(&self, config: GptConfig) -> Result<Box<dyn WeightTrainer>, ModelError> {
+        Ok(Box::new(ByteGptTrainer::new(config, self.steps, self.batch_rows, self.adamw)?))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(
         "node {node}: the base received does not match its announced hash (announced {announced}, content {actual})"
     )]
     BaseMismatch { node: NodeId, announced: ContentHash, actual: ContentHash },
-    #[error("node {node}: the base does not fit the configured model: {source}")]
-    Model { node: NodeId, source: ModelError },
     #[error("node {node}: training corpus is empty")]
     EmptyCorpus { node: NodeId },
     #[error("node {node}: cannot write its sovereign artifact under {dir}: {source}")]
@@ -63,15 +58,18 @@ pub struct Cycle {
     pub contribution: Contribution,
 }
 
+/// A node of a full-weight consortium. It trains through a [`WeightTrainer`] and never sees
+/// which model family is behind it.
 pub struct Node {
     id: NodeId,
     language: String,
     corpus: LocalCorpus,
-    config: GptConfig,
-    settings: NodeSettings,
+    /// Lives across rounds with its optimizer's state (AdamW's moments for the byte GPT), which
+    /// is the node's and never sent.
+    trainer: Box<dyn WeightTrainer>,
+    /// The run's seed; each round draws its own stream from it.
+    seed: u64,
     dir: PathBuf,
-    /// Lives across rounds: AdamW's moments and step count are the node's, never sent.
-    optimizer: Option<AdamW>,
     latest: Option<SovereignArtifact>,
 }
 
@@ -81,24 +79,14 @@ impl Node {
         id: NodeId,
         language: impl Into<String>,
         corpus: LocalCorpus,
-        config: GptConfig,
-        settings: NodeSettings,
+        trainer: Box<dyn WeightTrainer>,
+        seed: u64,
         dir: impl Into<PathBuf>,
     ) -> Result<Self, NodeError> {
         if corpus.train_len() == 0 {
             return Err(NodeError::EmptyCorpus { node: id });
         }
-        config.validate().map_err(|e| NodeError::Model { node: id.clone(), source: e.into() })?;
-        Ok(Node {
-            id,
-            language: language.into(),
-            corpus,
-            config,
-            settings,
-            dir: dir.into(),
-            optimizer: None,
-            latest: None,
-        })
+        Ok(Node { id, language: language.into(), corpus, trainer, seed, dir: dir.into(), latest: None })
     }
 
     pub fn id(&self) -> &NodeId {
@@ -118,19 +106,19 @@ impl Node {
         self.latest.as_ref()
     }
 
-    /// Optimizer steps over the node's whole life (AdamW state persists across rounds).
+    /// Optimizer steps over the node's whole life (the optimizer's state persists across rounds).
     pub fn optimizer_steps(&self) -> u64 {
-        self.optimizer.as_ref().map_or(0, AdamW::steps_taken)
+        self.trainer.optimizer_steps()
     }
 
-    /// One cycle: check and load the base, train K steps, keep the sovereign artifact, return
-    /// the contribution. `on_step(step, loss)` reports progress.
+    /// One cycle: check the base, train K steps, keep the sovereign artifact, return the
+    /// contribution. `on_step(step, loss)` reports progress.
     pub fn run_cycle(
         &mut self,
         round: u64,
         base: &ModelState,
         base_hash: ContentHash,
-        on_step: impl FnMut(u64, f64),
+        mut on_step: impl FnMut(u64, f64),
     ) -> Result<Cycle, NodeError> {
         let actual = base.content_hash();
         if actual != base_hash {
@@ -143,34 +131,21 @@ impl Node {
                 return self.resume_cycle(artifact, base);
             }
         }
-        let mut model =
-            Gpt::from_state(self.config, base).map_err(|source| NodeError::Model { node: self.id.clone(), source })?;
-        let eval_rows = self.settings.batch_rows.max(1);
-        let validation_loss_before = model.loss_per_byte(self.corpus.validation(), eval_rows);
-        if self.optimizer.is_none() {
-            self.optimizer = self.saved_optimizer(round, &model)?;
+        if !self.trainer.has_optimizer() {
+            self.restore_saved_optimizer(round, base)?;
         }
-        let optimizer = self.optimizer.get_or_insert_with(|| AdamW::new(self.settings.adamw, &model));
-        let mut rng = SplitMix64::derive(self.settings.seed, self.id.as_str(), round);
-        let report = optimizer.train(
-            &mut model,
-            self.corpus.train(),
-            self.settings.steps,
-            self.settings.batch_rows,
-            &mut rng,
-            on_step,
-        );
-        let local = model.to_state();
-        let (m, v) = optimizer.moments();
-        let optimizer_steps = optimizer.steps_taken();
-        let moments = moments_state(m, v).map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
+        let training = |e: FamilyError| NodeError::Training { node: self.id.clone(), detail: e.to_string() };
+        let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
+        let trained = self.trainer.train_round(base, self.corpus.text(), &mut rng, &mut on_step).map_err(training)?;
+        let moments = self.trainer.optimizer_state().map_err(training)?;
+        let report = &trained.report;
         let metrics = LocalMetrics {
             steps: report.steps,
             tokens: report.tokens,
             train_loss: report.mean_loss,
             final_train_loss: report.final_loss,
-            validation_loss_before,
-            validation_loss_after: model.loss_per_byte(self.corpus.validation(), eval_rows),
+            validation_loss_before: trained.validation_loss_before,
+            validation_loss_after: trained.validation_loss_after,
             grad_norm: report.last_grad_norm,
         };
         let manifest = ArtifactManifest {
@@ -178,45 +153,43 @@ impl Node {
             language: self.language.clone(),
             round,
             base_hash,
-            artifact_hash: local.content_hash(),
-            model: self.config,
-            metrics: metrics.clone(),
+            artifact_hash: trained.weights.content_hash(),
+            model: self.trainer.configuration(),
+            metrics,
             file: SovereignArtifact::MODEL_FILE.to_owned(),
-            optimizer_steps,
+            optimizer_steps: self.trainer.optimizer_steps(),
         };
         weft_durable::crash::point("node-trained");
-        let artifact = SovereignArtifact::write(&dir, manifest, &local, &moments)
+        let artifact = SovereignArtifact::write(&dir, manifest, &trained.weights, &moments)
             .map_err(|source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source })?;
-        self.contribution_of(artifact, base, &local)
+        self.contribution_of(artifact, base, &trained.weights)
     }
 
     /// The contribution of a cycle already kept on disk; the optimizer continues from its state.
     fn resume_cycle(&mut self, artifact: SovereignArtifact, base: &ModelState) -> Result<Cycle, NodeError> {
         let io = |source| NodeError::Artifact { node: self.id.clone(), dir: artifact.dir.clone(), source };
         let local = artifact.load_weights().map_err(io)?;
-        let model = Gpt::from_state(self.config, &local)
-            .map_err(|source| NodeError::Model { node: self.id.clone(), source })?;
-        self.optimizer = Some(self.optimizer_from(&artifact, &model)?);
+        self.restore_optimizer(&artifact, &local)?;
         tracing::info!(node = %self.id, round = artifact.manifest.round, "cycle already on disk: sending it again");
         self.contribution_of(artifact, base, &local)
     }
 
-    /// AdamW as saved by the latest complete cycle before `round`, if there is one.
-    fn saved_optimizer(&self, round: u64, model: &Gpt) -> Result<Option<AdamW>, NodeError> {
+    /// The optimizer as saved by the latest complete cycle before `round`, if there is one.
+    fn restore_saved_optimizer(&mut self, round: u64, layout: &ModelState) -> Result<(), NodeError> {
         let latest =
             (1..round).rev().find_map(|r| SovereignArtifact::read(&SovereignArtifact::round_dir(&self.dir, r)).ok());
-        latest.map(|artifact| self.optimizer_from(&artifact, model)).transpose()
+        match latest {
+            Some(artifact) => self.restore_optimizer(&artifact, layout),
+            None => Ok(()),
+        }
     }
 
-    fn optimizer_from(&self, artifact: &SovereignArtifact, model: &Gpt) -> Result<AdamW, NodeError> {
+    fn restore_optimizer(&mut self, artifact: &SovereignArtifact, layout: &ModelState) -> Result<(), NodeError> {
         let io = |source| NodeError::Artifact { node: self.id.clone(), dir: artifact.dir.clone(), source };
         let saved = artifact.load_optimizer().map_err(io)?;
-        let (m, v) = match (saved.get("m"), saved.get("v")) {
-            (Some(m), Some(v)) => (m.data().to_vec(), v.data().to_vec()),
-            _ => return Err(io(std::io::Error::other("optimizer state lacks its moments"))),
-        };
-        AdamW::restore(self.settings.adamw, model, m, v, artifact.manifest.optimizer_steps)
-            .ok_or_else(|| io(std::io::Error::other("optimizer state does not fit the model")))
+        self.trainer
+            .restore_optimizer(layout, &saved, artifact.manifest.optimizer_steps)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))
     }
 
     fn contribution_of(
@@ -245,6 +218,7 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_model::Gpt;
 
     const TEXT: &str = "Everyone has the right to life, liberty and security of person. \
         No one shall be held in slavery or servitude; slavery and the slave trade shall be prohibited in all their forms. ";
@@ -253,7 +227,15 @@ mod tests {
         let config = GptConfig { layers: 1, heads: 2, width: 16, context: 16 };
         let settings = NodeSettings { steps: 8, batch_rows: 4, ..NodeSettings::default() };
         let corpus = LocalCorpus::from_bytes(TEXT.repeat(4).into_bytes());
-        Node::new(NodeId::new("n1").unwrap(), "en", corpus, config, settings, dir).unwrap()
+        Node::new(
+            NodeId::new("n1").unwrap(),
+            "en",
+            corpus,
+            settings.byte_gpt_trainer(config).unwrap(),
+            settings.seed,
+            dir,
+        )
+        .unwrap()
     }
 
     /// Tapestry invariant 1: the node keeps a full artifact and returns a non-zero delta with the
@@ -290,6 +272,41 @@ mod tests {
         let base = Gpt::init(GptConfig { layers: 1, heads: 2, width: 16, context: 16 }, 1).unwrap().to_state();
         let err = node.run_cycle(1, &base, ContentHash([0; 32]), |_, _| {}).err().unwrap();
         assert!(matches!(err, NodeError::BaseMismatch { .. }));
+        assert!(!tmp.path().join("round-0001").exists());
+    }
+
+    /// A node restarted between rounds continues from the optimizer state it kept: its next
+    /// round is the same bits as a node that never stopped.
+    #[test]
+    fn a_restarted_node_continues_its_optimizer_from_its_artifacts() {
+        let base = Gpt::init(GptConfig { layers: 1, heads: 2, width: 16, context: 16 }, 1).unwrap().to_state();
+        let (kept, restarted) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut rounds = Vec::new();
+        for dir in [kept.path(), restarted.path()] {
+            let mut node = node(dir);
+            let first = node.run_cycle(1, &base, base.content_hash(), |_, _| {}).unwrap();
+            let next = first.contribution.delta.applied_to(&base, 0.5).unwrap();
+            if dir == restarted.path() {
+                node = self::node(dir);
+                assert_eq!(node.optimizer_steps(), 0);
+            }
+            let second = node.run_cycle(2, &next, next.content_hash(), |_, _| {}).unwrap();
+            assert_eq!(node.optimizer_steps(), 16);
+            rounds.push(second.artifact.manifest.artifact_hash);
+        }
+        assert_eq!(rounds[0], rounds[1]);
+        // The manifest names the trained model's configuration.
+        let manifest = SovereignArtifact::read(&kept.path().join("round-0002")).unwrap().manifest;
+        assert_eq!(manifest.model["width"], 16);
+    }
+
+    #[test]
+    fn refuses_a_base_the_trainer_cannot_train_by_name_and_keeps_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut node = node(tmp.path());
+        let other = Gpt::init(GptConfig { layers: 1, heads: 2, width: 32, context: 16 }, 1).unwrap().to_state();
+        let err = node.run_cycle(1, &other, other.content_hash(), |_, _| {}).err().unwrap();
+        assert!(matches!(err, NodeError::Training { .. }), "{err}");
         assert!(!tmp.path().join("round-0001").exists());
     }
 }

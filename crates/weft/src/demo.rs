@@ -160,8 +160,8 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
             id.clone(),
             language.clone(),
             LocalCorpus::from_bytes(bytes),
-            run.model(),
-            run.node,
+            run.node.byte_gpt_trainer(run.model())?,
+            run.node.seed,
             dir,
         )?);
     }

@@ -111,7 +111,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             let start = (i * 97) % text.len().saturating_sub(256).max(1);
             let shard = text[start..(start + 512).min(text.len())].to_vec();
             let dir = scratch.path().join("devices").join(id.as_str());
-            let mut node = Node::new(id.clone(), *language, LocalCorpus::from_bytes(shard), TINY, settings, dir)?;
+            let trainer = settings.byte_gpt_trainer(TINY)?;
+            let mut node =
+                Node::new(id.clone(), *language, LocalCorpus::from_bytes(shard), trainer, settings.seed, dir)?;
             let cycle = node.run_cycle(announcement.round, &base, announcement.base_hash, |_, _| {})?;
             match coordinator.submit(cycle.contribution) {
                 Ok(_) | Err(SubmitError::Rejected(_)) => {}
