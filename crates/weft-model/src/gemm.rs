@@ -201,23 +201,24 @@ fn fma_by_rounding_to_odd(a: f32, b: f32, c: f32) -> f32 {
     f64::from_bits(bits.wrapping_add(if inexact_even { step } else { 0 })) as f32
 }
 
+/// How a wide build's tile accumulators begin: a later depth pass resumes from what the previous
+/// one stored, which keeps each output's order of operations unchanged.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    Bias(*const f32),
+    Load,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Lhs, Rhs, Start};
+    use super::{Init, Lhs, Rhs, Start};
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
     /// Depth per pass: a 16-column panel of `B` (16 KB) stays in L1 while the rows go by.
     const KC: usize = 256;
-
-    /// How a tile's accumulators begin: a later depth pass resumes from what the previous one
-    /// stored, which keeps each output's order of operations unchanged.
-    #[derive(Clone, Copy)]
-    enum Init {
-        Zero,
-        Bias(*const f32),
-        Load,
-    }
 
     /// Pointers and strides of one tile; `a`, `b`, `c` point at its first row / depth / column.
     #[derive(Clone, Copy)]
@@ -456,20 +457,13 @@ mod avx2 {
 /// Same order of operations per output as every other build.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Lhs, Rhs, Start};
+    use super::{Init, Lhs, Rhs, Start};
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
     const NR: usize = 32;
     /// Depth per pass: a 32-column panel of `B` (32 KB) and a row tile of `A` (12 KB) share L1.
     const KC: usize = 256;
-
-    #[derive(Clone, Copy)]
-    enum Init {
-        Zero,
-        Bias(*const f32),
-        Load,
-    }
 
     /// Pointers and strides of one tile; `a`, `b`, `c` point at its first row / depth / column.
     /// `B`'s rows are contiguous; `last` masks the columns of the tile's last vector.
