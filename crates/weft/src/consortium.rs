@@ -71,6 +71,13 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
             Ok((NodeId::new(id).with_context(|| format!("--node {spec}"))?, language.to_owned()))
         })
         .collect::<anyhow::Result<_>>()?;
+    // The coordinator measures each member's language on held-out text it must be able to find;
+    // a language it has none for is refused here, before anything is written, not at `serve`.
+    let data_dir = data::data_dir(args.data.clone());
+    for (id, language) in &nodes {
+        data::check_heldout_source(&data_dir, language, args.base.is_some())
+            .with_context(|| format!("--node {id}:{language}"))?;
+    }
     let mut sections = args.run.sections()?;
     // Checked as a run before anything is written.
     let run = RunSettings::new(sections.clone(), nodes.clone()).map_err(|e| setting_error(e, Source::Flags))?;

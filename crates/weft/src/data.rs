@@ -20,6 +20,26 @@ pub fn heldout(data: &Path, language: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(&path).with_context(|| format!("reading the held-out text {}", path.display()))
 }
 
+/// Whether a coordinator using `data` can find held-out text for `language`: the committed UDHR
+/// text for the byte model; for a pretrained base (`base`), the tail of a corpus that is there or
+/// that `scripts/fetch-corpora` can fetch.
+pub fn check_heldout_source(data: &Path, language: &str, base: bool) -> anyhow::Result<()> {
+    let (path, fetchable) = if base {
+        (data.join("corpora").join(format!("{language}.txt")), LANGUAGES.contains(&language))
+    } else {
+        (data.join("udhr").join(format!("{language}.txt")), false)
+    };
+    if fetchable || path.is_file() {
+        return Ok(());
+    }
+    bail!(
+        "no held-out text for language '{language}': {} does not exist{} (languages the project has text for: {})",
+        path.display(),
+        if base { " and the project cannot fetch a corpus for it" } else { "" },
+        LANGUAGES.join(", ")
+    )
+}
+
 /// The training corpus of one language, fetched on first use.
 pub fn corpus(data: &Path, language: &str) -> anyhow::Result<Vec<u8>> {
     let path = data.join("corpora").join(format!("{language}.txt"));

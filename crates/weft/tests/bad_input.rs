@@ -145,6 +145,20 @@ fn a_continued_run_with_other_settings_names_each_flag_and_both_values() {
     assert!(!text.contains("initial_base_hash"), "follows from --seed: {text}");
 }
 
+#[test]
+fn init_refuses_a_language_it_has_no_held_out_text_for_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let consortium = tmp.path().join("consortium");
+    let mut args = vec!["consortium", "init", consortium.to_str().unwrap(), "--node", "a:en", "--node", "b:zz"];
+    args.extend_from_slice(TINY);
+    let out = weft(&args);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(text.contains("--node b:zz") && text.contains("no held-out text for language 'zz'"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(!consortium.exists(), "a refused init wrote {}", consortium.display());
+}
+
 /// A provisioned (not started) consortium with `edit` applied to its consortium.toml.
 fn consortium_with(dir: &Path, file: &str, edit: impl Fn(&str) -> String) -> PathBuf {
     let consortium = dir.join("consortium");
