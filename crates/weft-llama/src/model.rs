@@ -27,7 +27,7 @@ pub enum LlamaError {
 
 /// One transformer block. Projection weights are kept as Hugging Face stores them, `[out, in]`:
 /// the forward pass reads them as a transposed right operand (`x·Wᵀ`), the input gradient as
-/// they are (`dy·W`), so no copy of the base is made when it loads.
+/// they are (`dy·W`), so loading transposes nothing.
 pub(crate) struct Block {
     pub attn_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
@@ -145,7 +145,7 @@ pub(crate) struct ForwardCache {
 pub struct Llama {
     config: LlamaConfig,
     /// The token embedding, `[vocab, hidden]`; with tied embeddings also the output head. Read
-    /// transposed by the head, each panel of it is 16 whole rows: memory read in order.
+    /// transposed by the head, each packed panel of it is whole rows: memory read in order.
     embed: Vec<f32>,
     /// `[vocab, hidden]`, only when the head is not tied to the embedding.
     lm_head: Option<Vec<f32>>,
@@ -819,7 +819,7 @@ pub(crate) mod tests {
         let bits = |v: &[(f64, usize)]| v.iter().map(|&(n, c)| (n.to_bits(), c)).collect::<Vec<_>>();
         assert_eq!(bits(&stacked), bits(&alone));
         assert_eq!(stacked[0], (0.0, 0));
-        // The logits of a sequence alone are the same bits as its rows in a stack.
+        // The hidden states of a sequence alone are the same bits as its rows in a stack.
         let hidden = model.forward(&refs[1..3], None, None).unwrap();
         let d = config.hidden_size;
         let second_alone = model.forward(&refs[2..3], None, None).unwrap();
