@@ -77,10 +77,11 @@ pub struct TrainedAdapter {
 pub trait WeightTrainer: Send {
     /// The trained model's configuration, as the node's artifact manifest records it.
     fn configuration(&self) -> serde_json::Value;
-    /// Trains from `base` on the node's `text`, drawing batches from `rng`; `on_step(step, loss)`
-    /// reports progress.
+    /// Trains round `round` from `base` on the node's `text`, drawing batches from `rng`;
+    /// `on_step(step, loss)` reports progress.
     fn train_round(
         &mut self,
+        round: u64,
         base: &ModelState,
         text: CorpusText<'_>,
         rng: &mut SplitMix64,
@@ -139,6 +140,7 @@ impl WeightTrainer for ByteGptTrainer {
 
     fn train_round(
         &mut self,
+        _round: u64,
         base: &ModelState,
         text: CorpusText<'_>,
         rng: &mut SplitMix64,

@@ -9,7 +9,10 @@ use weft_core::Contribution;
 use weft_core::{ContentHash, ModelState};
 use weft_ledger::{ContributionManifest, SigningKey};
 use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig};
-use weft_node::{AdapterNode, LocalCorpus, Node, NodeError, NodeSettings};
+use weft_node::{
+    AdapterNode, ExternalCommand, ExternalSettings, ExternalTrainer, JobTraining, LocalCorpus, Node, NodeError,
+    NodeSettings,
+};
 
 use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
@@ -72,6 +75,9 @@ impl RoundOutcome {
         self.code.parse().ok()
     }
 }
+
+/// [`RoundOutcome::code`] of a round the node's own trainer failed (nothing was sent).
+pub const TRAINER_FAILED: &str = "trainer_failed";
 
 /// How long a node keeps trying to reach its coordinator before giving up.
 pub struct JoinOptions {
@@ -144,6 +150,9 @@ async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<Consortiu
 /// adapters through its family's trainer (which holds the node's text).
 pub enum LocalTrainer {
     ByteGpt(LocalCorpus),
+    /// A full-weight consortium's node whose training runs in another process, under the
+    /// job-file contract (`weft_node::ExternalTrainer`).
+    External(LocalCorpus, ExternalCommand),
     Adapter(Box<dyn AdapterTrainer>),
 }
 
@@ -213,6 +222,21 @@ pub async fn join(
                         }
                         done.rounds.push(outcome);
                     }
+                    Err(NetError::Node(e @ NodeError::Training { .. })) => {
+                        // The node's trainer failed this round (crashed, timed out, wrote
+                        // something the node refused): nothing was sent, and the node stays for
+                        // the next round.
+                        tracing::error!(round = state.round, "{e}; nothing sent this round");
+                        done.rounds.push(RoundOutcome {
+                            round: state.round,
+                            accepted: false,
+                            code: TRAINER_FAILED.into(),
+                            detail: e.to_string(),
+                            quality: 0.0,
+                            wire_bytes: 0,
+                            train_seconds: 0.0,
+                        });
+                    }
                     Err(NetError::Refused(status)) if !definitive(&status) => {
                         // The coordinator went away (a restart, the network): try this round again.
                         tracing::warn!("lost the coordinator mid-round ({status}); reconnecting");
@@ -243,6 +267,11 @@ async fn contribute(
     // Checked before the base is fetched: a kit for the other kind of consortium trains nothing.
     let participant = node.take().ok_or_else(|| NetError::Protocol("the node was lost".into()))?;
     let participant = match (&adapter, participant) {
+        (Some(_), Participant::Ready(LocalTrainer::External(..))) => {
+            return Err(NetError::Protocol(
+                "the coordinator announces adapter rounds on a pretrained base; an external trainer (--trainer) trains full-weight rounds of the byte GPT only".into(),
+            ))
+        }
         (Some(_), Participant::Ready(LocalTrainer::ByteGpt(_)) | Participant::ByteGpt(_)) => {
             return Err(NetError::Protocol(
                 "the coordinator announces adapter rounds on a pretrained base, but this node's kit has no base (node.toml lacks `base`: use the kit the consortium made for this base)".into(),
@@ -271,6 +300,40 @@ async fn contribute(
                 (Participant::Adapter(node), Some(record)) => {
                     adapter_cycle(node, round, &base, base_hash, &record, &training)
                 }
+                (Participant::Ready(LocalTrainer::External(corpus, external)), _) => {
+                    let config = GptConfig {
+                        layers: training.layers as usize,
+                        heads: training.heads as usize,
+                        width: training.width as usize,
+                        context: training.context as usize,
+                    };
+                    let settings = ExternalSettings {
+                        command: external.command,
+                        dir: artifacts.join("jobs"),
+                        family: "byte-gpt".into(),
+                        config: serde_json::to_value(config).unwrap_or_default(),
+                        training: JobTraining {
+                            steps: training.local_steps,
+                            batch_rows: training.batch_rows as usize,
+                            lr: training.lr,
+                            seed: training.seed,
+                        },
+                        deadline: external.deadline,
+                        max_change_norm: external.max_change_norm,
+                    };
+                    let built = ExternalTrainer::new(settings, id.as_str())
+                        .map_err(|e| NetError::Trainer(e.to_string()))
+                        .and_then(|trainer| {
+                            Ok(Node::new(id, language, corpus, Box::new(trainer), training.seed, artifacts)?)
+                        });
+                    match built {
+                        Ok(node) => byte_gpt_cycle(Box::new(node), round, &base, base_hash),
+                        // As below: nothing is left to train with.
+                        Err(e) => {
+                            (Participant::Ready(LocalTrainer::ByteGpt(LocalCorpus::from_bytes(Vec::new()))), Err(e))
+                        }
+                    }
+                }
                 (Participant::Ready(LocalTrainer::ByteGpt(corpus)), _) => {
                     let config = GptConfig {
                         layers: training.layers as usize,
@@ -286,16 +349,15 @@ async fn contribute(
                     };
                     let built = settings
                         .byte_gpt_trainer(config)
-                        .map_err(|e| NodeError::Training { node: id.clone(), detail: e.to_string() })
-                        .and_then(|trainer| Node::new(id, language, corpus, trainer, settings.seed, artifacts));
+                        .map_err(|e| NetError::Trainer(e.to_string()))
+                        .and_then(|trainer| Ok(Node::new(id, language, corpus, trainer, settings.seed, artifacts)?));
                     match built {
                         Ok(node) => byte_gpt_cycle(Box::new(node), round, &base, base_hash),
                         // A node that cannot be built (an empty corpus, a model shape out of
                         // range) ends the join with this error: nothing is left to train with.
-                        Err(e) => (
-                            Participant::Ready(LocalTrainer::ByteGpt(LocalCorpus::from_bytes(Vec::new()))),
-                            Err(e.into()),
-                        ),
+                        Err(e) => {
+                            (Participant::Ready(LocalTrainer::ByteGpt(LocalCorpus::from_bytes(Vec::new()))), Err(e))
+                        }
                     }
                 }
                 (Participant::ByteGpt(node), _) => byte_gpt_cycle(node, round, &base, base_hash),

@@ -54,6 +54,8 @@ pub enum NetError {
     Encoding(#[from] encoding::EncodingError),
     #[error(transparent)]
     Node(#[from] weft_node::NodeError),
+    #[error("the node's trainer cannot be set up: {0}")]
+    Trainer(String),
     #[error(transparent)]
     Coordinator(#[from] weft_coordinator::CoordinatorError),
 }

@@ -6,9 +6,14 @@
 mod adapter;
 mod artifact;
 mod corpus;
+mod external;
 mod node;
 
 pub use adapter::{private_adapter, private_stream, AdapterManifest, AdapterNode, PrivateAdapterManifest};
 pub use artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 pub use corpus::LocalCorpus;
+pub use external::{
+    ExternalCommand, ExternalSettings, ExternalTrainer, Job, JobBase, JobCorpus, JobMetrics, JobOutput, JobTraining,
+    JOB_VERSION,
+};
 pub use node::{Cycle, Node, NodeError, NodeSettings};

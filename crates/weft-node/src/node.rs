@@ -136,7 +136,8 @@ impl Node {
         }
         let training = |e: FamilyError| NodeError::Training { node: self.id.clone(), detail: e.to_string() };
         let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
-        let trained = self.trainer.train_round(base, self.corpus.text(), &mut rng, &mut on_step).map_err(training)?;
+        let trained =
+            self.trainer.train_round(round, base, self.corpus.text(), &mut rng, &mut on_step).map_err(training)?;
         let moments = self.trainer.optimizer_state().map_err(training)?;
         let report = &trained.report;
         let metrics = LocalMetrics {

@@ -9,7 +9,7 @@ use weft_core::NodeId;
 use weft_ledger::{ContributionProof, Event};
 use weft_net::client::LocalTrainer;
 use weft_net::config::KitFiles;
-use weft_node::{LocalCorpus, SovereignArtifact};
+use weft_node::{ExternalCommand, LocalCorpus, SovereignArtifact};
 
 use crate::ledger::checked_entries;
 use crate::{data, say};
@@ -50,6 +50,18 @@ pub struct JoinArgs {
     /// Write what happened to each contribution here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Train each round with this command instead of the built-in trainer (run with `sh -c` and
+    /// `WEFT_JOB` set to the round's job.json; README: "Bring your own trainer"). Full-weight
+    /// (byte GPT) consortia.
+    #[arg(long)]
+    pub trainer: Option<String>,
+    /// Seconds the external trainer has per round before it is stopped.
+    #[arg(long, default_value_t = 600, requires = "trainer")]
+    pub trainer_deadline_secs: u64,
+    /// The largest L2 norm of the weight change accepted from the external trainer (the
+    /// built-in trainer's rounds change the demo model by 7–12).
+    #[arg(long, default_value_t = 100.0, requires = "trainer")]
+    pub trainer_max_change: f64,
 }
 
 fn join(args: JoinArgs) -> anyhow::Result<()> {
@@ -61,9 +73,26 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     if corpus.is_empty() {
         bail!("the corpus is empty");
     }
-    let trainer = match &kit.config.base {
-        None => LocalTrainer::ByteGpt(LocalCorpus::from_bytes(corpus)),
-        Some(base) => {
+    let trainer = match (&kit.config.base, &args.trainer) {
+        (None, None) => LocalTrainer::ByteGpt(LocalCorpus::from_bytes(corpus)),
+        (None, Some(command)) => {
+            if args.trainer_deadline_secs == 0 {
+                bail!("--trainer-deadline-secs must be at least 1");
+            }
+            if !(args.trainer_max_change > 0.0 && args.trainer_max_change.is_finite()) {
+                bail!("--trainer-max-change must be a positive number, got {}", args.trainer_max_change);
+            }
+            let external = ExternalCommand {
+                command: command.clone(),
+                deadline: Duration::from_secs(args.trainer_deadline_secs),
+                max_change_norm: args.trainer_max_change,
+            };
+            LocalTrainer::External(LocalCorpus::from_bytes(corpus), external)
+        }
+        (Some(_), Some(_)) => {
+            bail!("--trainer: an external trainer trains full-weight rounds of the byte GPT; this kit is for a pretrained base")
+        }
+        (Some(base), None) => {
             // The data directory's corpus is also where the coordinator's held-out text comes
             // from (its tail): the node trains on the head only. A --corpus is the node's own.
             let text = match &args.corpus {
@@ -83,6 +112,8 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     for r in &done.rounds {
         let outcome = if r.accepted {
             format!("measured, quality {:+.2}%", 100.0 * r.quality)
+        } else if r.code == weft_net::client::TRAINER_FAILED {
+            format!("nothing sent: {}", r.detail)
         } else {
             format!("refused: {} ({})", r.code, r.detail)
         };

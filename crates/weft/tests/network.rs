@@ -534,3 +534,54 @@ fn governance_over_the_network_matches_the_in_process_demo() {
     assert_eq!(local, networked);
     assert_eq!(local["policy"]["cap"], 0.45);
 }
+
+/// A node whose external trainer crashes in round 1 loses that round only: nothing is sent, its
+/// outcome says why, and in round 2 its trainer's weights are measured like everyone's.
+#[test]
+fn a_node_with_an_external_trainer_survives_its_crash_and_contributes_the_next_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init(&dir, free_port(), &["node-de:de", "node-fr:fr"], 2, 20);
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../weft-node/tests/fixtures/contract_trainer.py");
+    let mut coordinator = serve(&dir, "serve");
+    let mut de = join(&dir, "node-de");
+    let mut fr = Running(
+        weft()
+            .args(["node", "join"])
+            .arg(dir.join("nodes/node-fr"))
+            .args(["--give-up-after", "60", "--trainer", &format!("python3 {fixture} crash-first"), "--json"])
+            .arg(dir.join("node-fr.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(fr.wait(Duration::from_secs(180)), "the node with the failing trainer did not finish cleanly");
+    assert!(de.wait(Duration::from_secs(180)));
+    assert!(coordinator.wait(Duration::from_secs(180)));
+
+    let outcome: Value = serde_json::from_slice(&std::fs::read(dir.join("node-fr.json")).unwrap()).unwrap();
+    let rounds = outcome["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert_eq!(rounds[0]["code"], weft_net::client::TRAINER_FAILED);
+    assert!(rounds[0]["detail"].as_str().unwrap().contains("exit status: 3"), "{}", rounds[0]["detail"]);
+    assert_eq!(rounds[0]["wire_bytes"], 0);
+    assert_eq!(rounds[1]["accepted"], true, "{}", rounds[1]);
+    // The coordinator measured node-fr in round 2 only, and its ledger replays.
+    let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    let nodes_in = |round: usize| -> Vec<String> {
+        report["rounds"][round]["contributions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["node"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(nodes_in(0), vec!["node-de"]);
+    assert_eq!(nodes_in(1), vec!["node-de", "node-fr"]);
+    // The job's copies of the base and of the node's text are gone; its log stays.
+    let job = dir.join("nodes/node-fr/artifacts/jobs/round-0001");
+    assert!(job.join("trainer.log").is_file() && !job.join("corpus").exists() && !job.join("base").exists());
+    let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}

@@ -1,0 +1,493 @@
+//! A trainer in another process — PyTorch, numpy, any script — behind one file contract.
+//!
+//! Each round the node writes a job directory and runs the trainer's command with `WEFT_JOB`
+//! set to its `job.json` ([`Job`]): the base's weights and configuration, the node's text, the
+//! round's settings, a deadline, and where to write. The trainer writes the trained weights
+//! (`update.safetensors`, f32, the base's names and shapes) and `metrics.json` ([`JobMetrics`])
+//! and exits 0. The node then checks everything itself — that the process finished in time and
+//! succeeded, that both files parse, the names, shapes, dtype and finite values, the size of the
+//! change against a bound, and that the trainer names the base it was given — before anything
+//! is kept or sent. A failed job leaves nothing but its log; the node stays in the consortium.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use weft_core::{ContentHash, Delta, ModelState};
+use weft_model::{CorpusText, FamilyError, SplitMix64, TrainReport, TrainedWeights, WeightTrainer};
+
+/// The contract's version, `weft_job` in every `job.json`.
+pub const JOB_VERSION: u32 = 1;
+
+/// `job.json`: everything a trainer needs, and nothing of any other node's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub weft_job: u32,
+    /// What to train: `full_weights` (write every tensor of the base, trained).
+    pub kind: String,
+    pub round: u64,
+    pub node: String,
+    pub base: JobBase,
+    /// The node's own text: a training part and a validation tail never trained on.
+    pub corpus: JobCorpus,
+    pub training: JobTraining,
+    /// Seconds the trainer has; past them it is killed and the round is lost for this node.
+    pub deadline_secs: u64,
+    pub output: JobOutput,
+    /// A directory that persists across rounds for the trainer's own state (its optimizer's).
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobBase {
+    /// weft's canonical content hash of the base; `metrics.json` names it back.
+    pub hash: ContentHash,
+    /// f32 safetensors with the base's tensors.
+    pub weights: PathBuf,
+    /// The model's family (`byte-gpt`) and configuration.
+    pub family: String,
+    pub config: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCorpus {
+    pub train: PathBuf,
+    pub validation: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTraining {
+    pub steps: u64,
+    pub batch_rows: usize,
+    pub lr: f32,
+    /// This node's and round's seed.
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobOutput {
+    pub weights: PathBuf,
+    pub metrics: PathBuf,
+}
+
+/// `metrics.json`, written by the trainer. Declared figures: recorded, never used for weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMetrics {
+    /// The hash of the base it trained from, as `job.json` gave it.
+    pub base_hash: ContentHash,
+    pub steps: u64,
+    pub tokens: u64,
+    /// Mean training loss over the round.
+    pub train_loss: f64,
+    /// Mean training loss over the round's last quarter (default: `train_loss`).
+    #[serde(default)]
+    pub final_train_loss: Option<f64>,
+    /// Loss on the validation tail before and after (0 when not reported).
+    #[serde(default)]
+    pub validation_loss_before: Option<f64>,
+    #[serde(default)]
+    pub validation_loss_after: Option<f64>,
+}
+
+/// What a node operator chooses about its external trainer; the round's settings come from the
+/// consortium.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExternalCommand {
+    /// Run with `sh -c`, in the job directory.
+    pub command: String,
+    pub deadline: Duration,
+    /// The largest L2 norm of the weight change the node accepts from its trainer.
+    pub max_change_norm: f64,
+}
+
+/// How the node runs an external trainer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExternalSettings {
+    /// Run with `sh -c`, in the job directory.
+    pub command: String,
+    /// Where the node keeps its jobs (`round-NNNN/`) and the trainer's state (`state/`).
+    pub dir: PathBuf,
+    pub family: String,
+    pub config: serde_json::Value,
+    pub training: JobTraining,
+    pub deadline: Duration,
+    /// The largest L2 norm of the weight change the node accepts from its trainer.
+    pub max_change_norm: f64,
+}
+
+/// A [`WeightTrainer`] that runs a command per round under the file contract above.
+pub struct ExternalTrainer {
+    settings: ExternalSettings,
+    node: String,
+    steps: u64,
+}
+
+impl ExternalTrainer {
+    /// `node` names the node in its jobs.
+    pub fn new(settings: ExternalSettings, node: impl Into<String>) -> Result<Self, FamilyError> {
+        if settings.command.trim().is_empty() {
+            return Err("the trainer command is empty".into());
+        }
+        if !(settings.max_change_norm > 0.0 && settings.max_change_norm.is_finite()) {
+            return Err(
+                format!("the bound on the weight change must be positive, got {}", settings.max_change_norm).into()
+            );
+        }
+        if settings.deadline.is_zero() {
+            return Err("the trainer's deadline must be at least 1 s".into());
+        }
+        Ok(ExternalTrainer { settings, node: node.into(), steps: 0 })
+    }
+
+    /// Writes round `round`'s job directory and returns it with the job.
+    fn write_job(
+        &self,
+        round: u64,
+        base: &ModelState,
+        text: CorpusText<'_>,
+        seed: u64,
+    ) -> Result<(PathBuf, Job), FamilyError> {
+        let dir = self.settings.dir.join(format!("round-{round:04}"));
+        if dir.exists() {
+            // A job left by a crash or an earlier failure: start it over.
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+        }
+        let io = |what: &Path, e: std::io::Error| format!("writing {}: {e}", what.display());
+        for sub in ["base", "corpus", "out"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| io(&dir.join(sub), e))?;
+        }
+        let state_dir = self.settings.dir.join("state");
+        std::fs::create_dir_all(&state_dir).map_err(|e| io(&state_dir, e))?;
+        let weights = dir.join("base/model.safetensors");
+        std::fs::write(&weights, base.to_safetensors(None)?).map_err(|e| io(&weights, e))?;
+        let (train, validation) = (dir.join("corpus/train.txt"), dir.join("corpus/validation.txt"));
+        std::fs::write(&train, text.train).map_err(|e| io(&train, e))?;
+        std::fs::write(&validation, text.validation).map_err(|e| io(&validation, e))?;
+        let job = Job {
+            weft_job: JOB_VERSION,
+            kind: "full_weights".into(),
+            round,
+            node: self.node.clone(),
+            base: JobBase {
+                hash: base.content_hash(),
+                weights,
+                family: self.settings.family.clone(),
+                config: self.settings.config.clone(),
+            },
+            corpus: JobCorpus { train, validation },
+            training: JobTraining { seed, ..self.settings.training },
+            deadline_secs: self.settings.deadline.as_secs().max(1),
+            output: JobOutput { weights: dir.join("out/update.safetensors"), metrics: dir.join("out/metrics.json") },
+            state_dir,
+        };
+        let path = dir.join("job.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&job)?).map_err(|e| io(&path, e))?;
+        Ok((dir, job))
+    }
+
+    /// Runs the command; its output goes to `trainer.log` in the job directory.
+    fn run(&self, dir: &Path) -> Result<(), FamilyError> {
+        let log_path = dir.join("trainer.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(&self.settings.command)
+            .current_dir(dir)
+            .env("WEFT_JOB", dir.join("job.json"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?)
+            .stderr(log);
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child =
+            command.spawn().map_err(|e| format!("cannot start the trainer `{}`: {e}", self.settings.command))?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| format!("waiting for the trainer: {e}"))? {
+                if status.success() {
+                    return Ok(());
+                }
+                return Err(format!("the trainer failed ({status}); its output is in {}", log_path.display()).into());
+            }
+            if started.elapsed() > self.settings.deadline {
+                kill_group(&mut child);
+                return Err(format!(
+                    "the trainer did not finish within its deadline of {} s and was stopped; its output is in {}",
+                    self.settings.deadline.as_secs(),
+                    log_path.display()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads and checks what the trainer wrote.
+    fn collect(&self, job: &Job, base: &ModelState) -> Result<(ModelState, JobMetrics), FamilyError> {
+        let out = &job.output;
+        let named = |path: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let bytes = std::fs::read(&out.weights).map_err(|e| named(&out.weights, &e))?;
+        let weights = ModelState::from_safetensors(&bytes).map_err(|e| named(&out.weights, &e))?;
+        weights.check_finite().map_err(|e| named(&out.weights, &e))?;
+        let change = Delta::between(base, &weights).map_err(|e| named(&out.weights, &e))?;
+        let norm = change.norm();
+        if norm > self.settings.max_change_norm {
+            return Err(named(
+                &out.weights,
+                &format_args!(
+                    "the weights changed by {norm:.4} (L2), more than the bound {}",
+                    self.settings.max_change_norm
+                ),
+            )
+            .into());
+        }
+        let text = std::fs::read(&out.metrics).map_err(|e| named(&out.metrics, &e))?;
+        let metrics: JobMetrics = serde_json::from_slice(&text).map_err(|e| named(&out.metrics, &e))?;
+        if metrics.base_hash != job.base.hash {
+            return Err(named(
+                &out.metrics,
+                &format_args!("the trainer names base {}, the job gave {}", metrics.base_hash, job.base.hash),
+            )
+            .into());
+        }
+        let losses = [metrics.train_loss, metrics.final_train_loss.unwrap_or(0.0)];
+        let validation = [metrics.validation_loss_before.unwrap_or(0.0), metrics.validation_loss_after.unwrap_or(0.0)];
+        if losses.iter().chain(&validation).any(|v| !v.is_finite()) {
+            return Err(named(&out.metrics, &"a loss is not a finite number").into());
+        }
+        Ok((weights, metrics))
+    }
+}
+
+/// Stops the trainer and everything it started (its process group).
+fn kill_group(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        let group = format!("-{}", child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl WeightTrainer for ExternalTrainer {
+    fn configuration(&self) -> serde_json::Value {
+        serde_json::json!({
+            "family": self.settings.family,
+            "config": self.settings.config,
+            "trainer": self.settings.command,
+        })
+    }
+
+    fn train_round(
+        &mut self,
+        round: u64,
+        base: &ModelState,
+        text: CorpusText<'_>,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedWeights, FamilyError> {
+        // The trainer's seed comes from the node's stream for this round, as the built-in's does.
+        let seed = rng.next_u64();
+        let (dir, job) = self.write_job(round, base, text, seed)?;
+        let result = self.run(&dir).and_then(|()| self.collect(&job, base));
+        // The job's copies of the base and of the node's text are not kept, whatever happened.
+        let _ = std::fs::remove_dir_all(dir.join("base"));
+        let _ = std::fs::remove_dir_all(dir.join("corpus"));
+        let (weights, metrics) = result?;
+        on_step(metrics.steps, metrics.train_loss);
+        self.steps += metrics.steps;
+        Ok(TrainedWeights {
+            weights,
+            report: TrainReport {
+                steps: metrics.steps,
+                tokens: metrics.tokens,
+                mean_loss: metrics.train_loss,
+                final_loss: metrics.final_train_loss.unwrap_or(metrics.train_loss),
+                last_grad_norm: 0.0,
+            },
+            validation_loss_before: metrics.validation_loss_before.unwrap_or(0.0),
+            validation_loss_after: metrics.validation_loss_after.unwrap_or(0.0),
+        })
+    }
+
+    fn has_optimizer(&self) -> bool {
+        // The trainer keeps its own optimizer state in `state_dir`; the node has none to restore.
+        true
+    }
+
+    fn optimizer_steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn optimizer_state(&self) -> Result<ModelState, FamilyError> {
+        Ok(ModelState::new())
+    }
+
+    fn restore_optimizer(&mut self, _layout: &ModelState, _state: &ModelState, steps: u64) -> Result<(), FamilyError> {
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::Tensor;
+
+    /// A stand-in trainer for the contract's plumbing (the stdlib only): it reads the job and
+    /// the base, and writes what its mode says — a well-formed small step, or one kind of garbage.
+    const FIXTURE: &str = include_str!("../tests/fixtures/contract_trainer.py");
+
+    fn base() -> ModelState {
+        let mut state = ModelState::new();
+        state.insert("a", Tensor::new(vec![2, 3], vec![0.5, -1.0, 2.0, 0.0, 1.5, -0.25]).unwrap());
+        state.insert("b", Tensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]).unwrap());
+        state
+    }
+
+    fn trainer(dir: &Path, mode: &str, deadline: Duration) -> ExternalTrainer {
+        std::fs::write(dir.join("fixture.py"), FIXTURE).unwrap();
+        let settings = ExternalSettings {
+            command: format!("python3 {} {mode}", dir.join("fixture.py").display()),
+            dir: dir.join("jobs"),
+            family: "byte-gpt".into(),
+            config: serde_json::json!({"layers": 1}),
+            training: JobTraining { steps: 7, batch_rows: 2, lr: 1e-3, seed: 0 },
+            deadline,
+            max_change_norm: 10.0,
+        };
+        ExternalTrainer::new(settings, "node-de").unwrap()
+    }
+
+    fn run(mode: &str, deadline: Duration) -> (tempfile::TempDir, Result<TrainedWeights, FamilyError>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut trainer = trainer(tmp.path(), mode, deadline);
+        let text = CorpusText { train: b"this node's own text", validation: b"its tail" };
+        let result = trainer.train_round(3, &base(), text, &mut SplitMix64::new(1), &mut |_, _| {});
+        (tmp, result)
+    }
+
+    #[test]
+    fn a_well_formed_job_comes_back_checked() {
+        let (tmp, result) = run("ok", Duration::from_secs(60));
+        let trained = result.unwrap();
+        let expected: Vec<f32> = base().get("a").unwrap().data().iter().map(|v| v + 0.001).collect();
+        assert_eq!(trained.weights.get("a").unwrap().data(), expected.as_slice());
+        assert_eq!((trained.report.steps, trained.report.tokens), (7, 20));
+        assert_eq!(trained.report.mean_loss, 2.5);
+        let job_dir = tmp.path().join("jobs/round-0003");
+        let job: Job = serde_json::from_slice(&std::fs::read(job_dir.join("job.json")).unwrap()).unwrap();
+        assert_eq!((job.round, job.node.as_str(), job.base.hash), (3, "node-de", base().content_hash()));
+        // The job's copies of the base and of the node's text are gone; the log stays.
+        assert!(!job_dir.join("base").exists() && !job_dir.join("corpus").exists());
+        assert!(job_dir.join("trainer.log").is_file());
+    }
+
+    /// Each way a trainer can fail is named, and nothing comes back.
+    #[test]
+    fn every_bad_trainer_is_refused_by_name() {
+        for (mode, needle) in [
+            ("crash", "the trainer failed (exit status: 3)"),
+            ("garbage", "update.safetensors: not a readable safetensors file"),
+            ("shape", "has shape"),
+            ("nan", "non-finite value"),
+            ("big", "more than the bound 10"),
+            ("other-base", "the trainer names base 0000"),
+            ("no-metrics", "metrics.json"),
+        ] {
+            let (_tmp, result) = run(mode, Duration::from_secs(60));
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(needle), "{mode}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_trainer_past_its_deadline_is_stopped() {
+        let started = Instant::now();
+        let (tmp, result) = run("hang", Duration::from_secs(1));
+        let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("did not finish within its deadline of 1 s"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(20), "waited {:?}", started.elapsed());
+        // The process it started is gone too, or a zombie waiting for whoever inherited it.
+        let pid = std::fs::read_to_string(tmp.path().join("jobs/round-0003/pid")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).unwrap_or("gone");
+        assert!(state == "gone" || state == "Z", "the trainer's helper {pid} is still in state {state}");
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = trainer(tmp.path(), "ok", Duration::from_secs(5)).settings;
+        for (settings, needle) in [
+            (ExternalSettings { command: " ".into(), ..good.clone() }, "command is empty"),
+            (ExternalSettings { max_change_norm: 0.0, ..good.clone() }, "must be positive"),
+            (ExternalSettings { deadline: Duration::ZERO, ..good.clone() }, "at least 1 s"),
+        ] {
+            let message = ExternalTrainer::new(settings, "n").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+
+    /// Every object of `value` has exactly the properties `schema` declares, with the required
+    /// ones present, down the tree: the committed JSON Schemas describe what the node writes and
+    /// reads.
+    fn same_shape(schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+        let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) else { return };
+        let object = value.as_object().unwrap_or_else(|| panic!("{at}: not an object"));
+        let declared: Vec<&String> = properties.keys().collect();
+        let written: Vec<&String> = object.keys().collect();
+        assert_eq!(declared, written, "{at}: the schema's properties and the node's fields differ");
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let name = required.as_str().unwrap_or_default();
+            assert!(object.contains_key(name), "{at}: required '{name}' is not a field");
+        }
+        for (name, sub) in properties {
+            same_shape(sub, &object[name], &format!("{at}.{name}"));
+        }
+    }
+
+    #[test]
+    fn the_committed_schemas_describe_the_contract() {
+        let (tmp, result) = run("ok", Duration::from_secs(60));
+        result.unwrap();
+        let job: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("jobs/round-0003/job.json")).unwrap()).unwrap();
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/trainer/job.schema.json")).unwrap();
+        same_shape(&schema, &job, "job.json");
+        assert_eq!(schema["properties"]["weft_job"]["const"], JOB_VERSION);
+
+        let metrics = JobMetrics {
+            base_hash: base().content_hash(),
+            steps: 1,
+            tokens: 2,
+            train_loss: 3.0,
+            final_train_loss: Some(3.0),
+            validation_loss_before: Some(4.0),
+            validation_loss_after: Some(3.5),
+        };
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/trainer/metrics.schema.json")).unwrap();
+        same_shape(&schema, &serde_json::to_value(&metrics).unwrap(), "metrics.json");
+        // What the schema requires is exactly what the node cannot do without.
+        let minimal =
+            serde_json::json!({"base_hash": base().content_hash(), "steps": 1, "tokens": 2, "train_loss": 3.0});
+        assert!(serde_json::from_value::<JobMetrics>(minimal.clone()).is_ok());
+        for required in schema["required"].as_array().unwrap() {
+            let mut without = minimal.clone();
+            without.as_object_mut().unwrap().remove(required.as_str().unwrap());
+            assert!(serde_json::from_value::<JobMetrics>(without).is_err(), "{required} is not required by the node");
+        }
+    }
+}
