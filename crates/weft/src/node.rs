@@ -76,6 +76,9 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     let trainer = match (&kit.config.base, &args.trainer) {
         (None, None) => LocalTrainer::ByteGpt(LocalCorpus::from_bytes(corpus)),
         (None, Some(command)) => {
+            if command.trim().is_empty() {
+                bail!("--trainer: the command is empty");
+            }
             if args.trainer_deadline_secs == 0 {
                 bail!("--trainer-deadline-secs must be at least 1");
             }
