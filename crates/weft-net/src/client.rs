@@ -301,12 +301,7 @@ async fn contribute(
                     adapter_cycle(node, round, &base, base_hash, &record, &training)
                 }
                 (Participant::Ready(LocalTrainer::External(corpus, external)), _) => {
-                    let config = GptConfig {
-                        layers: training.layers as usize,
-                        heads: training.heads as usize,
-                        width: training.width as usize,
-                        context: training.context as usize,
-                    };
+                    let config = byte_gpt_config(&training);
                     let settings = ExternalSettings {
                         command: external.command,
                         dir: artifacts.join("jobs"),
@@ -335,12 +330,7 @@ async fn contribute(
                     }
                 }
                 (Participant::Ready(LocalTrainer::ByteGpt(corpus)), _) => {
-                    let config = GptConfig {
-                        layers: training.layers as usize,
-                        heads: training.heads as usize,
-                        width: training.width as usize,
-                        context: training.context as usize,
-                    };
+                    let config = byte_gpt_config(&training);
                     let settings = NodeSettings {
                         steps: training.local_steps,
                         batch_rows: training.batch_rows as usize,
@@ -445,6 +435,16 @@ fn adapter_cycle(
     let settings = adapter_training(training);
     let contribution = node.run_cycle(round, base, base_hash, record, &settings, |_, _| {}).map_err(NetError::from);
     (Participant::Adapter(node), contribution)
+}
+
+/// The byte GPT's shape as the round's training settings announce it.
+fn byte_gpt_config(training: &proto::TrainingSettings) -> GptConfig {
+    GptConfig {
+        layers: training.layers as usize,
+        heads: training.heads as usize,
+        width: training.width as usize,
+        context: training.context as usize,
+    }
 }
 
 fn byte_gpt_cycle(
