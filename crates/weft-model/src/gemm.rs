@@ -26,7 +26,7 @@ pub struct Lhs<'a> {
 
 /// The right operand: element `(k, j)` is `data[k * k_stride + j * j_stride]`. Either its rows
 /// are contiguous (`j_stride == 1`, the usual `B`) or its columns are (`k_stride == 1`, a
-/// transposed view such as a stored `Wᵀ` read as `W`).
+/// transposed view such as a weight stored `[out, in]` read as `Wᵀ`).
 #[derive(Clone, Copy)]
 struct Rhs<'a> {
     data: &'a [f32],
@@ -64,8 +64,8 @@ pub fn gemm(c: &mut [f32], cols: usize, a: Lhs, b: &[f32], ldb: usize, depth: us
 }
 
 /// [`gemm`] with the right operand given transposed: `c[m, j] = start + Σ_k a[m, k] ·
-/// bt[j·ldbt + k]`. The input gradient `dy·W` of a layer that stores `Wᵀ` for its forward pass
-/// reads it in place, with the same summation order as `gemm` on `W` itself.
+/// bt[j·ldbt + k]`. A layer's forward product `x·Wᵀ` reads its weight, stored `[out, in]`, in
+/// place, with the same summation order as `gemm` on a copy of `Wᵀ`.
 pub fn gemm_transposed_rhs(c: &mut [f32], cols: usize, a: Lhs, bt: &[f32], ldbt: usize, depth: usize, start: Start) {
     parallel(c, cols, a, Rhs { data: bt, k_stride: 1, j_stride: ldbt }, depth, start);
 }
@@ -139,7 +139,7 @@ pub fn gemm_serial(
     portable_block(c, ldc, rows, cols, a, b, depth, start);
 }
 
-/// The bounds the AVX2 block relies on, for `rows ≥ 1` rows and `cols ≥ 1` columns.
+/// The bounds the wide blocks rely on, for `rows ≥ 1` rows and `cols ≥ 1` columns.
 fn check_operands(rows: usize, cols: usize, a: Lhs, b: Rhs, depth: usize, start: Start) {
     if depth > 0 {
         assert!(a.data.len() > (rows - 1) * a.row_stride + (depth - 1) * a.k_stride, "left operand too short");

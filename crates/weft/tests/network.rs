@@ -569,13 +569,16 @@ fn a_node_with_an_external_trainer_survives_its_crash_and_contributes_the_next_r
     assert_eq!(rounds[1]["accepted"], true, "{}", rounds[1]);
     // The coordinator measured node-fr in round 2 only, and its ledger replays.
     let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    // In the order they arrived: sorted to compare.
     let nodes_in = |round: usize| -> Vec<String> {
-        report["rounds"][round]["contributions"]
+        let mut nodes: Vec<String> = report["rounds"][round]["contributions"]
             .as_array()
             .unwrap()
             .iter()
             .map(|c| c["node"].as_str().unwrap().to_owned())
-            .collect()
+            .collect();
+        nodes.sort();
+        nodes
     };
     assert_eq!(nodes_in(0), vec!["node-de"]);
     assert_eq!(nodes_in(1), vec!["node-de", "node-fr"]);
