@@ -303,7 +303,7 @@ async fn contribute(
                 (Participant::Ready(LocalTrainer::External(corpus, external)), _) => {
                     let config = byte_gpt_config(&training);
                     let settings = ExternalSettings {
-                        command: external.command,
+                        external,
                         dir: artifacts.join("jobs"),
                         family: "byte-gpt".into(),
                         config: serde_json::to_value(config).unwrap_or_default(),
@@ -313,8 +313,6 @@ async fn contribute(
                             lr: training.lr,
                             seed: training.seed,
                         },
-                        deadline: external.deadline,
-                        max_change_norm: external.max_change_norm,
                     };
                     let built = ExternalTrainer::new(settings, id.as_str())
                         .map_err(|e| NetError::Trainer(e.to_string()))

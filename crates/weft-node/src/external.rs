@@ -110,16 +110,12 @@ pub struct ExternalCommand {
 /// How the node runs an external trainer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExternalSettings {
-    /// Run with `sh -c`, in the job directory.
-    pub command: String,
+    pub external: ExternalCommand,
     /// Where the node keeps its jobs (`round-NNNN/`) and the trainer's state (`state/`).
     pub dir: PathBuf,
     pub family: String,
     pub config: serde_json::Value,
     pub training: JobTraining,
-    pub deadline: Duration,
-    /// The largest L2 norm of the weight change the node accepts from its trainer.
-    pub max_change_norm: f64,
 }
 
 /// A [`WeightTrainer`] that runs a command per round under the file contract above.
@@ -131,18 +127,22 @@ pub struct ExternalTrainer {
 
 impl ExternalTrainer {
     /// `node` names the node in its jobs.
-    pub fn new(settings: ExternalSettings, node: impl Into<String>) -> Result<Self, FamilyError> {
-        if settings.command.trim().is_empty() {
+    pub fn new(mut settings: ExternalSettings, node: impl Into<String>) -> Result<Self, FamilyError> {
+        let external = &settings.external;
+        if external.command.trim().is_empty() {
             return Err("the trainer command is empty".into());
         }
-        if !(settings.max_change_norm > 0.0 && settings.max_change_norm.is_finite()) {
+        if !(external.max_change_norm > 0.0 && external.max_change_norm.is_finite()) {
             return Err(
-                format!("the bound on the weight change must be positive, got {}", settings.max_change_norm).into()
+                format!("the bound on the weight change must be positive, got {}", external.max_change_norm).into()
             );
         }
-        if settings.deadline.is_zero() {
+        if external.deadline.is_zero() {
             return Err("the trainer's deadline must be at least 1 s".into());
         }
+        // The trainer runs in its job directory: every path it is given is absolute.
+        settings.dir = std::path::absolute(&settings.dir)
+            .map_err(|e| format!("the job directory {}: {e}", settings.dir.display()))?;
         Ok(ExternalTrainer { settings, node: node.into(), steps: 0 })
     }
 
@@ -183,7 +183,7 @@ impl ExternalTrainer {
             },
             corpus: JobCorpus { train, validation },
             training: JobTraining { seed, ..self.settings.training },
-            deadline_secs: self.settings.deadline.as_secs().max(1),
+            deadline_secs: self.settings.external.deadline.as_secs().max(1),
             output: JobOutput { weights: dir.join("out/update.safetensors"), metrics: dir.join("out/metrics.json") },
             state_dir,
         };
@@ -199,7 +199,7 @@ impl ExternalTrainer {
         let mut command = Command::new("sh");
         command
             .arg("-c")
-            .arg(&self.settings.command)
+            .arg(&self.settings.external.command)
             .current_dir(dir)
             .env("WEFT_JOB", dir.join("job.json"))
             .stdin(Stdio::null())
@@ -207,8 +207,9 @@ impl ExternalTrainer {
             .stderr(log);
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child =
-            command.spawn().map_err(|e| format!("cannot start the trainer `{}`: {e}", self.settings.command))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start the trainer `{}`: {e}", self.settings.external.command))?;
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().map_err(|e| format!("waiting for the trainer: {e}"))? {
@@ -217,11 +218,11 @@ impl ExternalTrainer {
                 }
                 return Err(format!("the trainer failed ({status}); its output is in {}", log_path.display()).into());
             }
-            if started.elapsed() > self.settings.deadline {
+            if started.elapsed() > self.settings.external.deadline {
                 kill_group(&mut child);
                 return Err(format!(
                     "the trainer did not finish within its deadline of {} s and was stopped; its output is in {}",
-                    self.settings.deadline.as_secs(),
+                    self.settings.external.deadline.as_secs(),
                     log_path.display()
                 )
                 .into());
@@ -239,12 +240,12 @@ impl ExternalTrainer {
         weights.check_finite().map_err(|e| named(&out.weights, &e))?;
         let change = Delta::between(base, &weights).map_err(|e| named(&out.weights, &e))?;
         let norm = change.norm();
-        if norm > self.settings.max_change_norm {
+        if norm > self.settings.external.max_change_norm {
             return Err(named(
                 &out.weights,
                 &format_args!(
                     "the weights changed by {norm:.4} (L2), more than the bound {}",
-                    self.settings.max_change_norm
+                    self.settings.external.max_change_norm
                 ),
             )
             .into());
@@ -283,7 +284,7 @@ impl WeightTrainer for ExternalTrainer {
         serde_json::json!({
             "family": self.settings.family,
             "config": self.settings.config,
-            "trainer": self.settings.command,
+            "trainer": self.settings.external.command,
         })
     }
 
@@ -357,13 +358,15 @@ mod tests {
     fn trainer(dir: &Path, mode: &str, deadline: Duration) -> ExternalTrainer {
         std::fs::write(dir.join("fixture.py"), FIXTURE).unwrap();
         let settings = ExternalSettings {
-            command: format!("python3 {} {mode}", dir.join("fixture.py").display()),
+            external: ExternalCommand {
+                command: format!("python3 {} {mode}", dir.join("fixture.py").display()),
+                deadline,
+                max_change_norm: 10.0,
+            },
             dir: dir.join("jobs"),
             family: "byte-gpt".into(),
             config: serde_json::json!({"layers": 1}),
             training: JobTraining { steps: 7, batch_rows: 2, lr: 1e-3, seed: 0 },
-            deadline,
-            max_change_norm: 10.0,
         };
         ExternalTrainer::new(settings, "node-de").unwrap()
     }
@@ -429,14 +432,21 @@ mod tests {
     fn settings_out_of_range_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let good = trainer(tmp.path(), "ok", Duration::from_secs(5)).settings;
-        for (settings, needle) in [
-            (ExternalSettings { command: " ".into(), ..good.clone() }, "command is empty"),
-            (ExternalSettings { max_change_norm: 0.0, ..good.clone() }, "must be positive"),
-            (ExternalSettings { deadline: Duration::ZERO, ..good.clone() }, "at least 1 s"),
+        for (external, needle) in [
+            (ExternalCommand { command: " ".into(), ..good.external.clone() }, "command is empty"),
+            (ExternalCommand { max_change_norm: 0.0, ..good.external.clone() }, "must be positive"),
+            (ExternalCommand { max_change_norm: f64::NAN, ..good.external.clone() }, "must be positive"),
+            (ExternalCommand { deadline: Duration::ZERO, ..good.external.clone() }, "at least 1 s"),
         ] {
+            let settings = ExternalSettings { external, ..good.clone() };
             let message = ExternalTrainer::new(settings, "n").err().map(|e| e.to_string()).unwrap_or_default();
             assert!(message.contains(needle), "{message}");
         }
+        // A job directory given relative (a kit path as typed) becomes absolute: the trainer runs
+        // inside it and must find every path the job names.
+        let relative = ExternalSettings { dir: PathBuf::from("kit/artifacts/jobs"), ..good };
+        let trainer = ExternalTrainer::new(relative, "n").unwrap();
+        assert!(trainer.settings.dir.is_absolute() && trainer.settings.dir.ends_with("kit/artifacts/jobs"));
     }
 
     /// Every object of `value` has exactly the properties `schema` declares, with the required
