@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId};
 use weft_durable::write_atomic;
-use weft_model::{AdapterTrainer, AdapterTraining, SplitMix64};
+use weft_model::{AdapterTrainer, AdapterTraining, SplitMix64, TrainedAdapter};
 
 use crate::node::NodeError;
 
@@ -126,10 +126,7 @@ impl AdapterNode {
             }
         }
         let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
-        let trained = self
-            .trainer
-            .train_round(base, adapter, settings, &mut rng, &mut on_step)
-            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })?;
+        let trained = self.train(base, adapter, settings, &mut rng, &mut on_step)?;
         let manifest = AdapterManifest {
             node: self.id.clone(),
             language: self.language.clone(),
@@ -177,10 +174,7 @@ impl AdapterNode {
         }
         let record = private_adapter(adapter, self.seed);
         let mut rng = private_stream(self.seed, &self.id);
-        let trained = self
-            .trainer
-            .train_round(base, &record, settings, &mut rng, &mut |_, _| {})
-            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })?;
+        let trained = self.train(base, &record, settings, &mut rng, &mut |_, _| {})?;
         let manifest = PrivateAdapterManifest {
             node: self.id.clone(),
             round,
@@ -200,6 +194,20 @@ impl AdapterNode {
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(std::io::Error::other(e)))?;
         write_atomic(&manifest_path, &text).map_err(io)?;
         Ok(manifest)
+    }
+
+    /// The trainer's round, its failure named as this node's.
+    fn train(
+        &mut self,
+        base: &ModelState,
+        adapter: &AdapterRound,
+        settings: &AdapterTraining,
+        rng: &mut SplitMix64,
+        on_step: &mut dyn FnMut(u64, f64),
+    ) -> Result<TrainedAdapter, NodeError> {
+        self.trainer
+            .train_round(base, adapter, settings, rng, on_step)
+            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })
     }
 
     fn contribution(&self, manifest: &AdapterManifest, update: ModelState) -> Contribution {

@@ -59,7 +59,7 @@ pub struct JoinArgs {
     #[arg(long, default_value_t = 600, requires = "trainer")]
     pub trainer_deadline_secs: u64,
     /// The largest L2 norm of the weight change accepted from the external trainer (the
-    /// built-in trainer's rounds change the demo model by 7–12).
+    /// built-in trainer's rounds change the default demo model by 6.8–11.4).
     #[arg(long, default_value_t = 100.0, requires = "trainer")]
     pub trainer_max_change: f64,
 }
