@@ -20,6 +20,6 @@ pub use gguf::{Gguf, GgufError};
 pub use import::{import, ImportError, ImportManifest, Imported};
 pub use lora::{Adapters, LoraError, LoraSpec, Projection};
 pub use model::{Llama, LlamaError};
-pub use round::{train_steps, LoraNodeTrainer, RoundAdapter};
+pub use round::{train_steps, LlamaAdapterJobs, LoraNodeTrainer, RoundAdapter};
 pub use tokenizer::{LlamaTokenizer, TokenizerError};
 pub use train::{LoraReport, LoraTrainer, LoraTraining, Windows};

@@ -2,7 +2,9 @@
 //! train on the node's own tokens, send the round's update form, keep every factor.
 
 use weft_core::{AdapterRound, AdapterTrack, ModelState, StateError, UpdateForm};
-use weft_model::{AdapterTrainer, AdapterTraining, FamilyError, SplitMix64, TrainedAdapter};
+use weft_model::{
+    AdamWSettings, AdapterJobForm, AdapterTrainer, AdapterTraining, FamilyError, SplitMix64, TrainedAdapter,
+};
 
 use crate::config::LlamaConfig;
 use crate::family::{FullLora, SharedLora};
@@ -84,6 +86,73 @@ pub fn train_steps(
     Ok(total)
 }
 
+/// A Llama base's side of an adapter round trained in another process (`weft node join
+/// --trainer` on a pretrained base): Hugging Face's `config.json` and `tokenizer.json` for the
+/// trainer, the round's factors, and the update for what it trained.
+pub struct LlamaAdapterJobs {
+    config: LlamaConfig,
+    tokenizer: Vec<u8>,
+}
+
+impl LlamaAdapterJobs {
+    /// `tokenizer` is the base's `tokenizer.json`, as the node's kit holds it.
+    pub fn new(config: LlamaConfig, tokenizer: impl Into<Vec<u8>>) -> Self {
+        LlamaAdapterJobs { config, tokenizer: tokenizer.into() }
+    }
+}
+
+impl AdapterJobForm for LlamaAdapterJobs {
+    fn family(&self) -> &'static str {
+        "llama"
+    }
+
+    fn configuration(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn tokenizer(&self) -> &[u8] {
+        &self.tokenizer
+    }
+
+    fn optimizer(&self, lr: f32) -> AdamWSettings {
+        let built_in = LoraTraining { lr, ..LoraTraining::default() };
+        AdamWSettings {
+            lr,
+            beta1: built_in.beta1,
+            beta2: built_in.beta2,
+            eps: built_in.eps,
+            weight_decay: built_in.weight_decay,
+            warmup_steps: 0,
+            clip_norm: built_in.clip_norm,
+        }
+    }
+
+    fn initial(&self, round: &AdapterRound) -> Result<ModelState, FamilyError> {
+        Ok(RoundAdapter::new(&self.config, round)?.initial().to_state())
+    }
+
+    fn update_of(&self, round: &AdapterRound, trained: &ModelState) -> Result<ModelState, FamilyError> {
+        let form = RoundAdapter::new(&self.config, round)?;
+        let initial = form.initial();
+        if !form.trains_a() {
+            for (name, frozen) in initial.to_state().iter().filter(|(name, _)| name.ends_with(".lora_A.weight")) {
+                let same = trained.get(name).is_some_and(|t| {
+                    t.data().len() == frozen.data().len()
+                        && t.data().iter().zip(frozen.data()).all(|(x, y)| x.to_bits() == y.to_bits())
+                });
+                if !same {
+                    return Err(format!(
+                        "the trainer changed `{name}`, a factor this round keeps frozen (the shared track trains the B factors only)"
+                    )
+                    .into());
+                }
+            }
+        }
+        let adapters = Adapters::from_state(&self.config, initial.spec().clone(), trained)?;
+        Ok(form.update_of(&adapters)?)
+    }
+}
+
 /// How one node trains every adapter round: the model's configuration and the node's text.
 #[derive(Clone, Debug)]
 pub struct LoraNodeTrainer {
@@ -144,6 +213,7 @@ impl LoraNodeTrainer {
 impl AdapterTrainer for LoraNodeTrainer {
     fn train_round(
         &mut self,
+        _round: u64,
         base: &ModelState,
         round: &AdapterRound,
         settings: &AdapterTraining,

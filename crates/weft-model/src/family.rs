@@ -31,16 +31,38 @@ pub trait Evaluator: Send {
 /// How a node trains a round's adapter, whatever the family behind it: the node hands over the
 /// base as named f32 state and the round's adapter record, and gets named f32 state back.
 pub trait AdapterTrainer: Send {
-    /// Trains `round`'s adapter from `base` on the node's own text as `settings` say, drawing
-    /// its windows from `rng`; `on_step(step, loss)` reports progress.
+    /// Trains round `round`'s adapter (`adapter`) from `base` on the node's own text as
+    /// `settings` say, drawing its windows from `rng`; `on_step(step, loss)` reports progress.
     fn train_round(
         &mut self,
+        round: u64,
         base: &ModelState,
-        round: &AdapterRound,
+        adapter: &AdapterRound,
         settings: &AdapterTraining,
         rng: &mut SplitMix64,
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError>;
+}
+
+/// What a node needs of a family to hand a round's adapter to a trainer in another process and
+/// take it back: the model's configuration and tokenizer as such a trainer reads them, the
+/// round's factors before training, and the update a node sends for the factors trained.
+pub trait AdapterJobForm: Send {
+    /// The family's name as the job writes it (`llama`).
+    fn family(&self) -> &'static str;
+    /// The model's configuration as the job carries it (for Llama, Hugging Face's `config.json`).
+    fn configuration(&self) -> serde_json::Value;
+    /// The tokenizer, written as a file for the trainer (`tokenizer.json`).
+    fn tokenizer(&self) -> &[u8];
+    /// The optimizer the family's built-in adapter trainer runs at learning rate `lr`: the job
+    /// asks an outside trainer for the same.
+    fn optimizer(&self, lr: f32) -> AdamWSettings;
+    /// The round's factors before training (for LoRA: `A` from the round's seed, `B = 0`).
+    fn initial(&self, round: &AdapterRound) -> Result<ModelState, FamilyError>;
+    /// The update a node sends for `trained` (every factor, as the trainer wrote them, already
+    /// checked against [`initial`](Self::initial)'s names and shapes); refuses a factor the round
+    /// keeps frozen that the trainer changed, by name.
+    fn update_of(&self, round: &AdapterRound, trained: &ModelState) -> Result<ModelState, FamilyError>;
 }
 
 /// How every node trains a round's adapter: the consortium's settings, the same for all.

@@ -21,8 +21,8 @@ mod train;
 
 pub use config::{ConfigError, GptConfig};
 pub use family::{
-    AdapterTrainer, AdapterTraining, ByteGpt, ByteGptTrainer, CorpusText, Evaluator, FamilyError, ModelFamily,
-    TrainedAdapter, TrainedWeights, WeightTrainer,
+    AdapterJobForm, AdapterTrainer, AdapterTraining, ByteGpt, ByteGptTrainer, CorpusText, Evaluator, FamilyError,
+    ModelFamily, TrainedAdapter, TrainedWeights, WeightTrainer,
 };
 pub use layout::ModelError;
 pub use model::Gpt;

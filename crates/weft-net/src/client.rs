@@ -267,12 +267,10 @@ async fn contribute(
     // Checked before the base is fetched: a kit for the other kind of consortium trains nothing.
     let participant = node.take().ok_or_else(|| NetError::Protocol("the node was lost".into()))?;
     let participant = match (&adapter, participant) {
-        (Some(_), Participant::Ready(LocalTrainer::External(..))) => {
-            return Err(NetError::Protocol(
-                "the coordinator announces adapter rounds on a pretrained base; an external trainer (--trainer) trains full-weight rounds of the byte GPT only".into(),
-            ))
-        }
-        (Some(_), Participant::Ready(LocalTrainer::ByteGpt(_)) | Participant::ByteGpt(_)) => {
+        (
+            Some(_),
+            Participant::Ready(LocalTrainer::ByteGpt(_) | LocalTrainer::External(..)) | Participant::ByteGpt(_),
+        ) => {
             return Err(NetError::Protocol(
                 "the coordinator announces adapter rounds on a pretrained base, but this node's kit has no base (node.toml lacks `base`: use the kit the consortium made for this base)".into(),
             ))
@@ -310,8 +308,9 @@ async fn contribute(
                         training: JobTraining {
                             steps: training.local_steps,
                             batch_rows: training.batch_rows as usize,
-                            lr: training.lr,
+                            context: config.context,
                             seed: training.seed,
+                            adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
                         },
                     };
                     let built = ExternalTrainer::new(settings, id.as_str())

@@ -448,6 +448,25 @@ pub struct NodeKit {
     /// base's `config.json` and `tokenizer.json`; its weights come from the coordinator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<PathBuf>,
+    /// The node's own trainer, run per round under the job contract (`weft node join
+    /// --trainer` overrides it). The operator adds it; provisioning never writes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer: Option<KitTrainer>,
+}
+
+/// `[trainer]` in `node.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KitTrainer {
+    /// Run with `sh -c` in each round's job directory, `WEFT_JOB` naming its job.json.
+    pub command: String,
+    /// Seconds the trainer has per round before it is stopped.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    /// The largest L2 norm of the change (of the weights, or of the adapter's factors) accepted
+    /// from the trainer.
+    #[serde(default)]
+    pub max_change: Option<f64>,
 }
 
 /// The files of a node's startup kit.

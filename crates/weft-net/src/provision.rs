@@ -155,6 +155,7 @@ pub fn init(dir: &Path, config: &ConsortiumConfig, nodes: &[(NodeId, String)]) -
             address: config.address.clone(),
             server_name: config.server_name.clone(),
             base: kit_base(dir, config, &kit)?,
+            trainer: None,
         };
         write_toml(&kit.join(KitFiles::CONFIG), &node)?;
         roster.node.push(Member {
@@ -269,6 +270,7 @@ pub fn add_node(dir: &Path, request: &MembershipRequest) -> Result<PathBuf, Prov
         address: config.address.clone(),
         server_name: config.server_name.clone(),
         base: kit_base(dir, &config, &kit)?,
+        trainer: None,
     };
     write_toml(&kit.join(KitFiles::CONFIG), &node)?;
     roster.node.push(Member {

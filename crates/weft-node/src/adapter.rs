@@ -126,7 +126,7 @@ impl AdapterNode {
             }
         }
         let mut rng = SplitMix64::derive(self.seed, self.id.as_str(), round);
-        let trained = self.train(base, adapter, settings, &mut rng, &mut on_step)?;
+        let trained = self.train(round, base, adapter, settings, &mut rng, &mut on_step)?;
         let manifest = AdapterManifest {
             node: self.id.clone(),
             language: self.language.clone(),
@@ -174,7 +174,7 @@ impl AdapterNode {
         }
         let record = private_adapter(adapter, self.seed);
         let mut rng = private_stream(self.seed, &self.id);
-        let trained = self.train(base, &record, settings, &mut rng, &mut |_, _| {})?;
+        let trained = self.train(round, base, &record, settings, &mut rng, &mut |_, _| {})?;
         let manifest = PrivateAdapterManifest {
             node: self.id.clone(),
             round,
@@ -199,6 +199,7 @@ impl AdapterNode {
     /// The trainer's round, its failure named as this node's.
     fn train(
         &mut self,
+        round: u64,
         base: &ModelState,
         adapter: &AdapterRound,
         settings: &AdapterTraining,
@@ -206,7 +207,7 @@ impl AdapterNode {
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, NodeError> {
         self.trainer
-            .train_round(base, adapter, settings, rng, on_step)
+            .train_round(round, base, adapter, settings, rng, on_step)
             .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })
     }
 
@@ -245,8 +246,9 @@ mod tests {
     impl AdapterTrainer for Counting {
         fn train_round(
             &mut self,
+            _round: u64,
             base: &ModelState,
-            _round: &AdapterRound,
+            _adapter: &AdapterRound,
             _settings: &AdapterTraining,
             rng: &mut SplitMix64,
             on_step: &mut dyn FnMut(u64, f64),

@@ -13,7 +13,7 @@ pub use adapter::{private_adapter, private_stream, AdapterManifest, AdapterNode,
 pub use artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 pub use corpus::LocalCorpus;
 pub use external::{
-    ExternalCommand, ExternalSettings, ExternalTrainer, Job, JobBase, JobCorpus, JobMetrics, JobOutput, JobTraining,
-    JOB_VERSION,
+    ExternalAdapterTrainer, ExternalCommand, ExternalSettings, ExternalTrainer, Job, JobAdapter, JobBase, JobCorpus,
+    JobKind, JobMetrics, JobOutput, JobTraining, JOB_VERSION,
 };
 pub use node::{Cycle, Node, NodeError, NodeSettings};

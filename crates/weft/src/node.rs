@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use weft_core::NodeId;
 use weft_ledger::{ContributionProof, Event};
 use weft_net::client::LocalTrainer;
-use weft_net::config::KitFiles;
+use weft_net::config::{KitFiles, KitTrainer};
 use weft_node::{ExternalCommand, LocalCorpus, SovereignArtifact};
 
 use crate::ledger::checked_entries;
@@ -51,17 +51,48 @@ pub struct JoinArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Train each round with this command instead of the built-in trainer (run with `sh -c` and
-    /// `WEFT_JOB` set to the round's job.json; README: "Bring your own trainer"). Full-weight
-    /// (byte GPT) consortia.
+    /// `WEFT_JOB` set to the round's job.json; README: "Bring your own trainer"). Overrides
+    /// `[trainer]` in the kit's node.toml.
     #[arg(long)]
     pub trainer: Option<String>,
-    /// Seconds the external trainer has per round before it is stopped.
-    #[arg(long, default_value_t = 600, requires = "trainer")]
-    pub trainer_deadline_secs: u64,
-    /// The largest L2 norm of the weight change accepted from the external trainer (the
-    /// built-in trainer's rounds change the default demo model by 6.8–11.4).
-    #[arg(long, default_value_t = 100.0, requires = "trainer")]
-    pub trainer_max_change: f64,
+    /// Seconds the external trainer has per round before it is stopped [default: 600].
+    #[arg(long)]
+    pub trainer_deadline_secs: Option<u64>,
+    /// The largest L2 norm of the change accepted from the external trainer: of the weights in a
+    /// full-weight consortium (the built-in trainer's rounds change the default demo model by
+    /// 6.8–11.4), of the adapter's factors on a pretrained base [default: 100].
+    #[arg(long)]
+    pub trainer_max_change: Option<f64>,
+}
+
+/// The node's external trainer, from the command line over `[trainer]` in node.toml; `None`
+/// for the built-in trainer.
+fn external_trainer(args: &JoinArgs, kit: Option<&KitTrainer>) -> anyhow::Result<Option<ExternalCommand>> {
+    let command = match (&args.trainer, kit) {
+        (Some(command), _) => ("--trainer", command.clone()),
+        (None, Some(kit)) => ("node.toml [trainer] command", kit.command.clone()),
+        (None, None) => {
+            if args.trainer_deadline_secs.is_some() || args.trainer_max_change.is_some() {
+                bail!("--trainer-deadline-secs and --trainer-max-change need a trainer: --trainer or [trainer] in node.toml");
+            }
+            return Ok(None);
+        }
+    };
+    let (source, command) = command;
+    if command.trim().is_empty() {
+        bail!("{source}: the command is empty");
+    }
+    let deadline = args.trainer_deadline_secs.or(kit.and_then(|k| k.deadline_secs)).unwrap_or(600);
+    if deadline == 0 {
+        bail!(
+            "the trainer's deadline (--trainer-deadline-secs or node.toml [trainer] deadline_secs) must be at least 1"
+        );
+    }
+    let max_change = args.trainer_max_change.or(kit.and_then(|k| k.max_change)).unwrap_or(100.0);
+    if !(max_change > 0.0 && max_change.is_finite()) {
+        bail!("the trainer's bound (--trainer-max-change or node.toml [trainer] max_change) must be a positive number, got {max_change}");
+    }
+    Ok(Some(ExternalCommand { command, deadline: Duration::from_secs(deadline), max_change_norm: max_change }))
 }
 
 fn join(args: JoinArgs) -> anyhow::Result<()> {
@@ -73,39 +104,30 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     if corpus.is_empty() {
         bail!("the corpus is empty");
     }
-    let trainer = match (&kit.config.base, &args.trainer) {
+    let artifacts = args.artifacts.clone().unwrap_or_else(|| args.kit.join(KitFiles::ARTIFACTS));
+    let external = external_trainer(&args, kit.config.trainer.as_ref())?;
+    let trainer = match (&kit.config.base, external) {
         (None, None) => LocalTrainer::ByteGpt(LocalCorpus::from_bytes(corpus)),
-        (None, Some(command)) => {
-            if command.trim().is_empty() {
-                bail!("--trainer: the command is empty");
-            }
-            if args.trainer_deadline_secs == 0 {
-                bail!("--trainer-deadline-secs must be at least 1");
-            }
-            if !(args.trainer_max_change > 0.0 && args.trainer_max_change.is_finite()) {
-                bail!("--trainer-max-change must be a positive number, got {}", args.trainer_max_change);
-            }
-            let external = ExternalCommand {
-                command: command.clone(),
-                deadline: Duration::from_secs(args.trainer_deadline_secs),
-                max_change_norm: args.trainer_max_change,
-            };
-            LocalTrainer::External(LocalCorpus::from_bytes(corpus), external)
-        }
-        (Some(_), Some(_)) => {
-            bail!("--trainer: an external trainer trains full-weight rounds of the byte GPT; this kit is for a pretrained base")
-        }
-        (Some(base), None) => {
+        (None, Some(external)) => LocalTrainer::External(LocalCorpus::from_bytes(corpus), external),
+        (Some(base), external) => {
             // The data directory's corpus is also where the coordinator's held-out text comes
             // from (its tail): the node trains on the head only. A --corpus is the node's own.
             let text = match &args.corpus {
                 Some(path) => String::from_utf8(corpus).with_context(|| format!("{} is not UTF-8", path.display()))?,
                 None => crate::realbase::training_head(&corpus)?,
             };
-            crate::realbase::node_trainer(&args.kit.join(base), &text)?
+            match external {
+                None => crate::realbase::node_trainer(&args.kit.join(base), &text)?,
+                Some(external) => crate::realbase::external_node_trainer(
+                    &args.kit.join(base),
+                    text,
+                    external,
+                    &artifacts.join("jobs"),
+                    kit.config.id.as_str(),
+                )?,
+            }
         }
     };
-    let artifacts = args.artifacts.clone().unwrap_or_else(|| args.kit.join(KitFiles::ARTIFACTS));
     let options =
         weft_net::client::JoinOptions { give_up_after: Duration::from_secs(args.give_up_after), ..Default::default() };
     let id = kit.config.id.clone();

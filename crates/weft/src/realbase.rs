@@ -472,6 +472,25 @@ pub(crate) fn node_trainer(kit_base: &Path, text: &str) -> anyhow::Result<LocalT
     Ok(LocalTrainer::Adapter(Box::new(LoraNodeTrainer { config, tokens })))
 }
 
+/// A networked node's external trainer on a pretrained base: each round's job carries the
+/// base's config and tokenizer from the kit, the round's factors and the node's text.
+pub(crate) fn external_node_trainer(
+    kit_base: &Path,
+    text: String,
+    external: weft_node::ExternalCommand,
+    jobs: &Path,
+    node: &str,
+) -> anyhow::Result<LocalTrainer> {
+    // Read and checked here, so that a broken kit fails before the node connects.
+    let (config, _) = crate::model::read_config_and_tokenizer(kit_base)?;
+    let path = kit_base.join("tokenizer.json");
+    let tokenizer = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let form = weft_llama::LlamaAdapterJobs::new(config, tokenizer);
+    let trainer = weft_node::ExternalAdapterTrainer::new(external, jobs, node, Box::new(form), text.into_bytes())
+        .map_err(|e| anyhow::anyhow!("--trainer: {e}"))?;
+    Ok(LocalTrainer::Adapter(Box::new(trainer)))
+}
+
 fn bits(nats_per_byte: f64) -> f64 {
     nats_per_byte / std::f64::consts::LN_2
 }

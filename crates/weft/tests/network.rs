@@ -588,3 +588,107 @@ fn a_node_with_an_external_trainer_survives_its_crash_and_contributes_the_next_r
     let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
+
+/// A python with numpy for the reference trainers: `trainers/setup` installs it on first use.
+fn python_with_numpy() -> String {
+    let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../../trainers/setup");
+    let out = Command::new("bash").arg(setup).output().expect("running trainers/setup");
+    assert!(out.status.success(), "trainers/setup failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("a path").trim().to_owned()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+        if entry.is_dir() {
+            files.extend(files_under(&entry));
+        } else {
+            files.push(entry);
+        }
+    }
+    files
+}
+
+/// One node trains with the numpy reference trainer, set in its kit's node.toml, the others
+/// with the built-in trainer, under canary governance. The rounds complete; the coordinator
+/// measures and weighs the numpy node's contributions like everyone's; a second run of the same
+/// consortium gives the same bases bit for bit; the node's jobs held its own text and nothing of
+/// the others' or of the canaries.
+#[test]
+fn a_consortium_with_a_numpy_trainer_completes_rounds_reproducibly() {
+    let python = python_with_numpy();
+    let trainer = concat!(env!("CARGO_MANIFEST_DIR"), "/../../trainers/numpy_byte_gpt.py");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str| -> (PathBuf, Value) {
+        let dir = tmp.path().join(name);
+        let mut command = weft();
+        command.args(["consortium", "init"]).arg(&dir).args(["--address", &format!("127.0.0.1:{}", free_port())]);
+        command.args(["--rounds", "2", "--deadline-secs", "120", "--governance"]).args(TINY);
+        for node in ["node-de:de", "node-fr:fr", "node-ja:ja"] {
+            command.args(["--node", node]);
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The trainer keeps a copy of what the job gave it (`seen/`), for the checks below.
+        let kit = dir.join("nodes/node-ja/node.toml");
+        let mut toml = std::fs::read_to_string(&kit).unwrap();
+        toml.push_str(&format!(
+            "\n[trainer]\ncommand = \"cp -r corpus seen && {python} {trainer}\"\ndeadline_secs = 120\nmax_change = 50.0\n"
+        ));
+        std::fs::write(&kit, toml).unwrap();
+        let mut coordinator = serve(&dir, "serve");
+        let nodes: Vec<Running> = ["node-de", "node-fr", "node-ja"].iter().map(|n| join(&dir, n)).collect();
+        for mut node in nodes {
+            assert!(node.wait(Duration::from_secs(240)), "a node did not finish cleanly");
+        }
+        assert!(coordinator.wait(Duration::from_secs(240)));
+        let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+        (dir, report)
+    };
+    let (dir, report) = run("first");
+    for round in 0..2 {
+        let contributions = report["rounds"][round]["contributions"].as_array().unwrap();
+        assert_eq!(contributions.len(), 3, "round {}: {contributions:?}", round + 1);
+        let ja = contributions.iter().find(|c| c["node"] == "node-ja").expect("node-ja contributed");
+        // Measured by the coordinator itself, and given a share of the step like the others.
+        assert!(ja["heldout_loss"].is_object() && ja["quality"].is_number(), "{ja}");
+        assert_eq!(ja["accepted"], true, "{ja}");
+        assert!(ja["weight"].as_f64().unwrap() > 0.0, "{ja}");
+        assert!(ja["declared"]["train_loss"].as_f64().unwrap() > 0.0, "{ja}");
+    }
+    let (_, again) = run("second");
+    assert_eq!(hashes(&dir.join("serve.json")), hashes(&tmp.path().join("second/serve.json")));
+    assert_ne!(report["rounds"][0]["base_hash"], again["rounds"][1]["base_hash"]);
+
+    // What the trainer was given: the node's own text, split as the node splits it, and nothing
+    // of the other members' text or of the coordinator's canaries anywhere in its jobs.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    let own = std::fs::read(data.join("corpora/ja.txt")).unwrap();
+    let jobs = dir.join("nodes/node-ja/artifacts/jobs");
+    let others: Vec<Vec<u8>> = ["de", "fr"]
+        .iter()
+        .map(|l| std::fs::read(data.join(format!("corpora/{l}.txt"))).unwrap()[1000..1064].to_vec())
+        .chain(
+            ["de", "fr", "ja"]
+                .iter()
+                .flat_map(|l| files_under(&data.join(format!("canaries/{l}"))))
+                .map(|f| std::fs::read(f).unwrap()),
+        )
+        .collect();
+    for round in ["round-0001", "round-0002"] {
+        let seen = jobs.join(round).join("seen");
+        let mut given = std::fs::read(seen.join("train.txt")).unwrap();
+        given.extend(std::fs::read(seen.join("validation.txt")).unwrap());
+        assert!(given == own, "{round}: the job's text is not the node's own corpus");
+    }
+    for file in files_under(&jobs) {
+        let bytes = std::fs::read(&file).unwrap();
+        for other in &others {
+            let found = !other.is_empty() && bytes.windows(other.len()).any(|w| w == other.as_slice());
+            assert!(!found, "{} holds text that is not node-ja's", file.display());
+        }
+    }
+    let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
