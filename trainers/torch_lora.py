@@ -44,11 +44,11 @@ def load_base(job, device):
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.to(device=device, dtype=torch.float32)
-    model.requires_grad_(False)
     # Hugging Face computes RoPE's inverse frequencies at construction; on the meta device they
     # were never materialised.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    model.to(device=device, dtype=torch.float32)
+    model.requires_grad_(False)
     model.eval()
     return model
 

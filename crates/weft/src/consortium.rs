@@ -122,9 +122,6 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 
 /// `[base]` and `[training]` of a consortium on a pretrained base, checked against the model.
 fn pretrained_base(args: &InitArgs, name: &str, run: &RunSettings) -> anyhow::Result<(PretrainedBase, Training)> {
-    if run.sections.governance.is_some() {
-        bail!("--governance: canary scoring is not built for a pretrained base yet");
-    }
     if !matches!(run.outer, weft_core::OuterOptimizer::Plain { .. }) {
         bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
     }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{
-    Coordinator, DurableCoordinator, FsBlobStore, HeldoutSet, Journal, Member, SqliteJournal, SubmitError,
+    Coordinator, DurableCoordinator, FsBlobStore, Governance, HeldoutSet, Journal, Member, SqliteJournal, SubmitError,
 };
 use weft_core::quality::LossTable;
 use weft_core::{
@@ -35,7 +35,7 @@ use weft_net::client::LocalTrainer;
 use weft_net::config::ConsortiumConfig;
 
 use crate::demo::DemoArgs;
-use crate::run::{setting_error, Source};
+use crate::run::{canary_registry, setting_error, Source};
 use crate::{data, say, table};
 
 /// The named base the project fetches and imports itself.
@@ -266,6 +266,9 @@ pub(crate) struct BaseCoordinator<'a> {
     pub heldout_bytes: usize,
     /// The consortium's name, for a networked run.
     pub networked: Option<&'a str>,
+    /// Canary governance: contributions scored on the public canaries through the same family,
+    /// the whole update audited on the secret reserve.
+    pub governance: Option<Governance>,
 }
 
 impl BaseCoordinator<'_> {
@@ -283,6 +286,9 @@ impl BaseCoordinator<'_> {
             .with_adapters(self.plan.clone(), adapters)?;
         if let Some(scale) = self.probe_scale {
             coordinator = coordinator.with_probe_scale(scale)?;
+        }
+        if let Some(governance) = self.governance {
+            coordinator = coordinator.with_governance(governance);
         }
         // `ledger verify` rebuilds each round's factors from `base.config` and `adapters`.
         let mut settings = serde_json::json!({
@@ -399,9 +405,6 @@ pub(crate) fn serve_coordinator(
     storage: &Path,
 ) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
     let base = consortium.base.as_ref().context("consortium.toml has no [base]")?;
-    if consortium.governance.is_some() {
-        bail!("[governance]: canary scoring is not built for a pretrained base yet; remove the section");
-    }
     let policy = consortium.policy.policy().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     let outer = consortium.policy.outer_optimizer().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     consortium.policy.validate().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
@@ -445,6 +448,15 @@ pub(crate) fn serve_coordinator(
     }
     let family =
         Arc::new(LlamaFamily { config: config.clone(), tokenizer: Arc::new(tokenizer), context: SCORE_CONTEXT });
+    let languages: Vec<String> = members.iter().map(|(_, language)| language.clone()).collect();
+    let governance = consortium
+        .governance
+        .as_ref()
+        .map(|g| -> anyhow::Result<Governance> {
+            let registry = canary_registry(data_dir, g.canaries.as_deref(), &languages)?;
+            Ok(Governance::new(g.settings, registry, family.clone())?)
+        })
+        .transpose()?;
     BaseCoordinator {
         name: &base.name,
         config: &config,
@@ -460,6 +472,7 @@ pub(crate) fn serve_coordinator(
         training,
         heldout_bytes: base.heldout_bytes,
         networked: Some(&consortium.name),
+        governance,
     }
     .open(storage)
 }
@@ -504,10 +517,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         None => LANGUAGES.iter().map(|l| (*l).to_owned()).collect(),
     };
     let languages = crate::demo::choose_languages(&requested, args.nodes)?;
-    if args.processes || args.attack.is_some() || args.run.governance.governance {
-        bail!(
-            "--base runs in one process, without attacks or canary governance, for now: drop --processes, --attack and --governance"
-        );
+    if args.processes || args.attack.is_some() {
+        bail!("--base runs in one process, without attacks, for now: drop --processes and --attack");
     }
     let run = args.run_settings(&languages)?;
     if !matches!(run.outer, OuterOptimizer::Plain { .. }) {
@@ -581,6 +592,13 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         adapter.lr
     );
     say!("  measuring the initial base on held-out text ({} bytes per language)…", adapter.heldout_bytes);
+    let governance = match &run.sections.governance {
+        Some(g) => {
+            let registry = canary_registry(&data_dir, g.canaries.as_deref(), &run.languages())?;
+            Some(Governance::new(g.settings, registry, family.clone())?)
+        }
+        None => None,
+    };
     let mut coordinator = BaseCoordinator {
         name: &name,
         config: &config,
@@ -596,6 +614,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         training: node_training,
         heldout_bytes: adapter.heldout_bytes,
         networked: None,
+        governance,
     }
     .open(&storage)?;
     // The genesis as the journal holds it: a run continued in the same --out starts mid-way.
@@ -665,6 +684,9 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(&rounds_dir)?;
         write_atomic(&rounds_dir.join(format!("round-{round:04}.json")), &serde_json::to_vec_pretty(&closed)?)?;
         table::round(&closed, &BTreeMap::new(), &[])?;
+        if closed.governance.is_some() {
+            table::reputation(&closed, &run.languages())?;
+        }
         say!("  held-out bits/byte: {}", bits_table(&closed.heldout_loss));
     }
 

@@ -142,6 +142,26 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     let other = demo(&base, &tmp.path().join("three"), &["--baseline", "none", "--seed", "1"]);
     assert_ne!(other["final_base_hash"], first["final_base_hash"]);
 
+    // Canary governance through the same family: every contribution scored on every member
+    // language's public canaries and audited on the secret reserve, the ledger replays.
+    let governed = demo(&base, &tmp.path().join("governed"), &["--baseline", "none", "--governance"]);
+    let storage = tmp.path().join("governed/coordinator");
+    for round in 1..=2 {
+        let record: Value =
+            serde_json::from_slice(&std::fs::read(storage.join(format!("rounds/round-{round:04}.json"))).unwrap())
+                .unwrap();
+        let scores = record["governance"]["scores"].as_array().unwrap_or_else(|| panic!("round {round}: {record}"));
+        assert_eq!(scores.len(), 4, "round {round}: {scores:?}");
+        for score in scores {
+            assert!(score["quality"].as_f64().is_some_and(f64::is_finite), "{score}");
+            assert!(score["secret_gain"].as_object().is_some_and(|g| g.len() == 4), "{score}");
+        }
+    }
+    let verified = weft(&["ledger", "verify", storage.to_str().unwrap(), "--json"]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(report["final_base_hash"], governed["final_base_hash"]);
+
     // Both factors trained: nodes send A and B (twice the values here), the ledger replays.
     let full = demo(&base, &tmp.path().join("full"), &["--baseline", "none", "--adapter-track", "full"]);
     assert_eq!(full["adapter"]["track"], "full");
@@ -198,7 +218,6 @@ fn bad_real_base_settings_get_a_clear_error() {
         "n3:es",
     ];
     for (extra, expected) in [
-        (&["--governance"][..], "canary scoring is not built for a pretrained base"),
         (&["--adapter-track", "full", "--aggregator", "median"][..], "--aggregator: median"),
         (&["--adapter-targets", "q,w9"][..], "'w9' is not a projection"),
     ] {
