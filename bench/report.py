@@ -180,6 +180,19 @@ if pairs:
     results["llama"]["max_mean_nll_difference"] = nll_gap
     lines += ["", f"Both compute the same model: their mean next-token loss on these tokens differs by at most"
               f" {nll_gap:.1e} nats (f32 round-off; {first['mean_nll']:.6f} for weft)."]
+if (src / "parity.json").exists():
+    parity = load("parity.json")
+    results.setdefault("llama", {})["transformers_parity"] = parity
+    lines += ["", "## SmolLM2 parity with Hugging Face transformers", "",
+              f"The held-out text as the coordinator takes it (the French corpus's last 1200 bytes, {parity['tokens']}"
+              " tokens, one sequence) through weft's forward pass (`crates/weft-llama/examples/llama_logits.rs`) and"
+              " through `transformers.LlamaForCausalLM` in f32 on the same imported weights"
+              " (`bench/transformers_parity.py compare`):"
+              f" max |logit difference| **{parity['max_abs_logit_diff']:.2e}** (logits up to {parity['logit_scale']:.1f}),"
+              f" mean NLL {parity['mean_nll_weft']:.6f} (weft) against {parity['mean_nll_transformers']:.6f}"
+              f" (transformers), a difference of {abs(parity['mean_nll_weft'] - parity['mean_nll_transformers']):.1e} nats."
+              " The same comparison runs in CI without torch against a committed fixture"
+              " (`crates/weft-llama/tests/smollm2.rs`, `forward_matches_transformers_on_the_same_weights`)."]
 pathlib.Path(md_path).write_text("\n".join(lines) + "\n")
 pathlib.Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
 print("\n".join(lines))

@@ -31,9 +31,8 @@ import weft_trainer as wt  # noqa: E402
 
 def load_base(job, device):
     config = transformers.LlamaConfig(**job["base"]["config"])
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    state = load_file(job["base"]["weights"], device=str(device))
+    model = transformers.LlamaForCausalLM(config)
+    state = load_file(job["base"]["weights"])
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     expected = set(model.state_dict())
@@ -41,12 +40,7 @@ def load_base(job, device):
     if missing or unexpected:
         raise wt.JobError(f"the base does not fit {config.architectures}: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    # Hugging Face computes RoPE's inverse frequencies at construction; on the meta device they
-    # were never materialised.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    model.load_state_dict(state)
     model.to(device=device, dtype=torch.float32)
     model.requires_grad_(False)
     model.eval()

@@ -229,3 +229,37 @@ fn serve_refuses_out_of_range_settings_by_name_before_it_starts() {
         stderr(&out)
     );
 }
+
+/// A trainer set wrongly, on the command line or in the kit's node.toml, is refused by name
+/// before the node dials out (no coordinator runs here: reaching it would be another error).
+#[test]
+fn join_refuses_a_wrong_trainer_setting_by_name_before_it_connects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let consortium = consortium_with(tmp.path(), "consortium.toml", str::to_owned);
+    let kit = consortium.join("nodes/a");
+    let kit_str = kit.to_str().unwrap();
+    let join = |extra: &[&str]| {
+        let mut args = vec!["node", "join", kit_str, "--give-up-after", "1"];
+        args.extend_from_slice(extra);
+        weft(&args)
+    };
+    for (extra, needle) in [
+        (&["--trainer", " "][..], "--trainer: the command is empty"),
+        (&["--trainer-deadline-secs", "5"][..], "need a trainer: --trainer or [trainer] in node.toml"),
+        (&["--trainer", "true", "--trainer-deadline-secs", "0"][..], "deadline"),
+        (&["--trainer", "true", "--trainer-max-change", "0"][..], "must be a positive number, got 0"),
+    ] {
+        let out = join(extra);
+        assert!(!out.status.success(), "{extra:?} joined");
+        assert!(stderr(&out).contains(needle), "{extra:?}: expected {needle:?} in\n{}", stderr(&out));
+    }
+    let config = kit.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[trainer]\ncommand = \"\"\n")).unwrap();
+    let out = join(&[]);
+    assert!(stderr(&out).contains("node.toml [trainer] command: the command is empty"), "{}", stderr(&out));
+    std::fs::write(&config, format!("{text}\n[trainer]\ncommand = \"x\"\nmax_chnage = 3.0\n")).unwrap();
+    let out = join(&[]);
+    assert!(stderr(&out).contains("max_chnage"), "{}", stderr(&out));
+    assert!(!kit.join("artifacts").exists(), "a refused join wrote its artifacts directory");
+}
