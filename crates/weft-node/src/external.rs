@@ -448,6 +448,9 @@ impl AdapterTrainer for ExternalAdapterTrainer {
         write(&weights, &base.to_safetensors(None)?)?;
         let tokenizer = dir.join("base/tokenizer.json");
         write(&tokenizer, self.form.tokenizer())?;
+        // With the weights and the tokenizer beside it, `base/` loads as a Hugging Face model
+        // directory (`from_pretrained`).
+        write(&dir.join("base/config.json"), &serde_json::to_vec_pretty(&self.form.configuration())?)?;
         let initial_path = dir.join("adapter/initial.safetensors");
         write(&initial_path, &initial.to_safetensors(None)?)?;
         let train = dir.join("corpus/train.txt");
@@ -684,6 +687,7 @@ mod tests {
         assert_eq!((adapter.rank, adapter.alpha, adapter.track), (1, 2.0, AdapterTrack::Shared));
         assert_eq!((job.training.steps, job.training.batch_rows, job.training.context), (4, 2, 8));
         assert_eq!((job.training.adamw.lr, job.corpus.validation), (1e-3, None));
+        assert_eq!(job.base.weights.parent(), job.base.tokenizer.as_deref().and_then(Path::parent));
         // The base, the tokenizer, the initial factors and the text are not kept.
         let dir = tmp.path().join("jobs/round-0005");
         assert!(!dir.join("base").exists() && !dir.join("adapter").exists() && !dir.join("corpus").exists());

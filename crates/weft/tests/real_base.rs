@@ -188,7 +188,7 @@ fn bad_real_base_settings_get_a_clear_error() {
         (&["demo", "--base", b, "--adapter-alpha", "-2"], "alpha -2 must be positive"),
         (&["demo", "--base", b, "--outer", "nesterov"], "plain outer optimizer"),
         (&["demo", "--base", b, "--languages", "de,xx"], "unknown language 'xx'"),
-        (&["demo", "--base", b, "--governance"], "drop --processes, --attack and --governance"),
+        (&["demo", "--base", b, "--processes"], "drop --processes and --attack"),
         (&["demo", "--base", b, "--adapter-track", "full", "--aggregator", "median"], "--aggregator: median"),
     ];
     for (args, expected) in cases {
