@@ -458,7 +458,8 @@ pub struct NodeKit {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KitTrainer {
-    /// Run with `sh -c` in each round's job directory, `WEFT_JOB` naming its job.json.
+    /// Run with `sh -c` in the directory `weft node join` runs in, `WEFT_JOB` naming the
+    /// round's job.json.
     pub command: String,
     /// Seconds the trainer has per round before it is stopped.
     #[serde(default)]

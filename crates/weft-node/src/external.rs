@@ -2,7 +2,8 @@
 //!
 //! Each round the node writes a job directory and runs the trainer's command with `WEFT_JOB`
 //! set to its `job.json` ([`Job`]): the base's weights and configuration, the node's text, the
-//! round's settings, a deadline, and where to write. The trainer writes the trained weights
+//! round's settings, a deadline, and where to write (every path absolute). The command runs in
+//! the node's own working directory, so that a relative command works as the operator typed it. The trainer writes the trained weights
 //! (`update.safetensors`, f32, the base's names and shapes) and `metrics.json` ([`JobMetrics`])
 //! and exits 0. The node then checks everything itself — that the process finished in time and
 //! succeeded, that both files parse, the names, shapes, dtype and finite values, the size of the
@@ -143,7 +144,7 @@ pub struct JobMetrics {
 /// consortium.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExternalCommand {
-    /// Run with `sh -c`, in the job directory.
+    /// Run with `sh -c` in the node's working directory.
     pub command: String,
     pub deadline: Duration,
     /// The largest L2 norm of the weight change the node accepts from its trainer.
@@ -170,7 +171,7 @@ pub struct ExternalTrainer {
 }
 
 /// Refuses settings no trainer could run under, and makes the job directory absolute (the
-/// trainer runs inside it and must find every path the job names).
+/// trainer must find every path the job names, wherever it runs).
 fn checked(external: &ExternalCommand, dir: &Path) -> Result<PathBuf, FamilyError> {
     if external.command.trim().is_empty() {
         return Err("the trainer command is empty".into());
@@ -219,7 +220,7 @@ fn write_job(dir: &Path, job: &Job) -> Result<(), FamilyError> {
     write(&dir.join("job.json"), &serde_json::to_vec_pretty(job)?)
 }
 
-/// Runs the command in `dir` with `WEFT_JOB` set; its output goes to `trainer.log` there.
+/// Runs the command with `WEFT_JOB` naming `dir`'s job; its output goes to `trainer.log` there.
 fn run(external: &ExternalCommand, dir: &Path) -> Result<(), FamilyError> {
     let log_path = dir.join("trainer.log");
     let log = std::fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
@@ -227,7 +228,6 @@ fn run(external: &ExternalCommand, dir: &Path) -> Result<(), FamilyError> {
     command
         .arg("-c")
         .arg(&external.command)
-        .current_dir(dir)
         .env("WEFT_JOB", dir.join("job.json"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?)
@@ -611,7 +611,7 @@ mod tests {
             assert!(message.contains(needle), "{message}");
         }
         // A job directory given relative (a kit path as typed) becomes absolute: the trainer runs
-        // inside it and must find every path the job names.
+        // in the node's working directory and must find every path the job names.
         let relative = ExternalSettings { dir: PathBuf::from("kit/artifacts/jobs"), ..good };
         let trainer = ExternalTrainer::new(relative, "n").unwrap();
         assert!(trainer.settings.dir.is_absolute() && trainer.settings.dir.ends_with("kit/artifacts/jobs"));

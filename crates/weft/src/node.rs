@@ -50,9 +50,9 @@ pub struct JoinArgs {
     /// Write what happened to each contribution here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Train each round with this command instead of the built-in trainer (run with `sh -c` and
-    /// `WEFT_JOB` set to the round's job.json; README: "Bring your own trainer"). Overrides
-    /// `[trainer]` in the kit's node.toml.
+    /// Train each round with this command instead of the built-in trainer (run with `sh -c` in
+    /// this directory, `WEFT_JOB` naming the round's job.json; README: "Bring your own
+    /// trainer"). Overrides `[trainer]` in the kit's node.toml.
     #[arg(long)]
     pub trainer: Option<String>,
     /// Seconds the external trainer has per round before it is stopped [default: 600].
@@ -68,7 +68,7 @@ pub struct JoinArgs {
 /// The node's external trainer, from the command line over `[trainer]` in node.toml; `None`
 /// for the built-in trainer.
 fn external_trainer(args: &JoinArgs, kit: Option<&KitTrainer>) -> anyhow::Result<Option<ExternalCommand>> {
-    let command = match (&args.trainer, kit) {
+    let (source, command) = match (&args.trainer, kit) {
         (Some(command), _) => ("--trainer", command.clone()),
         (None, Some(kit)) => ("node.toml [trainer] command", kit.command.clone()),
         (None, None) => {
@@ -78,7 +78,6 @@ fn external_trainer(args: &JoinArgs, kit: Option<&KitTrainer>) -> anyhow::Result
             return Ok(None);
         }
     };
-    let (source, command) = command;
     if command.trim().is_empty() {
         bail!("{source}: the command is empty");
     }

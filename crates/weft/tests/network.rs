@@ -634,7 +634,7 @@ fn a_consortium_with_a_numpy_trainer_completes_rounds_reproducibly() {
         let kit = dir.join("nodes/node-ja/node.toml");
         let mut toml = std::fs::read_to_string(&kit).unwrap();
         toml.push_str(&format!(
-            "\n[trainer]\ncommand = \"cp -r corpus seen && {python} {trainer}\"\ndeadline_secs = 120\nmax_change = 50.0\n"
+            "\n[trainer]\ncommand = \"job=$(dirname $WEFT_JOB) && cp -r $job/corpus $job/seen && {python} {trainer}\"\ndeadline_secs = 120\nmax_change = 50.0\n"
         ));
         std::fs::write(&kit, toml).unwrap();
         let mut coordinator = serve(&dir, "serve");
