@@ -287,6 +287,9 @@ impl BaseCoordinator<'_> {
         if let Some(scale) = self.probe_scale {
             coordinator = coordinator.with_probe_scale(scale)?;
         }
+        // Pinned with the run only when present, so that runs without governance keep their
+        // settings as they were.
+        let governance_settings = self.governance.as_ref().map(|g| serde_json::to_value(g.settings())).transpose()?;
         if let Some(governance) = self.governance {
             coordinator = coordinator.with_governance(governance);
         }
@@ -300,6 +303,9 @@ impl BaseCoordinator<'_> {
         });
         if let (Some(name), Some(map)) = (self.networked, settings.as_object_mut()) {
             map.insert("networked".into(), name.into());
+        }
+        if let (Some(governance), Some(map)) = (governance_settings, settings.as_object_mut()) {
+            map.insert("governance".into(), governance);
         }
         let journal = SqliteJournal::open(storage)?;
         Ok(coordinator.durable(Box::new(journal), settings)?)

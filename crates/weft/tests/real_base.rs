@@ -161,6 +161,13 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     assert!(verified.status.success(), "{}", stderr(&verified));
     let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(report["final_base_hash"], governed["final_base_hash"]);
+    // Governance is part of the run: continuing it without is refused by name, not run quietly.
+    let out = tmp.path().join("governed");
+    let mut args = vec!["demo", "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    let ungoverned = weft(&args);
+    assert!(!ungoverned.status.success());
+    assert!(stderr(&ungoverned).contains("governance"), "{}", stderr(&ungoverned));
 
     // Both factors trained: nodes send A and B (twice the values here), the ledger replays.
     let full = demo(&base, &tmp.path().join("full"), &["--baseline", "none", "--adapter-track", "full"]);
