@@ -17,6 +17,7 @@ Join with it:
 WEFT_TORCH_DEVICE=cuda runs it on a GPU (default: cpu).
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -29,9 +30,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import weft_trainer as wt  # noqa: E402
 
 
+def no_init_weights():
+    """Skips the random initialisation the weights are about to replace (half of building
+    SmolLM2 here); a transformers without the helper initialises as usual."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return __import__(where, fromlist=["no_init_weights"]).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
 def load_base(job, device):
     config = transformers.LlamaConfig(**job["base"]["config"])
-    model = transformers.LlamaForCausalLM(config)
+    with no_init_weights():
+        model = transformers.LlamaForCausalLM(config)
     state = load_file(job["base"]["weights"])
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
