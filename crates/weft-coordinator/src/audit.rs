@@ -84,6 +84,8 @@ struct Auditor<'a> {
     /// The genesis base's held-out loss, as the first per-language check recorded it (every
     /// later one must record the same).
     reference_loss: Option<BTreeMap<String, Option<f64>>>,
+    /// Rounds each node has been charged privacy for (never refunded, rollbacks included).
+    charged: BTreeMap<String, u64>,
     report: AuditReport,
 }
 
@@ -117,6 +119,7 @@ pub fn verify_with(
         published_loss: None,
         base_loss: None,
         reference_loss: None,
+        charged: BTreeMap::new(),
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -219,6 +222,51 @@ impl Auditor<'_> {
                     }
                     (None, Some(_)) => {}
                     _ => return Err(fault("must carry either a delta hash or a refusal".into())),
+                }
+            }
+            Event::PrivacyCharged {
+                round,
+                node,
+                noise_multiplier,
+                sample_rate,
+                clip_norm,
+                steps,
+                delta,
+                epsilon_round,
+                epsilon_total,
+                rounds_charged,
+                budget,
+            } => {
+                let open = self.open_round(*round).map_err(fault)?;
+                if !open.received.contains_key(node) {
+                    return Err(fault(format!("charges {node}, whose contribution was not received")));
+                }
+                let charged = self.charged.entry(node.clone()).or_insert(0);
+                *charged += 1;
+                if *rounds_charged != *charged {
+                    return Err(fault(format!(
+                        "says {node} has been charged {rounds_charged} rounds, the ledger holds {charged}"
+                    )));
+                }
+                let rule = weft_privacy::DpRule {
+                    mechanism: weft_privacy::DpSgd {
+                        clip_norm: *clip_norm,
+                        noise_multiplier: *noise_multiplier,
+                        sample_rate: *sample_rate,
+                    },
+                    delta: *delta,
+                    epsilon_budget: *budget,
+                };
+                rule.validate().map_err(|e| fault(e.to_string()))?;
+                let replay = |rounds| rule.spent(rounds, *steps).map(|s| s.epsilon).map_err(|e| fault(e.to_string()));
+                let (round_eps, total_eps) = (replay(1)?, replay(*rounds_charged)?);
+                if round_eps.to_bits() != epsilon_round.to_bits() || total_eps.to_bits() != epsilon_total.to_bits() {
+                    return Err(fault(format!(
+                        "records epsilon {epsilon_round} (round) and {epsilon_total} (total); the accountant gives {round_eps} and {total_eps}"
+                    )));
+                }
+                if total_eps > *budget {
+                    return Err(fault(format!("charges {node} epsilon {total_eps}, over its budget {budget}")));
                 }
             }
             Event::Evaluation { round, node, gains, .. } => {

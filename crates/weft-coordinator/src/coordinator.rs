@@ -33,6 +33,7 @@ use crate::governance::{Governance, GovernanceError};
 use crate::head::{ModelHead, ModelPoint, ModelRefs};
 use crate::journal::{Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
+use crate::privacy::PrivacyRules;
 use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
 use crate::store::{BlobStore, StoreError};
 
@@ -108,6 +109,8 @@ pub enum CoordinatorError {
     MissingRound(u64),
     #[error("adapter rounds: {0}")]
     Adapter(String),
+    #[error("differential privacy: {0}")]
+    Privacy(String),
 }
 
 /// Why `submit` did not return a receipt: the contribution's fault, or the coordinator's.
@@ -239,6 +242,8 @@ pub struct Coordinator<M: Measure> {
     roster_ids: BTreeSet<NodeId>,
     rules: Rules,
     governance: Option<Governance>,
+    /// Differential privacy: the mechanism every contribution must state and each node's budget.
+    privacy: Option<PrivacyRules>,
     head: ModelHead,
     /// The genesis base's held-out loss: what the per-language check measures each language's
     /// progress against.
@@ -299,6 +304,7 @@ impl<M: Measure> Coordinator<M> {
             roster,
             rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale },
             governance: None,
+            privacy: None,
             genesis_loss: base_loss.clone(),
             head: ModelHead { point: ModelPoint::new(base), refs, base_loss },
             round: 0,
@@ -394,6 +400,27 @@ impl<M: Measure> Coordinator<M> {
     pub fn with_governance(mut self, governance: Governance) -> Self {
         self.governance = Some(governance);
         self
+    }
+
+    /// Every contribution must state the consortium's DP-SGD mechanism, and each node is charged
+    /// the composed ε of its rounds; one that would exceed its budget is refused
+    /// (`privacy_budget_exhausted`).
+    pub fn with_privacy(mut self, rules: PrivacyRules) -> Result<Self, CoordinatorError> {
+        rules.rule.validate().map_err(|e| CoordinatorError::Privacy(e.to_string()))?;
+        if rules.steps_per_round == 0 {
+            return Err(CoordinatorError::Privacy("a round of DP-SGD needs at least one step".into()));
+        }
+        self.privacy = Some(rules);
+        Ok(self)
+    }
+
+    pub fn privacy(&self) -> Option<&PrivacyRules> {
+        self.privacy.as_ref()
+    }
+
+    /// Rounds `node` has been charged for in closed rounds.
+    fn rounds_charged(&self, node: &NodeId) -> u64 {
+        self.manifests.get(node).map_or(0, |m| m.contributions.iter().filter(|e| e.privacy.is_some()).count() as u64)
     }
 
     pub fn governance(&self) -> Option<&Governance> {
@@ -539,10 +566,19 @@ impl<M: Measure> Coordinator<M> {
         let Some(round) = self.open.as_ref().map(|p| p.round) else {
             return Err(SubmitError::Rejected(Rejection::NoOpenRound));
         };
-        let record = ContributionRecord::arrived(&contribution, self.roster.get(&contribution.node).cloned());
+        let mut record = ContributionRecord::arrived(&contribution, self.roster.get(&contribution.node).cloned());
         if let Err(reason) = self.check(&contribution, round) {
             self.refuse(round, &contribution, record, signature, &reason)?;
             return Err(SubmitError::Rejected(reason));
+        }
+        if let Some(rules) = self.privacy {
+            match rules.charge(&contribution, self.rounds_charged(&contribution.node)) {
+                Ok(charge) => record.privacy = Some(charge),
+                Err(reason) => {
+                    self.refuse(round, &contribution, record, signature, &reason)?;
+                    return Err(SubmitError::Rejected(reason));
+                }
+            }
         }
         // Measured at its fair share of the step (see `Rules::probe_scale`).
         let measurement = self.score(&contribution.node, &contribution.delta)?;
@@ -625,24 +661,38 @@ impl<M: Measure> Coordinator<M> {
         // JSON (and so the journal) cannot carry an infinite loss: such a table is not kept.
         record.heldout_loss = heldout.values().all(|v| v.is_finite()).then(|| heldout.clone());
         record.gains = measurement.gains;
-        let events = vec![
-            Event::ContributionReceived {
+        let mut events = vec![Event::ContributionReceived {
+            round,
+            node: contribution.node.to_string(),
+            manifest_hash: manifest_of(contribution, admitted.delta_hash).hash(),
+            node_signature: signature,
+            delta_hash: Some(admitted.delta_hash),
+            refused: None,
+        }];
+        if let (Some(charge), Some(rules)) = (record.privacy, self.privacy) {
+            let m = rules.rule.mechanism;
+            events.push(Event::PrivacyCharged {
                 round,
                 node: contribution.node.to_string(),
-                manifest_hash: manifest_of(contribution, admitted.delta_hash).hash(),
-                node_signature: signature,
-                delta_hash: Some(admitted.delta_hash),
-                refused: None,
-            },
-            Event::Evaluation {
-                round,
-                node: contribution.node.to_string(),
-                quality: record.quality,
-                heldout_loss: finite(&heldout),
-                delta_norm: admitted.delta_norm,
-                gains: record.gains.clone(),
-            },
-        ];
+                noise_multiplier: m.noise_multiplier,
+                sample_rate: m.sample_rate,
+                clip_norm: m.clip_norm,
+                steps: rules.steps_per_round,
+                delta: charge.delta,
+                epsilon_round: charge.epsilon_round,
+                epsilon_total: charge.epsilon_total,
+                rounds_charged: charge.rounds_charged,
+                budget: charge.budget,
+            });
+        }
+        events.extend([Event::Evaluation {
+            round,
+            node: contribution.node.to_string(),
+            quality: record.quality,
+            heldout_loss: finite(&heldout),
+            delta_norm: admitted.delta_norm,
+            gains: record.gains.clone(),
+        }]);
         let entries = self.commit(Some(round), Rows { contribution: Some((round, &record)), closed: None }, events)?;
         if let Some(pending) = self.open.as_mut() {
             pending.leaves.extend(entries.first().map(weft_ledger::Entry::leaf));
@@ -960,6 +1010,7 @@ impl<M: Measure> Coordinator<M> {
                     reason: r.reason,
                     weight: r.weight,
                     declared: r.declared.clone(),
+                    privacy: r.privacy,
                 });
             }
         }

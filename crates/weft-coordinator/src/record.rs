@@ -7,6 +7,7 @@ use weft_core::quality::{Gains, LossTable};
 use weft_core::{ContentHash, Contribution, NodeId, RejectionCode};
 
 use crate::governance::GovernanceRecord;
+use crate::privacy::PrivacyCharge;
 
 /// The decision about one contribution, with everything needed to see why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,9 @@ pub struct ContributionRecord {
     /// removed (negative: it raised it). What the policy reads.
     #[serde(default)]
     pub gains: Option<Gains>,
+    /// The privacy loss charged for it (consortia with differential privacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyCharge>,
 }
 
 impl ContributionRecord {
@@ -67,6 +71,7 @@ impl ContributionRecord {
             delta_norm: None,
             heldout_loss: None,
             gains: None,
+            privacy: None,
         }
     }
 
@@ -131,4 +136,6 @@ pub struct ManifestEntry {
     pub reason: Option<RejectionCode>,
     pub weight: f64,
     pub declared: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyCharge>,
 }

@@ -137,6 +137,12 @@ pub enum Rejection {
         (1.0 / smallest_scale).round(), 100.0 * tolerance, 100.0 * rise
     )]
     LanguageRegression { language: String, rise: f64, tolerance: f64, smallest_scale: f64 },
+    #[error(
+        "this round would bring the node's privacy loss to epsilon {would_be:.3} (delta {delta:e}), over its budget {budget:.3} (spent so far: {spent:.3})"
+    )]
+    PrivacyBudgetExhausted { spent: f64, would_be: f64, budget: f64, delta: f64 },
+    #[error("the consortium trains with differential privacy, but {detail}")]
+    PrivacyMismatch { detail: String },
 }
 
 impl Rejection {
@@ -162,6 +168,8 @@ impl Rejection {
             Rejection::TooFewForAggregator { .. } => C::TooFewForAggregator,
             Rejection::CanaryOverfit { .. } => C::CanaryOverfit,
             Rejection::LanguageRegression { .. } => C::LanguageRegression,
+            Rejection::PrivacyBudgetExhausted { .. } => C::PrivacyBudgetExhausted,
+            Rejection::PrivacyMismatch { .. } => C::PrivacyMismatch,
         }
     }
 }
@@ -189,10 +197,12 @@ pub enum RejectionCode {
     CanaryOverfit,
     TooFewForAggregator,
     LanguageRegression,
+    PrivacyBudgetExhausted,
+    PrivacyMismatch,
 }
 
 impl RejectionCode {
-    pub const ALL: [RejectionCode; 18] = [
+    pub const ALL: [RejectionCode; 20] = [
         RejectionCode::NoOpenRound,
         RejectionCode::UnknownNode,
         RejectionCode::DuplicateNode,
@@ -211,6 +221,8 @@ impl RejectionCode {
         RejectionCode::CanaryOverfit,
         RejectionCode::TooFewForAggregator,
         RejectionCode::LanguageRegression,
+        RejectionCode::PrivacyBudgetExhausted,
+        RejectionCode::PrivacyMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -233,6 +245,8 @@ impl RejectionCode {
             RejectionCode::CanaryOverfit => "canary_overfit",
             RejectionCode::TooFewForAggregator => "too_few_for_aggregator",
             RejectionCode::LanguageRegression => "language_regression",
+            RejectionCode::PrivacyBudgetExhausted => "privacy_budget_exhausted",
+            RejectionCode::PrivacyMismatch => "privacy_mismatch",
         }
     }
 }

@@ -117,6 +117,25 @@ pub enum Event {
         delta_hash: Option<ContentHash>,
         refused: Option<Refusal>,
     },
+    /// The privacy loss the coordinator charged a node for a contribution it admitted
+    /// (consortia with differential privacy): the consortium's DP-SGD mechanism, the ε of the
+    /// round alone and of all the node's charged rounds composed, both at `delta`. `weft ledger
+    /// verify` recomputes both with the accountant.
+    PrivacyCharged {
+        round: u64,
+        node: String,
+        noise_multiplier: f64,
+        sample_rate: f64,
+        clip_norm: f64,
+        /// DP-SGD steps of the round.
+        steps: u64,
+        delta: f64,
+        epsilon_round: f64,
+        epsilon_total: f64,
+        /// Rounds the node has been charged for, this one included.
+        rounds_charged: u64,
+        budget: f64,
+    },
     /// The coordinator's own measurement of one contribution.
     Evaluation {
         round: u64,
@@ -176,6 +195,7 @@ impl Event {
             Event::ConsortiumCreated { .. } => "consortium_created",
             Event::RoundOpened { .. } => "round_opened",
             Event::ContributionReceived { .. } => "contribution_received",
+            Event::PrivacyCharged { .. } => "privacy_charged",
             Event::Evaluation { .. } => "evaluation",
             Event::Decision { .. } => "decision",
             Event::BasePublished { .. } => "base_published",
@@ -189,6 +209,7 @@ impl Event {
             Event::ConsortiumCreated { .. } => 0,
             Event::RoundOpened { round, .. }
             | Event::ContributionReceived { round, .. }
+            | Event::PrivacyCharged { round, .. }
             | Event::Evaluation { round, .. }
             | Event::Decision { round, .. }
             | Event::BasePublished { round, .. } => *round,

@@ -62,6 +62,12 @@ impl SigningKey {
         PublicKey(self.0.verifying_key().to_bytes())
     }
 
+    /// 32 secret bytes for another purpose (`context` names it), derived from the seed one way:
+    /// they reveal nothing of the key, and the key holder can always derive them again.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.0.to_bytes())
+    }
+
     pub fn sign(&self, message: &[u8]) -> Signature {
         Signature(self.0.sign(message).to_bytes())
     }

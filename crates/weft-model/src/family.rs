@@ -6,7 +6,7 @@ use std::fmt;
 
 use weft_core::{AdapterRound, ModelState};
 
-use crate::{AdamW, AdamWSettings, Gpt, GptConfig, ModelError, SplitMix64, TrainReport};
+use crate::{AdamW, AdamWSettings, DpReport, Gpt, GptConfig, ModelError, SplitMix64, TrainReport};
 
 /// A family's own error, carried as is (its message names what was wrong).
 pub type FamilyError = Box<dyn std::error::Error + Send + Sync>;
@@ -136,6 +136,25 @@ pub struct TrainedWeights {
     /// Loss on the node's validation tail before and after the round.
     pub validation_loss_before: f64,
     pub validation_loss_after: f64,
+    /// What DP-SGD did, when the round trained with it.
+    pub dp: Option<DpReport>,
+}
+
+/// Record-level DP-SGD for a node's trainer: the consortium's mechanism and the node's own
+/// secret, which keys its sampling and noise (see [`weft_privacy::PrivateStream`]).
+#[derive(Clone)]
+pub struct PrivateTraining {
+    pub dp: weft_privacy::DpSgd,
+    /// The δ the node states its ε at.
+    pub delta: f64,
+    pub secret: [u8; 32],
+}
+
+// Never print the secret.
+impl std::fmt::Debug for PrivateTraining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateTraining").field("dp", &self.dp).field("delta", &self.delta).finish_non_exhaustive()
+    }
 }
 
 /// The byte GPT's node trainer: AdamW, `steps` steps of `batch_rows` windows per round, its
@@ -146,12 +165,19 @@ pub struct ByteGptTrainer {
     batch_rows: usize,
     adamw: AdamWSettings,
     optimizer: Option<AdamW>,
+    privacy: Option<PrivateTraining>,
 }
 
 impl ByteGptTrainer {
     pub fn new(config: GptConfig, steps: u64, batch_rows: usize, adamw: AdamWSettings) -> Result<Self, ModelError> {
         config.validate()?;
-        Ok(ByteGptTrainer { config, steps, batch_rows, adamw, optimizer: None })
+        Ok(ByteGptTrainer { config, steps, batch_rows, adamw, optimizer: None, privacy: None })
+    }
+
+    /// Trains every round with DP-SGD instead of fixed batches of random windows.
+    pub fn with_privacy(mut self, privacy: PrivateTraining) -> Self {
+        self.privacy = Some(privacy);
+        self
     }
 }
 
@@ -162,7 +188,7 @@ impl WeightTrainer for ByteGptTrainer {
 
     fn train_round(
         &mut self,
-        _round: u64,
+        round: u64,
         base: &ModelState,
         text: CorpusText<'_>,
         rng: &mut SplitMix64,
@@ -172,12 +198,22 @@ impl WeightTrainer for ByteGptTrainer {
         let eval_rows = self.batch_rows.max(1);
         let validation_loss_before = model.loss_per_byte(text.validation, eval_rows);
         let optimizer = self.optimizer.get_or_insert_with(|| AdamW::new(self.adamw, &model));
-        let report = optimizer.train(&mut model, text.train, self.steps, self.batch_rows, rng, on_step);
+        let (report, dp) = match &self.privacy {
+            Some(private) => {
+                let mut stream = weft_privacy::PrivateStream::new(&private.secret, round);
+                let (report, dp) = optimizer
+                    .train_private(&mut model, text.train, self.steps, &private.dp, private.delta, &mut stream, on_step)
+                    .map_err(|e| format!("differential privacy: {e}"))?;
+                (report, Some(dp))
+            }
+            None => (optimizer.train(&mut model, text.train, self.steps, self.batch_rows, rng, on_step), None),
+        };
         Ok(TrainedWeights {
             weights: model.to_state(),
             report,
             validation_loss_before,
             validation_loss_after: model.loss_per_byte(text.validation, eval_rows),
+            dp,
         })
     }
 

@@ -22,9 +22,9 @@ mod train;
 pub use config::{ConfigError, GptConfig};
 pub use family::{
     AdapterJobForm, AdapterTrainer, AdapterTraining, ByteGpt, ByteGptTrainer, CorpusText, Evaluator, FamilyError,
-    ModelFamily, TrainedAdapter, TrainedWeights, WeightTrainer,
+    ModelFamily, PrivateTraining, TrainedAdapter, TrainedWeights, WeightTrainer,
 };
 pub use layout::ModelError;
 pub use model::Gpt;
 pub use rng::SplitMix64;
-pub use train::{AdamW, AdamWSettings, Batch, TrainReport};
+pub use train::{AdamW, AdamWSettings, Batch, DpReport, TrainReport};

@@ -168,9 +168,15 @@ impl Gpt {
         &mut self.params
     }
 
-    #[cfg(test)]
-    pub(crate) fn grads(&self) -> &[f32] {
+    /// The gradient buffer of the last [`backward`](Self::backward), in parameter order.
+    pub fn grads(&self) -> &[f32] {
         &self.grads
+    }
+
+    /// Replaces the gradient buffer (DP-SGD's noised mean of clipped per-record gradients).
+    /// `None` if `grads` does not have one value per parameter.
+    pub fn set_grads(&mut self, grads: &[f32]) -> Option<()> {
+        (grads.len() == self.grads.len()).then(|| self.grads.copy_from_slice(grads))
     }
 
     /// Runs the model on a batch and returns `(Σ masked loss in nats, number of masked targets)`.

@@ -49,6 +49,7 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
         encoding: Encoding::F32,
         storage: "coordinator".into(),
         model: Some(GptConfig { layers: 1, heads: 1, width: 8, context: 8 }),
+        privacy: None,
         base: None,
         training: Training { local_steps: 1, batch: 1, lr: 1e-3 },
         policy: PolicySettings {
@@ -95,6 +96,7 @@ async fn serve_round(dir: &Path, values: usize) -> Result<(), Error> {
         key: read_text(&storage.join("tls.key"))?,
         ca: read_text(&dir.join("ca.pem"))?,
         spool: storage.join("incoming"),
+        dp: None,
         linger: Duration::from_millis(500),
         config,
         roster,

@@ -288,6 +288,15 @@ async fn contribute(
     let id = kit.config.id.clone();
     let language = kit.config.language.clone();
     let artifacts = artifacts.to_owned();
+    // DP's sampling and noise are keyed by the node's own signing key: the coordinator knows the
+    // round's seed, never this.
+    let dp_secret = weft_node::node_secret(&kit.signing.derive_secret("weft node dp secret v1"), &id);
+    let dp = dp_rule(&training)?;
+    if dp.is_some() && matches!(participant, Participant::Ready(LocalTrainer::External(..))) {
+        return Err(NetError::Trainer(
+            "this consortium trains with DP-SGD ([privacy.dp]), which weft's built-in trainer applies; an outside trainer cannot join it yet (drop --trainer / [trainer])".into(),
+        ));
+    }
     let (participant, contribution) =
         tokio::task::spawn_blocking(move || -> (Participant, Result<Contribution, NetError>) {
             match (participant, adapter) {
@@ -333,9 +342,10 @@ async fn contribute(
                         batch_rows: training.batch_rows as usize,
                         adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
                         seed: training.seed,
+                        privacy: dp,
                     };
                     let built = settings
-                        .byte_gpt_trainer(config)
+                        .byte_gpt_trainer(config, &dp_secret)
                         .map_err(|e| NetError::Trainer(e.to_string()))
                         .and_then(|trainer| Ok(Node::new(id, language, corpus, trainer, settings.seed, artifacts)?));
                     match built {
@@ -386,6 +396,23 @@ async fn contribute(
         wire_bytes: receipt.wire_bytes,
         train_seconds,
     })
+}
+
+/// The DP-SGD rule the coordinator announces, checked: it crosses the network.
+fn dp_rule(training: &proto::TrainingSettings) -> Result<Option<weft_privacy::DpRule>, NetError> {
+    let Some(dp) = &training.dp else { return Ok(None) };
+    let rule = weft_privacy::DpRule {
+        mechanism: weft_privacy::DpSgd {
+            clip_norm: dp.clip_norm,
+            noise_multiplier: dp.noise_multiplier,
+            sample_rate: dp.sample_rate,
+        },
+        delta: dp.delta,
+        epsilon_budget: dp.epsilon_budget,
+    };
+    rule.validate()
+        .map_err(|e| NetError::Protocol(format!("the coordinator announces DP-SGD settings out of range: {e}")))?;
+    Ok(Some(rule))
 }
 
 /// After the last round: the final published base, and the node's private adapter on it.

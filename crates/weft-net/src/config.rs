@@ -75,6 +75,94 @@ pub struct ConsortiumConfig {
     /// --governance`); absent: the policy alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub governance: Option<GovernanceConfig>,
+    /// Differential privacy (`[privacy.dp]`); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyConfig>,
+}
+
+/// `[privacy]`: what the consortium protects and how.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Record-level DP-SGD on every node, with a per-node budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpConfig>,
+}
+
+/// `[privacy.dp]`: every node trains with DP-SGD; the coordinator charges each node the composed
+/// ε of its rounds and refuses one that would exceed `epsilon`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// Each node's privacy budget over the consortium's life.
+    pub epsilon: f64,
+    /// The δ every ε is stated at.
+    #[serde(default = "DpConfig::default_delta")]
+    pub delta: f64,
+    /// Per-record gradient clipping norm C.
+    #[serde(default = "DpConfig::default_clip_norm")]
+    pub clip_norm: f64,
+    /// Probability that each record (a window of context + 1 bytes) is in a step's batch.
+    #[serde(default = "DpConfig::default_sample_rate")]
+    pub sample_rate: f64,
+    /// Noise σ over C. Absent: the smallest σ with which `rounds` rounds of `local_steps` steps
+    /// spend at most `epsilon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+}
+
+impl DpConfig {
+    pub const DEFAULT_DELTA: f64 = 1e-5;
+    pub const DEFAULT_CLIP_NORM: f64 = 1.0;
+    pub const DEFAULT_SAMPLE_RATE: f64 = 0.005;
+
+    fn default_delta() -> f64 {
+        Self::DEFAULT_DELTA
+    }
+    fn default_clip_norm() -> f64 {
+        Self::DEFAULT_CLIP_NORM
+    }
+    fn default_sample_rate() -> f64 {
+        Self::DEFAULT_SAMPLE_RATE
+    }
+
+    /// The rule for a run of `rounds` rounds of `steps` local steps: the noise multiplier as
+    /// given, or calibrated to the budget. Errors name the key.
+    pub fn rule(&self, rounds: u64, steps: u64) -> Result<weft_privacy::DpRule, SettingError> {
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(setting("privacy.dp.epsilon", format!("must be a positive number, got {}", self.epsilon)));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(setting("privacy.dp.delta", format!("must be in (0, 1), got {}", self.delta)));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(setting("privacy.dp.clip_norm", format!("must be a positive number, got {}", self.clip_norm)));
+        }
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err(setting("privacy.dp.sample_rate", format!("must be in (0, 1], got {}", self.sample_rate)));
+        }
+        let noise_multiplier = match self.noise_multiplier {
+            Some(sigma) if sigma.is_finite() && sigma > 0.0 => sigma,
+            Some(sigma) => {
+                return Err(setting("privacy.dp.noise_multiplier", format!("must be a positive number, got {sigma}")))
+            }
+            None => {
+                weft_privacy::calibrate_noise(self.epsilon, self.delta, self.sample_rate, rounds.saturating_mul(steps))
+                    .map_err(|e| setting("privacy.dp.epsilon", e.to_string()))?
+            }
+        };
+        let rule = weft_privacy::DpRule {
+            mechanism: weft_privacy::DpSgd {
+                clip_norm: self.clip_norm,
+                noise_multiplier,
+                sample_rate: self.sample_rate,
+            },
+            delta: self.delta,
+            epsilon_budget: self.epsilon,
+        };
+        rule.validate().map_err(|e| setting("privacy.dp", e.to_string()))?;
+        Ok(rule)
+    }
 }
 
 impl ConsortiumConfig {
@@ -517,6 +605,7 @@ mod tests {
             training: Training::default(),
             policy: PolicySettings::default(),
             governance: None,
+            privacy: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub spool: PathBuf,
     /// How long to keep answering after the last round (so nodes learn it is over).
     pub linger: Duration,
+    /// The DP-SGD rule nodes train with (`[privacy.dp]`, its noise calibrated).
+    pub dp: Option<weft_privacy::DpRule>,
 }
 
 /// Bytes each node sent per round.
@@ -360,6 +362,13 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 heads: config.model.map_or(0, |m| m.heads as u32),
                 width: config.model.map_or(0, |m| m.width as u32),
                 context: config.context() as u32,
+                dp: self.shared.options.dp.map(|rule| proto::DpSgdSettings {
+                    clip_norm: rule.mechanism.clip_norm,
+                    noise_multiplier: rule.mechanism.noise_multiplier,
+                    sample_rate: rule.mechanism.sample_rate,
+                    delta: rule.delta,
+                    epsilon_budget: rule.epsilon_budget,
+                }),
             }),
             encoding: config.encoding.to_proto() as i32,
             submitted: view.submitted.contains(&member.id),

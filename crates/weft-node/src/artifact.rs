@@ -22,6 +22,9 @@ pub struct LocalMetrics {
     pub validation_loss_after: f64,
     /// Global gradient norm of the last step, before clipping.
     pub grad_norm: f64,
+    /// What DP-SGD did (mechanism, this round's ε, records sampled and clipped), when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<weft_model::DpReport>,
 }
 
 /// `manifest.json` beside each artifact's `model.safetensors`.

@@ -377,6 +377,8 @@ impl WeightTrainer for ExternalTrainer {
             },
             validation_loss_before: metrics.validation_loss_before.unwrap_or(0.0),
             validation_loss_after: metrics.validation_loss_after.unwrap_or(0.0),
+            // An outside trainer's DP is not weft's to vouch for: refused under DP (see join).
+            dp: None,
         })
     }
 

@@ -16,4 +16,7 @@ pub use external::{
     ExternalAdapterTrainer, ExternalCommand, ExternalSettings, ExternalTrainer, Job, JobAdapter, JobBase, JobCorpus,
     JobKind, JobMetrics, JobOutput, JobTraining, JOB_VERSION,
 };
-pub use node::{Cycle, Node, NodeError, NodeSettings};
+pub use node::{
+    declared_privacy, node_secret, Cycle, Node, NodeError, NodeSettings, DP_CLIP_NORM, DP_DELTA, DP_EPSILON,
+    DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS,
+};

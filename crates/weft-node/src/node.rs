@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use weft_core::{ContentHash, Contribution, Delta, ModelState, NodeId, StateError};
-use weft_model::{AdamWSettings, ByteGptTrainer, FamilyError, GptConfig, ModelError, SplitMix64, WeightTrainer};
+use weft_model::{
+    AdamWSettings, ByteGptTrainer, DpReport, FamilyError, GptConfig, ModelError, PrivateTraining, SplitMix64,
+    WeightTrainer,
+};
+use weft_privacy::DpRule;
 
 use crate::artifact::{ArtifactManifest, LocalMetrics, SovereignArtifact};
 use crate::corpus::LocalCorpus;
@@ -20,20 +24,38 @@ pub struct NodeSettings {
     pub adamw: AdamWSettings,
     /// The run's seed; each node and round draws its own stream from it.
     pub seed: u64,
+    /// Record-level DP-SGD, when the consortium requires it.
+    #[serde(default)]
+    pub privacy: Option<DpRule>,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
-        NodeSettings { steps: 60, batch_rows: 16, adamw: AdamWSettings::default(), seed: 0 }
+        NodeSettings { steps: 60, batch_rows: 16, adamw: AdamWSettings::default(), seed: 0, privacy: None }
     }
 }
 
 impl NodeSettings {
     /// The byte GPT's trainer for a node with these settings (fails on a configuration out of
-    /// range).
-    pub fn byte_gpt_trainer(&self, config: GptConfig) -> Result<Box<dyn WeightTrainer>, ModelError> {
-        Ok(Box::new(ByteGptTrainer::new(config, self.steps, self.batch_rows, self.adamw)?))
+    /// range). `secret` keys the node's DP sampling and noise when privacy is on; it must be
+    /// the node's alone (see [`node_secret`]).
+    pub fn byte_gpt_trainer(&self, config: GptConfig, secret: &[u8; 32]) -> Result<Box<dyn WeightTrainer>, ModelError> {
+        let trainer = ByteGptTrainer::new(config, self.steps, self.batch_rows, self.adamw)?;
+        Ok(Box::new(match self.privacy {
+            Some(rule) => {
+                trainer.with_privacy(PrivateTraining { dp: rule.mechanism, delta: rule.delta, secret: *secret })
+            }
+            None => trainer,
+        }))
     }
+}
+
+/// A node's private 32 bytes for its DP stream, derived from secret key material only it holds
+/// (its signing key over the network). Never sent: whoever knows it can subtract the noise.
+pub fn node_secret(key_material: &[u8], node: &NodeId) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("weft node dp secret v1");
+    hasher.update(key_material).update(node.as_str().as_bytes());
+    *hasher.finalize().as_bytes()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +170,7 @@ impl Node {
             validation_loss_before: trained.validation_loss_before,
             validation_loss_after: trained.validation_loss_after,
             grad_norm: report.last_grad_norm,
+            dp: trained.dp,
         };
         let manifest = ArtifactManifest {
             node: self.id.clone(),
@@ -204,17 +227,47 @@ impl Node {
         let base_hash = artifact.manifest.base_hash;
         self.latest = Some(artifact.clone());
         let delta = Delta::between(base, local).map_err(|source| NodeError::Delta { node: self.id.clone(), source })?;
-        let declared = BTreeMap::from([
-            ("train_loss".to_owned(), metrics.train_loss),
-            ("final_train_loss".to_owned(), metrics.final_train_loss),
-            ("validation_loss".to_owned(), metrics.validation_loss_after),
-            ("validation_gain".to_owned(), metrics.validation_loss_before - metrics.validation_loss_after),
-        ]);
-        let contribution =
-            Contribution { node: self.id.clone(), round, base_hash, delta, token_count: metrics.tokens, declared };
+        let (declared, token_count) = match metrics.dp {
+            // Under DP the node releases the noised delta and its mechanism only: its losses and
+            // how many tokens its Poisson samples held are data-dependent and not covered by the
+            // guarantee, so they stay in its own manifest.
+            Some(dp) => (declared_privacy(&dp, metrics.steps), 0),
+            None => (
+                BTreeMap::from([
+                    ("train_loss".to_owned(), metrics.train_loss),
+                    ("final_train_loss".to_owned(), metrics.final_train_loss),
+                    ("validation_loss".to_owned(), metrics.validation_loss_after),
+                    ("validation_gain".to_owned(), metrics.validation_loss_before - metrics.validation_loss_after),
+                ]),
+                metrics.tokens,
+            ),
+        };
+        let contribution = Contribution { node: self.id.clone(), round, base_hash, delta, token_count, declared };
         Ok(Cycle { artifact, contribution })
     }
 }
+
+/// What a DP-trained contribution states, signed with it: the mechanism and the (ε, δ) of this
+/// round alone. The coordinator checks the mechanism against the consortium's and computes the
+/// composed ε itself.
+pub fn declared_privacy(dp: &DpReport, steps: u64) -> BTreeMap<String, f64> {
+    BTreeMap::from([
+        (DP_NOISE_MULTIPLIER.to_owned(), dp.mechanism.noise_multiplier),
+        (DP_SAMPLE_RATE.to_owned(), dp.mechanism.sample_rate),
+        (DP_CLIP_NORM.to_owned(), dp.mechanism.clip_norm),
+        (DP_STEPS.to_owned(), steps as f64),
+        (DP_EPSILON.to_owned(), dp.epsilon),
+        (DP_DELTA.to_owned(), dp.delta),
+    ])
+}
+
+/// The names of a DP contribution's statements in its signed manifest.
+pub const DP_NOISE_MULTIPLIER: &str = "dp_noise_multiplier";
+pub const DP_SAMPLE_RATE: &str = "dp_sample_rate";
+pub const DP_CLIP_NORM: &str = "dp_clip_norm";
+pub const DP_STEPS: &str = "dp_steps";
+pub const DP_EPSILON: &str = "dp_epsilon";
+pub const DP_DELTA: &str = "dp_delta";
 
 #[cfg(test)]
 mod tests {
@@ -232,7 +285,7 @@ mod tests {
             NodeId::new("n1").unwrap(),
             "en",
             corpus,
-            settings.byte_gpt_trainer(config).unwrap(),
+            settings.byte_gpt_trainer(config, &[0; 32]).unwrap(),
             settings.seed,
             dir,
         )

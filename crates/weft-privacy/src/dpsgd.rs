@@ -42,6 +42,36 @@ impl DpSgd {
     }
 }
 
+/// The consortium's differential-privacy rule: the mechanism every node trains with, the δ
+/// every ε is stated at, and the ε no node may exceed over the consortium's life.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpRule {
+    pub mechanism: DpSgd,
+    pub delta: f64,
+    /// Each node's budget: the composed ε of all its charged rounds may not exceed it.
+    pub epsilon_budget: f64,
+}
+
+impl DpRule {
+    pub fn validate(&self) -> Result<(), DpSgdError> {
+        self.mechanism.validate()?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(AccountingError::Delta(self.delta).into());
+        }
+        if !(self.epsilon_budget.is_finite() && self.epsilon_budget > 0.0) {
+            return Err(AccountingError::Epsilon(self.epsilon_budget).into());
+        }
+        Ok(())
+    }
+
+    /// The ε of `rounds` rounds of `steps` steps each, composed (the curves add, so this is
+    /// the RDP of `rounds · steps` steps).
+    pub fn spent(&self, rounds: u64, steps: u64) -> Result<crate::Spent, AccountingError> {
+        crate::RdpCurve::of_steps(self.mechanism.mechanism(), rounds.saturating_mul(steps))?.epsilon(self.delta)
+    }
+}
+
 /// The unit DP protects: disjoint spans of `record_len` items (bytes, tokens) of a corpus of
 /// `len` items; the last may be shorter. A span of one item predicts nothing and is left out.
 pub fn records(len: usize, record_len: usize) -> Vec<std::ops::Range<usize>> {

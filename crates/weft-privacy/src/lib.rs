@@ -5,4 +5,4 @@ pub mod accountant;
 pub mod dpsgd;
 
 pub use accountant::{calibrate_noise, orders, AccountingError, RdpCurve, Spent, SubsampledGaussian};
-pub use dpsgd::{records, ClippedSum, DpSgd, DpSgdError, PrivateStream};
+pub use dpsgd::{records, ClippedSum, DpRule, DpSgd, DpSgdError, PrivateStream};

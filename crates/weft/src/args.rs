@@ -9,7 +9,7 @@ use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
 use weft_core::{Aggregator, Fairness, Weighting};
 use weft_model::GptConfig;
-use weft_net::config::{GovernanceConfig, OuterKind, PolicySettings, Training};
+use weft_net::config::{DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, Training};
 
 use crate::run::RunSections;
 
@@ -32,6 +32,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub governance: GovernanceArgs,
     #[command(flatten)]
+    pub privacy: PrivacyArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -45,6 +47,7 @@ impl RunArgs {
             training: self.training.settings(),
             policy: self.policy.settings(),
             governance: self.governance.config()?,
+            privacy: self.privacy.config(),
         })
     }
 }
@@ -169,6 +172,55 @@ impl PolicyArgs {
             momentum: self.momentum,
             probe_scale: self.probe_scale,
         }
+    }
+}
+
+/// A privacy tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrivacyTier {
+    /// Record-level DP-SGD on every node; the coordinator charges each node's ε and refuses a
+    /// contribution past its budget.
+    Dp,
+}
+
+/// Differential privacy (`[privacy.dp]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrivacyArgs {
+    /// Privacy tier (dp: record-level DP-SGD on every node with a per-node ε budget).
+    #[arg(long, value_enum)]
+    pub privacy: Option<PrivacyTier>,
+    /// Each node's ε budget over the run (with --privacy dp) [default: 8].
+    #[arg(long, requires = "privacy", allow_negative_numbers = true)]
+    pub epsilon: Option<f64>,
+    /// The δ every ε is stated at [default: 1e-5].
+    #[arg(long, requires = "privacy", allow_negative_numbers = true)]
+    pub delta: Option<f64>,
+    /// Per-record gradient clipping norm [default: 1].
+    #[arg(long, requires = "privacy", allow_negative_numbers = true)]
+    pub dp_clip_norm: Option<f64>,
+    /// Probability that each record (context + 1 bytes) is in a step's batch [default: 0.005].
+    #[arg(long, requires = "privacy", allow_negative_numbers = true)]
+    pub dp_sample_rate: Option<f64>,
+    /// Noise σ over the clip norm [default: the smallest that keeps the run within --epsilon].
+    #[arg(long, requires = "privacy", allow_negative_numbers = true)]
+    pub dp_noise_multiplier: Option<f64>,
+}
+
+/// ε budget of `--privacy dp` unless --epsilon says otherwise.
+pub const DEFAULT_EPSILON: f64 = 8.0;
+
+impl PrivacyArgs {
+    pub fn config(&self) -> Option<PrivacyConfig> {
+        let Some(PrivacyTier::Dp) = self.privacy else { return None };
+        Some(PrivacyConfig {
+            dp: Some(DpConfig {
+                epsilon: self.epsilon.unwrap_or(DEFAULT_EPSILON),
+                delta: self.delta.unwrap_or(DpConfig::DEFAULT_DELTA),
+                clip_norm: self.dp_clip_norm.unwrap_or(DpConfig::DEFAULT_CLIP_NORM),
+                sample_rate: self.dp_sample_rate.unwrap_or(DpConfig::DEFAULT_SAMPLE_RATE),
+                noise_multiplier: self.dp_noise_multiplier,
+            }),
+        })
     }
 }
 

@@ -104,6 +104,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         training: sections.training,
         policy: sections.policy,
         governance: sections.governance,
+        privacy: sections.privacy,
     };
     config.validate().map_err(|e| setting_error(e, Source::Flags))?;
     let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;

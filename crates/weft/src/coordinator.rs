@@ -53,14 +53,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| config_path.display().to_string())?;
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
-    let coordinator = if config.base.is_some() {
-        crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
-            .with_context(|| config_path.display().to_string())?
+    let (coordinator, dp) = if config.base.is_some() {
+        let coordinator = crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
+            .with_context(|| config_path.display().to_string())?;
+        (coordinator, None)
     } else {
         let run = RunSettings::from_config(&config, members)
             .map_err(|e| setting_error(e, Source::ConsortiumToml))
             .with_context(|| config_path.display().to_string())?;
-        run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }))?
+        let coordinator = run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }))?;
+        (coordinator, run.privacy.map(|p| p.rule))
     };
     if coordinator.round() > 0 || coordinator.open_round_state().is_some() {
         say!("continuing after round {} from {}", coordinator.round(), storage.display());
@@ -71,6 +73,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ca: read_text(&args.dir.join("ca.pem"))?,
         spool: storage.join("incoming"),
         linger: Duration::from_secs(args.linger_secs),
+        dp,
         config,
         roster,
     };

@@ -160,7 +160,9 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
             id.clone(),
             language.clone(),
             LocalCorpus::from_bytes(bytes),
-            run.node.byte_gpt_trainer(run.model())?,
+            // In one process there is no node key: each node's DP stream is keyed by the run's
+            // seed and its id (the networked node keys it with its own signing key).
+            run.node.byte_gpt_trainer(run.model(), &demo_node_secret(run.seed(), id))?,
             run.node.seed,
             dir,
         )?);
@@ -296,6 +298,22 @@ fn print_header(
         describe_outer(&run.outer),
         coordinator.probe_scale()
     );
+    if let Some(p) = &run.privacy {
+        let m = p.rule.mechanism;
+        say!(
+            "privacy: record-level DP-SGD on every node · budget ε {} per node at δ {:e} · noise σ {:.4}{} · sampling rate {} · clip norm {}",
+            p.rule.epsilon_budget,
+            p.rule.delta,
+            m.noise_multiplier,
+            if run.sections.privacy.and_then(|c| c.dp).is_some_and(|c| c.noise_multiplier.is_none()) {
+                format!(" (calibrated: {} rounds × {} steps spend at most the budget)", run.sections.rounds, p.steps_per_round)
+            } else {
+                String::new()
+            },
+            m.sample_rate,
+            m.clip_norm
+        );
+    }
     Ok(())
 }
 
@@ -323,6 +341,7 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         training: run.sections.training,
         policy: run.sections.policy.clone(),
         governance: run.sections.governance.clone(),
+        privacy: run.sections.privacy,
     };
     weft_net::provision::init(&dir, &config, &run.members)?;
     let served_json = scratch.path().join("served.json");
@@ -483,4 +502,9 @@ fn save_base(out: &Path, round: u64, coordinator: &DurableCoordinator<HeldoutSet
     let bytes = coordinator.base().to_safetensors(None)?;
     write_atomic(&dir.join(format!("round-{round:04}.safetensors")), &bytes)?;
     Ok(())
+}
+
+/// A node's DP secret in the one-process demo, where every node is this process anyway.
+pub(crate) fn demo_node_secret(seed: u64, node: &NodeId) -> [u8; 32] {
+    weft_node::node_secret(&seed.to_le_bytes(), node)
 }

@@ -162,6 +162,21 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 (Some(h), None) => say!("#{seq}   {node:<14} received  delta {}", h.short()),
                 (None, None) => say!("#{seq}   {node:<14} received"),
             },
+            Event::PrivacyCharged {
+                node,
+                epsilon_round,
+                epsilon_total,
+                delta,
+                budget,
+                rounds_charged,
+                noise_multiplier,
+                sample_rate,
+                ..
+            } => {
+                say!(
+                    "#{seq}   {node:<14} charged   ε {epsilon_round:.3} this round · ε {epsilon_total:.3} of {budget} over {rounds_charged} round(s) (δ {delta:e}; σ {noise_multiplier:.4}, q {sample_rate})"
+                );
+            }
             Event::Evaluation { node, quality, heldout_loss, .. } => {
                 let losses: Vec<String> = heldout_loss
                     .iter()

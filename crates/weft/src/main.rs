@@ -16,6 +16,7 @@ mod ledger;
 mod model;
 mod node;
 mod output;
+mod privacy;
 mod realbase;
 mod report;
 mod reputation;
@@ -57,6 +58,8 @@ enum Command {
     /// Pretrained open-weights bases: import a GGUF, score a text, generate.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Each node's differential-privacy budget: rounds charged, ε spent (composed), what is left.
+    Privacy(privacy::PrivacyArgs),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
 }
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(*args),
         Command::Inspect(args) => inspect::run(args),
         Command::Reputation(args) => reputation::run(args),
+        Command::Privacy(args) => privacy::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Ledger(command) => ledger::run(command),
         Command::Consortium(command) => consortium::run(command),

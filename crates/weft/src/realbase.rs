@@ -411,6 +411,9 @@ pub(crate) fn serve_coordinator(
     storage: &Path,
 ) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
     let base = consortium.base.as_ref().context("consortium.toml has no [base]")?;
+    if consortium.privacy.is_some() {
+        bail!("differential privacy ([privacy.dp], --privacy dp) runs on the built-in byte model only for now: DP-SGD on a pretrained base's adapters is not built yet");
+    }
     let policy = consortium.policy.policy().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     let outer = consortium.policy.outer_optimizer().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     consortium.policy.validate().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
@@ -527,6 +530,9 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         bail!("--base runs in one process, without attacks, for now: drop --processes and --attack");
     }
     let run = args.run_settings(&languages)?;
+    if run.privacy.is_some() {
+        bail!("differential privacy ([privacy.dp], --privacy dp) runs on the built-in byte model only for now: DP-SGD on a pretrained base's adapters is not built yet");
+    }
     if !matches!(run.outer, OuterOptimizer::Plain { .. }) {
         bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
     }

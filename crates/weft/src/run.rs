@@ -8,13 +8,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use weft_coordinator::PrivacyRules;
 use weft_coordinator::{
     CanaryRegistry, ConfigDifference, Coordinator, DurableCoordinator, FsBlobStore, Governance, HeldoutSet, Member,
     SqliteJournal, Visibility,
 };
 use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy};
 use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
-use weft_net::config::{ConsortiumConfig, GovernanceConfig, PolicySettings, SettingError, Training};
+use weft_net::config::{ConsortiumConfig, GovernanceConfig, PolicySettings, PrivacyConfig, SettingError, Training};
 use weft_node::NodeSettings;
 
 use crate::data;
@@ -32,6 +33,7 @@ pub struct RunSections {
     pub training: Training,
     pub policy: PolicySettings,
     pub governance: Option<GovernanceConfig>,
+    pub privacy: Option<PrivacyConfig>,
 }
 
 impl RunSections {
@@ -49,6 +51,7 @@ impl RunSections {
             training: config.training,
             policy: config.policy.clone(),
             governance: config.governance.clone(),
+            privacy: config.privacy,
         })
     }
 }
@@ -63,6 +66,8 @@ pub struct RunSettings {
     pub aggregator: Aggregator,
     pub outer: OuterOptimizer,
     pub node: NodeSettings,
+    /// Differential privacy as the coordinator enforces it.
+    pub privacy: Option<PrivacyRules>,
 }
 
 impl RunSettings {
@@ -88,6 +93,10 @@ impl RunSettings {
             return Err(invalid("policy.aggregator", detail));
         }
         let training = sections.training;
+        let dp = match sections.privacy.and_then(|p| p.dp) {
+            Some(dp) => Some(dp.rule(sections.rounds, training.local_steps)?),
+            None => None,
+        };
         Ok(RunSettings {
             policy: sections.policy.policy()?,
             outer: sections.policy.outer_optimizer()?,
@@ -97,7 +106,9 @@ impl RunSettings {
                 batch_rows: training.batch,
                 adamw: AdamWSettings { lr: training.lr, ..AdamWSettings::default() },
                 seed: sections.seed,
+                privacy: dp,
             },
+            privacy: dp.map(|rule| PrivacyRules { rule, steps_per_round: training.local_steps }),
             members,
             sections,
         })
@@ -163,6 +174,9 @@ impl RunSettings {
         }
         if let Some(scale) = self.sections.policy.probe_scale {
             coordinator = coordinator.with_probe_scale(scale)?;
+        }
+        if let Some(rules) = self.privacy {
+            coordinator = coordinator.with_privacy(rules)?;
         }
         let settings = serde_json::json!({
             "model": self.model(),
@@ -233,6 +247,13 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("policy.probe_scale", "--probe-scale"),
         ("probe_scale", "--probe-scale"),
         ("governance", "--governance (and its settings)"),
+        ("privacy.dp.epsilon", "--epsilon"),
+        ("privacy.dp.delta", "--delta"),
+        ("privacy.dp.clip_norm", "--dp-clip-norm"),
+        ("privacy.dp.sample_rate", "--dp-sample-rate"),
+        ("privacy.dp.noise_multiplier", "--dp-noise-multiplier"),
+        ("privacy", "--privacy (and its settings)"),
+        ("settings.node.privacy", "--privacy (and its settings)"),
         ("roster", "--nodes/--languages"),
         ("settings.extra.attack", "--attack/--attackers/--attack-scale"),
         ("initial_base_hash", "--seed and the model flags"),

@@ -98,6 +98,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         batch_rows: 4,
         adamw: AdamWSettings { warmup_steps: 0, ..AdamWSettings::default() },
         seed: args.seed,
+        privacy: None,
     };
     say!("weft simulate: {} devices, tiny model ({parameters} parameters), {} rounds", args.nodes, args.rounds);
     let mut rounds = Vec::new();
@@ -111,7 +112,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             let start = (i * 97) % text.len().saturating_sub(256).max(1);
             let shard = text[start..(start + 512).min(text.len())].to_vec();
             let dir = scratch.path().join("devices").join(id.as_str());
-            let trainer = settings.byte_gpt_trainer(TINY)?;
+            let trainer = settings.byte_gpt_trainer(TINY, &crate::demo::demo_node_secret(args.seed, id))?;
             let mut node =
                 Node::new(id.clone(), *language, LocalCorpus::from_bytes(shard), trainer, settings.seed, dir)?;
             let cycle = node.run_cycle(announcement.round, &base, announcement.base_hash, |_, _| {})?;

@@ -68,6 +68,20 @@ pub fn round(
         record.base_hash.short()
     );
     say!("  held-out loss of the base (nats/byte): {}", losses(&record.heldout_loss));
+    let charged: Vec<String> = record
+        .contributions
+        .iter()
+        .filter_map(|c| c.privacy.map(|p| format!("{} {:.3}", c.node, p.epsilon_total)))
+        .collect();
+    if let Some(p) = record.contributions.iter().find_map(|c| c.privacy) {
+        say!(
+            "  privacy: ε {:.3} charged per contribution this round; spent (composed) {} of {} (δ {:e})",
+            p.epsilon_round,
+            charged.join(", "),
+            p.budget,
+            p.delta
+        );
+    }
     if let Some(check) = &record.language_check {
         for line in language_check(check) {
             say!("  {line}");

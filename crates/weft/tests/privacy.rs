@@ -1,0 +1,144 @@
+//! Differential privacy through the real binary: `weft demo --privacy dp`, the ledger's charges,
+//! `weft privacy`, and the budget stop.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const SMALL: &[&str] = &["--layers", "1", "--heads", "2", "--width", "32", "--context", "32", "--batch", "8"];
+
+fn weft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft")).args(args).output().expect("the weft binary runs")
+}
+
+fn demo(dir: &Path, extra: &[&str]) -> Value {
+    let json = dir.join("report.json");
+    let out_dir = dir.join("run");
+    let mut args = vec!["demo", "--json", json.to_str().unwrap(), "--out", out_dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    let out = weft(&args);
+    assert!(out.status.success(), "weft demo failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn privacy_table(storage: &Path) -> Value {
+    let out = weft(&["privacy", storage.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn verify(storage: &Path) {
+    let out = weft(&["ledger", "verify", storage.to_str().unwrap()]);
+    assert!(out.status.success(), "ledger verify failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_dp_demo_charges_every_node_releases_nothing_else_and_replays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--privacy", "dp", "--epsilon", "8", "--rounds", "2", "--local-steps", "10"];
+    let report = demo(tmp.path(), &flags);
+    let mut spent = std::collections::BTreeMap::new();
+    for round in report["rounds"].as_array().unwrap() {
+        for c in round["contributions"].as_array().unwrap() {
+            let charge = &c["privacy"];
+            assert!(charge.is_object(), "no charge recorded: {c}");
+            let total = f(&charge["epsilon_total"]);
+            assert!(total <= 8.0 && f(&charge["epsilon_round"]) <= total, "{charge}");
+            // Composition spends more each round.
+            let node = c["node"].as_str().unwrap().to_owned();
+            let before = spent.insert(node, total).unwrap_or(0.0);
+            assert!(total > before);
+            // Under DP the node states its mechanism and ε, nothing computed from its data.
+            let declared: Vec<&str> = c["declared"].as_object().unwrap().keys().map(String::as_str).collect();
+            assert!(declared.iter().all(|k| k.starts_with("dp_")), "{declared:?}");
+            assert_eq!(c["token_count"], 0);
+        }
+    }
+    assert_eq!(spent.len(), 4);
+    // DP-SGD still learns: every language's held-out loss falls.
+    let (initial, last) = (&report["initial_heldout_loss"], &report["final_heldout_loss"]);
+    for (language, before) in initial.as_object().unwrap() {
+        assert!(f(&last[language]) < f(before) - 0.1, "{language}: {before} -> {}", last[language]);
+    }
+    let storage = tmp.path().join("run/coordinator");
+    verify(&storage);
+    let table = privacy_table(&storage);
+    assert_eq!(f(&table["mechanism"]["sample_rate"]), 0.005);
+    for row in table["nodes"].as_array().unwrap() {
+        assert_eq!(row["rounds_charged"], 2);
+        assert_eq!(f(&row["epsilon_spent"]), spent[row["node"].as_str().unwrap()]);
+        assert_eq!(f(&row["budget"]), 8.0);
+    }
+    // The same seed gives the same bases: the private streams are keyed, not random.
+    let again = tempfile::tempdir().unwrap();
+    let second = demo(again.path(), &flags);
+    assert_eq!(report["final_base_hash"], second["final_base_hash"]);
+}
+
+#[test]
+fn a_node_past_its_budget_is_refused_by_name_and_the_base_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    // σ 0.8 for 10 steps at q 0.005 spends ε ≈ 1.46 in one round and ≈ 1.50 in two: a budget of
+    // 1.48 admits the first round and refuses the second.
+    let report = demo(
+        tmp.path(),
+        &[
+            "--privacy",
+            "dp",
+            "--epsilon",
+            "1.48",
+            "--dp-noise-multiplier",
+            "0.8",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "10",
+        ],
+    );
+    let rounds = report["rounds"].as_array().unwrap();
+    assert!(rounds[0]["contributions"].as_array().unwrap().iter().all(|c| c["accepted"] == true));
+    let second = &rounds[1];
+    for c in second["contributions"].as_array().unwrap() {
+        assert_eq!(c["reason"], "privacy_budget_exhausted", "{c}");
+        assert!(c["detail"].as_str().unwrap().contains("over its budget 1.480"), "{c}");
+        assert!(c["privacy"].is_null() && c["delta_hash"].is_null(), "nothing charged or stored: {c}");
+    }
+    assert_eq!(second["base_changed"], false);
+    assert_eq!(second["base_hash"], rounds[0]["base_hash"]);
+    let storage = tmp.path().join("run/coordinator");
+    verify(&storage);
+    for row in privacy_table(&storage)["nodes"].as_array().unwrap() {
+        assert_eq!((row["rounds_charged"].as_u64(), row["refused_over_budget"].as_u64()), (Some(1), Some(1)));
+    }
+}
+
+#[test]
+fn privacy_settings_out_of_range_are_refused_by_flag() {
+    for (args, expected) in [
+        (vec!["--privacy", "dp", "--epsilon", "-1"], "--epsilon: must be a positive number"),
+        (vec!["--privacy", "dp", "--dp-sample-rate", "2"], "--dp-sample-rate: must be in (0, 1]"),
+        (vec!["--privacy", "dp", "--delta", "1"], "--delta: must be in (0, 1)"),
+        (vec!["--privacy", "dp", "--dp-noise-multiplier", "0"], "--dp-noise-multiplier: must be a positive number"),
+        (vec!["--privacy", "dp", "--dp-clip-norm", "nan"], "--dp-clip-norm: must be a positive number"),
+        (vec!["--privacy", "dp", "--epsilon", "0.0001"], "--epsilon: no noise multiplier up to 1000"),
+        (vec!["--epsilon", "8"], "--privacy"),
+    ] {
+        let mut all = vec!["demo"];
+        all.extend(args.iter());
+        let out = weft(&all);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // Reading an empty directory creates nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = weft(&["privacy", tmp.path().join("nothing").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(!tmp.path().join("nothing").exists());
+}
