@@ -318,6 +318,22 @@ impl Gpt {
         span("encoder.backward", || encoder_backward(gwte, gwpe, &acts.d_res, &acts.tokens, t, c));
     }
 
+    /// Runs the model on a batch and returns each row's Σ masked loss in nats (what the secret
+    /// sharer's exposure ranks candidates by).
+    pub fn row_losses(&mut self, batch: &Batch) -> Vec<f64> {
+        self.forward(batch);
+        let Some(acts) = self.acts.as_ref() else { return Vec::new() };
+        let per_position = acts.probs.chunks_exact(VOCAB).zip(&acts.targets).zip(&acts.mask).map(|((p, &t), &m)| {
+            if m != 0.0 {
+                f64::from(m) * -f64::from(p[t as usize].max(f32::MIN_POSITIVE)).ln()
+            } else {
+                0.0
+            }
+        });
+        let losses: Vec<f64> = per_position.collect();
+        losses.chunks(batch.len.max(1)).map(|row| row.iter().sum()).collect()
+    }
+
     /// Mean next-byte loss in nats per byte over `text`, predicting every byte after the first.
     /// Windows of `context` bytes are scored in batches of `batch_rows`; the last, shorter window
     /// is padded and the padding masked out.
