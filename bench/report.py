@@ -5,6 +5,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import statistics
 
 src, md_path, json_path = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 load = lambda name: json.loads((src / name).read_text())
@@ -193,6 +194,37 @@ if (src / "parity.json").exists():
               f" (transformers), a difference of {abs(parity['mean_nll_weft'] - parity['mean_nll_transformers']):.1e} nats."
               " The same comparison runs in CI without torch against a committed fixture"
               " (`crates/weft-llama/tests/smollm2.rs`, `forward_matches_transformers_on_the_same_weights`)."]
+def jsonl(name):
+    return [json.loads(line) for line in (src / name).read_text().splitlines() if line.strip()]
+
+
+if (src / "secagg-weft-1.jsonl").exists() and (src / "secagg-flower-1.jsonl").exists():
+    pairs = sorted(int(p.stem.rsplit("-", 1)[1]) for p in src.glob("secagg-weft-*.jsonl"))
+    weft_runs = [jsonl(f"secagg-weft-{p}.jsonl") for p in pairs]
+    flower_runs = [jsonl(f"secagg-flower-{p}.jsonl") for p in pairs]
+    rows = []
+    lines += ["", "## Secure aggregation: masking against Flower's SecAgg+", "",
+              "One member's masking (quantize, self mask, k − 1 pairwise masks) and the collector's unmasking with one"
+              " member dropped, weft's `secagg_bench` (ChaCha20 streams keyed by 32-byte keys, u32 mod 2^32) against"
+              " Flower's own `quantize` and `pseudo_rand_gen` (numpy MT19937 seeded by the key folded to 32 bits),"
+              f" the same vector sizes; median of {len(pairs)} interleaved pairs of runs (each run itself a median of 5).",
+              "", "| values | members | weft mask | Flower mask | Flower ÷ weft | weft unmask | Flower unmask | bytes on the wire per member (plain f32) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, w in enumerate(weft_runs[0]):
+        ws = [run[i] for run in weft_runs]
+        fs = [run[i] for run in flower_runs]
+        wm = statistics.median(r["mask_seconds"] for r in ws)
+        fm = statistics.median(r["mask_seconds"] for r in fs)
+        ratio = statistics.median(f["mask_seconds"] / r["mask_seconds"] for f, r in zip(fs, ws))
+        wu = statistics.median(r["unmask_seconds_one_dropped"] for r in ws)
+        fu = statistics.median(r["unmask_seconds_one_dropped"] for r in fs)
+        rows.append({"length": w["length"], "members": w["members"], "weft_mask_seconds": wm, "flower_mask_seconds": fm,
+                     "flower_over_weft": ratio, "weft_unmask_seconds": wu, "flower_unmask_seconds": fu,
+                     "wire_bytes_per_member": w["wire_bytes_per_member"], "plain_f32_bytes": w["plain_f32_bytes"]})
+        lines.append(f"| {w['length']:,} | {w['members']} | {1e3 * wm:.1f} ms | {1e3 * fm:.1f} ms | {ratio:.1f}× |"
+                     f" {1e3 * wu:.1f} ms | {1e3 * fu:.1f} ms | {w['wire_bytes_per_member']:,} ({w['plain_f32_bytes']:,}) |")
+    results["secure_aggregation"] = rows
+
 pathlib.Path(md_path).write_text("\n".join(lines) + "\n")
 pathlib.Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
 print("\n".join(lines))

@@ -86,6 +86,8 @@ struct Auditor<'a> {
     reference_loss: Option<BTreeMap<String, Option<f64>>>,
     /// Rounds each node has been charged privacy for (never refunded, rollbacks included).
     charged: BTreeMap<String, u64>,
+    /// The open round's partition into communities (secure aggregation).
+    communities: Option<(u64, BTreeMap<String, Vec<String>>)>,
     report: AuditReport,
 }
 
@@ -120,6 +122,7 @@ pub fn verify_with(
         base_loss: None,
         reference_loss: None,
         charged: BTreeMap::new(),
+        communities: None,
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -268,6 +271,26 @@ impl Auditor<'_> {
                 if total_eps > *budget {
                     return Err(fault(format!("charges {node} epsilon {total_eps}, over its budget {budget}")));
                 }
+            }
+            Event::CommunitiesDrawn { round, seed, community_size, communities } => {
+                self.open_round(*round).map_err(fault)?;
+                let expected =
+                    crate::privacy::community_seed(*round, &self.now.base_hash, &self.config_hash, &self.roster_hash);
+                if *seed != expected {
+                    return Err(fault(format!("draws from seed {seed}, the round's opening fixes {expected}")));
+                }
+                let nodes: Vec<String> = communities.values().flatten().cloned().collect();
+                let redrawn = crate::privacy::draw_communities(seed, &nodes, *community_size as usize)
+                    .map_err(|e| fault(e.to_string()))?;
+                if redrawn != *communities {
+                    return Err(fault("the partition is not the one its seed draws".into()));
+                }
+                if let Some((r, earlier)) = &self.communities {
+                    if *r == *round && earlier != communities {
+                        return Err(fault(format!("a second, different partition of round {round}")));
+                    }
+                }
+                self.communities = Some((*round, communities.clone()));
             }
             Event::Evaluation { round, node, gains, .. } => {
                 let open = self.open_round(*round).map_err(fault)?;

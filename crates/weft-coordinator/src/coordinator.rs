@@ -244,6 +244,9 @@ pub struct Coordinator<M: Measure> {
     governance: Option<Governance>,
     /// Differential privacy: the mechanism every contribution must state and each node's budget.
     privacy: Option<PrivacyRules>,
+    /// Secure aggregation: the nodes behind the roster's communities, the community size, and
+    /// the partition drawn for the open round.
+    communities: Option<(Vec<String>, usize, Option<(u64, BTreeMap<String, Vec<String>>)>)>,
     head: ModelHead,
     /// The genesis base's held-out loss: what the per-language check measures each language's
     /// progress against.
@@ -305,6 +308,7 @@ impl<M: Measure> Coordinator<M> {
             rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale },
             governance: None,
             privacy: None,
+            communities: None,
             genesis_loss: base_loss.clone(),
             head: ModelHead { point: ModelPoint::new(base), refs, base_loss },
             round: 0,
@@ -412,6 +416,51 @@ impl<M: Measure> Coordinator<M> {
         }
         self.privacy = Some(rules);
         Ok(self)
+    }
+
+    /// Secure aggregation: the roster's members are communities of `size` of `nodes`, redrawn
+    /// each round ([`draw_communities`](Self::draw_communities)); contributions are community
+    /// means, never one node's update.
+    pub fn with_secure_aggregation(mut self, nodes: Vec<NodeId>, size: usize) -> Result<Self, CoordinatorError> {
+        let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+        let expected = nodes.len() / size.max(1);
+        if size < 3 || expected == 0 || self.roster.len() != expected {
+            return Err(CoordinatorError::Privacy(format!(
+                "secure aggregation in communities of {size} needs at least 3 per community and a roster of {expected} communities for {} nodes, got {}",
+                nodes.len(),
+                self.roster.len()
+            )));
+        }
+        self.communities = Some((nodes, size, None));
+        Ok(self)
+    }
+
+    /// The open round's one partition into communities, drawn from the seed its opening fixed
+    /// and recorded in the ledger the first time it is asked for. The same round always gives
+    /// the same partition: there is no second one.
+    pub fn draw_communities(&mut self) -> Result<BTreeMap<String, Vec<String>>, CoordinatorError> {
+        self.usable()?;
+        let Some(round) = self.open.as_ref().map(|p| p.round) else { return Err(CoordinatorError::NoOpenRound) };
+        let seed = crate::privacy::community_seed(round, &self.base_hash(), &self.config_hash, &self.roster_hash);
+        let Some((nodes, size, drawn)) = self.communities.as_ref() else {
+            return Err(CoordinatorError::Privacy("this consortium runs without secure aggregation".into()));
+        };
+        if let Some((r, partition)) = drawn {
+            if *r == round {
+                return Ok(partition.clone());
+            }
+        }
+        let size = *size;
+        let partition = crate::privacy::draw_communities(&seed, nodes, size)
+            .map_err(|e| CoordinatorError::Privacy(e.to_string()))?;
+        let event =
+            Event::CommunitiesDrawn { round, seed, community_size: size as u64, communities: partition.clone() };
+        // After a restart the same partition is recorded again; verify accepts only identical ones.
+        self.commit(Some(round), Rows::default(), vec![event])?;
+        if let Some((_, _, drawn)) = self.communities.as_mut() {
+            *drawn = Some((round, partition.clone()));
+        }
+        Ok(partition)
     }
 
     pub fn privacy(&self) -> Option<&PrivacyRules> {

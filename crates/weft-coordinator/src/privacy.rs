@@ -99,6 +99,34 @@ impl PrivacyRules {
     }
 }
 
+/// Secure aggregation's seed for a round: fixed by what the round's opening recorded, so the
+/// coordinator cannot pick a partition (and so cannot draw a second, different one).
+pub fn community_seed(
+    round: u64,
+    base_hash: &weft_core::ContentHash,
+    config_hash: &weft_core::ContentHash,
+    roster_hash: &weft_core::ContentHash,
+) -> weft_core::ContentHash {
+    let mut hasher = blake3::Hasher::new_derive_key("weft secure aggregation communities v1");
+    hasher.update(&round.to_le_bytes()).update(&base_hash.0).update(&config_hash.0).update(&roster_hash.0);
+    weft_core::ContentHash(*hasher.finalize().as_bytes())
+}
+
+/// The id of the `index`-th community (1-based), as the coordinator's roster holds it.
+pub fn community_id(index: usize) -> String {
+    format!("community-{index}")
+}
+
+/// The partition of `nodes` into communities of `size` for this seed: community id → members.
+pub fn draw_communities(
+    seed: &weft_core::ContentHash,
+    nodes: &[String],
+    size: usize,
+) -> Result<BTreeMap<String, Vec<String>>, weft_privacy::secagg::SecAggError> {
+    let drawn = weft_privacy::secagg::Partitions::default().draw(0, &seed.0, nodes, size)?;
+    Ok(drawn.into_iter().enumerate().map(|(i, members)| (community_id(i + 1), members)).collect())
+}
+
 /// Per node, the latest charge: the budget table `weft privacy` prints.
 pub fn budget_table<'a>(
     charges: impl IntoIterator<Item = (&'a str, u64, &'a PrivacyCharge)>,

@@ -105,6 +105,18 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         adapter: Option<AdapterRound>,
     },
+    /// Secure aggregation: the round's one partition of the nodes into communities, drawn from
+    /// `seed` (BLAKE3 of what the round's opening fixed: round, base, configuration and roster,
+    /// so the coordinator cannot choose it). Contributions of the round come from these
+    /// communities, each the unmasked mean of its members' updates; the coordinator never sees
+    /// one node's update. `weft ledger verify` redraws the partition from the seed.
+    CommunitiesDrawn {
+        round: u64,
+        seed: ContentHash,
+        community_size: u64,
+        /// community id → its member nodes.
+        communities: BTreeMap<String, Vec<String>>,
+    },
     /// A contribution reached the coordinator. `refused` is set when it failed the checks; its
     /// delta is then not stored.
     ContributionReceived {
@@ -196,6 +208,7 @@ impl Event {
             Event::RoundOpened { .. } => "round_opened",
             Event::ContributionReceived { .. } => "contribution_received",
             Event::PrivacyCharged { .. } => "privacy_charged",
+            Event::CommunitiesDrawn { .. } => "communities_drawn",
             Event::Evaluation { .. } => "evaluation",
             Event::Decision { .. } => "decision",
             Event::BasePublished { .. } => "base_published",
@@ -210,6 +223,7 @@ impl Event {
             Event::RoundOpened { round, .. }
             | Event::ContributionReceived { round, .. }
             | Event::PrivacyCharged { round, .. }
+            | Event::CommunitiesDrawn { round, .. }
             | Event::Evaluation { round, .. }
             | Event::Decision { round, .. }
             | Event::BasePublished { round, .. } => *round,

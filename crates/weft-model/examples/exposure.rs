@@ -4,8 +4,9 @@
 //! exposure = log2(10^d) − log2(r). 0 bits: the model prefers the secret to no other candidate;
 //! log2(10^d) bits: it is the model's first choice.
 //!
-//!     cargo run --release -p weft-model --example exposure -- MODEL.safetensors LAYERS HEADS WIDTH CONTEXT PREFIX SECRET
+//!     cargo run --release -p weft-model --example exposure -- MODEL.safetensors LAYERS HEADS WIDTH CONTEXT PREFIX SECRET [DELTA.safetensors]
 //!
+//! With DELTA, the model scored is MODEL + DELTA (a base and an update the coordinator received).
 //! prints one line of JSON: {"exposure_bits", "rank", "candidates", "secret_loss"}.
 
 use weft_core::ModelState;
@@ -15,15 +16,26 @@ const ROWS: usize = 50;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [path, layers, heads, width, context, prefix, secret] = args.as_slice() else {
-        return Err("usage: exposure MODEL.safetensors LAYERS HEADS WIDTH CONTEXT PREFIX SECRET".into());
+    let (fixed, delta) = match args.len() {
+        7 => (&args[..], None),
+        8 => (&args[..7], Some(&args[7])),
+        _ => {
+            return Err(
+                "usage: exposure MODEL.safetensors LAYERS HEADS WIDTH CONTEXT PREFIX SECRET [DELTA.safetensors]".into(),
+            )
+        }
     };
+    let [path, layers, heads, width, context, prefix, secret] = fixed else { unreachable!("seven arguments") };
     let config =
         GptConfig { layers: layers.parse()?, heads: heads.parse()?, width: width.parse()?, context: context.parse()? };
     if !(1..=6).contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("the secret must be 1-6 digits, got {secret:?}").into());
     }
-    let state = ModelState::from_safetensors(&std::fs::read(path).map_err(|e| format!("{path}: {e}"))?)?;
+    let mut state = ModelState::from_safetensors(&std::fs::read(path).map_err(|e| format!("{path}: {e}"))?)?;
+    if let Some(delta) = delta {
+        let delta = ModelState::from_safetensors(&std::fs::read(delta).map_err(|e| format!("{delta}: {e}"))?)?;
+        state = weft_core::Delta::from_state(delta).applied_to(&state, 1.0)?;
+    }
     let mut model = Gpt::from_state(config, &state)?;
     let digits = secret.len();
     let candidates = 10usize.pow(digits as u32);

@@ -87,6 +87,57 @@ pub struct PrivacyConfig {
     /// Record-level DP-SGD on every node, with a per-node budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpConfig>,
+    /// Secure aggregation inside communities: the coordinator sees only community means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureAggregationConfig>,
+}
+
+/// `[privacy] secure_aggregation = { community_size = k }`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// Members per community (at least 3); the last community takes the remainder.
+    pub community_size: usize,
+    /// Every value of an update is clipped to [-range, range] before fixed-point encoding.
+    #[serde(default = "SecureAggregationConfig::default_range")]
+    pub range: f32,
+}
+
+impl SecureAggregationConfig {
+    pub const DEFAULT_RANGE: f32 = 1.0;
+
+    fn default_range() -> f32 {
+        Self::DEFAULT_RANGE
+    }
+
+    /// Checks the section against a roster of `nodes`.
+    pub fn validate(&self, nodes: usize) -> Result<(), SettingError> {
+        if self.community_size < 3 {
+            return Err(setting(
+                "privacy.secure_aggregation.community_size",
+                format!("must be at least 3 (a sum of two reveals each to the other), got {}", self.community_size),
+            ));
+        }
+        if nodes < self.community_size {
+            return Err(setting(
+                "privacy.secure_aggregation.community_size",
+                format!("{} is more than the roster's {nodes} nodes", self.community_size),
+            ));
+        }
+        if !(self.range.is_finite() && self.range > 0.0) {
+            return Err(setting(
+                "privacy.secure_aggregation.range",
+                format!("must be a positive number, got {}", self.range),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Members whose masked updates must arrive (and who must reveal) for a community's sum:
+    /// a majority.
+    pub fn threshold(members: usize) -> usize {
+        members / 2 + 1
+    }
 }
 
 /// `[privacy.dp]`: every node trains with DP-SGD; the coordinator charges each node the composed

@@ -9,7 +9,9 @@ use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
 use weft_core::{Aggregator, Fairness, Weighting};
 use weft_model::GptConfig;
-use weft_net::config::{DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, Training};
+use weft_net::config::{
+    DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, SecureAggregationConfig, Training,
+};
 
 use crate::run::RunSections;
 
@@ -204,6 +206,11 @@ pub struct PrivacyArgs {
     /// Noise σ over the clip norm [default: the smallest that keeps the run within --epsilon].
     #[arg(long, requires = "privacy", allow_negative_numbers = true)]
     pub dp_noise_multiplier: Option<f64>,
+    /// Secure aggregation in communities of K nodes (K ≥ 3), redrawn each round: the
+    /// coordinator measures, weights and aggregates community means and never sees one node's
+    /// update.
+    #[arg(long, value_name = "K")]
+    pub secure_aggregation: Option<usize>,
 }
 
 /// ε budget of `--privacy dp` unless --epsilon says otherwise.
@@ -211,8 +218,15 @@ pub const DEFAULT_EPSILON: f64 = 8.0;
 
 impl PrivacyArgs {
     pub fn config(&self) -> Option<PrivacyConfig> {
-        let Some(PrivacyTier::Dp) = self.privacy else { return None };
+        let secure_aggregation = self.secure_aggregation.map(|community_size| SecureAggregationConfig {
+            community_size,
+            range: SecureAggregationConfig::DEFAULT_RANGE,
+        });
+        let Some(PrivacyTier::Dp) = self.privacy else {
+            return secure_aggregation.map(|s| PrivacyConfig { dp: None, secure_aggregation: Some(s) });
+        };
         Some(PrivacyConfig {
+            secure_aggregation,
             dp: Some(DpConfig {
                 epsilon: self.epsilon.unwrap_or(DEFAULT_EPSILON),
                 delta: self.delta.unwrap_or(DpConfig::DEFAULT_DELTA),

@@ -177,6 +177,12 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                     "#{seq}   {node:<14} charged   ε {epsilon_round:.3} this round · ε {epsilon_total:.3} of {budget} over {rounds_charged} round(s) (δ {delta:e}; σ {noise_multiplier:.4}, q {sample_rate})"
                 );
             }
+            Event::CommunitiesDrawn { communities, seed, .. } => {
+                say!("#{seq}   communities drawn from seed {} (secure aggregation):", seed.short());
+                for (community, members) in communities {
+                    say!("       {community:<14} {}", members.join(", "));
+                }
+            }
             Event::Evaluation { node, quality, heldout_loss, .. } => {
                 let losses: Vec<String> = heldout_loss
                     .iter()

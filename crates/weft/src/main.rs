@@ -21,6 +21,7 @@ mod realbase;
 mod report;
 mod reputation;
 mod run;
+mod secure;
 mod simulate;
 mod table;
 

@@ -15,7 +15,9 @@ use weft_coordinator::{
 };
 use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy};
 use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
-use weft_net::config::{ConsortiumConfig, GovernanceConfig, PolicySettings, PrivacyConfig, SettingError, Training};
+use weft_net::config::{
+    ConsortiumConfig, GovernanceConfig, PolicySettings, PrivacyConfig, SecureAggregationConfig, SettingError, Training,
+};
 use weft_node::NodeSettings;
 
 use crate::data;
@@ -68,6 +70,8 @@ pub struct RunSettings {
     pub node: NodeSettings,
     /// Differential privacy as the coordinator enforces it.
     pub privacy: Option<PrivacyRules>,
+    /// Secure aggregation in communities.
+    pub secure_aggregation: Option<SecureAggregationConfig>,
 }
 
 impl RunSettings {
@@ -84,11 +88,26 @@ impl RunSettings {
             return Err(invalid("roster", "lists no node".into()));
         }
         let aggregator = sections.policy.aggregator;
-        if members.len() < aggregator.min_inputs() {
+        let secure_aggregation = sections.privacy.and_then(|p| p.secure_aggregation);
+        // What the coordinator aggregates: nodes, or under secure aggregation communities.
+        let inputs = match secure_aggregation {
+            Some(s) => {
+                s.validate(members.len())?;
+                if sections.privacy.is_some_and(|p| p.dp.is_some()) {
+                    return Err(invalid(
+                        "privacy",
+                        "DP-SGD and secure aggregation together are not built yet: the coordinator charges ε per node, and under secure aggregation it sees no node".into(),
+                    ));
+                }
+                members.len() / s.community_size
+            }
+            None => members.len(),
+        };
+        if inputs < aggregator.min_inputs() {
             let detail = format!(
-                "{aggregator} needs at least {} nodes, the roster has {}",
+                "{aggregator} needs at least {} inputs, the run gives it {inputs}{}",
                 aggregator.min_inputs(),
-                members.len()
+                if secure_aggregation.is_some() { " communities" } else { " nodes" }
             );
             return Err(invalid("policy.aggregator", detail));
         }
@@ -109,6 +128,7 @@ impl RunSettings {
                 privacy: dp,
             },
             privacy: dp.map(|rule| PrivacyRules { rule, steps_per_round: training.local_steps }),
+            secure_aggregation,
             members,
             sections,
         })
@@ -162,13 +182,28 @@ impl RunSettings {
         storage: &Path,
         extra: serde_json::Value,
     ) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
-        let members =
-            self.members.iter().map(|(node, language)| Member { node: node.clone(), language: language.clone() });
+        let members: Vec<Member> = match self.secure_aggregation {
+            // The roster the coordinator weighs is the communities; which nodes are in which is
+            // drawn each round.
+            Some(s) => (1..=self.members.len() / s.community_size)
+                .map(|i| {
+                    Ok(Member { node: NodeId::new(weft_coordinator::community_id(i))?, language: "community".into() })
+                })
+                .collect::<anyhow::Result<_>>()?,
+            None => self
+                .members
+                .iter()
+                .map(|(node, language)| Member { node: node.clone(), language: language.clone() })
+                .collect(),
+        };
         let base = Gpt::init(self.model(), self.seed())?.to_state();
         let store = Arc::new(FsBlobStore::open(storage.join("blobs"))?);
-        let mut coordinator =
-            Coordinator::new(base, members.collect(), self.policy, self.outer, self.heldout(data_dir)?, store)?
-                .with_aggregator(self.aggregator)?;
+        let mut coordinator = Coordinator::new(base, members, self.policy, self.outer, self.heldout(data_dir)?, store)?
+            .with_aggregator(self.aggregator)?;
+        if let Some(s) = self.secure_aggregation {
+            let nodes = self.members.iter().map(|(node, _)| node.clone()).collect();
+            coordinator = coordinator.with_secure_aggregation(nodes, s.community_size)?;
+        }
         if let Some(governance) = self.governance(data_dir)? {
             coordinator = coordinator.with_governance(governance);
         }
@@ -252,6 +287,7 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("privacy.dp.clip_norm", "--dp-clip-norm"),
         ("privacy.dp.sample_rate", "--dp-sample-rate"),
         ("privacy.dp.noise_multiplier", "--dp-noise-multiplier"),
+        ("privacy.secure_aggregation", "--secure-aggregation"),
         ("privacy", "--privacy (and its settings)"),
         ("settings.node.privacy", "--privacy (and its settings)"),
         ("roster", "--nodes/--languages"),

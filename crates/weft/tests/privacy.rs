@@ -142,3 +142,103 @@ fn privacy_settings_out_of_range_are_refused_by_flag() {
     assert!(!out.status.success());
     assert!(!tmp.path().join("nothing").exists());
 }
+
+#[test]
+fn secure_aggregation_governs_community_means_and_the_ledger_redraws_the_partition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--secure-aggregation", "3", "--nodes", "6", "--rounds", "2", "--local-steps", "10"];
+    let report = demo(tmp.path(), &flags);
+    for round in report["rounds"].as_array().unwrap() {
+        let ids: Vec<&str> =
+            round["contributions"].as_array().unwrap().iter().map(|c| c["node"].as_str().unwrap()).collect();
+        // The coordinator received community means only, and measured each one itself.
+        assert_eq!(ids, ["community-1", "community-2"]);
+        for c in round["contributions"].as_array().unwrap() {
+            assert!(c["quality"].is_f64() && c["delta_hash"].is_string(), "{c}");
+        }
+    }
+    let storage = tmp.path().join("run/coordinator");
+    verify(&storage);
+    let out = weft(&["ledger", "show", storage.to_str().unwrap(), "--json"]);
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let draws: Vec<&Value> = entries.iter().filter_map(|e| e["event"].get("communities_drawn")).collect();
+    assert_eq!(draws.len(), 2, "one partition per round");
+    for draw in &draws {
+        let mut members: Vec<&str> = draw["communities"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|m| m.as_array().unwrap().iter().map(|n| n.as_str().unwrap()))
+            .collect();
+        members.sort();
+        assert_eq!(members, ["node-de", "node-en", "node-es", "node-fr", "node-it", "node-pt"]);
+        assert!(draw["communities"].as_object().unwrap().values().all(|m| m.as_array().unwrap().len() == 3));
+    }
+    // Every language still gains, and the run reproduces.
+    let (initial, last) = (&report["initial_heldout_loss"], &report["final_heldout_loss"]);
+    for (language, before) in initial.as_object().unwrap() {
+        assert!(f(&last[language]) < f(before) - 0.1, "{language}");
+    }
+    let again = tempfile::tempdir().unwrap();
+    assert_eq!(demo(again.path(), &flags)["final_base_hash"], report["final_base_hash"]);
+}
+
+#[test]
+fn a_partition_its_seed_does_not_draw_does_not_verify_even_when_signed() {
+    // A dishonest coordinator signs another partition than the round's seed draws: the chain
+    // and signatures check out (re-sealed with the run's own key), the replay does not.
+    let tmp = tempfile::tempdir().unwrap();
+    demo(tmp.path(), &["--secure-aggregation", "3", "--nodes", "6", "--rounds", "1", "--local-steps", "5"]);
+    let storage = tmp.path().join("run/coordinator");
+    let key_hex = std::fs::read_to_string(storage.join("coordinator.key")).unwrap();
+    let key = weft_ledger::SigningKey::from_hex(key_hex.trim()).unwrap();
+    let db = rusqlite::Connection::open(storage.join("state.sqlite")).unwrap();
+    let lines: Vec<(i64, Vec<u8>)> = db
+        .prepare("SELECT seq, line FROM ledger ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut chain = weft_ledger::Chain::new(None);
+    let mut tampered_seq = None;
+    for (seq, line) in &lines {
+        let entry: weft_ledger::Entry = serde_json::from_slice(line).unwrap();
+        let mut event = entry.event;
+        if let weft_ledger::Event::CommunitiesDrawn { communities, .. } = &mut event {
+            // Swap one member between the two communities.
+            let mut values: Vec<Vec<String>> = communities.values().cloned().collect();
+            let (a, b) = (values[0][0].clone(), values[1][0].clone());
+            values[0][0] = b;
+            values[1][0] = a;
+            for (slot, members) in communities.values_mut().zip(values) {
+                *slot = members;
+            }
+            tampered_seq = Some(*seq);
+        }
+        let (_, resealed) = chain.seal(&key, event).unwrap();
+        db.execute("UPDATE ledger SET line = ?1 WHERE seq = ?2", rusqlite::params![resealed, seq]).unwrap();
+    }
+    drop(db);
+    let seq = tampered_seq.expect("the run drew communities");
+    let out = weft(&["ledger", "verify", storage.to_str().unwrap()]);
+    assert!(!out.status.success(), "a partition its seed does not draw verified");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("ledger entry {seq} (communities_drawn")), "{stderr}");
+    assert!(stderr.contains("not the one its seed draws"), "{stderr}");
+}
+
+#[test]
+fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
+    for (args, expected) in [
+        (vec!["demo", "--secure-aggregation", "2"], "must be at least 3"),
+        (vec!["demo", "--secure-aggregation", "5", "--nodes", "4"], "more than the roster's 4 nodes"),
+        (vec!["demo", "--secure-aggregation", "3", "--processes"], "not built yet"),
+        (vec!["demo", "--secure-aggregation", "3", "--privacy", "dp"], "not built yet"),
+    ] {
+        let out = weft(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
