@@ -236,6 +236,14 @@ impl Rules {
     }
 }
 
+/// Secure aggregation's state: the nodes, the community size, and the partition drawn for the
+/// open round (community id → members).
+struct Communities {
+    nodes: Vec<String>,
+    size: usize,
+    drawn: Option<(u64, BTreeMap<String, Vec<String>>)>,
+}
+
 pub struct Coordinator<M: Measure> {
     /// node → language.
     roster: BTreeMap<NodeId, String>,
@@ -244,9 +252,8 @@ pub struct Coordinator<M: Measure> {
     governance: Option<Governance>,
     /// Differential privacy: the mechanism every contribution must state and each node's budget.
     privacy: Option<PrivacyRules>,
-    /// Secure aggregation: the nodes behind the roster's communities, the community size, and
-    /// the partition drawn for the open round.
-    communities: Option<(Vec<String>, usize, Option<(u64, BTreeMap<String, Vec<String>>)>)>,
+    /// Secure aggregation: the nodes behind the roster's communities.
+    communities: Option<Communities>,
     head: ModelHead,
     /// The genesis base's held-out loss: what the per-language check measures each language's
     /// progress against.
@@ -431,7 +438,7 @@ impl<M: Measure> Coordinator<M> {
                 self.roster.len()
             )));
         }
-        self.communities = Some((nodes, size, None));
+        self.communities = Some(Communities { nodes, size, drawn: None });
         Ok(self)
     }
 
@@ -442,7 +449,7 @@ impl<M: Measure> Coordinator<M> {
         self.usable()?;
         let Some(round) = self.open.as_ref().map(|p| p.round) else { return Err(CoordinatorError::NoOpenRound) };
         let seed = crate::privacy::community_seed(round, &self.base_hash(), &self.config_hash, &self.roster_hash);
-        let Some((nodes, size, drawn)) = self.communities.as_ref() else {
+        let Some(Communities { nodes, size, drawn }) = self.communities.as_ref() else {
             return Err(CoordinatorError::Privacy("this consortium runs without secure aggregation".into()));
         };
         if let Some((r, partition)) = drawn {
@@ -457,8 +464,8 @@ impl<M: Measure> Coordinator<M> {
             Event::CommunitiesDrawn { round, seed, community_size: size as u64, communities: partition.clone() };
         // After a restart the same partition is recorded again; verify accepts only identical ones.
         self.commit(Some(round), Rows::default(), vec![event])?;
-        if let Some((_, _, drawn)) = self.communities.as_mut() {
-            *drawn = Some((round, partition.clone()));
+        if let Some(communities) = self.communities.as_mut() {
+            communities.drawn = Some((round, partition.clone()));
         }
         Ok(partition)
     }

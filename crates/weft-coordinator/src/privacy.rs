@@ -70,7 +70,8 @@ impl PrivacyRules {
         // The node's own ε must be the accountant's: a trainer that computes another one does
         // not run the mechanism the consortium accounts for.
         let declared = contribution.declared.get(EPSILON).copied().unwrap_or(f64::NAN);
-        if !((declared - round.epsilon).abs() <= 1e-6 * round.epsilon.max(1e-12)) {
+        let agrees = (declared - round.epsilon).abs() <= 1e-6 * round.epsilon.max(1e-12);
+        if !agrees {
             return Err(Rejection::PrivacyMismatch {
                 detail: format!(
                     "it states {EPSILON} = {declared}, the accountant gives {} for one round",

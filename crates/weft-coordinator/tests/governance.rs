@@ -77,6 +77,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
         batch_rows: 16,
         adamw: AdamWSettings { warmup_steps: 5, ..AdamWSettings::default() },
         seed: 3,
+        privacy: None,
     };
     let mut nodes = Vec::new();
     let mut members = Vec::new();
@@ -94,7 +95,7 @@ fn run(overfit: bool, state: Option<GovernanceState>, config: GptConfig) -> Run 
                 id.clone(),
                 *lang,
                 LocalCorpus::from_bytes(train),
-                settings.byte_gpt_trainer(config).unwrap(),
+                settings.byte_gpt_trainer(config, &[0; 32]).unwrap(),
                 settings.seed,
                 tmp.path().join(id.as_str()),
             )

@@ -47,6 +47,7 @@ fn consortium_with(
         batch_rows: 8,
         adamw: AdamWSettings { lr: 3e-3, warmup_steps: 5, ..AdamWSettings::default() },
         seed,
+        privacy: None,
     };
     let mut heldout = BTreeMap::new();
     let mut nodes = Vec::new();
@@ -56,7 +57,7 @@ fn consortium_with(
         heldout.insert(lang.to_string(), test);
         let id = NodeId::new(format!("node-{lang}")).unwrap();
         let dir = tmp.path().join("nodes").join(id.as_str());
-        let trainer = settings.byte_gpt_trainer(CONFIG).unwrap();
+        let trainer = settings.byte_gpt_trainer(CONFIG, &[0; 32]).unwrap();
         nodes.push(Node::new(id.clone(), *lang, LocalCorpus::from_bytes(train), trainer, seed, dir).unwrap());
         members.push(Member { node: id, language: lang.to_string() });
     }

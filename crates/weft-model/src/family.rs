@@ -200,9 +200,8 @@ impl WeightTrainer for ByteGptTrainer {
         let optimizer = self.optimizer.get_or_insert_with(|| AdamW::new(self.adamw, &model));
         let (report, dp) = match &self.privacy {
             Some(private) => {
-                let mut stream = weft_privacy::PrivateStream::new(&private.secret, round);
                 let (report, dp) = optimizer
-                    .train_private(&mut model, text.train, self.steps, &private.dp, private.delta, &mut stream, on_step)
+                    .train_private(&mut model, text.train, self.steps, private, round, on_step)
                     .map_err(|e| format!("differential privacy: {e}"))?;
                 (report, Some(dp))
             }

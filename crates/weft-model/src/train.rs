@@ -255,17 +255,20 @@ impl AdamW {
     /// deviation `noise_multiplier · clip_norm` to the sum, divides by the expected batch size
     /// and takes an AdamW step on that (AdamW's own clipping is off: the noised mean is the
     /// estimator the accountant covers, and AdamW is post-processing). Records are disjoint
-    /// windows of `context + 1` bytes, so one record is one unit of the guarantee.
+    /// windows of `context + 1` bytes, so one record is one unit of the guarantee. Sampling and
+    /// noise come from round `round`'s stream of the node's secret.
     pub fn train_private(
         &mut self,
         model: &mut Gpt,
         corpus: &[u8],
         steps: u64,
-        dp: &weft_privacy::DpSgd,
-        delta: f64,
-        stream: &mut weft_privacy::PrivateStream,
+        private: &crate::PrivateTraining,
+        round: u64,
         mut on_step: impl FnMut(u64, f64),
     ) -> Result<(TrainReport, DpReport), weft_privacy::AccountingError> {
+        let (dp, delta) = (&private.dp, private.delta);
+        // The round's stream, keyed by the node's secret: see `weft_privacy::PrivateStream`.
+        let stream = &mut weft_privacy::PrivateStream::new(&private.secret, round);
         let epsilon = weft_privacy::RdpCurve::of_steps(dp.mechanism(), steps)?.epsilon(delta)?.epsilon;
         let len = model.config().context;
         let records = weft_privacy::records(corpus.len(), len + 1);
@@ -364,9 +367,8 @@ mod tests {
             let mut model = Gpt::init(config, 42).unwrap();
             let before = model.loss_per_byte(&text, 8);
             let mut opt = AdamW::new(AdamWSettings { warmup_steps: 5, ..AdamWSettings::default() }, &model);
-            let mut stream = weft_privacy::PrivateStream::new(&secret, 1);
-            let (report, dp_report) =
-                opt.train_private(&mut model, &text, 40, &dp, 1e-5, &mut stream, |_, _| {}).unwrap();
+            let private = crate::PrivateTraining { dp, delta: 1e-5, secret };
+            let (report, dp_report) = opt.train_private(&mut model, &text, 40, &private, 1, |_, _| {}).unwrap();
             (before, model.loss_per_byte(&text, 8), report, dp_report, model.to_state().content_hash())
         };
         let (before, after, report, dp_report, hash) = run([3; 32]);
@@ -390,8 +392,8 @@ mod tests {
             let mut model = Gpt::init(config, 42).unwrap();
             let dp = weft_privacy::DpSgd { clip_norm: 1.0, noise_multiplier: sigma, sample_rate: 0.25 };
             let mut opt = AdamW::new(AdamWSettings { warmup_steps: 5, ..AdamWSettings::default() }, &model);
-            let mut stream = weft_privacy::PrivateStream::new(&[9; 32], 1);
-            opt.train_private(&mut model, &text, 40, &dp, 1e-5, &mut stream, |_, _| {}).unwrap();
+            let private = crate::PrivateTraining { dp, delta: 1e-5, secret: [9; 32] };
+            opt.train_private(&mut model, &text, 40, &private, 1, |_, _| {}).unwrap();
             model.loss_per_byte(&text, 8)
         };
         let (quiet, loud) = (after(1e-6), after(1000.0));
