@@ -104,11 +104,15 @@ impl RunSettings {
             None => members.len(),
         };
         if inputs < aggregator.min_inputs() {
-            let detail = format!(
-                "{aggregator} needs at least {} inputs, the run gives it {inputs}{}",
-                aggregator.min_inputs(),
-                if secure_aggregation.is_some() { " communities" } else { " nodes" }
-            );
+            let detail = match secure_aggregation {
+                Some(_) => format!(
+                    "{aggregator} needs at least {} inputs, secure aggregation gives it {inputs} communities",
+                    aggregator.min_inputs()
+                ),
+                None => {
+                    format!("{aggregator} needs at least {} nodes, the roster has {inputs}", aggregator.min_inputs())
+                }
+            };
             return Err(invalid("policy.aggregator", detail));
         }
         let training = sections.training;

@@ -242,3 +242,33 @@ fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn dp_over_the_network_charges_every_node_the_same_as_in_one_process() {
+    // The coordinator announces the mechanism; each node keys its stream with its own signing
+    // key (so the bases differ from the one-process run's), states its ε, and is charged.
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("net.json");
+    let mut args = vec!["demo", "--processes", "--json", json.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--privacy", "dp", "--epsilon", "8", "--rounds", "2", "--local-steps", "5"]);
+    let out = weft(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let in_process = demo(tmp.path(), &["--privacy", "dp", "--epsilon", "8", "--rounds", "2", "--local-steps", "5"]);
+    for (net, local) in report["rounds"].as_array().unwrap().iter().zip(in_process["rounds"].as_array().unwrap()) {
+        let charges = |round: &Value| -> Vec<(String, f64)> {
+            let mut c: Vec<(String, f64)> = round["contributions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["node"].as_str().unwrap().to_owned(), f(&c["privacy"]["epsilon_total"])))
+                .collect();
+            c.sort_by(|a, b| a.0.cmp(&b.0));
+            c
+        };
+        assert_eq!(charges(net).len(), 4);
+        assert_eq!(charges(net), charges(local), "the same mechanism costs the same ε either way");
+    }
+    assert_ne!(report["final_base_hash"], in_process["final_base_hash"], "each node's noise is its own");
+}
