@@ -207,8 +207,7 @@ impl AdamW {
     ) -> TrainReport {
         let len = model.config().context;
         let mut report = TrainReport { steps, ..TrainReport::default() };
-        let tail_from = steps - steps / 4;
-        let (mut sum, mut tail_sum, mut tail_n) = (0.0, 0.0, 0u64);
+        let mut losses = LossTally::new(steps);
         for step in 0..steps {
             let batch = span("batch", || Batch::sample(corpus, rows, len, rng));
             let (loss_sum, count) = model.forward(&batch);
@@ -216,18 +215,42 @@ impl AdamW {
             model.backward();
             report.last_grad_norm = span("adamw", || self.update(model));
             report.tokens += batch.tokens();
-            sum += loss;
-            if step >= tail_from {
-                tail_sum += loss;
-                tail_n += 1;
-            }
+            losses.add(step, loss);
             on_step(step + 1, loss);
         }
-        if steps > 0 {
-            report.mean_loss = sum / steps as f64;
-            report.final_loss = tail_sum / tail_n.max(1) as f64;
-        }
+        (report.mean_loss, report.final_loss) = losses.means();
         report
+    }
+}
+
+/// A stretch's mean loss and the mean over its last quarter (what `TrainReport` states).
+struct LossTally {
+    steps: u64,
+    tail_from: u64,
+    sum: f64,
+    tail_sum: f64,
+    tail_n: u64,
+}
+
+impl LossTally {
+    fn new(steps: u64) -> Self {
+        LossTally { steps, tail_from: steps - steps / 4, sum: 0.0, tail_sum: 0.0, tail_n: 0 }
+    }
+
+    fn add(&mut self, step: u64, loss: f64) {
+        self.sum += loss;
+        if step >= self.tail_from {
+            self.tail_sum += loss;
+            self.tail_n += 1;
+        }
+    }
+
+    /// (mean, mean of the last quarter); zeros for an empty stretch.
+    fn means(&self) -> (f64, f64) {
+        if self.steps == 0 {
+            return (0.0, 0.0);
+        }
+        (self.sum / self.steps as f64, self.tail_sum / self.tail_n.max(1) as f64)
     }
 }
 
@@ -276,8 +299,7 @@ impl AdamW {
         let mut report = TrainReport { steps, ..TrainReport::default() };
         let mut dp_report =
             DpReport { mechanism: *dp, delta, epsilon, records: records.len() as u64, sampled: 0, clipped: 0 };
-        let tail_from = steps - steps / 4;
-        let (mut sum, mut tail_sum, mut tail_n) = (0.0, 0.0, 0u64);
+        let mut losses = LossTally::new(steps);
         let mut one = Batch::empty(1, len);
         for step in 0..steps {
             let picked = stream.sample(records.len(), dp.sample_rate);
@@ -300,17 +322,10 @@ impl AdamW {
             }
             report.last_grad_norm = span("adamw", || self.update_clipped(model, 0.0));
             let loss = if count > 0.0 { loss_sum / count } else { 0.0 };
-            sum += loss;
-            if step >= tail_from {
-                tail_sum += loss;
-                tail_n += 1;
-            }
+            losses.add(step, loss);
             on_step(step + 1, loss);
         }
-        if steps > 0 {
-            report.mean_loss = sum / steps as f64;
-            report.final_loss = tail_sum / tail_n.max(1) as f64;
-        }
+        (report.mean_loss, report.final_loss) = losses.means();
         Ok((report, dp_report))
     }
 }

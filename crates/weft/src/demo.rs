@@ -53,7 +53,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Run as separate processes on this machine: `weft coordinator serve` and one `weft node
-    /// join` per node, over mutual TLS on loopback (same bases as in one process).
+    /// join` per node, over mutual TLS on loopback (same bases as in one process, except under
+    /// --privacy dp, where each node keys its noise with its own signing key).
     #[arg(long)]
     pub processes: bool,
     /// With --processes: how deltas travel (f32, f16, bf16, int8).
