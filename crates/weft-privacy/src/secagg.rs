@@ -596,6 +596,30 @@ impl Collector {
     }
 }
 
+/// The key phase run in one process (the demo, benchmarks, tests): every member advertises
+/// through the collector, seals its shares to the others, and opens the ones sealed to it. Over
+/// a network the same three steps travel as messages through the coordinator.
+pub fn exchange_keys(
+    community: &Community,
+    members: &mut [Member],
+    collector: &mut Collector,
+) -> Result<(), SecAggError> {
+    for m in members.iter() {
+        collector.advert(m.advert())?;
+    }
+    let adverts = collector.adverts();
+    let mut sealed: Vec<SealedShares> = Vec::new();
+    for m in members.iter_mut() {
+        sealed.extend(m.share(community, &adverts)?);
+        collector.shared(m.index);
+    }
+    for m in members.iter_mut() {
+        let mine: Vec<SealedShares> = sealed.iter().filter(|s| s.to == m.index).cloned().collect();
+        m.receive(community, &mine)?;
+    }
+    Ok(())
+}
+
 /// One random partition of a round's roster into communities of at least `size` members (the
 /// last takes the remainder), drawn from the round's ledger-fixed seed; a second request for
 /// the same round is refused, because two partitions of the same updates let the coordinator
@@ -663,19 +687,7 @@ mod tests {
     ) -> (Result<CommunitySum, SecAggError>, Collector) {
         let mut members: Vec<Member> = (0..c.members as u32).map(|m| Member::new(m, &[m as u8 + 1; 32], c)).collect();
         let mut collector = Collector::new(c.clone());
-        for m in &members {
-            collector.advert(m.advert()).unwrap();
-        }
-        let adverts = collector.adverts();
-        let mut sealed = Vec::new();
-        for m in &mut members {
-            sealed.extend(m.share(c, &adverts).unwrap());
-            collector.shared(m.index);
-        }
-        for m in &mut members {
-            let mine: Vec<SealedShares> = sealed.iter().filter(|s| s.to == m.index).cloned().collect();
-            m.receive(c, &mine).unwrap();
-        }
+        exchange_keys(c, &mut members, &mut collector).unwrap();
         for m in &members {
             if !drop_after_sharing.contains(&m.index) {
                 collector.masked(m.mask(c, &updates[m.index as usize]).unwrap()).unwrap();

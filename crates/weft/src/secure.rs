@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use weft_core::{Contribution, Delta, ModelState, NodeId, Tensor};
 use weft_net::config::SecureAggregationConfig;
-use weft_privacy::secagg::{Collector, Community, Member, SealedShares};
+use weft_privacy::secagg::{exchange_keys, Collector, Community, Member};
 
 /// The mean update of `members`' contributions as `community` sees it through the protocol, or
 /// why the community failed. `secret(node)` is each node's own 32 secret bytes.
@@ -34,19 +34,7 @@ pub fn community_contribution(
     let mut nodes: Vec<Member> =
         members.iter().enumerate().map(|(i, c)| Member::new(i as u32, &secret(&c.node), &community)).collect();
     let mut collector = Collector::new(community.clone());
-    for m in &nodes {
-        collector.advert(m.advert())?;
-    }
-    let adverts = collector.adverts();
-    let mut sealed: Vec<SealedShares> = Vec::new();
-    for (i, m) in nodes.iter_mut().enumerate() {
-        sealed.extend(m.share(&community, &adverts)?);
-        collector.shared(i as u32);
-    }
-    for (i, m) in nodes.iter_mut().enumerate() {
-        let mine: Vec<SealedShares> = sealed.iter().filter(|s| s.to == i as u32).cloned().collect();
-        m.receive(&community, &mine)?;
-    }
+    exchange_keys(&community, &mut nodes, &mut collector)?;
     let mut clipped = 0usize;
     for (m, c) in nodes.iter().zip(members) {
         let flat = flatten(c.delta.state());
