@@ -28,6 +28,6 @@ pub use governance::{
 pub use head::{ModelHead, ModelPoint, ModelRefs};
 pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
-pub use privacy::{budget_table, community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
+pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
 pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
 pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

@@ -128,20 +128,6 @@ pub fn draw_communities(
     Ok(drawn.into_iter().enumerate().map(|(i, members)| (community_id(i + 1), members)).collect())
 }
 
-/// Per node, the latest charge: the budget table `weft privacy` prints.
-pub fn budget_table<'a>(
-    charges: impl IntoIterator<Item = (&'a str, u64, &'a PrivacyCharge)>,
-) -> BTreeMap<String, (u64, PrivacyCharge)> {
-    let mut table = BTreeMap::new();
-    for (node, round, charge) in charges {
-        let entry = table.entry(node.to_owned()).or_insert((round, *charge));
-        if charge.rounds_charged >= entry.1.rounds_charged {
-            *entry = (round, *charge);
-        }
-    }
-    table
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
