@@ -52,24 +52,23 @@ pub struct BudgetTable {
     pub nodes: Vec<BudgetRow>,
 }
 
+/// The row of `node`, empty until something is charged or refused.
+fn row<'a>(rows: &'a mut BTreeMap<String, BudgetRow>, node: &str) -> &'a mut BudgetRow {
+    rows.entry(node.to_owned()).or_insert_with(|| BudgetRow {
+        node: node.to_owned(),
+        rounds_charged: 0,
+        last_round: None,
+        epsilon_last_round: None,
+        epsilon_spent: 0.0,
+        budget: None,
+        remaining: None,
+        refused_over_budget: 0,
+    })
+}
+
 pub fn table(entries: &[weft_ledger::Entry]) -> BudgetTable {
     let mut rows: BTreeMap<String, BudgetRow> = BTreeMap::new();
     let mut mechanism = None;
-    let row = |rows: &mut BTreeMap<String, BudgetRow>, node: &str| {
-        rows.entry(node.to_owned())
-            .or_insert_with(|| BudgetRow {
-                node: node.to_owned(),
-                rounds_charged: 0,
-                last_round: None,
-                epsilon_last_round: None,
-                epsilon_spent: 0.0,
-                budget: None,
-                remaining: None,
-                refused_over_budget: 0,
-            })
-            .node
-            .clone()
-    };
     for entry in entries {
         match &entry.event {
             Event::ConsortiumCreated { roster, .. } => {
@@ -97,23 +96,18 @@ pub fn table(entries: &[weft_ledger::Entry]) -> BudgetTable {
                     steps_per_round: *steps,
                     delta: *delta,
                 });
-                let key = row(&mut rows, node);
-                if let Some(r) = rows.get_mut(&key) {
-                    r.rounds_charged = *rounds_charged;
-                    r.last_round = Some(*round);
-                    r.epsilon_last_round = Some(*epsilon_round);
-                    r.epsilon_spent = *epsilon_total;
-                    r.budget = Some(*budget);
-                    r.remaining = Some(budget - epsilon_total);
-                }
+                let r = row(&mut rows, node);
+                r.rounds_charged = *rounds_charged;
+                r.last_round = Some(*round);
+                r.epsilon_last_round = Some(*epsilon_round);
+                r.epsilon_spent = *epsilon_total;
+                r.budget = Some(*budget);
+                r.remaining = Some(budget - epsilon_total);
             }
             Event::ContributionReceived { node, refused: Some(refusal), .. }
                 if refusal.code == weft_core::RejectionCode::PrivacyBudgetExhausted.as_str() =>
             {
-                let key = row(&mut rows, node);
-                if let Some(r) = rows.get_mut(&key) {
-                    r.refused_over_budget += 1;
-                }
+                row(&mut rows, node).refused_over_budget += 1;
             }
             _ => {}
         }
