@@ -34,6 +34,8 @@ pub enum StateError {
     Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("tensor '{name}' holds a non-finite value at index {index}")]
     NonFinite { name: String, index: usize },
+    #[error("{got} values for a layout of {expected}")]
+    FlatLength { expected: usize, got: usize },
 }
 
 impl ModelState {
@@ -81,6 +83,34 @@ impl ModelState {
     /// Total number of scalar parameters.
     pub fn num_values(&self) -> usize {
         self.tensors.values().map(Tensor::len).sum()
+    }
+
+    /// Every value in canonical (name) order, as one vector: secure aggregation masks one.
+    pub fn flat_values(&self) -> Vec<f32> {
+        let mut values = Vec::with_capacity(self.num_values());
+        for tensor in self.tensors.values() {
+            values.extend_from_slice(tensor.data());
+        }
+        values
+    }
+
+    /// `layout`'s names and shapes holding `values` in canonical order (the inverse of
+    /// [`flat_values`](Self::flat_values)).
+    pub fn from_flat(layout: &ModelState, values: &[f32]) -> Result<Self, StateError> {
+        let expected = layout.num_values();
+        if values.len() != expected {
+            return Err(StateError::FlatLength { expected, got: values.len() });
+        }
+        let mut tensors = BTreeMap::new();
+        let mut at = 0;
+        for (name, t) in &layout.tensors {
+            let n = t.len();
+            let tensor = Tensor::new(t.shape().to_vec(), values[at..at + n].to_vec())
+                .map_err(|e| StateError::FlatLength { expected: e.expected, got: e.got })?;
+            tensors.insert(name.clone(), tensor);
+            at += n;
+        }
+        Ok(ModelState { tensors })
     }
 
     /// The same names and shapes, all zeros.
@@ -313,6 +343,18 @@ mod tests {
         let back = ModelState::from_safetensors(&bytes).unwrap();
         assert_eq!(back, state);
         assert_eq!(back.content_hash(), state.content_hash());
+    }
+
+    #[test]
+    fn flat_values_follow_name_order_and_come_back() {
+        let state = sample();
+        let flat = state.flat_values();
+        assert_eq!(flat, vec![0.5, 0.25, -0.0, 3.0, 1.0, -2.0]);
+        assert_eq!(ModelState::from_flat(&state, &flat).unwrap(), state);
+        assert_eq!(
+            ModelState::from_flat(&state, &flat[1..]).unwrap_err(),
+            StateError::FlatLength { expected: 6, got: 5 }
+        );
     }
 
     proptest::proptest! {

@@ -45,6 +45,8 @@ pub enum SecAggError {
     Forged { from: MemberIndex, to: MemberIndex },
     #[error("shares of member {0}'s secret do not agree")]
     Shares(MemberIndex),
+    #[error("member {0} already sent its masked update")]
+    Repeated(MemberIndex),
     #[error("a member refuses to reveal both secrets of member {0}")]
     BothSecrets(MemberIndex),
     #[error("a second partition of round {round} was asked for: two partitions would let the coordinator solve for single updates")]
@@ -471,13 +473,16 @@ fn pairwise_key(community: &Community, secret: &StaticSecret, me: MemberIndex, o
 }
 
 /// The collector's side: it sees adverts, sealed shares, masked updates and reveals, and
-/// outputs only the sum of the survivors' updates.
+/// outputs only the sum of the survivors' updates. It keeps one running sum, not the masked
+/// updates: its memory is one update's, whatever the community's size.
 pub struct Collector {
     community: Community,
     adverts: BTreeMap<MemberIndex, Advert>,
     /// Members who sent their sealed shares: the ones every masked update is masked against.
     shared: BTreeSet<MemberIndex>,
-    masked: BTreeMap<MemberIndex, Vec<u32>>,
+    /// Members whose masked update is in `masked_sum`.
+    survivors: BTreeSet<MemberIndex>,
+    masked_sum: Vec<u32>,
 }
 
 /// A community's unmasked result.
@@ -490,7 +495,8 @@ pub struct CommunitySum {
 
 impl Collector {
     pub fn new(community: Community) -> Self {
-        Collector { community, adverts: BTreeMap::new(), shared: BTreeSet::new(), masked: BTreeMap::new() }
+        let masked_sum = vec![0; community.length];
+        Collector { community, adverts: BTreeMap::new(), shared: BTreeSet::new(), survivors: BTreeSet::new(), masked_sum }
     }
 
     pub fn advert(&mut self, advert: Advert) -> Result<(), SecAggError> {
@@ -514,6 +520,9 @@ impl Collector {
         if !self.shared.contains(&update.member) {
             return Err(SecAggError::UnknownMember(update.member));
         }
+        if self.survivors.contains(&update.member) {
+            return Err(SecAggError::Repeated(update.member));
+        }
         if update.words.len() != self.community.length {
             return Err(SecAggError::Length {
                 member: update.member,
@@ -521,15 +530,17 @@ impl Collector {
                 expected: self.community.length,
             });
         }
-        self.masked.insert(update.member, update.words);
+        for (s, w) in self.masked_sum.iter_mut().zip(update.words) {
+            *s = s.wrapping_add(w);
+        }
+        self.survivors.insert(update.member);
         Ok(())
     }
 
     /// Members whose masked update arrived, and members who shared but sent none.
     pub fn survivors_and_dropped(&self) -> (BTreeSet<MemberIndex>, BTreeSet<MemberIndex>) {
-        let survivors: BTreeSet<_> = self.masked.keys().copied().collect();
-        let dropped = self.shared.difference(&survivors).copied().collect();
-        (survivors, dropped)
+        let dropped = self.shared.difference(&self.survivors).copied().collect();
+        (self.survivors.clone(), dropped)
     }
 
     /// The sum of the survivors' updates, from at least `threshold` reveals; or why the
@@ -568,12 +579,7 @@ impl Collector {
             }
             shamir_combine(&shares).ok_or(SecAggError::Shares(member))
         };
-        let mut sum = vec![0u32; c.length];
-        for words in self.masked.values() {
-            for (s, &w) in sum.iter_mut().zip(words) {
-                *s = s.wrapping_add(w);
-            }
-        }
+        let mut sum = self.masked_sum.clone();
         for &s in &survivors {
             let seed = recover(s, false)?;
             add_stream(&mut sum, &hkdf(&c.context, &seed, "weft secagg self mask v1"), true);
@@ -792,14 +798,21 @@ mod tests {
         let c = community(3, 2, 4096);
         let mut u = updates(3, 4096);
         u[0] = vec![0.25; 4096];
-        let (_, collector) = run(&c, &u, &[]);
-        let words = &collector.masked[&0];
+        let mut members: Vec<Member> = (0..3).map(|m| Member::new(m, &[m as u8 + 1; 32], &c)).collect();
+        let mut collector = Collector::new(c.clone());
+        exchange_keys(&c, &mut members, &mut collector).unwrap();
+        // Exactly what the collector receives from member 0.
+        let masked = members[0].mask(&c, &u[0]).unwrap();
+        let words = &masked.words;
         let guess: Vec<f32> = words.iter().map(|&w| c.quantizer.decode(w)).collect();
         let near = guess.iter().filter(|&&g| (g - 0.25).abs() < 0.01).count();
         // Uniform over [-range·members, range·members): ≈ 0.02 / 6 of the values land near 0.25 by chance.
         assert!(near < 60, "{near} of 4096 masked values sit near the true update");
         let high_bit_set = words.iter().filter(|&&w| w & 0x8000_0000 != 0).count();
         assert!((1848..2248).contains(&high_bit_set), "{high_bit_set}");
+        // A member's second masked update is refused (it would count it twice).
+        collector.masked(masked.clone()).unwrap();
+        assert_eq!(collector.masked(masked), Err(SecAggError::Repeated(0)));
         // And a member refuses to reveal both secrets of anyone.
         let m = Member::new(0, &[1; 32], &c);
         let both = BTreeSet::from([1]);

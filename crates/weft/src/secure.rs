@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use weft_core::{Contribution, Delta, ModelState, NodeId, Tensor};
+use weft_core::{Contribution, Delta, ModelState, NodeId};
 use weft_net::config::SecureAggregationConfig;
 use weft_privacy::secagg::{exchange_keys, Collector, Community, Member};
 
@@ -37,7 +37,7 @@ pub fn community_contribution(
     exchange_keys(&community, &mut nodes, &mut collector)?;
     let mut clipped = 0usize;
     for (m, c) in nodes.iter().zip(members) {
-        let flat = flatten(c.delta.state());
+        let flat = c.delta.state().flat_values();
         clipped += flat.iter().filter(|v| v.abs() > settings.range).count();
         collector.masked(m.mask(&community, &flat)?)?;
     }
@@ -53,25 +53,8 @@ pub fn community_contribution(
         node: NodeId::new(id)?,
         round,
         base_hash: first.base_hash,
-        delta: Delta::from_state(unflatten(layout, &mean)?),
+        delta: Delta::from_state(ModelState::from_flat(layout, &mean)?),
         token_count: members.iter().map(|c| c.token_count).sum(),
         declared: BTreeMap::new(),
     })
-}
-
-/// Every tensor's values in name order.
-fn flatten(state: &ModelState) -> Vec<f32> {
-    state.iter().flat_map(|(_, t)| t.data().iter().copied()).collect()
-}
-
-fn unflatten(layout: &ModelState, values: &[f32]) -> anyhow::Result<ModelState> {
-    let mut state = ModelState::new();
-    let mut at = 0;
-    for (name, t) in layout.iter() {
-        let n = t.data().len();
-        let data = values.get(at..at + n).context("the community's sum is shorter than the model")?.to_vec();
-        state.insert(name, Tensor::new(t.shape().to_vec(), data)?);
-        at += n;
-    }
-    Ok(state)
 }
