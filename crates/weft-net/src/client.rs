@@ -18,6 +18,7 @@ use crate::config::{read_text, read_toml, KitFiles, NodeKit};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
 use crate::refusal::RefusalCode;
+use crate::secure::Taken;
 use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// A node's startup kit, read from its directory.
@@ -66,6 +67,10 @@ pub struct RoundOutcome {
     pub wire_bytes: u64,
     /// Seconds this node spent training for the round.
     pub train_seconds: f64,
+    /// Under secure aggregation: the community whose sum carried the node's update (the
+    /// verdict and quality are the community's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub community: Option<String>,
 }
 
 impl RoundOutcome {
@@ -235,6 +240,7 @@ pub async fn join(
                             quality: 0.0,
                             wire_bytes: 0,
                             train_seconds: 0.0,
+                            community: None,
                         });
                     }
                     Err(NetError::Refused(status)) if !definitive(&status) => {
@@ -264,6 +270,18 @@ async fn contribute(
     let training = state.training.ok_or_else(|| NetError::Protocol("a round without training settings".into()))?;
     let adapter =
         state.adapter.as_ref().map(crate::announce::adapter_from_proto).transpose().map_err(NetError::Protocol)?;
+    // Under secure aggregation the keys go out first (the stage is short); training follows.
+    let membership = match &state.secure_aggregation {
+        Some(settings) => {
+            // Keyed by the node's own signing key: the coordinator relays, it never holds this.
+            let secret = kit.signing.derive_secret("weft node secagg secret v1");
+            match crate::secure::keys(client, &secret, state.round, settings).await? {
+                Taken::Keys(membership) => Some(membership),
+                Taken::SatOut(why) => return Ok(sat_out(state.round, why)),
+            }
+        }
+        None => None,
+    };
     // Checked before the base is fetched: a kit for the other kind of consortium trains nothing.
     let participant = node.take().ok_or_else(|| NetError::Protocol("the node was lost".into()))?;
     let participant = match (&adapter, participant) {
@@ -366,6 +384,25 @@ async fn contribute(
     *node = Some(participant);
     let train_seconds = training_started.elapsed().as_secs_f64();
     let contribution = contribution?;
+    if let Some(membership) = membership {
+        let update = contribution.delta.state().flat_values();
+        return Ok(match crate::secure::finish(client, membership, base_hash, &update).await? {
+            Ok(done) => {
+                tracing::info!(round, community = %done.community, accepted = done.accepted, "community sum measured");
+                RoundOutcome {
+                    round,
+                    accepted: done.accepted,
+                    code: done.code,
+                    detail: done.detail,
+                    quality: done.quality,
+                    wire_bytes: done.wire_bytes,
+                    train_seconds,
+                    community: Some(done.community),
+                }
+            }
+            Err(why) => RoundOutcome { train_seconds, ..sat_out(round, why) },
+        });
+    }
     let encoding = Encoding::from_proto(state.encoding).ok_or_else(|| NetError::Protocol("unknown encoding".into()))?;
     let encoded = encoding::encode(contribution.delta.state(), encoding)?;
     // Sign the delta as the coordinator will decode it.
@@ -395,7 +432,23 @@ async fn contribute(
         quality: receipt.quality,
         wire_bytes: receipt.wire_bytes,
         train_seconds,
+        community: None,
     })
+}
+
+/// A secure round this node could not finish (nothing of its update left it in the clear).
+fn sat_out(round: u64, why: crate::secure::SatOut) -> RoundOutcome {
+    tracing::warn!(round, code = %why.code, "secure aggregation: {}", why.detail);
+    RoundOutcome {
+        round,
+        accepted: false,
+        code: why.code,
+        detail: why.detail,
+        quality: 0.0,
+        wire_bytes: 0,
+        train_seconds: 0.0,
+        community: None,
+    }
 }
 
 /// The DP-SGD rule the coordinator announces, checked: it crosses the network.

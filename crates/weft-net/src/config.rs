@@ -101,13 +101,23 @@ pub struct SecureAggregationConfig {
     /// Every value of an update is clipped to [-range, range] before fixed-point encoding.
     #[serde(default = "SecureAggregationConfig::default_range")]
     pub range: f32,
+    /// Over the network: seconds each key stage (keys, shares, reveals) waits for members before
+    /// it closes on those heard (masked updates wait until the round's deadline).
+    #[serde(default = "SecureAggregationConfig::default_stage_secs")]
+    pub stage_secs: u64,
 }
 
 impl SecureAggregationConfig {
     pub const DEFAULT_RANGE: f32 = 1.0;
 
+    pub const DEFAULT_STAGE_SECS: u64 = 30;
+
     fn default_range() -> f32 {
         Self::DEFAULT_RANGE
+    }
+
+    fn default_stage_secs() -> u64 {
+        Self::DEFAULT_STAGE_SECS
     }
 
     /// Checks the section against a roster of `nodes`.
@@ -128,6 +138,12 @@ impl SecureAggregationConfig {
             return Err(setting(
                 "privacy.secure_aggregation.range",
                 format!("must be a positive number, got {}", self.range),
+            ));
+        }
+        if !(1..=3600).contains(&self.stage_secs) {
+            return Err(setting(
+                "privacy.secure_aggregation.stage_secs",
+                format!("must be between 1 and 3600 seconds, got {}", self.stage_secs),
             ));
         }
         Ok(())

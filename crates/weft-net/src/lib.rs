@@ -8,6 +8,7 @@ pub mod config;
 pub mod encoding;
 pub mod provision;
 pub mod refusal;
+pub mod secure;
 pub mod server;
 pub mod tls;
 

@@ -52,6 +52,8 @@ pub enum Refusal {
     /// The round engine's own checks and policy.
     #[error("{0}")]
     Rejected(Rejection),
+    #[error("this consortium aggregates securely: a node's update goes masked to its community (UploadMasked), never in the clear")]
+    SecureAggregationOnly,
     #[error("the coordinator failed: {0}")]
     Internal(String),
 }
@@ -74,6 +76,7 @@ impl Refusal {
             Refusal::DeltaHashMismatch { .. } => C::DeltaHashMismatch,
             Refusal::MalformedDelta(_) => C::Rejected(RejectionCode::MalformedDelta),
             Refusal::Rejected(reason) => C::Rejected(reason.code()),
+            Refusal::SecureAggregationOnly => C::SecureAggregationOnly,
             Refusal::Internal(_) => C::Internal,
         }
     }
@@ -94,6 +97,7 @@ pub enum RefusalCode {
     BadStream,
     Truncated,
     DeltaHashMismatch,
+    SecureAggregationOnly,
     Internal,
     /// The engine's code (`malformed_delta` is the engine's too: a delta that decodes to the
     /// wrong layout and one that does not decode at all are the same fault to the node).
@@ -102,7 +106,7 @@ pub enum RefusalCode {
 
 impl RefusalCode {
     /// Codes of the network layer (the engine's are [`RejectionCode::ALL`]).
-    const NETWORK: [(RefusalCode, &'static str); 13] = [
+    const NETWORK: [(RefusalCode, &'static str); 14] = [
         (RefusalCode::Transport, "transport"),
         (RefusalCode::MissingHeader, "missing_header"),
         (RefusalCode::BadManifest, "bad_manifest"),
@@ -115,6 +119,7 @@ impl RefusalCode {
         (RefusalCode::BadStream, "bad_stream"),
         (RefusalCode::Truncated, "truncated"),
         (RefusalCode::DeltaHashMismatch, "delta_hash_mismatch"),
+        (RefusalCode::SecureAggregationOnly, "secure_aggregation_only"),
         (RefusalCode::Internal, "internal"),
     ];
 

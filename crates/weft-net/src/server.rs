@@ -18,13 +18,14 @@ use tokio_stream::Stream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use weft_coordinator::{BlobStore, DurableCoordinator, Measure, RoundRecord, SubmitError};
-use weft_core::{AdapterRound, ContentHash, Contribution, Delta, NodeId, Rejection};
+use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId, Rejection};
 use weft_ledger::{ContributionManifest, Signature};
 
-use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster};
+use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster, SecureAggregationConfig};
 use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_server::ConsortiumServer, upload_part::Part};
 use crate::refusal::Refusal;
+use crate::secure::{SecureRound, Stage, Verdict};
 use crate::{NetError, CHUNK, FRAME, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// What a served consortium is told to do.
@@ -55,6 +56,10 @@ pub struct Served {
     pub wire_bytes: WireBytes,
     /// round → seconds from opening to the closed record.
     pub round_seconds: BTreeMap<u64, f64>,
+    /// Under secure aggregation: round → community → why it failed (too few members at a
+    /// stage, or the coordinator restarted mid-protocol).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_communities: FailedCommunities,
 }
 
 /// What the upload tasks see of the round, without waiting for the engine.
@@ -119,7 +124,14 @@ struct Shared<M: Measure> {
     coordinator_key: String,
     wire: Mutex<WireBytes>,
     uploads: std::sync::atomic::AtomicU64,
+    /// The open round's secure aggregation protocol (`[privacy] secure_aggregation`).
+    secure: Mutex<Option<SecureRound>>,
+    /// Communities that failed, by round: community → why.
+    failed_communities: Mutex<FailedCommunities>,
 }
+
+/// round → community → why it failed.
+pub type FailedCommunities = BTreeMap<u64, BTreeMap<String, String>>;
 
 /// An upload in progress. If the node goes away mid-stream (killed, connection reset), the
 /// server drops the upload's task without a refusal to send: this logs it and removes the
@@ -184,6 +196,8 @@ pub async fn serve<M: Measure + Send + 'static>(
         coordinator_key,
         wire: Mutex::new(BTreeMap::new()),
         uploads: std::sync::atomic::AtomicU64::new(0),
+        secure: Mutex::new(None),
+        failed_communities: Mutex::new(BTreeMap::new()),
     });
     let service = ConsortiumServer::new(Service { shared: shared.clone() })
         .max_decoding_message_size(MAX_MESSAGE)
@@ -210,7 +224,8 @@ pub async fn serve<M: Measure + Send + 'static>(
     }
     let (rounds, round_seconds) = outcome?;
     let wire = lock(&shared.wire).clone();
-    Ok(Served { rounds, wire_bytes: wire, round_seconds })
+    let failed_communities = lock(&shared.failed_communities).clone();
+    Ok(Served { rounds, wire_bytes: wire, round_seconds, failed_communities })
 }
 
 /// An open round as the engine reports it.
@@ -221,6 +236,8 @@ struct Opened {
     done: BTreeSet<NodeId>,
     adapter: Option<AdapterRound>,
     update_size: (usize, usize),
+    /// Opened by an earlier run of the coordinator (which stopped mid-round).
+    continued: bool,
 }
 
 /// Opens, waits for, and closes every remaining round.
@@ -236,10 +253,10 @@ async fn drive<M: Measure + Send + 'static>(
         let opened = shared
             .engine
             .run(move |engine| -> Result<Option<Opened>, NetError> {
-                let (announcement, done) = match engine.open_round_state() {
-                    Some(state) => state,
+                let (announcement, done, continued) = match engine.open_round_state() {
+                    Some((announcement, done)) => (announcement, done, true),
                     None if engine.round() >= rounds => return Ok(None),
-                    None => (engine.open_round()?, BTreeSet::new()),
+                    None => (engine.open_round()?, BTreeSet::new(), false),
                 };
                 let update_size = engine.with_update_layout(|l| (l.num_values(), l.len())).unwrap_or_default();
                 Ok(Some(Opened {
@@ -248,12 +265,24 @@ async fn drive<M: Measure + Send + 'static>(
                     done,
                     adapter: engine.adapter_round(),
                     update_size,
+                    continued,
                 }))
             })
             .await??;
-        let Some(Opened { round, base_hash, done, adapter, update_size }) = opened else { break };
+        let Some(Opened { round, base_hash, done, adapter, update_size, continued }) = opened else { break };
         let opened_at = Instant::now();
         let closes_at = closes(opened_at)?;
+        let secure = shared.options.config.privacy.and_then(|p| p.secure_aggregation);
+        if let Some(settings) = secure {
+            // Set up before the round shows as open: a node that sees it open finds its community.
+            let partition = shared.engine.run(|engine| engine.draw_communities()).await??;
+            let stage_closes = stage_deadline(&settings, closes_at);
+            let mut run = SecureRound::new(round, base_hash, &partition, &settings, update_size.0, stage_closes)?;
+            if continued {
+                run = run.interrupted(&done);
+            }
+            *lock(&shared.secure) = Some(run);
+        }
         {
             let mut view = lock(&shared.view);
             *view = View {
@@ -267,15 +296,20 @@ async fn drive<M: Measure + Send + 'static>(
             };
         }
         tracing::info!(round, base = %base_hash.short(), "round open");
-        let roster = shared.options.roster.node.len();
-        loop {
-            if lock(&shared.view).submitted.len() >= roster {
-                break;
-            }
-            let wait = shared.submitted.notified();
-            tokio::select! {
-                _ = wait => {}
-                _ = tokio::time::sleep_until(closes_at.into()) => break,
+        match secure {
+            Some(settings) => run_secure_round(&shared, &settings, closes_at).await?,
+            None => {
+                let roster = shared.options.roster.node.len();
+                loop {
+                    if lock(&shared.view).submitted.len() >= roster {
+                        break;
+                    }
+                    let wait = shared.submitted.notified();
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = tokio::time::sleep_until(closes_at.into()) => break,
+                    }
+                }
             }
         }
         {
@@ -296,6 +330,97 @@ async fn drive<M: Measure + Send + 'static>(
     lock(&shared.view).phase = proto::Phase::Finished;
     tracing::info!("all rounds done");
     Ok((records, seconds))
+}
+
+/// Each key stage waits `stage_secs`, never past the round's deadline.
+fn stage_deadline(settings: &SecureAggregationConfig, round_closes: Instant) -> Instant {
+    Instant::now().checked_add(Duration::from_secs(settings.stage_secs)).map_or(round_closes, |t| t.min(round_closes))
+}
+
+/// Walks the open round's communities through the protocol's stages (each waits for its
+/// members or its deadline), then measures each surviving community's mean as one
+/// contribution.
+async fn run_secure_round<M: Measure + Send + 'static>(
+    shared: &Arc<Shared<M>>,
+    settings: &SecureAggregationConfig,
+    closes_at: Instant,
+) -> Result<(), NetError> {
+    let mut means = Vec::new();
+    for _ in [Stage::Keys, Stage::Shares, Stage::Masked, Stage::Reveal] {
+        let Some(stage_closes) = lock(&shared.secure).as_ref().filter(|s| s.stage != Stage::Done).map(|s| s.stage_closes)
+        else {
+            break;
+        };
+        loop {
+            let wait = shared.submitted.notified();
+            if lock(&shared.secure).as_ref().is_none_or(SecureRound::stage_complete) {
+                break;
+            }
+            tokio::select! {
+                _ = wait => {}
+                _ = tokio::time::sleep_until(stage_closes.into()) => break,
+            }
+        }
+        let mut secure = lock(&shared.secure);
+        let Some(s) = secure.as_mut() else { break };
+        let closed = s.stage;
+        // MASKED waits for training: it closes at the round's deadline; the others are short.
+        let next = if closed == Stage::Shares { closes_at } else { stage_deadline(settings, closes_at) };
+        for (position, sum) in s.close_stage(next) {
+            let n = sum.members.len() as f32;
+            let mean: Vec<f32> = sum.sum.iter().map(|v| v / n).collect();
+            means.push((s.communities[position].id.clone(), mean));
+        }
+        tracing::info!(round = s.round, stage = ?closed, "secure aggregation stage closed");
+    }
+    let Some((round, base_hash)) = lock(&shared.secure).as_ref().map(|s| (s.round, s.base_hash)) else {
+        return Ok(());
+    };
+    for (id, mean) in means {
+        let community = id.clone();
+        let job = move |engine: &mut DurableCoordinator<M>| -> Result<Verdict, NetError> {
+            let state = engine
+                .with_update_layout(|layout| ModelState::from_flat(layout, &mean))
+                .ok_or_else(|| NetError::Protocol(format!("round {round} closed before {community}'s sum was measured")))?
+                .map_err(|e| NetError::Protocol(format!("{community}'s sum: {e}")))?;
+            let contribution = Contribution {
+                node: NodeId::new(community.clone()).map_err(|e| NetError::Protocol(e.to_string()))?,
+                round,
+                base_hash,
+                delta: Delta::from_state(state),
+                // Members' token counts would be per-node facts: the community states none.
+                token_count: 0,
+                declared: BTreeMap::new(),
+            };
+            match engine.submit(contribution) {
+                Ok(receipt) => Ok(Verdict { accepted: true, quality: receipt.quality, ..Verdict::default() }),
+                Err(SubmitError::Rejected(reason)) => Ok(Verdict {
+                    accepted: false,
+                    code: reason.code().to_string(),
+                    detail: reason.to_string(),
+                    quality: 0.0,
+                }),
+                Err(SubmitError::Internal(e)) => Err(e.into()),
+            }
+        };
+        let verdict = shared.engine.run(job).await??;
+        tracing::info!(community = %id, accepted = verdict.accepted, code = %verdict.code, quality = verdict.quality, "community sum measured");
+        if let Some(c) = lock(&shared.secure).as_mut().and_then(|s| s.communities.iter_mut().find(|c| c.id == id)) {
+            c.verdict = Some(verdict);
+        }
+    }
+    let mut secure = lock(&shared.secure);
+    if let Some(s) = secure.as_mut() {
+        s.measured();
+        let failed: BTreeMap<String, String> =
+            s.communities.iter().filter_map(|c| c.failure.clone().map(|f| (c.id.clone(), f))).collect();
+        if !failed.is_empty() {
+            lock(&shared.failed_communities).insert(s.round, failed);
+        }
+        let mut wire = lock(&shared.wire);
+        wire.entry(s.round).or_default().extend(s.wire.iter().map(|(n, b)| (n.clone(), *b)));
+    }
+    Ok(())
 }
 
 struct Service<M: Measure> {
@@ -374,7 +499,83 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
             submitted: view.submitted.contains(&member.id),
             max_upload_bytes: config.encoding.max_bytes(view.update_size.0, view.update_size.1),
             adapter: view.adapter.as_ref().map(crate::announce::adapter_to_proto),
+            secure_aggregation: config.privacy.and_then(|p| p.secure_aggregation).map(|s| {
+                proto::SecureAggregationSettings { community_size: s.community_size as u32, range: s.range }
+            }),
         }))
+    }
+
+    async fn community(
+        &self,
+        request: Request<proto::CommunityRequest>,
+    ) -> Result<Response<proto::CommunityState>, Status> {
+        let member = self.member(&request)?;
+        let secure = lock(&self.shared.secure);
+        let state = match secure.as_ref() {
+            Some(s) => s.state(&member.id, request.get_ref().round).map_err(|e| e.status())?,
+            // No secure round has started yet: the node waits.
+            None => proto::CommunityState::default(),
+        };
+        Ok(Response::new(state))
+    }
+
+    async fn advertise(&self, request: Request<proto::AdvertiseRequest>) -> Result<Response<proto::SecureAck>, Status> {
+        let member = self.member(&request)?;
+        self.secure_step(&member, |s| s.advertise(&member.id, request.get_ref()))
+    }
+
+    async fn share(&self, request: Request<proto::ShareRequest>) -> Result<Response<proto::SecureAck>, Status> {
+        let member = self.member(&request)?;
+        self.secure_step(&member, |s| s.share(&member.id, request.get_ref()))
+    }
+
+    async fn upload_masked(
+        &self,
+        request: Request<Streaming<proto::MaskedPart>>,
+    ) -> Result<Response<proto::SecureAck>, Status> {
+        let member = self.member(&request)?;
+        let mut parts = request.into_inner();
+        let header = match parts.message().await {
+            Ok(Some(proto::MaskedPart { part: Some(proto::masked_part::Part::Header(h)) })) => h,
+            Ok(_) => return Err(Status::invalid_argument("malformed_protocol_message: a masked upload starts with its header")),
+            Err(status) => return Err(status),
+        };
+        self.secure_step(&member, |s| s.check_masked(&member.id, &header))?;
+        // The header was checked against the community's length: at most that many words.
+        let expected = header.words.saturating_mul(4);
+        let mut bytes = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+        while let Some(part) = parts.message().await? {
+            match part.part {
+                Some(proto::masked_part::Part::Data(data)) => {
+                    if bytes.len() as u64 + data.len() as u64 > expected {
+                        return Err(Status::invalid_argument(format!(
+                            "malformed_protocol_message: more than the {expected} bytes announced"
+                        )));
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+                _ => return Err(Status::invalid_argument("malformed_protocol_message: a second header in one upload")),
+            }
+        }
+        if bytes.len() as u64 != expected {
+            return Err(Status::invalid_argument(format!(
+                "malformed_protocol_message: {} bytes received of the {expected} announced",
+                bytes.len()
+            )));
+        }
+        let words: Vec<u32> =
+            bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        drop(bytes);
+        let wire = expected;
+        self.secure_step(&member, |s| s.masked(&member.id, header.round, words, wire))?;
+        lock(&self.shared.view).submitted.insert(member.id.clone());
+        tracing::info!(node = %member.id, round = header.round, bytes = wire, "masked update received");
+        Ok(Response::new(proto::SecureAck { wire_bytes: wire }))
+    }
+
+    async fn reveal(&self, request: Request<proto::RevealRequest>) -> Result<Response<proto::SecureAck>, Status> {
+        let member = self.member(&request)?;
+        self.secure_step(&member, |s| s.reveal(&member.id, request.get_ref()))
     }
 
     type FetchBaseStream = ChunkStream;
@@ -436,6 +637,26 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
 }
 
 impl<M: Measure + Send + 'static> Service<M> {
+    /// One protocol message applied to the open secure round; the round's driver is woken (the
+    /// stage may be complete).
+    fn secure_step(
+        &self,
+        member: &Member,
+        step: impl FnOnce(&mut SecureRound) -> Result<(), crate::secure::SecureRefusal>,
+    ) -> Result<Response<proto::SecureAck>, Status> {
+        let mut secure = lock(&self.shared.secure);
+        let Some(s) = secure.as_mut() else {
+            return Err(Status::failed_precondition("wrong_stage: no secure aggregation round is running"));
+        };
+        if let Err(refusal) = step(s) {
+            tracing::warn!(node = %member.id, code = refusal.code(), "secure aggregation message refused: {refusal}");
+            return Err(refusal.status());
+        }
+        drop(secure);
+        self.shared.submitted.notify_one();
+        Ok(Response::new(proto::SecureAck::default()))
+    }
+
     /// Receives, checks and submits one upload; returns the measured quality.
     async fn receive(
         &self,
@@ -461,6 +682,9 @@ impl<M: Measure + Send + 'static> Service<M> {
             return Err(Refusal::BadSignature);
         }
         let config = &self.shared.options.config;
+        if config.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
+            return Err(Refusal::SecureAggregationOnly);
+        }
         let encoding = Encoding::from_proto(header.encoding).ok_or(Refusal::UnknownEncoding(header.encoding))?;
         if encoding != config.encoding {
             return Err(Refusal::WrongEncoding { expected: config.encoding, got: encoding });

@@ -221,6 +221,7 @@ impl PrivacyArgs {
         let secure_aggregation = self.secure_aggregation.map(|community_size| SecureAggregationConfig {
             community_size,
             range: SecureAggregationConfig::DEFAULT_RANGE,
+            stage_secs: SecureAggregationConfig::DEFAULT_STAGE_SECS,
         });
         let Some(PrivacyTier::Dp) = self.privacy else {
             return secure_aggregation.map(|s| PrivacyConfig { dp: None, secure_aggregation: Some(s) });

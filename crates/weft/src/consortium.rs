@@ -107,9 +107,6 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         privacy: sections.privacy,
     };
     config.validate().map_err(|e| setting_error(e, Source::Flags))?;
-    if config.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
-        bail!("--secure-aggregation runs in `weft demo` only for now: its protocol over the network is not built yet");
-    }
     let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;
     say!("consortium '{}' created in {}", config.name, args.dir.display());
     for m in &roster.node {

@@ -51,12 +51,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(|e| setting_error(e, Source::ConsortiumToml))
         .with_context(|| config_path.display().to_string())?;
-    if config.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
-        anyhow::bail!(
-            "{}: [privacy] secure_aggregation runs in `weft demo` only for now; its protocol over the network is not built yet",
-            config_path.display()
-        );
-    }
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
     let (coordinator, dp) = if config.base.is_some() {

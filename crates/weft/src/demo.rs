@@ -43,7 +43,8 @@ pub struct DemoArgs {
     /// The attack's factor λ (default depends on the attack: see `weft demo --help`).
     #[arg(long)]
     pub attack_scale: Option<f32>,
-    /// Keep every artifact here (nodes' sovereign models, bases, deltas, manifests, records).
+    /// Keep every artifact here (nodes' sovereign models, bases, deltas, manifests, records;
+    /// with --processes, the whole consortium: kits, the coordinator's storage and ledger).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write the JSON report here.
@@ -346,15 +347,24 @@ fn print_header(
 /// from the same sections (`consortium.toml` holds exactly these flags), then one `weft
 /// coordinator serve` and one `weft node join` per node run over mutual TLS on loopback.
 fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Instant) -> anyhow::Result<()> {
-    if args.attack.is_some() || args.out.is_some() {
-        bail!("--processes runs the honest consortium in a scratch directory; --attack and --out are for the in-process demo");
-    }
-    if run.secure_aggregation.is_some() {
-        bail!("--secure-aggregation runs in one process for now: its protocol over the network (keys, sealed shares, masked uploads, reveals between nodes through the coordinator) is not built yet; drop --processes");
+    if args.attack.is_some() {
+        bail!("--processes runs the honest consortium; --attack is for the in-process demo");
     }
     let exe = std::env::current_exe().context("locating the weft binary")?;
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
-    let dir = scratch.path().join("consortium");
+    let dir = match &args.out {
+        Some(out) => {
+            let dir = out.join("consortium");
+            if dir.exists() {
+                bail!(
+                    "{} already holds a consortium: the networked demo provisions a new one (its certificates and keys are fresh); use a new --out",
+                    dir.display()
+                );
+            }
+            dir
+        }
+        None => scratch.path().join("consortium"),
+    };
     let config = ConsortiumConfig {
         name: "weft-demo".into(),
         address: format!("127.0.0.1:{}", free_port()?),
@@ -396,6 +406,11 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
     let served: weft_net::server::Served = serde_json::from_slice(
         &std::fs::read(&served_json).with_context(|| format!("reading {}", served_json.display()))?,
     )?;
+    let storage = dir.join(&config.storage);
+    if run.secure_aggregation.is_some() {
+        say!();
+        communities_from_ledger(&storage, &served)?;
+    }
     let infos = run
         .members
         .iter()
@@ -408,7 +423,6 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let storage = dir.join(&config.storage);
     let finished = Finished {
         run,
         storage: &storage,
@@ -426,7 +440,44 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         }),
     };
     let report = Report::build(finished, &mut run.heldout(data_dir)?)?;
+    // Replays every round from the ledger and its blobs, as `weft ledger verify` does.
+    let audit = weft_coordinator::verify_with(&storage, None, None)
+        .with_context(|| format!("{}: ledger verification FAILED", storage.display()))?;
+    say!("ledger verified: {} entries, {} rounds replayed bit for bit", audit.entries, audit.replayed);
+    if args.out.is_some() {
+        say!("consortium kept in {} (`weft ledger show {}`)", dir.display(), storage.display());
+    }
     finish(&report, &run.languages(), args.json.as_deref(), None)
+}
+
+/// Each round's communities as the ledger recorded them, and what became of each: its sum's
+/// measured quality, or why it failed.
+fn communities_from_ledger(storage: &Path, served: &weft_net::server::Served) -> anyhow::Result<()> {
+    use weft_ledger::Event;
+    let mut measured: BTreeMap<(u64, String), String> = BTreeMap::new();
+    let mut drawn = Vec::new();
+    for entry in crate::ledger::checked_entries(storage)? {
+        match entry.event {
+            Event::CommunitiesDrawn { round, communities, .. } => drawn.push((round, communities)),
+            Event::Evaluation { round, node, quality, .. } => {
+                let q = quality.map_or("unmeasurable".into(), |q| format!("sum measured: quality {:+.2}%", 100.0 * q));
+                measured.insert((round, node), q);
+            }
+            _ => {}
+        }
+    }
+    // A restarted coordinator records the same partition again: show it once.
+    drawn.dedup();
+    for (round, communities) in drawn {
+        for (id, members) in communities {
+            let outcome = match served.failed_communities.get(&round).and_then(|f| f.get(&id)) {
+                Some(why) => format!("failed: {why}"),
+                None => measured.get(&(round, id.clone())).cloned().unwrap_or_else(|| "no sum".into()),
+            };
+            say!("round {round} {id}: {} · {outcome}", members.join(", "));
+        }
+    }
+    Ok(())
 }
 
 /// A child process that is killed if the demo stops early (an error, Ctrl-C unwinding).

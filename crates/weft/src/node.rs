@@ -134,7 +134,9 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let done = runtime.block_on(weft_net::client::join(kit, trainer, artifacts.clone(), options))?;
     for r in &done.rounds {
-        let outcome = if r.accepted {
+        let outcome = if let (true, Some(community)) = (r.accepted, &r.community) {
+            format!("masked into {community}'s sum, measured: quality {:+.2}%", 100.0 * r.quality)
+        } else if r.accepted {
             format!("measured, quality {:+.2}%", 100.0 * r.quality)
         } else if r.code == weft_net::client::TRAINER_FAILED {
             format!("nothing sent: {}", r.detail)
