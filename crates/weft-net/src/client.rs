@@ -300,7 +300,15 @@ async fn contribute(
         }
         (_, participant) => participant,
     };
-    let base = fetch_base(client, base_hash, artifacts).await?;
+    let base = match fetch_base(client, base_hash, artifacts).await {
+        Ok(base) => base,
+        Err(e) => {
+            // The coordinator went away mid-download: the node (its optimizer, its kept
+            // artifacts) stays for the retry.
+            *node = Some(participant);
+            return Err(e);
+        }
+    };
     let round = state.round;
     let training_started = std::time::Instant::now();
     let id = kit.config.id.clone();

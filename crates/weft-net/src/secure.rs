@@ -230,7 +230,11 @@ impl SecureRound {
     pub fn interrupted(mut self, measured: &BTreeSet<NodeId>) -> Self {
         for c in &mut self.communities {
             if measured.iter().any(|m| m.as_str() == c.id) {
-                c.verdict = Some(Verdict { accepted: true, detail: "measured before the restart".into(), ..Verdict::default() });
+                c.verdict = Some(Verdict {
+                    accepted: true,
+                    detail: "measured before the restart".into(),
+                    ..Verdict::default()
+                });
             } else {
                 c.failure = Some(
                     "the coordinator restarted during the round's protocol; a community's masks never run twice, so it sits this round out".into(),
@@ -304,7 +308,12 @@ impl SecureRound {
                 .values()
                 .flatten()
                 .filter(|s| s.to == member)
-                .map(|s| proto::Sealed { from: s.from, to: s.to, ciphertext: s.ciphertext.clone(), tag: s.tag.to_vec() })
+                .map(|s| proto::Sealed {
+                    from: s.from,
+                    to: s.to,
+                    ciphertext: s.ciphertext.clone(),
+                    tag: s.tag.to_vec(),
+                })
                 .collect();
         }
         if self.stage >= Stage::Reveal {
@@ -327,8 +336,11 @@ impl SecureRound {
             <[u8; 32]>::try_from(bytes)
                 .map_err(|_| SecureRefusal::Malformed(format!("a {what} public key is 32 bytes, got {}", bytes.len())))
         };
-        let advert =
-            Advert { member, cipher_key: key(&request.cipher_key, "cipher")?, mask_key: key(&request.mask_key, "mask")? };
+        let advert = Advert {
+            member,
+            cipher_key: key(&request.cipher_key, "cipher")?,
+            mask_key: key(&request.mask_key, "mask")?,
+        };
         match c.adverts.get(&member) {
             // A retry after a lost answer: the same keys (they derive from the node's secret).
             Some(earlier) if *earlier == advert => return Ok(()),
@@ -390,7 +402,10 @@ impl SecureRound {
         let base = self.base_hash.to_string();
         let (c, member) = self.find(node, header.round)?;
         if header.base_hash != base {
-            return Err(SecureRefusal::Malformed(format!("masked against base {}, the round's is {base}", header.base_hash)));
+            return Err(SecureRefusal::Malformed(format!(
+                "masked against base {}, the round's is {base}",
+                header.base_hash
+            )));
         }
         if !c.sealed.contains_key(&member) {
             return Err(SecureRefusal::Missed("this member sent no shares in the shares stage".into()));
@@ -429,11 +444,18 @@ impl SecureRound {
             let mut out = BTreeMap::new();
             for s in list {
                 if !allowed.contains(&s.member) {
-                    return Err(SecureRefusal::Malformed(format!("a share of member {}'s {what}, which is not asked for", s.member)));
+                    return Err(SecureRefusal::Malformed(format!(
+                        "a share of member {}'s {what}, which is not asked for",
+                        s.member
+                    )));
                 }
                 // Every share a member holds is at its own point x = index + 1.
                 if s.x != member + 1 {
-                    return Err(SecureRefusal::Malformed(format!("member {member}'s shares are at x = {}, got {}", member + 1, s.x)));
+                    return Err(SecureRefusal::Malformed(format!(
+                        "member {member}'s shares are at x = {}, got {}",
+                        member + 1,
+                        s.x
+                    )));
                 }
                 let y = <[u8; 32]>::try_from(s.y.as_slice())
                     .map_err(|_| SecureRefusal::Malformed(format!("a share is 32 bytes, got {}", s.y.len())))?;
@@ -572,14 +594,21 @@ fn stage_of(state: &proto::CommunityState) -> proto::SecureStage {
 
 /// The community the coordinator announces, checked against the consortium's rule: it crosses
 /// the network.
-fn community_of(state: &proto::CommunityState, settings: &proto::SecureAggregationSettings) -> Result<Community, NetError> {
+fn community_of(
+    state: &proto::CommunityState,
+    settings: &proto::SecureAggregationSettings,
+) -> Result<Community, NetError> {
     let members = state.members as usize;
     let bad = |why: String| NetError::Protocol(format!("the coordinator announces {}: {why}", state.community));
     if members < settings.community_size as usize {
         return Err(bad(format!("{members} members, fewer than the consortium's {}", settings.community_size)));
     }
     if state.threshold as usize != SecureAggregationConfig::threshold(members) {
-        return Err(bad(format!("threshold {} for {members} members, the rule's is {}", state.threshold, SecureAggregationConfig::threshold(members))));
+        return Err(bad(format!(
+            "threshold {} for {members} members, the rule's is {}",
+            state.threshold,
+            SecureAggregationConfig::threshold(members)
+        )));
     }
     if state.range != settings.range {
         return Err(bad(format!("range {}, the consortium's is {}", state.range, settings.range)));
@@ -663,6 +692,8 @@ pub async fn keys(
     if let Some(refusal) = protocol_refusal(sent)? {
         return Ok(Taken::SatOut(refusal));
     }
+    // Tests kill a node here: its shares are out, its masked update never will be.
+    weft_durable::crash::point("secagg-shared");
     Ok(Taken::Keys(Box::new(Membership { round, id: state.community, community, member, index })))
 }
 
@@ -711,7 +742,12 @@ pub async fn finish(
     match stage_of(&state) {
         proto::SecureStage::Masked => {}
         proto::SecureStage::Failed => return Ok(Err(refused("community_failed", state.failure))),
-        _ => return Ok(Err(refused("late", "the masked stage closed (the round's deadline) before this node finished training"))),
+        _ => {
+            return Ok(Err(refused(
+                "late",
+                "the masked stage closed (the round's deadline) before this node finished training",
+            )))
+        }
     }
     let mut inbox = Vec::new();
     for s in &state.inbox {
@@ -749,7 +785,9 @@ pub async fn finish(
     let survivors: BTreeSet<MemberIndex> = state.survivors.iter().copied().collect();
     let dropped: BTreeSet<MemberIndex> = state.dropped.iter().copied().collect();
     if !survivors.contains(&membership.index) {
-        return Err(NetError::Protocol("the coordinator names this node dropped after it sent its masked update".into()));
+        return Err(NetError::Protocol(
+            "the coordinator names this node dropped after it sent its masked update".into(),
+        ));
     }
     // `reveal` refuses to give both secrets of one member (and below the threshold, anything).
     let reveal = membership
@@ -762,7 +800,11 @@ pub async fn finish(
             .collect()
     };
     let sent = client
-        .reveal(proto::RevealRequest { round, self_seeds: shares(&reveal.self_seeds), mask_secrets: shares(&reveal.mask_secrets) })
+        .reveal(proto::RevealRequest {
+            round,
+            self_seeds: shares(&reveal.self_seeds),
+            mask_secrets: shares(&reveal.mask_secrets),
+        })
         .await;
     if let Some(refusal) = protocol_refusal(sent)? {
         return Ok(Err(refusal));
@@ -781,4 +823,148 @@ pub async fn finish(
         quality: state.quality,
         wire_bytes,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    fn round(nodes: &[&str], length: usize) -> SecureRound {
+        let partition = BTreeMap::from([("community-1".to_owned(), nodes.iter().map(|n| (*n).to_owned()).collect())]);
+        let settings = SecureAggregationConfig { community_size: 3, range: 1.0, stage_secs: 30 };
+        SecureRound::new(4, ContentHash([7; 32]), &partition, &settings, length, Instant::now()).unwrap()
+    }
+
+    fn members(r: &SecureRound) -> Vec<Member> {
+        let c = &r.communities[0].community;
+        (0..c.members as u32).map(|m| Member::new(m, &[m as u8 + 10; 32], c)).collect()
+    }
+
+    fn advertise(r: &mut SecureRound, name: &str, m: &Member) -> Result<(), SecureRefusal> {
+        let a = m.advert();
+        r.advertise(
+            &node(name),
+            &proto::AdvertiseRequest { round: 4, cipher_key: a.cipher_key.to_vec(), mask_key: a.mask_key.to_vec() },
+        )
+    }
+
+    fn sealed(shares: Vec<SealedShares>) -> Vec<proto::Sealed> {
+        shares
+            .into_iter()
+            .map(|s| proto::Sealed { from: s.from, to: s.to, ciphertext: s.ciphertext, tag: s.tag.to_vec() })
+            .collect()
+    }
+
+    fn adverts(r: &SecureRound) -> Vec<Advert> {
+        r.communities[0].adverts.values().copied().collect()
+    }
+
+    fn inbox(r: &SecureRound, member: MemberIndex) -> Vec<SealedShares> {
+        r.communities[0].sealed.values().flatten().filter(|s| s.to == member).cloned().collect()
+    }
+
+    fn reveal_request(reveal: &Reveal) -> proto::RevealRequest {
+        let list = |m: &BTreeMap<MemberIndex, Share>| {
+            m.iter().map(|(k, s)| proto::RevealedShare { member: *k, x: u32::from(s.x), y: s.y.to_vec() }).collect()
+        };
+        proto::RevealRequest {
+            round: 4,
+            self_seeds: list(&reveal.self_seeds),
+            mask_secrets: list(&reveal.mask_secrets),
+        }
+    }
+
+    #[test]
+    fn a_dropped_member_is_recovered_and_every_bad_message_is_refused_by_name() {
+        let names = ["node-a", "node-b", "node-c"];
+        let mut r = round(&names, 4);
+        let mut m = members(&r);
+        let c = r.communities[0].community.clone();
+        // KEYS: a short key, a stranger, a message for the wrong stage, a conflicting repeat.
+        let short = proto::AdvertiseRequest { round: 4, cipher_key: vec![1; 31], mask_key: vec![1; 32] };
+        assert_eq!(r.advertise(&node("node-a"), &short).unwrap_err().code(), "malformed_protocol_message");
+        assert_eq!(advertise(&mut r, "node-x", &m[0]).unwrap_err().code(), "not_in_community");
+        assert_eq!(
+            r.share(&node("node-a"), &proto::ShareRequest { round: 4, sealed: vec![] }).unwrap_err().code(),
+            "wrong_stage"
+        );
+        for (i, name) in names.iter().enumerate() {
+            advertise(&mut r, name, &m[i]).unwrap();
+        }
+        advertise(&mut r, "node-a", &m[0]).unwrap();
+        assert_eq!(advertise(&mut r, "node-a", &m[1]).unwrap_err().code(), "conflicting_protocol_message");
+        assert!(r.stage_complete());
+        assert!(r.close_stage(Instant::now()).is_empty());
+        // SHARES: shares must go to every other member, sealed by the sender.
+        let all = adverts(&r);
+        let a_shares = m[0].share(&c, &all).unwrap();
+        let partial = proto::ShareRequest { round: 4, sealed: sealed(a_shares[..1].to_vec()) };
+        assert_eq!(r.share(&node("node-a"), &partial).unwrap_err().code(), "malformed_protocol_message");
+        let as_b = proto::ShareRequest { round: 4, sealed: sealed(a_shares.clone()) };
+        assert_eq!(r.share(&node("node-b"), &as_b).unwrap_err().code(), "malformed_protocol_message");
+        for (i, name) in names.iter().enumerate() {
+            let shares = m[i].share(&c, &all).unwrap();
+            r.share(&node(name), &proto::ShareRequest { round: 4, sealed: sealed(shares) }).unwrap();
+        }
+        r.close_stage(Instant::now());
+        // MASKED: node-c drops out after sharing.
+        let updates = [vec![0.5, -0.25, 0.125, 0.0], vec![-0.5, 0.75, 0.25, 1.0], vec![0.9, 0.9, 0.9, 0.9]];
+        for (i, member) in m.iter_mut().enumerate() {
+            member.receive(&c, &inbox(&r, i as u32)).unwrap();
+        }
+        let header = |words| proto::MaskedHeader { round: 4, base_hash: ContentHash([7; 32]).to_string(), words };
+        assert_eq!(r.check_masked(&node("node-a"), &header(5)).unwrap_err().code(), "malformed_protocol_message");
+        let stale = proto::MaskedHeader { base_hash: ContentHash([8; 32]).to_string(), ..header(4) };
+        assert_eq!(r.check_masked(&node("node-a"), &stale).unwrap_err().code(), "malformed_protocol_message");
+        for (i, name) in names[..2].iter().enumerate() {
+            r.check_masked(&node(name), &header(4)).unwrap();
+            r.masked(&node(name), 4, m[i].mask(&c, &updates[i]).unwrap().words, 16).unwrap();
+        }
+        assert_eq!(r.check_masked(&node("node-a"), &header(4)).unwrap_err().code(), "conflicting_protocol_message");
+        assert!(!r.stage_complete(), "node-c shared, so the stage waits for it until its deadline");
+        r.close_stage(Instant::now());
+        // REVEAL: survivors a and b; c's mask secret, never its self-mask seed.
+        let survivors = BTreeSet::from([0, 1]);
+        let dropped = BTreeSet::from([2]);
+        let reveals: Vec<Reveal> = m[..2].iter().map(|x| x.reveal(&c, &survivors, &dropped).unwrap()).collect();
+        let mut asks_too_much = reveal_request(&reveals[0]);
+        asks_too_much.self_seeds.push(proto::RevealedShare { member: 2, x: 1, y: vec![0; 32] });
+        assert_eq!(r.reveal(&node("node-a"), &asks_too_much).unwrap_err().code(), "malformed_protocol_message");
+        assert_eq!(r.reveal(&node("node-c"), &reveal_request(&reveals[0])).unwrap_err().code(), "missed_stage");
+        for (i, name) in names[..2].iter().enumerate() {
+            r.reveal(&node(name), &reveal_request(&reveals[i])).unwrap();
+        }
+        assert!(r.stage_complete());
+        let sums = r.close_stage(Instant::now());
+        assert_eq!(sums.len(), 1);
+        let sum = &sums[0].1;
+        assert_eq!(sum.members, survivors);
+        for (k, s) in sum.sum.iter().enumerate() {
+            assert!((s - (updates[0][k] + updates[1][k])).abs() < 1e-6, "{k}: {s}");
+        }
+        r.measured();
+        assert_eq!(r.state(&node("node-c"), 4).unwrap().stage, proto::SecureStage::Done as i32);
+    }
+
+    #[test]
+    fn a_community_below_its_threshold_fails_by_name_and_refuses_what_follows() {
+        let names = ["node-a", "node-b", "node-c", "node-d"];
+        let mut r = round(&names, 2);
+        let m = members(&r);
+        // Threshold 3 of 4: two adverts are too few.
+        advertise(&mut r, "node-a", &m[0]).unwrap();
+        advertise(&mut r, "node-b", &m[1]).unwrap();
+        r.close_stage(Instant::now());
+        let state = r.state(&node("node-a"), 4).unwrap();
+        assert_eq!(state.stage, proto::SecureStage::Failed as i32);
+        assert!(state.failure.contains("only 2 of its 4 members answered the keys stage"), "{}", state.failure);
+        let refused = r.share(&node("node-a"), &proto::ShareRequest { round: 4, sealed: vec![] }).unwrap_err();
+        assert_eq!(refused.code(), "community_failed");
+        // Another round's question gets only the round the coordinator runs.
+        assert_eq!(r.state(&node("node-a"), 5).unwrap(), proto::CommunityState { round: 4, ..Default::default() });
+    }
 }

@@ -276,7 +276,7 @@ async fn drive<M: Measure + Send + 'static>(
         if let Some(settings) = secure {
             // Set up before the round shows as open: a node that sees it open finds its community.
             let partition = shared.engine.run(|engine| engine.draw_communities()).await??;
-            let stage_closes = stage_deadline(&settings, closes_at);
+            let stage_closes = stage_deadline(&settings, Some(closes_at));
             let mut run = SecureRound::new(round, base_hash, &partition, &settings, update_size.0, stage_closes)?;
             if continued {
                 run = run.interrupted(&done);
@@ -332,9 +332,11 @@ async fn drive<M: Measure + Send + 'static>(
     Ok((records, seconds))
 }
 
-/// Each key stage waits `stage_secs`, never past the round's deadline.
-fn stage_deadline(settings: &SecureAggregationConfig, round_closes: Instant) -> Instant {
-    Instant::now().checked_add(Duration::from_secs(settings.stage_secs)).map_or(round_closes, |t| t.min(round_closes))
+/// A short stage waits `stage_secs` from now, never past `round_closes` when given.
+fn stage_deadline(settings: &SecureAggregationConfig, round_closes: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    let end = now.checked_add(Duration::from_secs(settings.stage_secs)).unwrap_or(now);
+    round_closes.map_or(end, |r| end.min(r))
 }
 
 /// Walks the open round's communities through the protocol's stages (each waits for its
@@ -347,7 +349,8 @@ async fn run_secure_round<M: Measure + Send + 'static>(
 ) -> Result<(), NetError> {
     let mut means = Vec::new();
     for _ in [Stage::Keys, Stage::Shares, Stage::Masked, Stage::Reveal] {
-        let Some(stage_closes) = lock(&shared.secure).as_ref().filter(|s| s.stage != Stage::Done).map(|s| s.stage_closes)
+        let Some(stage_closes) =
+            lock(&shared.secure).as_ref().filter(|s| s.stage != Stage::Done).map(|s| s.stage_closes)
         else {
             break;
         };
@@ -364,14 +367,22 @@ async fn run_secure_round<M: Measure + Send + 'static>(
         let mut secure = lock(&shared.secure);
         let Some(s) = secure.as_mut() else { break };
         let closed = s.stage;
-        // MASKED waits for training: it closes at the round's deadline; the others are short.
-        let next = if closed == Stage::Shares { closes_at } else { stage_deadline(settings, closes_at) };
+        // MASKED waits for training: it closes at the round's deadline; the key stages are
+        // short, and the survivors' reveals get their stage even past the round's deadline.
+        let next = match closed {
+            Stage::Shares => closes_at,
+            Stage::Masked => stage_deadline(settings, None),
+            _ => stage_deadline(settings, Some(closes_at)),
+        };
         for (position, sum) in s.close_stage(next) {
             let n = sum.members.len() as f32;
             let mean: Vec<f32> = sum.sum.iter().map(|v| v / n).collect();
             means.push((s.communities[position].id.clone(), mean));
         }
         tracing::info!(round = s.round, stage = ?closed, "secure aggregation stage closed");
+        drop(secure);
+        // Tests kill the coordinator here, mid-protocol.
+        weft_durable::crash::point("secagg-stage-closed");
     }
     let Some((round, base_hash)) = lock(&shared.secure).as_ref().map(|s| (s.round, s.base_hash)) else {
         return Ok(());
@@ -381,7 +392,9 @@ async fn run_secure_round<M: Measure + Send + 'static>(
         let job = move |engine: &mut DurableCoordinator<M>| -> Result<Verdict, NetError> {
             let state = engine
                 .with_update_layout(|layout| ModelState::from_flat(layout, &mean))
-                .ok_or_else(|| NetError::Protocol(format!("round {round} closed before {community}'s sum was measured")))?
+                .ok_or_else(|| {
+                    NetError::Protocol(format!("round {round} closed before {community}'s sum was measured"))
+                })?
                 .map_err(|e| NetError::Protocol(format!("{community}'s sum: {e}")))?;
             let contribution = Contribution {
                 node: NodeId::new(community.clone()).map_err(|e| NetError::Protocol(e.to_string()))?,
@@ -499,9 +512,10 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
             submitted: view.submitted.contains(&member.id),
             max_upload_bytes: config.encoding.max_bytes(view.update_size.0, view.update_size.1),
             adapter: view.adapter.as_ref().map(crate::announce::adapter_to_proto),
-            secure_aggregation: config.privacy.and_then(|p| p.secure_aggregation).map(|s| {
-                proto::SecureAggregationSettings { community_size: s.community_size as u32, range: s.range }
-            }),
+            secure_aggregation: config
+                .privacy
+                .and_then(|p| p.secure_aggregation)
+                .map(|s| proto::SecureAggregationSettings { community_size: s.community_size as u32, range: s.range }),
         }))
     }
 
@@ -537,7 +551,11 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
         let mut parts = request.into_inner();
         let header = match parts.message().await {
             Ok(Some(proto::MaskedPart { part: Some(proto::masked_part::Part::Header(h)) })) => h,
-            Ok(_) => return Err(Status::invalid_argument("malformed_protocol_message: a masked upload starts with its header")),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "malformed_protocol_message: a masked upload starts with its header",
+                ))
+            }
             Err(status) => return Err(status),
         };
         self.secure_step(&member, |s| s.check_masked(&member.id, &header))?;
@@ -563,8 +581,7 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 bytes.len()
             )));
         }
-        let words: Vec<u32> =
-            bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        let words: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
         drop(bytes);
         let wire = expected;
         self.secure_step(&member, |s| s.masked(&member.id, header.round, words, wire))?;

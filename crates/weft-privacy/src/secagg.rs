@@ -496,7 +496,13 @@ pub struct CommunitySum {
 impl Collector {
     pub fn new(community: Community) -> Self {
         let masked_sum = vec![0; community.length];
-        Collector { community, adverts: BTreeMap::new(), shared: BTreeSet::new(), survivors: BTreeSet::new(), masked_sum }
+        Collector {
+            community,
+            adverts: BTreeMap::new(),
+            shared: BTreeSet::new(),
+            survivors: BTreeSet::new(),
+            masked_sum,
+        }
     }
 
     pub fn advert(&mut self, advert: Advert) -> Result<(), SecAggError> {

@@ -36,6 +36,18 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// Waits for the process to end, however it ends; `None` if it outlives `limit`.
+    fn exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     fn wait(&mut self, limit: Duration) -> bool {
         let started = Instant::now();
         while started.elapsed() < limit {
@@ -49,9 +61,13 @@ impl Running {
 }
 
 fn init(dir: &Path, port: u16, nodes: &[&str], rounds: u64, deadline: u64) {
+    init_with(dir, port, nodes, rounds, deadline, &[]);
+}
+
+fn init_with(dir: &Path, port: u16, nodes: &[&str], rounds: u64, deadline: u64, extra: &[&str]) {
     let mut command = weft();
     command.args(["consortium", "init"]).arg(dir).args(["--address", &format!("127.0.0.1:{port}")]);
-    command.args(["--rounds", &rounds.to_string(), "--deadline-secs", &deadline.to_string()]).args(TINY);
+    command.args(["--rounds", &rounds.to_string(), "--deadline-secs", &deadline.to_string()]).args(TINY).args(extra);
     for node in nodes {
         command.args(["--node", node]);
     }
@@ -60,9 +76,18 @@ fn init(dir: &Path, port: u16, nodes: &[&str], rounds: u64, deadline: u64) {
 }
 
 fn serve(dir: &Path, log: &str) -> Running {
+    serve_crashing(dir, log, None)
+}
+
+/// A coordinator that aborts (as kill -9 would) at crash point `crash_at`.
+fn serve_crashing(dir: &Path, log: &str, crash_at: Option<&str>) -> Running {
     let stdout = std::fs::File::create(dir.join(format!("{log}.out"))).unwrap();
     let stderr = std::fs::File::create(dir.join(format!("{log}.err"))).unwrap();
-    let child = weft()
+    let mut command = weft();
+    if let Some(point) = crash_at {
+        command.env("WEFT_CRASH_AT", point);
+    }
+    let child = command
         .args(["coordinator", "serve"])
         .arg(dir)
         .args(["--linger-secs", "2", "--json"])
@@ -76,9 +101,18 @@ fn serve(dir: &Path, log: &str) -> Running {
 }
 
 fn join(dir: &Path, node: &str) -> Running {
+    join_crashing(dir, node, None)
+}
+
+/// A node that aborts (as kill -9 would) at crash point `crash_at`.
+fn join_crashing(dir: &Path, node: &str, crash_at: Option<&str>) -> Running {
     let kit = dir.join("nodes").join(node);
     let stdout = std::fs::File::create(dir.join(format!("{node}.out"))).unwrap();
-    let child = weft()
+    let mut command = weft();
+    if let Some(point) = crash_at {
+        command.env("WEFT_CRASH_AT", point);
+    }
+    let child = command
         .args(["node", "join"])
         .arg(&kit)
         .args(["--give-up-after", "60", "--json"])
@@ -690,5 +724,131 @@ fn a_consortium_with_a_numpy_trainer_completes_rounds_reproducibly() {
         }
     }
     let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+fn ledger_entries(storage: &Path) -> Vec<Value> {
+    let out = weft().args(["ledger", "show", "--json"]).arg(storage).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn read_state(path: &Path) -> weft_core::ModelState {
+    weft_core::ModelState::from_safetensors(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn participation(dir: &Path, node: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join(format!("{node}.json"))).unwrap()).unwrap()
+}
+
+#[test]
+fn a_node_killed_mid_secure_aggregation_is_recovered_by_its_community() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    let nodes = ["node-de", "node-en", "node-es", "node-fr"];
+    // One community of four (threshold three); a round waits at most 20 s for masked updates.
+    init_with(
+        &dir,
+        free_port(),
+        &["node-de:de", "node-en:en", "node-es:es", "node-fr:fr"],
+        2,
+        20,
+        &["--secure-aggregation", "3"],
+    );
+    let mut coordinator = serve(&dir, "serve");
+    let mut running: Vec<Running> = nodes[..3].iter().map(|n| join(&dir, n)).collect();
+    // node-fr dies (abort, as kill -9) right after its sealed shares went out.
+    let mut killed = join_crashing(&dir, "node-fr", Some("secagg-shared"));
+    let status = killed.exit(Duration::from_secs(60)).expect("node-fr reaches its crash point");
+    assert!(!status.success());
+    // Restarted at once, it finds round 1 past its keys stage: it sits the round out.
+    running.push(join(&dir, "node-fr"));
+    for node in &mut running {
+        assert!(node.wait(Duration::from_secs(120)), "a node failed");
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("serve.err")).unwrap());
+
+    let served: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    assert!(served.get("failed_communities").is_none(), "{served}");
+    let fr = participation(&dir, "node-fr");
+    assert_eq!(fr["rounds"][0]["code"], "missed_stage", "{fr}");
+    assert_eq!(fr["rounds"][1]["accepted"], true, "{fr}");
+    assert_eq!(fr["rounds"][1]["community"], "community-1");
+
+    // Round 1's community sum is exactly the three survivors' mean (to the fixed point's
+    // resolution): the dropped member's masks were removed from its revealed secret.
+    let storage = dir.join("coordinator");
+    let entries = ledger_entries(&storage);
+    let event = |kind: &str, round: u64| -> Value {
+        entries
+            .iter()
+            .filter_map(|e| e["event"].get(kind))
+            .find(|e| e["round"] == round)
+            .unwrap_or_else(|| panic!("no {kind} for round {round}"))
+            .clone()
+    };
+    let base_hash = event("round_opened", 1)["base_hash"].as_str().unwrap().to_owned();
+    let received = event("contribution_received", 1);
+    assert_eq!(received["node"], "community-1");
+    let blobs = storage.join("blobs");
+    let base = read_state(&blobs.join(format!("{base_hash}.safetensors")));
+    let sum = read_state(&blobs.join(format!("{}.safetensors", received["delta_hash"].as_str().unwrap())));
+    let survivors: Vec<weft_core::ModelState> = nodes[..3]
+        .iter()
+        .map(|n| read_state(&dir.join("nodes").join(n).join("artifacts/round-0001/model.safetensors")))
+        .collect();
+    let mut worst = 0f32;
+    for (name, tensor) in sum.iter() {
+        for (i, &v) in tensor.data().iter().enumerate() {
+            let b = base.get(name).unwrap().data()[i];
+            let mean = survivors.iter().map(|s| s.get(name).unwrap().data()[i] - b).sum::<f32>() / 3.0;
+            worst = worst.max((v - mean).abs());
+        }
+    }
+    assert!(worst < 1e-6, "the community's sum is off the survivors' mean by {worst}");
+    assert!(survivors.iter().all(|s| s.num_values() == sum.num_values()));
+    let verify = weft().args(["ledger", "verify"]).arg(&storage).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn a_coordinator_killed_mid_secure_aggregation_fails_the_round_by_name_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init_with(&dir, free_port(), &["node-de:de", "node-en:en", "node-es:es"], 2, 60, &["--secure-aggregation", "3"]);
+    // Killed when the shares stage closes: members hold each other's shares, no sum exists.
+    let mut first = serve_crashing(&dir, "first", Some("secagg-stage-closed:2"));
+    let mut nodes: Vec<Running> = ["node-de", "node-en", "node-es"].iter().map(|n| join(&dir, n)).collect();
+    let status = first.exit(Duration::from_secs(60)).expect("the coordinator reaches its crash point");
+    assert!(!status.success());
+    let mut second = serve(&dir, "second");
+    for node in &mut nodes {
+        assert!(node.wait(Duration::from_secs(120)), "a node failed after the restart");
+    }
+    assert!(second.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("second.err")).unwrap());
+
+    let served: Value = serde_json::from_slice(&std::fs::read(dir.join("second.json")).unwrap()).unwrap();
+    let why = served["failed_communities"]["1"]["community-1"].as_str().unwrap_or_default();
+    assert!(why.contains("restarted"), "{served}");
+    let rounds = served["rounds"].as_array().unwrap();
+    assert_eq!((rounds[0]["accepted"].as_u64(), rounds[1]["accepted"].as_u64()), (Some(0), Some(1)), "{served}");
+    // Round 1 published its base unchanged; round 2 moved on from it.
+    let storage = dir.join("coordinator");
+    let entries = ledger_entries(&storage);
+    let opened: Vec<&Value> = entries.iter().filter_map(|e| e["event"].get("round_opened")).collect();
+    assert_eq!(opened[0]["base_hash"], rounds[0]["base_hash"]);
+    assert_ne!(rounds[1]["base_hash"], rounds[0]["base_hash"]);
+    // Each node's round 1 ended by name (which one depends on where the crash caught it);
+    // each took part in round 2.
+    for node in ["node-de", "node-en", "node-es"] {
+        let p = participation(&dir, node);
+        for r in p["rounds"].as_array().unwrap() {
+            match r["round"].as_u64() {
+                Some(1) => assert!(r["accepted"] == false && !r["code"].as_str().unwrap().is_empty(), "{node}: {p}"),
+                _ => assert_eq!((r["round"].as_u64(), &r["accepted"]), (Some(2), &Value::Bool(true)), "{node}: {p}"),
+            }
+        }
+    }
+    let verify = weft().args(["ledger", "verify"]).arg(&storage).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }

@@ -272,3 +272,45 @@ fn dp_over_the_network_charges_every_node_the_same_as_in_one_process() {
     }
     assert_ne!(report["final_base_hash"], in_process["final_base_hash"], "each node's noise is its own");
 }
+
+#[test]
+fn secure_aggregation_over_processes_gives_the_in_process_bases_bit_for_bit() {
+    // Masks cancel exactly in fixed point: nodes keying their masks with their own signing keys
+    // over the network give the same community sums, so the same bases, as the one-process run.
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--secure-aggregation", "3", "--nodes", "4", "--rounds", "2", "--local-steps", "5"];
+    let json = tmp.path().join("net.json");
+    let out_dir = tmp.path().join("net");
+    let mut args = vec!["demo", "--processes", "--json", json.to_str().unwrap(), "--out", out_dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&flags);
+    let out = weft(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ledger verified"), "{stdout}");
+    let net: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let local = demo(tmp.path(), &flags);
+    let bases = |report: &Value| -> Vec<Value> {
+        report["rounds"].as_array().unwrap().iter().map(|r| r["base_hash"].clone()).collect()
+    };
+    assert_eq!(bases(&net), bases(&local));
+    assert_eq!(net["final_base_hash"], local["final_base_hash"]);
+
+    // The coordinator's ledger: one partition per round, and deltas from communities only.
+    let storage = out_dir.join("consortium/coordinator");
+    verify(&storage);
+    let out = weft(&["ledger", "show", storage.to_str().unwrap(), "--json"]);
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let draws = entries.iter().filter(|e| e["event"].get("communities_drawn").is_some()).count();
+    assert_eq!(draws, 2);
+    let senders: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["event"].get("contribution_received"))
+        .map(|c| c["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(senders, ["community-1", "community-1"]);
+    // A second networked run into the same directory is refused: its keys would be new.
+    let again = weft(&args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a consortium"));
+}
