@@ -233,7 +233,6 @@ fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
     for (args, expected) in [
         (vec!["demo", "--secure-aggregation", "2"], "must be at least 3"),
         (vec!["demo", "--secure-aggregation", "5", "--nodes", "4"], "more than the roster's 4 nodes"),
-        (vec!["demo", "--secure-aggregation", "3", "--processes"], "not built yet"),
         (vec!["demo", "--secure-aggregation", "3", "--privacy", "dp"], "not built yet"),
     ] {
         let out = weft(&args);
@@ -241,6 +240,39 @@ fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // consortium.toml: each key of the section is checked when the coordinator starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    let init = weft(&[
+        "consortium",
+        "init",
+        dir.to_str().unwrap(),
+        "--node",
+        "node-de:de",
+        "--node",
+        "node-en:en",
+        "--node",
+        "node-fr:fr",
+        "--secure-aggregation",
+        "3",
+    ]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let toml_path = dir.join("consortium.toml");
+    let written = std::fs::read_to_string(&toml_path).unwrap();
+    assert!(written.contains("stage_secs = 30"), "{written}");
+    for (from, to, expected) in [
+        ("stage_secs = 30", "stage_secs = 0", "[privacy.secure_aggregation] stage_secs: must be between 1 and 3600"),
+        ("range = 1.0", "range = -1.0", "[privacy.secure_aggregation] range: must be a positive number"),
+        ("stage_secs = 30", "stage_secs = 30\nmask_seed_bits = 32", "mask_seed_bits"),
+    ] {
+        std::fs::write(&toml_path, written.replace(from, to)).unwrap();
+        let out = weft(&["coordinator", "serve", dir.to_str().unwrap()]);
+        assert!(!out.status.success(), "{to} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{to}: {stderr}");
+    }
+    // Nothing was started on a refused configuration.
+    assert!(!dir.join("coordinator/state.sqlite").exists());
 }
 
 #[test]
