@@ -23,6 +23,8 @@ pub enum LlamaError {
     Context { len: usize, max: usize },
     #[error("no tokens to run the model on")]
     Empty,
+    #[error("DP-SGD: {0}")]
+    Privacy(String),
 }
 
 /// One transformer block. Projection weights are kept as Hugging Face stores them, `[out, in]`:

@@ -159,14 +159,18 @@ pub struct LoraNodeTrainer {
     pub config: LlamaConfig,
     /// The node's training text, tokenized once.
     pub tokens: Vec<u32>,
+    /// Record-level DP-SGD (records are disjoint windows of the training context); absent: plain
+    /// AdamW on windows drawn with the round's stream.
+    pub privacy: Option<weft_model::PrivateTraining>,
 }
 
 impl LoraNodeTrainer {
-    /// Trains `record`'s adapter on `model` (the round's base, already built: one copy can
-    /// serve every node of a process in turn).
+    /// Trains round `round`'s adapter `record` on `model` (the round's base, already built: one
+    /// copy can serve every node of a process in turn).
     pub fn train_on(
         &self,
         model: &Llama,
+        round: u64,
         record: &AdapterRound,
         settings: &AdapterTraining,
         rng: &mut SplitMix64,
@@ -198,7 +202,26 @@ impl LoraNodeTrainer {
         // Nodes train A as well only on the full track.
         let training = LoraTraining { lr: settings.lr, train_a: form.trains_a(), ..LoraTraining::default() };
         let windows = Windows { rows: settings.batch, context: settings.context };
-        let report = train_steps(model, &mut adapters, training, &self.tokens, settings.steps, windows, rng, on_step)?;
+        let (report, dp) = match &self.privacy {
+            Some(private) => {
+                let mut trainer = LoraTrainer::new(training, &adapters);
+                let (report, dp) = trainer.train_private(
+                    model,
+                    &mut adapters,
+                    &self.tokens,
+                    settings.steps,
+                    settings.context,
+                    private,
+                    round,
+                    on_step,
+                )?;
+                (report, Some(dp))
+            }
+            None => (
+                train_steps(model, &mut adapters, training, &self.tokens, settings.steps, windows, rng, on_step)?,
+                None,
+            ),
+        };
         Ok(TrainedAdapter {
             update: form.update_of(&adapters)?,
             adapter: adapters.to_state(),
@@ -206,6 +229,7 @@ impl LoraNodeTrainer {
             tokens: report.tokens,
             mean_loss: report.mean_loss,
             last_loss: report.last_loss,
+            dp,
         })
     }
 }
@@ -213,7 +237,7 @@ impl LoraNodeTrainer {
 impl AdapterTrainer for LoraNodeTrainer {
     fn train_round(
         &mut self,
-        _round: u64,
+        round_number: u64,
         base: &ModelState,
         round: &AdapterRound,
         settings: &AdapterTraining,
@@ -221,6 +245,11 @@ impl AdapterTrainer for LoraNodeTrainer {
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError> {
         let model = Llama::from_state(self.config.clone(), base)?;
-        self.train_on(&model, round, settings, rng, on_step)
+        self.train_on(&model, round_number, round, settings, rng, on_step)
+    }
+
+    fn with_privacy(&mut self, private: weft_model::PrivateTraining) -> Result<(), FamilyError> {
+        self.privacy = Some(private);
+        Ok(())
     }
 }

@@ -42,6 +42,13 @@ pub trait AdapterTrainer: Send {
         rng: &mut SplitMix64,
         on_step: &mut dyn FnMut(u64, f64),
     ) -> Result<TrainedAdapter, FamilyError>;
+
+    /// Trains every later round with record-level DP-SGD. A trainer that cannot (one in another
+    /// process, which weft cannot check) refuses, and the node does not join a DP consortium.
+    fn with_privacy(&mut self, private: PrivateTraining) -> Result<(), FamilyError> {
+        let _ = private;
+        Err("this adapter trainer does not apply DP-SGD (weft's built-in adapter trainer does)".into())
+    }
 }
 
 /// What a node needs of a family to hand a round's adapter to a trainer in another process and
@@ -90,6 +97,8 @@ pub struct TrainedAdapter {
     /// Mean training loss over the round, nats per token.
     pub mean_loss: f64,
     pub last_loss: f64,
+    /// Under record-level DP-SGD: the mechanism applied and the round's (ε, δ).
+    pub dp: Option<crate::DpReport>,
 }
 
 /// How a node trains a full-weight round, whatever the family behind it: from the base as named

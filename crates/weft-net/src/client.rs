@@ -8,7 +8,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use weft_core::Contribution;
 use weft_core::{ContentHash, ModelState};
 use weft_ledger::{ContributionManifest, SigningKey};
-use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig};
+use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig, PrivateTraining};
 use weft_node::{
     AdapterNode, ExternalCommand, ExternalSettings, ExternalTrainer, JobTraining, LocalCorpus, Node, NodeError,
     NodeSettings,
@@ -327,7 +327,15 @@ async fn contribute(
         tokio::task::spawn_blocking(move || -> (Participant, Result<Contribution, NetError>) {
             match (participant, adapter) {
                 (Participant::Ready(LocalTrainer::Adapter(trainer)), Some(record)) => {
-                    let node = AdapterNode::new(id, language, trainer, training.seed, artifacts);
+                    let mut node = AdapterNode::new(id, language, trainer, training.seed, artifacts);
+                    if let Some(rule) = dp {
+                        let private = PrivateTraining { dp: rule.mechanism, delta: rule.delta, secret: dp_secret };
+                        // Fatal, not a failed round: a node must never train this consortium
+                        // without the DP-SGD it announces.
+                        if let Err(e) = node.with_privacy(private) {
+                            return (Participant::Adapter(node), Err(NetError::Trainer(e.to_string())));
+                        }
+                    }
                     adapter_cycle(node, round, &base, base_hash, &record, &training)
                 }
                 (Participant::Adapter(node), Some(record)) => {

@@ -31,6 +31,9 @@ pub struct AdapterManifest {
     pub tokens: u64,
     /// Mean training loss of the round, nats per token.
     pub train_loss: f64,
+    /// Under DP-SGD: the mechanism and the round's (ε, δ); the contribution states these only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<weft_model::DpReport>,
 }
 
 /// `sovereign/round-NNNN/manifest.json`: the node's private adapter, trained on the base
@@ -87,6 +90,13 @@ impl AdapterNode {
         AdapterNode { id, language: language.into(), trainer, seed, dir: dir.into() }
     }
 
+    /// Trains every later round with record-level DP-SGD; refused by a trainer that cannot.
+    pub fn with_privacy(&mut self, private: weft_model::PrivateTraining) -> Result<(), NodeError> {
+        self.trainer
+            .with_privacy(private)
+            .map_err(|e| NodeError::Training { node: self.id.clone(), detail: e.to_string() })
+    }
+
     pub fn id(&self) -> &NodeId {
         &self.id
     }
@@ -138,6 +148,7 @@ impl AdapterNode {
             steps: trained.steps,
             tokens: trained.tokens,
             train_loss: trained.mean_loss,
+            dp: trained.dp,
         };
         let io = |source| NodeError::Artifact { node: self.id.clone(), dir: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -212,13 +223,18 @@ impl AdapterNode {
     }
 
     fn contribution(&self, manifest: &AdapterManifest, update: ModelState) -> Contribution {
+        let (declared, token_count) = match &manifest.dp {
+            // As for the byte model: under DP only the mechanism and its (ε, δ) are released.
+            Some(dp) => (crate::declared_privacy(dp, manifest.steps), 0),
+            None => (BTreeMap::from([("train_loss".to_owned(), manifest.train_loss)]), manifest.tokens),
+        };
         Contribution {
             node: self.id.clone(),
             round: manifest.round,
             base_hash: manifest.base_hash,
             delta: Delta::from_state(update),
-            token_count: manifest.tokens,
-            declared: BTreeMap::from([("train_loss".to_owned(), manifest.train_loss)]),
+            token_count,
+            declared,
         }
     }
 }
@@ -262,7 +278,7 @@ mod tests {
             update.insert("b", Tensor::new(vec![2], vec![rng.normal() as f32, rng.normal() as f32])?);
             let mut adapter = update.clone();
             adapter.insert("a", Tensor::new(vec![1], vec![1.0])?);
-            Ok(TrainedAdapter { update, adapter, steps: 1, tokens: 7, mean_loss: 0.5, last_loss: 0.5 })
+            Ok(TrainedAdapter { update, adapter, steps: 1, tokens: 7, mean_loss: 0.5, last_loss: 0.5, dp: None })
         }
     }
 
@@ -324,5 +340,65 @@ mod tests {
             node.run_cycle(1, &ModelState::new(), ModelState::new().content_hash(), &record(), &SETTINGS, |_, _| {});
         assert!(matches!(err, Err(NodeError::Training { .. })));
         assert!(!dir.path().join("round-0001/manifest.json").exists(), "a failed round keeps nothing");
+    }
+
+    /// Counting's update, stated as trained with DP-SGD once privacy is set.
+    struct Private {
+        inner: Counting,
+        private: Option<weft_model::PrivateTraining>,
+    }
+
+    impl AdapterTrainer for Private {
+        fn train_round(
+            &mut self,
+            round: u64,
+            base: &ModelState,
+            adapter: &AdapterRound,
+            settings: &AdapterTraining,
+            rng: &mut SplitMix64,
+            on_step: &mut dyn FnMut(u64, f64),
+        ) -> Result<TrainedAdapter, FamilyError> {
+            let mut trained = self.inner.train_round(round, base, adapter, settings, rng, on_step)?;
+            trained.dp = self.private.as_ref().map(|p| weft_model::DpReport {
+                mechanism: p.dp,
+                delta: p.delta,
+                epsilon: 0.75,
+                records: 10,
+                sampled: 4,
+                clipped: 1,
+            });
+            Ok(trained)
+        }
+
+        fn with_privacy(&mut self, private: weft_model::PrivateTraining) -> Result<(), FamilyError> {
+            self.private = Some(private);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn under_dp_an_adapter_states_its_mechanism_only_and_a_trainer_that_cannot_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let private = weft_model::PrivateTraining {
+            dp: weft_privacy::DpSgd { clip_norm: 1.0, noise_multiplier: 0.9, sample_rate: 0.4 },
+            delta: 1e-5,
+            secret: [1; 32],
+        };
+        let id = NodeId::new("n1").unwrap();
+        let mut plain = AdapterNode::new(id.clone(), "de", Box::new(Counting { calls: calls.clone() }), 9, dir.path());
+        assert!(matches!(plain.with_privacy(private.clone()), Err(NodeError::Training { .. })));
+        let trainer = Private { inner: Counting { calls }, private: None };
+        let mut node = AdapterNode::new(id, "de", Box::new(trainer), 9, dir.path().join("private"));
+        node.with_privacy(private).unwrap();
+        let base = base();
+        let sent = node.run_cycle(1, &base, base.content_hash(), &record(), &SETTINGS, |_, _| {}).unwrap();
+        assert_eq!(sent.token_count, 0, "how many tokens a Poisson sample held is not released");
+        assert_eq!(sent.declared.get(crate::DP_EPSILON), Some(&0.75));
+        assert_eq!(sent.declared.get(crate::DP_NOISE_MULTIPLIER), Some(&0.9));
+        assert!(!sent.declared.contains_key("train_loss"));
+        // Sent again from disk after a restart: the same statement.
+        let again = node.run_cycle(1, &base, base.content_hash(), &record(), &SETTINGS, |_, _| {}).unwrap();
+        assert_eq!(again.declared, sent.declared);
     }
 }

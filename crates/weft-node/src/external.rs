@@ -499,6 +499,7 @@ impl AdapterTrainer for ExternalAdapterTrainer {
             tokens: metrics.tokens,
             mean_loss: metrics.train_loss,
             last_loss: metrics.final_train_loss.unwrap_or(metrics.train_loss),
+            dp: None,
         })
     }
 }

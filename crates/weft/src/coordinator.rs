@@ -54,9 +54,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
     let (coordinator, dp) = if config.base.is_some() {
-        let coordinator = crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
-            .with_context(|| config_path.display().to_string())?;
-        (coordinator, None)
+        crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
+            .with_context(|| config_path.display().to_string())?
     } else {
         let run = RunSettings::from_config(&config, members)
             .map_err(|e| setting_error(e, Source::ConsortiumToml))

@@ -18,7 +18,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weft_coordinator::{
-    Coordinator, DurableCoordinator, FsBlobStore, Governance, HeldoutSet, Journal, Member, SqliteJournal, SubmitError,
+    Coordinator, DurableCoordinator, FsBlobStore, Governance, HeldoutSet, Journal, Member, PrivacyRules, SqliteJournal,
+    SubmitError,
 };
 use weft_core::quality::LossTable;
 use weft_core::{
@@ -29,7 +30,7 @@ use weft_llama::{
     train_steps, Adapters, Llama, LlamaAdapters, LlamaConfig, LlamaFamily, LlamaTokenizer, LoraNodeTrainer, LoraSpec,
     LoraTraining, Projection, RoundAdapter, Windows,
 };
-use weft_model::{AdapterTraining, SplitMix64};
+use weft_model::{AdapterTraining, PrivateTraining, SplitMix64};
 
 use weft_net::client::LocalTrainer;
 use weft_net::config::ConsortiumConfig;
@@ -269,6 +270,8 @@ pub(crate) struct BaseCoordinator<'a> {
     /// Canary governance: contributions scored on the public canaries through the same family,
     /// the whole update audited on the secret reserve.
     pub governance: Option<Governance>,
+    /// Record-level DP-SGD on every node's adapter, with a budget per node.
+    pub privacy: Option<PrivacyRules>,
 }
 
 impl BaseCoordinator<'_> {
@@ -293,6 +296,9 @@ impl BaseCoordinator<'_> {
         if let Some(governance) = self.governance {
             coordinator = coordinator.with_governance(governance);
         }
+        if let Some(rules) = self.privacy {
+            coordinator = coordinator.with_privacy(rules)?;
+        }
         // `ledger verify` rebuilds each round's factors from `base.config` and `adapters`.
         let mut settings = serde_json::json!({
             "base": { "family": "llama", "name": self.name, "config": self.config, "state_hash": initial_hash },
@@ -306,6 +312,10 @@ impl BaseCoordinator<'_> {
         }
         if let (Some(governance), Some(map)) = (governance_settings, settings.as_object_mut()) {
             map.insert("governance".into(), governance);
+        }
+        // Pinned with the run (the calibrated σ too): continuing it under another rule is refused.
+        if let (Some(rules), Some(map)) = (self.privacy, settings.as_object_mut()) {
+            map.insert("privacy".into(), serde_json::to_value(rules)?);
         }
         let journal = SqliteJournal::open(storage)?;
         Ok(coordinator.durable(Box::new(journal), settings)?)
@@ -409,10 +419,10 @@ pub(crate) fn serve_coordinator(
     members: &[(NodeId, String)],
     data_dir: &Path,
     storage: &Path,
-) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
+) -> anyhow::Result<(DurableCoordinator<HeldoutSet>, Option<weft_privacy::DpRule>)> {
     let base = consortium.base.as_ref().context("consortium.toml has no [base]")?;
-    if consortium.privacy.is_some() {
-        bail!("differential privacy ([privacy.dp], --privacy dp) runs on the built-in byte model only for now: DP-SGD on a pretrained base's adapters is not built yet");
+    if consortium.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
+        bail!("[privacy] secure_aggregation runs on the built-in byte model only for now: on a pretrained base it is not built yet");
     }
     let policy = consortium.policy.policy().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     let outer = consortium.policy.outer_optimizer().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
@@ -449,6 +459,14 @@ pub(crate) fn serve_coordinator(
         );
     }
     fits_model(&plan, &training, &config)?;
+    // The accountant's steps are the adapter steps every round trains.
+    let privacy = match consortium.privacy.and_then(|p| p.dp) {
+        Some(dp) => Some(PrivacyRules {
+            rule: dp.rule(consortium.rounds, training.steps).map_err(|e| setting_error(e, Source::ConsortiumToml))?,
+            steps_per_round: training.steps,
+        }),
+        None => None,
+    };
     let mut heldout = BTreeMap::new();
     for (_, language) in members {
         let bytes = data::corpus(data_dir, language)?;
@@ -482,8 +500,10 @@ pub(crate) fn serve_coordinator(
         heldout_bytes: base.heldout_bytes,
         networked: Some(&consortium.name),
         governance,
+        privacy,
     }
     .open(storage)
+    .map(|coordinator| (coordinator, privacy.map(|p| p.rule)))
 }
 
 /// A networked node's trainer on a pretrained base: the base's config and tokenizer from its
@@ -491,7 +511,7 @@ pub(crate) fn serve_coordinator(
 pub(crate) fn node_trainer(kit_base: &Path, text: &str) -> anyhow::Result<LocalTrainer> {
     let (config, tokenizer) = crate::model::read_config_and_tokenizer(kit_base)?;
     let tokens = tokenizer.encode(text)?;
-    Ok(LocalTrainer::Adapter(Box::new(LoraNodeTrainer { config, tokens })))
+    Ok(LocalTrainer::Adapter(Box::new(LoraNodeTrainer { config, tokens, privacy: None })))
 }
 
 /// A networked node's external trainer on a pretrained base: each round's job carries the
@@ -530,8 +550,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         bail!("--base runs in one process, without attacks, for now: drop --processes and --attack");
     }
     let run = args.run_settings(&languages)?;
-    if run.privacy.is_some() {
-        bail!("differential privacy ([privacy.dp], --privacy dp) runs on the built-in byte model only for now: DP-SGD on a pretrained base's adapters is not built yet");
+    if run.secure_aggregation.is_some() {
+        bail!("--secure-aggregation runs on the built-in byte model only for now: on a pretrained base it is not built yet");
     }
     if !matches!(run.outer, OuterOptimizer::Plain { .. }) {
         bail!("--outer: adapter rounds take the plain outer optimizer (adapters of different rounds share no coordinates)");
@@ -542,6 +562,14 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     }
     let seed = run.seed();
     let (plan, node_training) = adapter.checked(seed)?;
+    // DP-SGD on the adapters: the accountant counts the adapter steps of every round.
+    let privacy = match run.sections.privacy.and_then(|p| p.dp) {
+        Some(dp) => Some(PrivacyRules {
+            rule: dp.rule(rounds, node_training.steps).map_err(|e| setting_error(e, Source::Flags))?,
+            steps_per_round: node_training.steps,
+        }),
+        None => None,
+    };
     if let Some(why) = plan.refuses(&run.aggregator) {
         bail!("--aggregator: {why}");
     }
@@ -573,7 +601,15 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         nodes.push(RealNode {
             id: id.clone(),
             language: language.clone(),
-            trainer: LoraNodeTrainer { config: config.clone(), tokens },
+            trainer: LoraNodeTrainer {
+                config: config.clone(),
+                tokens,
+                privacy: privacy.map(|p| PrivateTraining {
+                    dp: p.rule.mechanism,
+                    delta: p.rule.delta,
+                    secret: crate::demo::demo_node_secret(seed, id),
+                }),
+            },
             dir: out.join("nodes").join(id.as_str()),
             sovereign: None,
             artifacts: Vec::new(),
@@ -603,6 +639,18 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         adapter.context,
         adapter.lr
     );
+    if let Some(p) = &privacy {
+        let m = p.rule.mechanism;
+        say!(
+            "  privacy: DP-SGD on every node's adapter, ε ≤ {} per node over the run at δ = {} · σ {:.4} · q {} of disjoint {}-token records · clip {}",
+            p.rule.epsilon_budget,
+            p.rule.delta,
+            m.noise_multiplier,
+            m.sample_rate,
+            adapter.context,
+            m.clip_norm
+        );
+    }
     say!("  measuring the initial base on held-out text ({} bytes per language)…", adapter.heldout_bytes);
     let governance = match &run.sections.governance {
         Some(g) => {
@@ -627,6 +675,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         heldout_bytes: adapter.heldout_bytes,
         networked: None,
         governance,
+        privacy,
     }
     .open(&storage)?;
     // The genesis as the journal holds it: a run continued in the same --out starts mid-way.
@@ -658,26 +707,34 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
             };
             let trained = node
                 .trainer
-                .train_on(&model, &record, &node_training, &mut rng, &mut on_step)
+                .train_on(&model, round, &record, &node_training, &mut rng, &mut on_step)
                 .map_err(|e| anyhow::anyhow!(e))?;
             bar.finish_and_clear();
             say!(
-                "  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token",
+                "  {:<14} trained {} steps, loss {:.3} → {:.3} nats/token{}",
                 node.id,
                 trained.steps,
                 trained.mean_loss,
-                trained.last_loss
+                trained.last_loss,
+                trained.dp.as_ref().map_or(String::new(), |dp| format!(
+                    " · DP-SGD: {} of {} records sampled, {} clipped, ε {:.3} this round",
+                    dp.sampled, dp.records, dp.clipped, dp.epsilon
+                ))
             );
             let kept_hash = keep_adapter(&node.dir, round, &trained.adapter)?;
             node.artifacts.push((round, kept_hash));
             node.bytes_sent += (trained.update.num_values() * 4) as u64;
-            let declared = BTreeMap::from([("train_loss".to_owned(), trained.mean_loss)]);
+            // Under DP only the mechanism and its (ε, δ) are released, as on the byte model.
+            let (declared, token_count) = match &trained.dp {
+                Some(dp) => (weft_node::declared_privacy(dp, trained.steps), 0),
+                None => (BTreeMap::from([("train_loss".to_owned(), trained.mean_loss)]), trained.tokens),
+            };
             contributions.push(Contribution {
                 node: node.id.clone(),
                 round,
                 base_hash: announcement.base_hash,
                 delta: Delta::from_state(trained.update),
-                token_count: trained.tokens,
+                token_count,
                 declared,
             });
         }

@@ -417,3 +417,36 @@ fn a_networked_consortium_on_a_pretrained_base_gives_the_in_process_bases() {
         manifest["adapter_hash"].as_str().unwrap()
     );
 }
+
+#[test]
+fn dp_sgd_on_a_pretrained_bases_adapters_is_charged_per_node_and_replays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_base(&base);
+    let flags = ["--privacy", "dp", "--epsilon", "8", "--dp-sample-rate", "0.05", "--nodes", "2", "--baseline", "none"];
+    let report = demo(&base, &tmp.path().join("dp"), &flags);
+    for round in report["rounds"].as_array().unwrap() {
+        for c in round["contributions"].as_array().unwrap() {
+            // The adapter's update states its mechanism and (ε, δ) only: no loss, no token count.
+            assert!(c["declared"]["dp_epsilon"].as_f64().is_some_and(|e| e > 0.0), "{c}");
+            assert_eq!(c["declared"]["dp_steps"], 3.0, "{c}");
+            assert!(c["declared"].get("train_loss").is_none(), "{c}");
+            assert_eq!(c["token_count"], 0);
+        }
+    }
+    // The coordinator charged each node both rounds, composed within the budget, and `verify`
+    // recomputes every charge.
+    let storage = tmp.path().join("dp/coordinator");
+    let table = weft(&["privacy", storage.to_str().unwrap(), "--json"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let table: Value = serde_json::from_slice(&table.stdout).unwrap();
+    let text = table.to_string();
+    assert!(text.contains("node-de") && text.contains("node-fr"), "{text}");
+    let verified = weft(&["ledger", "verify", storage.to_str().unwrap()]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let shown = String::from_utf8_lossy(&weft(&["ledger", "show", storage.to_str().unwrap()]).stdout).into_owned();
+    assert_eq!(shown.matches(" charged   ε ").count(), 4, "{shown}");
+    // The same secret-keyed streams give the same bases.
+    let again = demo(&base, &tmp.path().join("again"), &flags);
+    assert_eq!(again["final_base_hash"], report["final_base_hash"]);
+}
