@@ -165,6 +165,10 @@ pub struct SecureRound {
     pub base_hash: ContentHash,
     pub stage: Stage,
     pub stage_closes: Instant,
+    /// The keys stage waits for a first member until the round's deadline (nodes may start
+    /// after the coordinator), then `stage_secs` for the others.
+    keys_wait: Duration,
+    round_closes: Instant,
     pub communities: Vec<CommunityRun>,
     /// Node → (its community's position in `communities`, its member index).
     members: BTreeMap<NodeId, (usize, MemberIndex)>,
@@ -174,14 +178,14 @@ pub struct SecureRound {
 
 impl SecureRound {
     /// The round's communities as the ledger recorded their partition; updates have `length`
-    /// values.
+    /// values; the round closes at `round_closes`.
     pub fn new(
         round: u64,
         base_hash: ContentHash,
         partition: &BTreeMap<String, Vec<String>>,
         settings: &SecureAggregationConfig,
         length: usize,
-        stage_closes: Instant,
+        round_closes: Instant,
     ) -> Result<Self, NetError> {
         let mut communities = Vec::new();
         let mut members = BTreeMap::new();
@@ -218,7 +222,9 @@ impl SecureRound {
             round,
             base_hash,
             stage: Stage::Keys,
-            stage_closes,
+            stage_closes: round_closes,
+            keys_wait: Duration::from_secs(settings.stage_secs),
+            round_closes,
             communities,
             members,
             wire: BTreeMap::new(),
@@ -349,6 +355,10 @@ impl SecureRound {
         }
         c.collector.advert(advert).map_err(|e| SecureRefusal::Malformed(e.to_string()))?;
         c.adverts.insert(member, advert);
+        if self.stage_closes == self.round_closes {
+            let now = Instant::now();
+            self.stage_closes = now.checked_add(self.keys_wait).unwrap_or(now).min(self.round_closes);
+        }
         Ok(())
     }
 

@@ -276,8 +276,7 @@ async fn drive<M: Measure + Send + 'static>(
         if let Some(settings) = secure {
             // Set up before the round shows as open: a node that sees it open finds its community.
             let partition = shared.engine.run(|engine| engine.draw_communities()).await??;
-            let stage_closes = stage_deadline(&settings, Some(closes_at));
-            let mut run = SecureRound::new(round, base_hash, &partition, &settings, update_size.0, stage_closes)?;
+            let mut run = SecureRound::new(round, base_hash, &partition, &settings, update_size.0, closes_at)?;
             if continued {
                 run = run.interrupted(&done);
             }
@@ -349,19 +348,20 @@ async fn run_secure_round<M: Measure + Send + 'static>(
 ) -> Result<(), NetError> {
     let mut means = Vec::new();
     for _ in [Stage::Keys, Stage::Shares, Stage::Masked, Stage::Reveal] {
-        let Some(stage_closes) =
-            lock(&shared.secure).as_ref().filter(|s| s.stage != Stage::Done).map(|s| s.stage_closes)
-        else {
+        if lock(&shared.secure).as_ref().is_none_or(|s| s.stage == Stage::Done) {
             break;
-        };
+        }
+        // The stage's deadline is read again after every message: the keys stage's moves up
+        // when its first member arrives.
         loop {
             let wait = shared.submitted.notified();
-            if lock(&shared.secure).as_ref().is_none_or(SecureRound::stage_complete) {
-                break;
-            }
+            let stage_closes = match lock(&shared.secure).as_ref() {
+                Some(s) if !s.stage_complete() && Instant::now() < s.stage_closes => s.stage_closes,
+                _ => break,
+            };
             tokio::select! {
                 _ = wait => {}
-                _ = tokio::time::sleep_until(stage_closes.into()) => break,
+                _ = tokio::time::sleep_until(stage_closes.into()) => {}
             }
         }
         let mut secure = lock(&shared.secure);

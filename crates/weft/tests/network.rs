@@ -852,3 +852,25 @@ fn a_coordinator_killed_mid_secure_aggregation_fails_the_round_by_name_and_goes_
     let verify = weft().args(["ledger", "verify"]).arg(&storage).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
+
+#[test]
+fn secure_aggregation_waits_for_nodes_that_start_after_the_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init_with(&dir, free_port(), &["node-de:de", "node-en:en", "node-es:es"], 1, 60, &["--secure-aggregation", "3"]);
+    // Key stages of 3 s: the keys stage's clock starts with its first member, not the round.
+    let toml = dir.join("consortium.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("stage_secs = 30"), "{text}");
+    std::fs::write(&toml, text.replace("stage_secs = 30", "stage_secs = 3")).unwrap();
+    let mut coordinator = serve(&dir, "serve");
+    std::thread::sleep(Duration::from_secs(5));
+    let mut nodes: Vec<Running> = ["node-de", "node-en", "node-es"].iter().map(|n| join(&dir, n)).collect();
+    for node in &mut nodes {
+        assert!(node.wait(Duration::from_secs(120)), "a node failed");
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("serve.err")).unwrap());
+    let served: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    assert!(served.get("failed_communities").is_none(), "{served}");
+    assert_eq!(served["rounds"][0]["accepted"], 1, "{served}");
+}
