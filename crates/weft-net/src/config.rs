@@ -251,6 +251,15 @@ impl ConsortiumConfig {
         if self.rounds == 0 {
             return Err(setting("rounds", "must be at least 1"));
         }
+        if self.encoding != Encoding::F32 && self.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
+            return Err(setting(
+                "encoding",
+                format!(
+                    "{} cannot apply under secure aggregation: updates travel masked, as 32-bit words modulo 2^32 (use f32)",
+                    format!("{:?}", self.encoding).to_lowercase()
+                ),
+            ));
+        }
         match (&self.model, &self.base) {
             (Some(_), Some(_)) => Err(setting("base", "give either [model] (the byte GPT) or [base], not both")),
             (None, None) => Err(setting("model", "give [model] (the byte GPT) or [base] (a pretrained base)")),

@@ -350,6 +350,9 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
     if args.attack.is_some() {
         bail!("--processes runs the honest consortium; --attack is for the in-process demo");
     }
+    if run.secure_aggregation.is_some() && args.encoding != Encoding::F32 {
+        bail!("--encoding {}: under --secure-aggregation updates travel masked, as 32-bit words modulo 2^32 (drop --encoding)", format!("{:?}", args.encoding).to_lowercase());
+    }
     let exe = std::env::current_exe().context("locating the weft binary")?;
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     let dir = match &args.out {

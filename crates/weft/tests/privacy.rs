@@ -234,6 +234,10 @@ fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
         (vec!["demo", "--secure-aggregation", "2"], "must be at least 3"),
         (vec!["demo", "--secure-aggregation", "5", "--nodes", "4"], "more than the roster's 4 nodes"),
         (vec!["demo", "--secure-aggregation", "3", "--privacy", "dp"], "not built yet"),
+        (
+            vec!["demo", "--secure-aggregation", "3", "--processes", "--encoding", "int8"],
+            "--encoding int8: under --secure-aggregation",
+        ),
     ] {
         let out = weft(&args);
         assert!(!out.status.success(), "{args:?} was accepted");
@@ -264,6 +268,7 @@ fn secure_aggregation_settings_out_of_range_are_refused_by_name() {
         ("stage_secs = 30", "stage_secs = 0", "[privacy.secure_aggregation] stage_secs: must be between 1 and 3600"),
         ("range = 1.0", "range = -1.0", "[privacy.secure_aggregation] range: must be a positive number"),
         ("stage_secs = 30", "stage_secs = 30\nmask_seed_bits = 32", "mask_seed_bits"),
+        ("encoding = \"f32\"", "encoding = \"int8\"", "encoding: int8 cannot apply under secure aggregation"),
     ] {
         std::fs::write(&toml_path, written.replace(from, to)).unwrap();
         let out = weft(&["coordinator", "serve", dir.to_str().unwrap()]);
