@@ -347,11 +347,9 @@ impl SecureRound {
             cipher_key: key(&request.cipher_key, "cipher")?,
             mask_key: key(&request.mask_key, "mask")?,
         };
-        match c.adverts.get(&member) {
-            // A retry after a lost answer: the same keys (they derive from the node's secret).
-            Some(earlier) if *earlier == advert => return Ok(()),
-            Some(_) => return Err(SecureRefusal::Conflicting("this member already advertised other keys".into())),
-            None => {}
+        // A retry after a lost answer sends the same keys (they derive from the node's secret).
+        if repeated(c.adverts.get(&member), &advert, "advertised other keys")? {
+            return Ok(());
         }
         c.collector.advert(advert).map_err(|e| SecureRefusal::Malformed(e.to_string()))?;
         c.adverts.insert(member, advert);
@@ -396,10 +394,8 @@ impl SecureRound {
                 recipients.len()
             )));
         }
-        match c.sealed.get(&member) {
-            Some(earlier) if *earlier == sealed => return Ok(()),
-            Some(_) => return Err(SecureRefusal::Conflicting("this member already sent other shares".into())),
-            None => {}
+        if repeated(c.sealed.get(&member), &sealed, "sent other shares")? {
+            return Ok(());
         }
         c.collector.shared(member);
         c.sealed.insert(member, sealed);
@@ -480,10 +476,8 @@ impl SecureRound {
             self_seeds: shares(&request.self_seeds, &c.survivors, "self-mask seed")?,
             mask_secrets: shares(&request.mask_secrets, &c.dropped, "mask secret")?,
         };
-        match c.reveals.get(&member) {
-            Some(earlier) if *earlier == reveal => return Ok(()),
-            Some(_) => return Err(SecureRefusal::Conflicting("this member already revealed other shares".into())),
-            None => {}
+        if repeated(c.reveals.get(&member), &reveal, "revealed other shares")? {
+            return Ok(());
         }
         c.reveals.insert(member, reveal);
         Ok(())
@@ -540,6 +534,16 @@ impl SecureRound {
         };
         self.stage_closes = closes;
         sums
+    }
+}
+
+/// Whether a member's message repeats one already recorded (a retry: nothing to do); a
+/// different one is refused — a member says one thing per stage.
+fn repeated<T: PartialEq>(earlier: Option<&T>, now: &T, what: &str) -> Result<bool, SecureRefusal> {
+    match earlier {
+        Some(earlier) if earlier == now => Ok(true),
+        Some(_) => Err(SecureRefusal::Conflicting(format!("this member already {what}"))),
+        None => Ok(false),
     }
 }
 
