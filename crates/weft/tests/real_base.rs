@@ -450,3 +450,46 @@ fn dp_sgd_on_a_pretrained_bases_adapters_is_charged_per_node_and_replays() {
     let again = demo(&base, &tmp.path().join("again"), &flags);
     assert_eq!(again["final_base_hash"], report["final_base_hash"]);
 }
+
+#[test]
+fn dp_sgd_on_a_pretrained_base_over_the_network_is_announced_and_charged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_base(&base);
+    let dir = tmp.path().join("consortium");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut init = vec!["consortium", "init", dir.to_str().unwrap(), "--address", &address, "--base"];
+    init.push(base.to_str().unwrap());
+    init.extend_from_slice(SMALL);
+    init.extend_from_slice(&["--privacy", "dp", "--epsilon", "8", "--dp-sample-rate", "0.05"]);
+    init.extend_from_slice(&["--node", "node-de:de", "--node", "node-fr:fr"]);
+    let made = weft(&init);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let mut coordinator = Running::spawn(
+        &["coordinator", "serve", dir.to_str().unwrap(), "--linger-secs", "2"],
+        &dir.join("coordinator-log"),
+    );
+    let mut members: Vec<(Running, std::path::PathBuf)> = ["de", "fr"]
+        .iter()
+        .map(|l| {
+            let kit = dir.join("nodes").join(format!("node-{l}"));
+            let log = dir.join(format!("node-{l}-log"));
+            (Running::spawn(&["node", "join", kit.to_str().unwrap(), "--give-up-after", "60"], &log), log)
+        })
+        .collect();
+    for (node, log) in &mut members {
+        node.succeeds(log);
+    }
+    coordinator.succeeds(&dir.join("coordinator-log"));
+    // Each node trained its adapter with the announced mechanism, keyed by its own signing key;
+    // the coordinator charged both nodes for both rounds, and `verify` recomputes the charges.
+    let storage = dir.join("coordinator");
+    let verified = weft(&["ledger", "verify", storage.to_str().unwrap()]);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let shown = String::from_utf8_lossy(&weft(&["ledger", "show", storage.to_str().unwrap()]).stdout).into_owned();
+    assert_eq!(shown.matches(" charged   ε ").count(), 4, "{shown}");
+    let kept: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("nodes/node-de/artifacts/round-0001/manifest.json")).unwrap())
+            .unwrap();
+    assert!(kept["dp"]["epsilon"].as_f64().is_some_and(|e| e > 0.0), "{kept}");
+}
