@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -389,20 +392,47 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
     let mut serve = std::process::Command::new(&exe);
     serve.args(["coordinator", "serve"]).arg(&dir).args(["--linger-secs", "1", "--json"]).arg(&served_json);
     serve.arg("--data").arg(data_dir);
-    let mut coordinator = Child(serve.spawn().context("starting the coordinator")?);
+    // The processes' output goes through this one: when its reader goes away (`| head`), the
+    // demo stops them all quietly instead of leaving them to fail on a closed pipe.
+    let closed = Arc::new(AtomicBool::new(false));
+    let mut forwarders = Vec::new();
+    let mut coordinator = Child(serve.stdout(Stdio::piped()).spawn().context("starting the coordinator")?);
+    forwarders.extend(forward(&mut coordinator.0, &closed));
     let mut nodes = Vec::new();
     for (id, _) in &run.members {
         let mut join = std::process::Command::new(&exe);
         join.args(["node", "join"]).arg(dir.join("nodes").join(id.as_str())).arg("--data").arg(data_dir);
-        nodes.push((id.clone(), Child(join.spawn().with_context(|| format!("starting node {id}"))?)));
+        let mut child = Child(join.stdout(Stdio::piped()).spawn().with_context(|| format!("starting node {id}"))?);
+        forwarders.extend(forward(&mut child.0, &closed));
+        nodes.push((id.clone(), child, None));
     }
-    let mut failed = Vec::new();
-    for (id, child) in &mut nodes {
-        if !child.0.wait().map(|s| s.success()).unwrap_or(false) {
-            failed.push(id.to_string());
+    let served = loop {
+        if closed.load(Ordering::Relaxed) {
+            return Err(crate::output::Closed.into());
         }
+        for (_, child, status) in &mut nodes {
+            if status.is_none() {
+                *status = child.0.try_wait().context("waiting for a node")?;
+            }
+        }
+        if nodes.iter().all(|(_, _, status)| status.is_some()) {
+            if let Some(served) = coordinator.0.try_wait().context("waiting for the coordinator")? {
+                break served;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    for forwarder in forwarders {
+        let _ = forwarder.join();
     }
-    let served = coordinator.0.wait().context("waiting for the coordinator")?;
+    if closed.load(Ordering::Relaxed) {
+        return Err(crate::output::Closed.into());
+    }
+    let failed: Vec<String> = nodes
+        .iter()
+        .filter(|(_, _, status)| !status.is_some_and(|s| s.success()))
+        .map(|(id, _, _)| id.to_string())
+        .collect();
     if !served.success() || !failed.is_empty() {
         bail!("the networked demo failed (coordinator: {served}; failed nodes: {failed:?})");
     }
@@ -481,6 +511,23 @@ fn communities_from_ledger(storage: &Path, served: &weft_net::server::Served) ->
         }
     }
     Ok(())
+}
+
+/// Prints `child`'s output lines as the demo's own; marks `closed` when the demo's reader has
+/// gone.
+fn forward(child: &mut std::process::Child, closed: &Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take()?;
+    let closed = closed.clone();
+    Some(std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if crate::output::line(format_args!("{line}")).is_err() {
+                closed.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+    }))
 }
 
 /// A child process that is killed if the demo stops early (an error, Ctrl-C unwinding).

@@ -93,6 +93,20 @@ fn printing_commands_stop_quietly_when_their_reader_goes_away() {
         assert!(done.status.success(), "{args:?}: {}", stderr(&done));
         assert!(stderr(&done).is_empty(), "{args:?} printed: {}", stderr(&done));
     }
+    // The networked demo prints its processes' lines as its own: when its reader goes, it stops
+    // them and ends quietly, without waiting for the rounds (nor leaving nodes to fail).
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["demo", "--processes", "--secure-aggregation", "3", "--rounds", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", stderr(&done));
+    assert!(!stderr(&done).contains("error"), "{}", stderr(&done));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "it ran the rounds: {:?}", started.elapsed());
 }
 
 #[test]
