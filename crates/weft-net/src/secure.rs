@@ -769,7 +769,11 @@ pub async fn finish(
             .map_err(|_| NetError::Protocol(format!("the coordinator relays a {}-byte tag", s.tag.len())))?;
         inbox.push(SealedShares { from: s.from, to: s.to, ciphertext: s.ciphertext.clone(), tag });
     }
-    membership.member.receive(&community, &inbox).map_err(|e| NetError::Protocol(format!("{}: {e}", membership.id)))?;
+    // A share that does not authenticate (another member's fault, or the relay's) costs this
+    // node the round, not its place in the consortium: it sends nothing and counts as dropped.
+    if let Err(e) = membership.member.receive(&community, &inbox) {
+        return Ok(Err(refused("forged_share", format!("{}: {e}; this node sends nothing this round", membership.id))));
+    }
     let masked = membership.member.mask(&community, update).map_err(|e| NetError::Protocol(e.to_string()))?;
     let clipped = update.iter().filter(|v| v.abs() > community.quantizer.range()).count();
     if clipped > 0 {

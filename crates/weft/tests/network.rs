@@ -874,3 +874,74 @@ fn secure_aggregation_waits_for_nodes_that_start_after_the_coordinator() {
     assert!(served.get("failed_communities").is_none(), "{served}");
     assert_eq!(served["rounds"][0]["accepted"], 1, "{served}");
 }
+
+/// The community state of `round` once it is at `stage` or past it.
+async fn community_at(
+    client: &mut ConsortiumClient<tonic::transport::Channel>,
+    round: u64,
+    stage: proto::SecureStage,
+) -> proto::CommunityState {
+    let started = Instant::now();
+    loop {
+        let state = client.community(proto::CommunityRequest { round }).await.unwrap().into_inner();
+        if state.round == round && state.stage >= stage as i32 {
+            return state;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "round {round} never reached {stage:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_seals_forged_shares_makes_its_community_fail_by_name_not_its_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    init_with(&dir, free_port(), &["node-de:de", "node-en:en", "node-es:es"], 1, 15, &["--secure-aggregation", "3"]);
+    let mut coordinator = serve(&dir, "serve");
+    let mut honest: Vec<Running> = ["node-de", "node-en"].iter().map(|n| join(&dir, n)).collect();
+    // The test is node-es: well-formed keys, then shares whose tags cannot authenticate.
+    let kit = Kit::read(&dir.join("nodes/node-es")).unwrap();
+    let mut client = {
+        let started = Instant::now();
+        loop {
+            match connect(&kit).await {
+                Ok(c) => break c,
+                Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("cannot reach the coordinator: {e}"),
+            }
+        }
+    };
+    wait_for_round(&mut client, 1).await;
+    let keys = community_at(&mut client, 1, proto::SecureStage::Keys).await;
+    let me = keys.member;
+    let advert = proto::AdvertiseRequest { round: 1, cipher_key: vec![9; 32], mask_key: vec![7; 32] };
+    client.advertise(advert).await.unwrap();
+    let shares = community_at(&mut client, 1, proto::SecureStage::Shares).await;
+    let sealed = shares
+        .adverts
+        .iter()
+        .filter(|a| a.member != me)
+        .map(|a| proto::Sealed { from: me, to: a.member, ciphertext: vec![0; 66], tag: vec![0; 32] })
+        .collect();
+    // Well-formed, so the coordinator (which cannot open them) relays them.
+    client.share(proto::ShareRequest { round: 1, sealed }).await.unwrap();
+    for node in &mut honest {
+        assert!(node.wait(Duration::from_secs(120)), "an honest node failed");
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)), "{}", std::fs::read_to_string(dir.join("serve.err")).unwrap());
+    // Each honest member refused the forged share and sent nothing; the community failed by
+    // name; the base stayed; the ledger replays.
+    for node in ["node-de", "node-en"] {
+        let p = participation(&dir, node);
+        assert_eq!(p["rounds"][0]["code"], "forged_share", "{node}: {p}");
+    }
+    let served: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
+    let why = served["failed_communities"]["1"]["community-1"].as_str().unwrap_or_default();
+    assert!(why.contains("masked updates stage"), "{served}");
+    assert_eq!(served["rounds"][0]["accepted"], 0);
+    assert_eq!(served["rounds"][0]["base_changed"], false);
+    let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
