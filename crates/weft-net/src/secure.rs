@@ -118,7 +118,6 @@ pub struct CommunityRun {
     pub id: String,
     /// 1-based, in the partition's order: part of every key derivation (as in the demo).
     pub index: u32,
-    pub nodes: Vec<NodeId>,
     pub community: Community,
     collector: Collector,
     adverts: BTreeMap<MemberIndex, Advert>,
@@ -195,17 +194,13 @@ impl SecureRound {
             let community =
                 Community::new(round, index, k, SecureAggregationConfig::threshold(k), settings.range, length)
                     .map_err(|e| NetError::Protocol(format!("{id}: {e}")))?;
-            let nodes = nodes
-                .iter()
-                .map(|n| NodeId::new(n.clone()).map_err(|e| NetError::Protocol(format!("{id}: {e}"))))
-                .collect::<Result<Vec<_>, _>>()?;
             for (m, node) in nodes.iter().enumerate() {
-                members.insert(node.clone(), (position, m as MemberIndex));
+                let node = NodeId::new(node.clone()).map_err(|e| NetError::Protocol(format!("{id}: {e}")))?;
+                members.insert(node, (position, m as MemberIndex));
             }
             communities.push(CommunityRun {
                 id: id.clone(),
                 index,
-                nodes,
                 collector: Collector::new(community.clone()),
                 community,
                 adverts: BTreeMap::new(),

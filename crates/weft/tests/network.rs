@@ -240,6 +240,20 @@ fn a_late_node_is_not_waited_for_and_joins_the_next_round() {
 
 // ---- a node that misbehaves, played by the test itself ----
 
+/// A channel to the coordinator, once it listens (it may still be starting).
+async fn connect_when_up(kit: &Kit) -> ConsortiumClient<tonic::transport::Channel> {
+    let started = Instant::now();
+    loop {
+        match connect(kit).await {
+            Ok(c) => return c,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("cannot reach the coordinator: {e}"),
+        }
+    }
+}
+
 async fn wait_for_round(client: &mut ConsortiumClient<tonic::transport::Channel>, round: u64) -> proto::RoundState {
     let started = Instant::now();
     loop {
@@ -327,18 +341,7 @@ async fn bad_uploads_are_refused_by_name_while_the_consortium_goes_on() {
     let own_key =
         weft_ledger::SigningKey::from_hex(&std::fs::read_to_string(kit_dir.join("signing.key")).unwrap()).unwrap();
     let kit = Kit::read(&kit_dir).unwrap();
-    let mut client = {
-        let started = Instant::now();
-        loop {
-            match connect(&kit).await {
-                Ok(c) => break c,
-                Err(_) if started.elapsed() < Duration::from_secs(30) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("cannot reach the coordinator: {e}"),
-            }
-        }
-    };
+    let mut client = connect_when_up(&kit).await;
     let state = wait_for_round(&mut client, 1).await;
     let artifacts = tmp.path().join("artifacts");
     let good = prepare(&mut client, &state, "node-en", &own_key, &artifacts).await;
@@ -901,18 +904,7 @@ async fn a_member_that_seals_forged_shares_makes_its_community_fail_by_name_not_
     let mut honest: Vec<Running> = ["node-de", "node-en"].iter().map(|n| join(&dir, n)).collect();
     // The test is node-es: well-formed keys, then shares whose tags cannot authenticate.
     let kit = Kit::read(&dir.join("nodes/node-es")).unwrap();
-    let mut client = {
-        let started = Instant::now();
-        loop {
-            match connect(&kit).await {
-                Ok(c) => break c,
-                Err(_) if started.elapsed() < Duration::from_secs(30) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("cannot reach the coordinator: {e}"),
-            }
-        }
-    };
+    let mut client = connect_when_up(&kit).await;
     wait_for_round(&mut client, 1).await;
     let keys = community_at(&mut client, 1, proto::SecureStage::Keys).await;
     let me = keys.member;
