@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
+use weft_core::gauntlet::{self, GauntletRules, ItemLosses};
 use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
 use weft_core::policy::Measured;
 use weft_core::quality::LossTable;
@@ -31,6 +32,9 @@ pub struct AuditReport {
     pub blobs: u64,
     pub blob_bytes: u64,
     pub final_base_hash: ContentHash,
+    /// Challengers the gauntlet promoted and refused, each verdict recomputed.
+    pub promoted: u64,
+    pub refused: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +92,25 @@ struct Auditor<'a> {
     charged: BTreeMap<String, u64>,
     /// The open round's partition into communities (secure aggregation).
     communities: Option<(u64, BTreeMap<String, Vec<String>>)>,
+    /// The gauntlet's rules, as the stored configuration pins them: every decision that moves
+    /// the base must then be judged under them before it is published.
+    gauntlet: Option<GauntletRules>,
+    /// A decision moved the base and the gauntlet has not judged it yet.
+    challenger: Option<Challenger>,
+    /// The items the gauntlet scores on (the first judgment's), and the champion's scores on
+    /// them (the last promoted challenger's): a model scored again on the same items must score
+    /// the same.
+    items_hash: Option<ContentHash>,
+    champion_items: Option<(ContentHash, ItemLosses)>,
     report: AuditReport,
+}
+
+/// A decision's replayed step awaiting the gauntlet, with what a refusal restores.
+struct Challenger {
+    round: u64,
+    hash: ContentHash,
+    champion: ModelRefs,
+    champion_point: Option<ModelPoint>,
 }
 
 /// Verifies the coordinator storage in `dir` (`state.sqlite` and `blobs/`) of a consortium
@@ -105,6 +127,11 @@ pub fn verify_with(
 ) -> Result<AuditReport, AuditError> {
     let journal = SqliteJournal::read(dir)?;
     let lines = journal.ledger()?;
+    // The configuration is checked against the genesis's hash at the end (check_state).
+    let gauntlet = match journal.load()? {
+        Some((config, _)) => gauntlet_rules(&config)?,
+        None => None,
+    };
     let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
         store: &store,
@@ -123,6 +150,10 @@ pub fn verify_with(
         reference_loss: None,
         charged: BTreeMap::new(),
         communities: None,
+        gauntlet,
+        challenger: None,
+        items_hash: None,
+        champion_items: None,
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -133,6 +164,8 @@ pub fn verify_with(
             blobs: 0,
             blob_bytes: 0,
             final_base_hash: ContentHash([0; 32]),
+            promoted: 0,
+            refused: 0,
         },
     };
     if lines.is_empty() {
@@ -159,6 +192,18 @@ pub fn verify_with(
     Ok(report)
 }
 
+/// The gauntlet rules a stored configuration pins, if any.
+fn gauntlet_rules(config: &[u8]) -> Result<Option<GauntletRules>, AuditError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
+    match value.get("gauntlet") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(rules) => serde_json::from_value(rules.clone())
+            .map(Some)
+            .map_err(|e| AuditError::State(format!("stored configuration's gauntlet: {e}"))),
+    }
+}
+
 impl Auditor<'_> {
     fn entry(&mut self, entry: &Entry) -> Result<(), AuditError> {
         let fault = |detail: String| AuditError::Entry {
@@ -169,7 +214,7 @@ impl Auditor<'_> {
         };
         if let Some((seq, round, hash)) = self.publish {
             match &entry.event {
-                Event::BasePublished { .. } => {}
+                Event::BasePublished { .. } | Event::ChallengerJudged { .. } => {}
                 _ => {
                     return Err(AuditError::Entry {
                         seq,
@@ -302,7 +347,11 @@ impl Auditor<'_> {
                 }
             }
             Event::Decision { .. } => self.decision(entry).map_err(fault)?,
+            Event::ChallengerJudged { .. } => self.judged(&entry.event).map_err(fault)?,
             Event::BasePublished { round, previous_base_hash, base_hash, heldout_loss } => {
+                if self.challenger.take().is_some() && self.gauntlet.is_some() {
+                    return Err(fault("publishes a base the gauntlet has not judged".into()));
+                }
                 let Some((_, decided, expected)) = self.publish.take() else {
                     return Err(fault("no decision moved the base".into()));
                 };
@@ -392,6 +441,7 @@ impl Auditor<'_> {
         if *outer_state_in != self.now.outer_state || *center_in != self.now.center {
             return Err("outer-optimizer state or center in differs from the state after the last round".into());
         }
+        let champion = self.now;
         // Every referenced delta is checked byte for byte, once: those not accepted here,
         // accepted ones as the replay streams them (below, for any the replay skips).
         for (node, hash) in &open.received {
@@ -465,16 +515,88 @@ impl Auditor<'_> {
         }
         self.now.outer_state = refs.outer_state;
         self.now.center = refs.center;
+        let champion_point = self.point.replace(next);
         if refs.base_hash != self.now.base_hash {
             self.publish = Some((entry.seq, *round, refs.base_hash));
             self.published_loss = language_check
                 .as_ref()
                 .and_then(|c| c.published.and_then(|i| c.attempts.get(i)))
                 .map(|a| a.heldout_loss.clone());
+            self.challenger = Some(Challenger { round: *round, hash: refs.base_hash, champion, champion_point });
         } else {
             self.closed.insert(*round, self.now);
         }
-        self.point = Some(next);
+        Ok(())
+    }
+
+    /// Recomputes a gauntlet judgment: the seed from what is judged, the verdict from the
+    /// recorded per-item losses, under the configured rules and on the same items as before. A
+    /// refusal puts the champion back as the current state.
+    fn judged(&mut self, event: &Event) -> Result<(), String> {
+        let Event::ChallengerJudged {
+            round,
+            champion_hash,
+            challenger_hash,
+            items_hash,
+            seed,
+            rules,
+            champion_loss,
+            challenger_loss,
+            verdict,
+        } = event
+        else {
+            return Ok(());
+        };
+        let Some(configured) = self.gauntlet else {
+            return Err("the consortium's configuration has no gauntlet".into());
+        };
+        let challenger = self.challenger.take().ok_or("no decision moved the base to be judged")?;
+        if challenger.round != *round || challenger.hash != *challenger_hash {
+            return Err(format!(
+                "judges {challenger_hash} of round {round}; the replay of round {} gives {}",
+                challenger.round, challenger.hash
+            ));
+        }
+        if *champion_hash != challenger.champion.base_hash {
+            return Err(format!("judges against {champion_hash}, the champion is {}", challenger.champion.base_hash));
+        }
+        if *rules != configured {
+            return Err(format!("judges under {rules:?}, the configuration pins {configured:?}"));
+        }
+        let expected_seed = crate::coordinator::gauntlet_seed(*round, champion_hash, challenger_hash);
+        if *seed != expected_seed {
+            return Err(format!("resamples from seed {seed}, what is judged fixes {expected_seed}"));
+        }
+        match self.items_hash {
+            Some(known) if known != *items_hash => {
+                return Err(format!("scores on items {items_hash}, earlier judgments on {known}"))
+            }
+            _ => self.items_hash = Some(*items_hash),
+        }
+        if let Some((hash, scores)) = &self.champion_items {
+            if hash == champion_hash && scores != champion_loss {
+                return Err("the champion's item losses differ from those it was promoted with".into());
+            }
+        }
+        let replayed = gauntlet::judge(rules, champion_loss, challenger_loss, *seed).map_err(|e| e.to_string())?;
+        if replayed != *verdict {
+            let differing = replayed.tests.iter().find(|(l, t)| verdict.tests.get(*l) != Some(t)).map(|(l, _)| l);
+            return Err(match differing {
+                Some(language) => format!("the verdict's test of {language} does not replay"),
+                None => format!("records {}, the replay gives {}", verdict.outcome, replayed.outcome),
+            });
+        }
+        if verdict.outcome.promoted() {
+            self.report.promoted += 1;
+            self.champion_items = Some((*challenger_hash, challenger_loss.clone()));
+        } else {
+            self.report.refused += 1;
+            self.publish = None;
+            self.published_loss = None;
+            self.now = challenger.champion;
+            self.point = challenger.champion_point;
+            self.closed.insert(*round, self.now);
+        }
         Ok(())
     }
 

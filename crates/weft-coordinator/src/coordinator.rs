@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use weft_core::aggregate::OuterError;
 use weft_core::contribution::{self, OpenRound};
+use weft_core::gauntlet::{self, GauntletRules, ItemLosses};
 use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
 use weft_core::policy::{Measured, Priorities};
 use weft_core::quality::{mean, relative_gains, Gains, LossTable};
@@ -34,7 +35,7 @@ use crate::head::{ModelHead, ModelPoint, ModelRefs};
 use crate::journal::{Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
 use crate::privacy::PrivacyRules;
-use crate::record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
+use crate::record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 use crate::store::{BlobStore, StoreError};
 
 /// A member of the consortium: a node id and the language (jurisdiction) it speaks for.
@@ -111,6 +112,8 @@ pub enum CoordinatorError {
     Adapter(String),
     #[error("differential privacy: {0}")]
     Privacy(String),
+    #[error("gauntlet: {0}")]
+    Gauntlet(String),
 }
 
 /// Why `submit` did not return a receipt: the contribution's fault, or the coordinator's.
@@ -228,6 +231,8 @@ struct Rules {
     /// share it would get under equal weighting, so that quality reflects the delta at the size
     /// it can enter the base rather than a whole local model that has drifted to its own data.
     probe_scale: f32,
+    /// Champion–challenger adoption: a round's aggregate replaces the base only if it passes.
+    gauntlet: Option<GauntletRules>,
 }
 
 impl Rules {
@@ -272,6 +277,8 @@ pub struct Coordinator<M: Measure> {
     roster_hash: ContentHash,
     /// Low-rank adapter rounds: the plan and the model family that builds each round's factors.
     adapters: Option<(AdapterPlan, Arc<dyn AdapterFamily>)>,
+    /// The champion's per-item losses (gauntlet), by the base they were measured on.
+    champion_items: Option<(ContentHash, ItemLosses)>,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -312,7 +319,7 @@ impl<M: Measure> Coordinator<M> {
         Ok(Coordinator {
             roster_ids: roster.keys().cloned().collect(),
             roster,
-            rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale },
+            rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale, gauntlet: None },
             governance: None,
             privacy: None,
             communities: None,
@@ -328,6 +335,7 @@ impl<M: Measure> Coordinator<M> {
             config_hash: ContentHash([0; 32]),
             roster_hash: ContentHash([0; 32]),
             adapters: None,
+            champion_items: None,
         })
     }
 
@@ -405,6 +413,23 @@ impl<M: Measure> Coordinator<M> {
         }
         self.rules.aggregator = rule;
         Ok(self)
+    }
+
+    /// Champion–challenger adoption: each round's aggregate is a challenger, published only if
+    /// the gauntlet ([`weft_core::gauntlet`]) finds it significantly better than the base on the
+    /// held-out items and no language worse beyond `rules.non_inferiority`. The measure must score
+    /// items: that is checked here, on the base.
+    pub fn with_gauntlet(mut self, rules: GauntletRules) -> Result<Self, CoordinatorError> {
+        rules.validate().map_err(|e| CoordinatorError::Gauntlet(e.to_string()))?;
+        let items = self.measure.item_losses(self.head.base())?;
+        gauntlet::judge(&rules, &items, &items, 0).map_err(|e| CoordinatorError::Gauntlet(e.to_string()))?;
+        self.champion_items = Some((self.base_hash(), items));
+        self.rules.gauntlet = Some(rules);
+        Ok(self)
+    }
+
+    pub fn gauntlet(&self) -> Option<&GauntletRules> {
+        self.rules.gauntlet.as_ref()
     }
 
     /// Scores contributions on canaries (public and secret) and weights them with reputation.
@@ -787,17 +812,26 @@ impl<M: Measure> Coordinator<M> {
             let refs = self.store_next(&settled)?;
             Ok((settled, refs))
         });
-        let (settled, refs) = match stored {
-            Ok(stored) => stored,
+        let judged = stored.and_then(|(settled, refs)| {
+            let judgment = self.judge(pending.round, &settled)?;
+            Ok((settled, refs, judgment))
+        });
+        let (settled, refs, judgment) = match judged {
+            Ok(judged) => judged,
             Err(e) => {
                 self.open = Some(pending);
                 return Err(e);
             }
         };
         let refs_in = self.head.refs;
+        // The decision records the state its step reached, promoted or not (verify replays it).
+        let refs_out = refs.unwrap_or(refs_in);
+        let promoted = judgment.as_ref().is_none_or(|(j, _)| j.verdict.outcome.promoted());
         let influence = match (settled.next, refs) {
             (Some((point, base_loss, influence)), Some(refs)) => {
-                self.head = ModelHead { point, refs, base_loss };
+                if promoted {
+                    self.head = ModelHead { point, refs, base_loss };
+                }
                 influence
             }
             _ => Influence::new(),
@@ -807,7 +841,16 @@ impl<M: Measure> Coordinator<M> {
         let mut record =
             self.round_record(pending.records, &settled.decision, &influence, refs_in.base_hash, governance);
         record.language_check = settled.check;
-        let events = self.round_events(&record, &settled.accepted, refs_in, &pending.leaves);
+        let (judgment, judged_event) = judgment.unzip();
+        if let Some(j) = &judgment {
+            tracing::info!(round = record.round, outcome = %j.verdict.outcome, "gauntlet");
+        }
+        record.gauntlet = judgment;
+        let mut events = self.round_events(&record, &settled.accepted, refs_in, refs_out, &pending.leaves);
+        if let Some(event) = judged_event {
+            // After the decision, before the publication it allows.
+            events.insert(1, event);
+        }
         self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
         self.add_to_manifests(&record);
         tracing::info!(round = record.round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
@@ -932,6 +975,43 @@ impl<M: Measure> Coordinator<M> {
         Ok((Settled { decision, accepted, next, check: None }, Some(loss)))
     }
 
+    /// The gauntlet on the round's challenger, when the consortium has one and the round moved the
+    /// base: both models scored on the held-out items (the champion's scores are kept from the
+    /// round it was published), judged with a seed nobody chooses. Changes nothing but the cache.
+    fn judge(&mut self, round: u64, settled: &Settled) -> Result<Option<(Judgment, Event)>, CoordinatorError> {
+        let (Some(rules), Some((point, loss, _))) = (self.rules.gauntlet, &settled.next) else { return Ok(None) };
+        let champion_hash = self.base_hash();
+        let challenger_hash = point.base.content_hash();
+        if challenger_hash == champion_hash {
+            return Ok(None);
+        }
+        let champion_loss = match self.champion_items.take() {
+            Some((hash, items)) if hash == champion_hash => items,
+            _ => self.measure.item_losses(self.head.base())?,
+        };
+        self.champion_items = Some((champion_hash, champion_loss.clone()));
+        let challenger_loss = self.measure.item_losses(&point.base)?;
+        let seed = gauntlet_seed(round, &champion_hash, &challenger_hash);
+        let verdict = gauntlet::judge(&rules, &champion_loss, &challenger_loss, seed)
+            .map_err(|e| CoordinatorError::Gauntlet(e.to_string()))?;
+        if verdict.outcome.promoted() {
+            self.champion_items = Some((challenger_hash, challenger_loss.clone()));
+        }
+        let event = Event::ChallengerJudged {
+            round,
+            champion_hash,
+            challenger_hash,
+            items_hash: self.measure.items_hash(),
+            seed,
+            rules,
+            champion_loss,
+            challenger_loss,
+            verdict: verdict.clone(),
+        };
+        let judgment = Judgment { champion_hash, challenger_hash, challenger_loss: loss.clone(), seed, rules, verdict };
+        Ok(Some((judgment, event)))
+    }
+
     /// The next point's hashes. In durable mode its blobs are stored first (before anything
     /// refers to them); in memory-only mode the optimizer state and center are neither copied
     /// nor hashed (only the ledger names them).
@@ -985,6 +1065,7 @@ impl<M: Measure> Coordinator<M> {
             contributions,
             heldout_loss: self.head.base_loss.clone(),
             language_check: None,
+            gauntlet: None,
         }
     }
 
@@ -994,9 +1075,9 @@ impl<M: Measure> Coordinator<M> {
         record: &RoundRecord,
         accepted: &[Accepted],
         refs_in: ModelRefs,
+        refs_out: ModelRefs,
         leaves: &[ContentHash],
     ) -> Vec<Event> {
-        let refs_out = self.head.refs;
         let decision = Event::Decision {
             round: record.round,
             accepted: accepted
@@ -1088,6 +1169,19 @@ fn manifest_of(contribution: &Contribution, delta_hash: ContentHash) -> Contribu
         token_count: contribution.token_count,
         declared: contribution.declared.clone(),
     }
+}
+
+/// The gauntlet's bootstrap seed for a round: fixed by what is judged, so the coordinator
+/// cannot shop for a favourable draw.
+pub fn gauntlet_seed(round: u64, champion: &ContentHash, challenger: &ContentHash) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"weft-gauntlet-seed/1\n");
+    hasher.update(&round.to_le_bytes());
+    hasher.update(&champion.0);
+    hasher.update(&challenger.0);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// BLAKE3 of a value's JSON.

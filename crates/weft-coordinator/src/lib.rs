@@ -18,8 +18,8 @@ pub use aggregation::MoveError;
 pub use audit::{verify, verify_with, AuditError, AuditReport};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{
-    roll_back, Announcement, ConfigDifference, Coordinator, CoordinatorError, DurableCoordinator, Member, Receipt,
-    SubmitError,
+    gauntlet_seed, roll_back, Announcement, ConfigDifference, Coordinator, CoordinatorError, DurableCoordinator,
+    Member, Receipt, SubmitError,
 };
 pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
@@ -29,5 +29,5 @@ pub use head::{ModelHead, ModelPoint, ModelRefs};
 pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
-pub use record::{ContributionRecord, ManifestEntry, NodeManifest, RoundRecord};
+pub use record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

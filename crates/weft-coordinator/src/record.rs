@@ -115,6 +115,23 @@ pub struct RoundRecord {
     /// tried, and why it was published, or a node left out, or the step halved.
     #[serde(default)]
     pub language_check: Option<weft_ledger::LanguageCheck>,
+    /// The gauntlet's judgment of the round's aggregate (consortia with a `[gauntlet]`): when it
+    /// refused, `base_hash` is still the champion's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gauntlet: Option<Judgment>,
+}
+
+/// The champion–challenger gauntlet on one round's aggregate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Judgment {
+    pub champion_hash: ContentHash,
+    pub challenger_hash: ContentHash,
+    /// The challenger's held-out loss per language (the champion's is the round's base loss when
+    /// refused, the previous round's when promoted).
+    pub challenger_loss: LossTable,
+    pub seed: u64,
+    pub rules: weft_core::GauntletRules,
+    pub verdict: weft_core::GauntletVerdict,
 }
 
 /// The coordinator's record of one node: hashes and metrics, never its sovereign weights.

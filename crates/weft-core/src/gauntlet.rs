@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 /// Per-item losses by language: the same items, in the same order, for every model scored.
 pub type ItemLosses = BTreeMap<String, Vec<f64>>;
 
-/// The consortium's promotion rule.
+/// The consortium's promotion rule (`[gauntlet]`; a key left out takes its default).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct GauntletRules {
     /// Family-wise error rate of the improvement test, and the level of each language's
     /// non-inferiority bound.
@@ -41,14 +41,14 @@ pub struct GauntletRules {
 impl Default for GauntletRules {
     /// Measured on the demo (docs/gauntlet.md): a small consortium's honest rounds pass.
     fn default() -> Self {
-        GauntletRules { alpha: 0.05, margin: 0.0, non_inferiority: 0.02, resamples: 2000 }
+        GauntletRules { alpha: 0.05, margin: 0.001, non_inferiority: 0.01, resamples: 2000 }
     }
 }
 
 /// A rule out of range, named by its key.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum GauntletError {
-    #[error("gauntlet.{key}: {detail}")]
+    #[error("{key}: {detail}")]
     Rule { key: &'static str, detail: String },
     #[error("the champion is scored on languages {champion:?}, the challenger on {challenger:?}")]
     Languages { champion: Vec<String>, challenger: Vec<String> },
@@ -69,16 +69,16 @@ impl GauntletRules {
     pub fn validate(&self) -> Result<(), GauntletError> {
         let rule = |key, detail: String| Err(GauntletError::Rule { key, detail });
         if !(self.alpha > 0.0 && self.alpha <= 0.5) {
-            return rule("alpha", format!("must be in (0, 0.5], got {}", self.alpha));
+            return rule("gauntlet.alpha", format!("must be in (0, 0.5], got {}", self.alpha));
         }
         if !(0.0..1.0).contains(&self.margin) {
-            return rule("margin", format!("must be in [0, 1), got {}", self.margin));
+            return rule("gauntlet.margin", format!("must be in [0, 1), got {}", self.margin));
         }
         if !(0.0..1.0).contains(&self.non_inferiority) {
-            return rule("non_inferiority", format!("must be in [0, 1), got {}", self.non_inferiority));
+            return rule("gauntlet.non_inferiority", format!("must be in [0, 1), got {}", self.non_inferiority));
         }
         if !(100..=100_000).contains(&self.resamples) {
-            return rule("resamples", format!("must be in 100..=100000, got {}", self.resamples));
+            return rule("gauntlet.resamples", format!("must be in 100..=100000, got {}", self.resamples));
         }
         Ok(())
     }
@@ -134,7 +134,9 @@ impl GauntletOutcome {
 impl std::fmt::Display for GauntletOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GauntletOutcome::Promoted { improved } => write!(f, "promoted: significantly better in {}", improved.join(", ")),
+            GauntletOutcome::Promoted { improved } => {
+                write!(f, "promoted: significantly better in {}", improved.join(", "))
+            }
             GauntletOutcome::NotBetter => write!(f, "refused: no language significantly better than the champion"),
             GauntletOutcome::Regressed { languages } => {
                 let worst: Vec<String> =

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_core::{AdapterRound, ContentHash, OuterOptimizer};
+use weft_core::{AdapterRound, ContentHash, GauntletRules, GauntletVerdict, ItemLosses, OuterOptimizer};
 
 use crate::signing::{PublicKey, Signature};
 
@@ -183,6 +183,24 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         language_check: Option<LanguageCheck>,
     },
+    /// The champion–challenger gauntlet's judgment of a round's aggregate (consortia with a
+    /// `[gauntlet]`): both scored on the same held-out items, the paired bootstrap drawn from
+    /// `seed` (BLAKE3 of round, champion and challenger, so the coordinator cannot choose it).
+    /// Promoted: a `base_published` follows. Refused: the champion stays the base, and nodes
+    /// train from it. `weft ledger verify` recomputes the seed and the whole verdict.
+    ChallengerJudged {
+        round: u64,
+        champion_hash: ContentHash,
+        challenger_hash: ContentHash,
+        /// BLAKE3 of the items both models were scored on.
+        items_hash: ContentHash,
+        seed: u64,
+        rules: GauntletRules,
+        /// Loss per item, by language, in the items' order.
+        champion_loss: ItemLosses,
+        challenger_loss: ItemLosses,
+        verdict: GauntletVerdict,
+    },
     BasePublished {
         round: u64,
         previous_base_hash: ContentHash,
@@ -211,6 +229,7 @@ impl Event {
             Event::CommunitiesDrawn { .. } => "communities_drawn",
             Event::Evaluation { .. } => "evaluation",
             Event::Decision { .. } => "decision",
+            Event::ChallengerJudged { .. } => "challenger_judged",
             Event::BasePublished { .. } => "base_published",
             Event::RolledBack { .. } => "rolled_back",
         }
@@ -226,6 +245,7 @@ impl Event {
             | Event::CommunitiesDrawn { round, .. }
             | Event::Evaluation { round, .. }
             | Event::Decision { round, .. }
+            | Event::ChallengerJudged { round, .. }
             | Event::BasePublished { round, .. } => *round,
             Event::RolledBack { after_round, .. } => *after_round,
         }

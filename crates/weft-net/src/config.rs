@@ -78,6 +78,10 @@ pub struct ConsortiumConfig {
     /// Differential privacy (`[privacy.dp]`); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyConfig>,
+    /// Champion–challenger adoption (`[gauntlet]`): a round's aggregate becomes the base only if
+    /// it is significantly better on the held-out items; absent: every round's aggregate is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gauntlet: Option<weft_core::GauntletRules>,
 }
 
 /// `[privacy]`: what the consortium protects and how.
@@ -682,6 +686,7 @@ mod tests {
             policy: PolicySettings::default(),
             governance: None,
             privacy: None,
+            gauntlet: None,
         }
     }
 

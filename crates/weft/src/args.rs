@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
-use weft_core::{Aggregator, Fairness, Weighting};
+use weft_core::{Aggregator, Fairness, GauntletRules, Weighting};
 use weft_model::GptConfig;
 use weft_net::config::{
     DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, SecureAggregationConfig, Training,
@@ -36,6 +36,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub privacy: PrivacyArgs,
     #[command(flatten)]
+    pub gauntlet: GauntletArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -50,6 +52,7 @@ impl RunArgs {
             policy: self.policy.settings(),
             governance: self.governance.config()?,
             privacy: self.privacy.config(),
+            gauntlet: self.gauntlet.rules(),
         })
     }
 }
@@ -235,6 +238,39 @@ impl PrivacyArgs {
                 sample_rate: self.dp_sample_rate.unwrap_or(DpConfig::DEFAULT_SAMPLE_RATE),
                 noise_multiplier: self.dp_noise_multiplier,
             }),
+        })
+    }
+}
+
+/// Champion–challenger adoption (`[gauntlet]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct GauntletArgs {
+    /// Gauntlet: a round's aggregate (the challenger) replaces the base (the champion) only if a
+    /// paired bootstrap test on per-item held-out losses finds it significantly better in some
+    /// language (Holm-corrected) and no language worse than --gauntlet-non-inferiority.
+    #[arg(long)]
+    pub gauntlet: bool,
+    /// Family-wise error rate of the improvement test, and the level of the non-inferiority bounds.
+    #[arg(long, requires = "gauntlet", default_value_t = GauntletRules::default().alpha)]
+    pub gauntlet_alpha: f64,
+    /// Relative gain a language must show significantly (0: any gain).
+    #[arg(long, requires = "gauntlet", default_value_t = GauntletRules::default().margin, allow_negative_numbers = true)]
+    pub gauntlet_margin: f64,
+    /// Largest relative regression of any language the lower confidence bound may show.
+    #[arg(long, requires = "gauntlet", default_value_t = GauntletRules::default().non_inferiority, allow_negative_numbers = true)]
+    pub gauntlet_non_inferiority: f64,
+    /// Bootstrap resamples per language.
+    #[arg(long, requires = "gauntlet", default_value_t = GauntletRules::default().resamples)]
+    pub gauntlet_resamples: u32,
+}
+
+impl GauntletArgs {
+    pub fn rules(&self) -> Option<GauntletRules> {
+        self.gauntlet.then_some(GauntletRules {
+            alpha: self.gauntlet_alpha,
+            margin: self.gauntlet_margin,
+            non_inferiority: self.gauntlet_non_inferiority,
+            resamples: self.gauntlet_resamples,
         })
     }
 }

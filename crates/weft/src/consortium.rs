@@ -105,6 +105,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         policy: sections.policy,
         governance: sections.governance,
         privacy: sections.privacy,
+        gauntlet: sections.gauntlet,
     };
     config.validate().map_err(|e| setting_error(e, Source::Flags))?;
     let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;

@@ -386,6 +386,7 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         policy: run.sections.policy.clone(),
         governance: run.sections.governance.clone(),
         privacy: run.sections.privacy,
+        gauntlet: run.sections.gauntlet,
     };
     weft_net::provision::init(&dir, &config, &run.members)?;
     let served_json = scratch.path().join("served.json");

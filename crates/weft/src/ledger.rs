@@ -121,6 +121,13 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         report.blob_bytes as f64 / 1e6,
         report.final_base_hash
     );
+    if report.promoted + report.refused > 0 {
+        say!(
+            "gauntlet: {} challengers promoted, {} refused; every verdict recomputed from its per-item losses",
+            report.promoted,
+            report.refused
+        );
+    }
     say!("{seconds:.2} s");
     Ok(())
 }
@@ -214,6 +221,20 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                     for line in crate::table::language_check(check) {
                         say!("       {line}");
                     }
+                }
+            }
+            Event::ChallengerJudged {
+                round, champion_hash, challenger_hash, seed, rules, verdict, items_hash, ..
+            } => {
+                let word = if verdict.outcome.promoted() { "PROMOTED" } else { "REFUSED" };
+                say!(
+                    "#{seq} round {round} challenger {} {word} against champion {} (items {}, seed {seed})",
+                    challenger_hash.short(),
+                    champion_hash.short(),
+                    items_hash.short()
+                );
+                for line in crate::table::gauntlet(rules, verdict) {
+                    say!("       {line}");
                 }
             }
             Event::BasePublished { round, base_hash, heldout_loss, .. } => {

@@ -272,6 +272,8 @@ pub(crate) struct BaseCoordinator<'a> {
     pub governance: Option<Governance>,
     /// Record-level DP-SGD on every node's adapter, with a budget per node.
     pub privacy: Option<PrivacyRules>,
+    /// Champion–challenger adoption.
+    pub gauntlet: Option<weft_core::GauntletRules>,
 }
 
 impl BaseCoordinator<'_> {
@@ -298,6 +300,9 @@ impl BaseCoordinator<'_> {
         }
         if let Some(rules) = self.privacy {
             coordinator = coordinator.with_privacy(rules)?;
+        }
+        if let Some(rules) = self.gauntlet {
+            coordinator = coordinator.with_gauntlet(rules)?;
         }
         // `ledger verify` rebuilds each round's factors from `base.config` and `adapters`.
         let mut settings = serde_json::json!({
@@ -501,6 +506,7 @@ pub(crate) fn serve_coordinator(
         networked: Some(&consortium.name),
         governance,
         privacy,
+        gauntlet: consortium.gauntlet,
     }
     .open(storage)
     .map(|coordinator| (coordinator, privacy.map(|p| p.rule)))
@@ -676,6 +682,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         networked: None,
         governance,
         privacy,
+        gauntlet: run.sections.gauntlet,
     }
     .open(&storage)?;
     // The genesis as the journal holds it: a run continued in the same --out starts mid-way.

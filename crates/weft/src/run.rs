@@ -13,7 +13,8 @@ use weft_coordinator::{
     CanaryRegistry, ConfigDifference, Coordinator, DurableCoordinator, FsBlobStore, Governance, HeldoutSet, Member,
     SqliteJournal, Visibility,
 };
-use weft_core::{Aggregator, NodeId, OuterOptimizer, Policy};
+use weft_core::gauntlet::GauntletError;
+use weft_core::{Aggregator, GauntletRules, NodeId, OuterOptimizer, Policy};
 use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
 use weft_net::config::{
     ConsortiumConfig, GovernanceConfig, PolicySettings, PrivacyConfig, SecureAggregationConfig, SettingError, Training,
@@ -36,6 +37,7 @@ pub struct RunSections {
     pub policy: PolicySettings,
     pub governance: Option<GovernanceConfig>,
     pub privacy: Option<PrivacyConfig>,
+    pub gauntlet: Option<GauntletRules>,
 }
 
 impl RunSections {
@@ -54,6 +56,7 @@ impl RunSections {
             policy: config.policy.clone(),
             governance: config.governance.clone(),
             privacy: config.privacy,
+            gauntlet: config.gauntlet,
         })
     }
 }
@@ -84,6 +87,12 @@ impl RunSettings {
         sections.model.validate().map_err(|e| invalid("model", e.to_string()))?;
         sections.training.validate()?;
         sections.policy.validate()?;
+        if let Some(rules) = &sections.gauntlet {
+            rules.validate().map_err(|e| match e {
+                GauntletError::Rule { key, detail } => invalid(key, detail),
+                other => invalid("gauntlet", other.to_string()),
+            })?;
+        }
         if members.is_empty() {
             return Err(invalid("roster", "lists no node".into()));
         }
@@ -217,6 +226,9 @@ impl RunSettings {
         if let Some(rules) = self.privacy {
             coordinator = coordinator.with_privacy(rules)?;
         }
+        if let Some(rules) = self.sections.gauntlet {
+            coordinator = coordinator.with_gauntlet(rules)?;
+        }
         let settings = serde_json::json!({
             "model": self.model(),
             "seed": self.seed(),
@@ -293,6 +305,11 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("privacy.dp.noise_multiplier", "--dp-noise-multiplier"),
         ("privacy.secure_aggregation", "--secure-aggregation"),
         ("privacy", "--privacy (and its settings)"),
+        ("gauntlet.alpha", "--gauntlet-alpha"),
+        ("gauntlet.margin", "--gauntlet-margin"),
+        ("gauntlet.non_inferiority", "--gauntlet-non-inferiority"),
+        ("gauntlet.resamples", "--gauntlet-resamples"),
+        ("gauntlet", "--gauntlet (and its settings)"),
         ("settings.node.privacy", "--privacy (and its settings)"),
         ("roster", "--nodes/--languages"),
         ("settings.extra.attack", "--attack/--attackers/--attack-scale"),

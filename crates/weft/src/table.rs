@@ -87,6 +87,17 @@ pub fn round(
             say!("  {line}");
         }
     }
+    if let Some(judgment) = &record.gauntlet {
+        let word = if judgment.verdict.outcome.promoted() { "PROMOTED" } else { "REFUSED: the champion stays" };
+        say!(
+            "  challenger {} against champion {} → {word}",
+            judgment.challenger_hash.short(),
+            judgment.champion_hash.short()
+        );
+        for line in gauntlet(&judgment.rules, &judgment.verdict) {
+            say!("  {line}");
+        }
+    }
     Ok(())
 }
 
@@ -119,6 +130,43 @@ pub fn language_check(check: &weft_ledger::LanguageCheck) -> Vec<String> {
     if check.published.is_none() && !check.attempts.is_empty() {
         lines.push("  no candidate passed: the base stays".to_owned());
     }
+    lines
+}
+
+/// The gauntlet's verdict on a challenger: one line per language with the paired test's figures.
+pub fn gauntlet(rules: &weft_core::GauntletRules, verdict: &weft_core::GauntletVerdict) -> Vec<String> {
+    let mut lines = vec![
+        format!(
+            "gauntlet (paired bootstrap, {} resamples; Holm α {}; margin {:.1}%; no language below −{:.1}%):",
+            rules.resamples,
+            rules.alpha,
+            100.0 * rules.margin,
+            100.0 * rules.non_inferiority
+        ),
+        format!(
+            "  {:<8} {:>5} {:>9} {:>10} {:>8} {:>19} {:>8} {:>8}  verdict",
+            "language", "items", "champion", "challenger", "gain", "CI (1−2α)", "p", "p Holm"
+        ),
+    ];
+    for (language, t) in &verdict.tests {
+        let verdict = match (t.improved, t.non_inferior) {
+            (_, false) => "MAY REGRESS",
+            (true, true) => "better",
+            (false, true) => "not worse",
+        };
+        lines.push(format!(
+            "  {language:<8} {:>5} {:>9.4} {:>10.4} {:>+7.2}% {:>+8.2}% … {:>+6.2}% {:>8.4} {:>8.4}  {verdict}",
+            t.items,
+            t.champion_loss,
+            t.challenger_loss,
+            100.0 * t.gain,
+            100.0 * t.lower,
+            100.0 * t.upper,
+            t.p_value,
+            t.p_holm
+        ));
+    }
+    lines.push(format!("  → {}", verdict.outcome));
     lines
 }
 

@@ -119,6 +119,10 @@ impl<M: Measure> Coordinator<M> {
         if let (Some((plan, _)), Some(map)) = (&self.adapters, config.as_object_mut()) {
             map.insert("adapters".into(), serde_json::json!(plan));
         }
+        // Likewise the gauntlet: only consortia that adopt through it name its rules.
+        if let (Some(rules), Some(map)) = (&self.rules.gauntlet, config.as_object_mut()) {
+            map.insert("gauntlet".into(), serde_json::json!(rules));
+        }
         config
     }
 
