@@ -27,7 +27,9 @@ use weft_core::{
     AdapterFamily, AdapterPlan, AdapterRound, Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta,
     FullWeights, ModelState, NodeId, OuterOptimizer, Policy, PolicyError, Rejection, StateError, UpdateForm, Weighting,
 };
-use weft_ledger::{CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, Refusal, Signature};
+use weft_ledger::{
+    CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, Refusal, Signature, WitnessedHead,
+};
 
 use crate::aggregation::{self, Accepted, Influence, MoveError, StepRules};
 use crate::governance::{Governance, GovernanceError};
@@ -279,6 +281,8 @@ pub struct Coordinator<M: Measure> {
     adapters: Option<(AdapterPlan, Arc<dyn AdapterFamily>)>,
     /// The champion's per-item losses (gauntlet), by the base they were measured on.
     champion_items: Option<(ContentHash, ItemLosses)>,
+    /// The ledger's last entry (durable mode): what nodes are handed to witness.
+    ledger_head: Option<WitnessedHead>,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -336,6 +340,7 @@ impl<M: Measure> Coordinator<M> {
             roster_hash: ContentHash([0; 32]),
             adapters: None,
             champion_items: None,
+            ledger_head: None,
         })
     }
 
@@ -621,11 +626,20 @@ impl<M: Measure> Coordinator<M> {
     ) -> Result<Vec<weft_ledger::Entry>, CoordinatorError> {
         let head = self.journal_head(open);
         let Some(journal) = self.journal.as_mut() else { return Ok(Vec::new()) };
-        journal.commit(&head, rows, events).map_err(|e| {
+        let entries = journal.commit(&head, rows, events).map_err(|e| {
             self.broken = true;
             tracing::error!("journal write failed: {e}");
             CoordinatorError::from(e)
-        })
+        })?;
+        if let Some(last) = entries.last() {
+            self.ledger_head = Some(WitnessedHead::of(last));
+        }
+        Ok(entries)
+    }
+
+    /// The ledger's last entry as nodes witness it (`None` in memory-only mode).
+    pub fn ledger_head(&self) -> Option<&WitnessedHead> {
+        self.ledger_head.as_ref()
     }
 
     /// Checks a contribution, measures it on the held-out sets at the probe scale

@@ -10,6 +10,7 @@ mod manifest;
 mod merkle;
 mod proof;
 mod signing;
+mod witness;
 
 pub use chain::{Chain, ChainError, Fault};
 pub use entry::{Accepted, CheckAttempt, CheckOutcome, Entry, Event, LanguageCheck, Refusal, Rejected};
@@ -17,3 +18,4 @@ pub use manifest::ContributionManifest;
 pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
 pub use proof::{ContributionProof, ProofCheckError, ProveError};
 pub use signing::{KeyError, PublicKey, Signature, SigningKey};
+pub use witness::{WitnessError, WitnessedHead};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use weft_core::Contribution;
 use weft_core::{ContentHash, ModelState};
-use weft_ledger::{ContributionManifest, SigningKey};
+use weft_ledger::{ContributionManifest, PublicKey, SigningKey};
 use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig, PrivateTraining};
 use weft_node::{
     AdapterNode, ExternalCommand, ExternalSettings, ExternalTrainer, JobTraining, LocalCorpus, Node, NodeError,
@@ -19,6 +19,7 @@ use crate::encoding::{self, Encoding};
 use crate::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
 use crate::refusal::RefusalCode;
 use crate::secure::Taken;
+use crate::witness::Witness;
 use crate::{NetError, CHUNK, MAX_MESSAGE, PROTOCOL, WINDOW};
 
 /// A node's startup kit, read from its directory.
@@ -71,6 +72,9 @@ pub struct RoundOutcome {
     /// verdict and quality are the community's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub community: Option<String>,
+    /// The ledger head the receipt carried.
+    #[serde(skip)]
+    pub ledger_head: Option<proto::LedgerHead>,
 }
 
 impl RoundOutcome {
@@ -127,7 +131,11 @@ fn definitive(status: &tonic::Status) -> bool {
 }
 
 /// Connects and joins, retrying with exponential backoff (0.1 s doubling to 5 s).
-async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<ConsortiumClient<Channel>, NetError> {
+async fn join_with_backoff(
+    kit: &Kit,
+    options: &JoinOptions,
+    witness: &mut Witness,
+) -> Result<ConsortiumClient<Channel>, NetError> {
     let started = Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
@@ -135,10 +143,13 @@ async fn join_with_backoff(kit: &Kit, options: &JoinOptions) -> Result<Consortiu
             let mut client = connect(kit).await?;
             let reply = client.join(proto::JoinRequest { protocol: PROTOCOL }).await?.into_inner();
             tracing::info!(node = %reply.node, consortium = %reply.consortium, coordinator_key = %reply.coordinator_key, "joined");
-            Ok::<_, NetError>(client)
+            Ok::<_, NetError>((client, reply.coordinator_key.parse::<PublicKey>().ok()))
         };
         match attempt.await {
-            Ok(client) => return Ok(client),
+            Ok((client, key)) => {
+                witness.with_key(key);
+                return Ok(client);
+            }
             // The coordinator answered and said no: retrying will not help.
             Err(NetError::Refused(status)) if definitive(&status) => return Err(NetError::Refused(status)),
             Err(e) if started.elapsed() >= options.give_up_after => return Err(e),
@@ -176,7 +187,9 @@ pub async fn join(
     artifacts: PathBuf,
     options: JoinOptions,
 ) -> Result<Participation, NetError> {
-    let mut client = join_with_backoff(&kit, &options).await?;
+    // The latest ledger head the coordinator handed over, kept with the node's artifacts.
+    let mut witness = Witness::open(&artifacts);
+    let mut client = join_with_backoff(&kit, &options, &mut witness).await?;
     let mut node = Some(Participant::Ready(trainer));
     let mut done = Participation::default();
     let mut last_attempt = 0u64;
@@ -187,10 +200,11 @@ pub async fn join(
             Ok(state) => state.into_inner(),
             Err(status) => {
                 tracing::warn!("heartbeat failed ({status}); reconnecting");
-                client = join_with_backoff(&kit, &options).await?;
+                client = join_with_backoff(&kit, &options, &mut witness).await?;
                 continue;
             }
         };
+        witness.observe(state.ledger_head.as_ref());
         let phase = proto::Phase::try_from(state.phase).unwrap_or(proto::Phase::Unspecified);
         match phase {
             proto::Phase::Finished => {
@@ -215,6 +229,7 @@ pub async fn join(
                 let outcome = contribute(&mut client, &kit, &state, &mut node, &artifacts).await;
                 match outcome {
                     Ok(outcome) => {
+                        witness.observe(outcome.ledger_head.as_ref());
                         if outcome.accepted {
                             tracing::info!(
                                 round = outcome.round,
@@ -241,13 +256,14 @@ pub async fn join(
                             wire_bytes: 0,
                             train_seconds: 0.0,
                             community: None,
+                            ledger_head: None,
                         });
                     }
                     Err(NetError::Refused(status)) if !definitive(&status) => {
                         // The coordinator went away (a restart, the network): try this round again.
                         tracing::warn!("lost the coordinator mid-round ({status}); reconnecting");
                         last_attempt = state.round - 1;
-                        client = join_with_backoff(&kit, &options).await?;
+                        client = join_with_backoff(&kit, &options, &mut witness).await?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -414,6 +430,7 @@ async fn contribute(
                     wire_bytes: done.wire_bytes,
                     train_seconds,
                     community: Some(done.community),
+                    ledger_head: None,
                 }
             }
             Err(why) => RoundOutcome { train_seconds, ..sat_out(round, why) },
@@ -449,6 +466,7 @@ async fn contribute(
         wire_bytes: receipt.wire_bytes,
         train_seconds,
         community: None,
+        ledger_head: receipt.ledger_head,
     })
 }
 
@@ -464,6 +482,7 @@ fn sat_out(round: u64, why: crate::secure::SatOut) -> RoundOutcome {
         wire_bytes: 0,
         train_seconds: 0.0,
         community: None,
+        ledger_head: None,
     }
 }
 

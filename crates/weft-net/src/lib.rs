@@ -11,6 +11,7 @@ pub mod refusal;
 pub mod secure;
 pub mod server;
 pub mod tls;
+pub mod witness;
 
 /// The generated protocol (proto/weft/v1/consortium.proto).
 #[allow(clippy::all, missing_docs)]

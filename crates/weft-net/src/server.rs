@@ -19,7 +19,7 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use weft_coordinator::{BlobStore, DurableCoordinator, Measure, RoundRecord, SubmitError};
 use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId, Rejection};
-use weft_ledger::{ContributionManifest, Signature};
+use weft_ledger::{ContributionManifest, Signature, WitnessedHead};
 
 use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster, SecureAggregationConfig};
 use crate::encoding::{self, Encoding};
@@ -81,6 +81,9 @@ struct View {
 /// deltas freed on many threads would each leave memory cached in their own malloc arena.)
 struct Engine<M: Measure> {
     jobs: std::sync::mpsc::Sender<Job<M>>,
+    /// The ledger head after the last job: heartbeats and receipts hand it to nodes without
+    /// waiting for the engine.
+    head: Arc<Mutex<Option<WitnessedHead>>>,
 }
 
 type Job<M> = Box<dyn FnOnce(&mut DurableCoordinator<M>) + Send>;
@@ -88,6 +91,7 @@ type Job<M> = Box<dyn FnOnce(&mut DurableCoordinator<M>) + Send>;
 impl<M: Measure + Send + 'static> Engine<M> {
     fn start(mut coordinator: DurableCoordinator<M>) -> Result<Self, NetError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job<M>>();
+        let head = Arc::new(Mutex::new(coordinator.ledger_head().cloned()));
         std::thread::Builder::new()
             .name("weft-engine".into())
             .spawn(move || {
@@ -96,7 +100,16 @@ impl<M: Measure + Send + 'static> Engine<M> {
                 }
             })
             .map_err(|e| NetError::Transport(format!("starting the engine thread: {e}")))?;
-        Ok(Engine { jobs })
+        Ok(Engine { jobs, head })
+    }
+
+    /// The ledger's last entry, as of the last job done.
+    fn head(&self) -> Option<proto::LedgerHead> {
+        lock(&self.head).as_ref().map(|h| proto::LedgerHead {
+            seq: h.seq,
+            hash: h.hash.to_string(),
+            signature: h.signature.to_string(),
+        })
     }
 
     /// Runs `f` on the engine thread and waits for its result.
@@ -105,9 +118,13 @@ impl<M: Measure + Send + 'static> Engine<M> {
         f: impl FnOnce(&mut DurableCoordinator<M>) -> R + Send + 'static,
     ) -> Result<R, NetError> {
         let (done, result) = tokio::sync::oneshot::channel();
+        let head = self.head.clone();
         self.jobs
             .send(Box::new(move |c| {
-                let _ = done.send(f(c));
+                let outcome = f(c);
+                // Before the caller hears the outcome: its receipt carries the head it left.
+                *lock(&head) = c.ledger_head().cloned();
+                let _ = done.send(outcome);
             }))
             .map_err(|_| NetError::Transport("the engine thread has stopped".into()))?;
         result.await.map_err(|_| NetError::Transport("the engine thread has stopped".into()))
@@ -516,6 +533,7 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 .privacy
                 .and_then(|p| p.secure_aggregation)
                 .map(|s| proto::SecureAggregationSettings { community_size: s.community_size as u32, range: s.range }),
+            ledger_head: self.shared.engine.head(),
         }))
     }
 
@@ -649,6 +667,7 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
                 receipt.detail = refusal.to_string();
             }
         }
+        receipt.ledger_head = self.shared.engine.head();
         Ok(Response::new(receipt))
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use weft_coordinator::{Journal, SqliteJournal};
 use weft_core::NodeId;
-use weft_ledger::{Chain, ContributionProof, Entry, Event, PublicKey};
+use weft_ledger::{Chain, ContributionProof, Entry, Event, PublicKey, WitnessedHead};
 
 use crate::say;
 
@@ -37,6 +37,10 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// A ledger head a member witnessed (a node's `witnessed-head.json`): the ledger must hold
+    /// it at its place, or it was cut short or rewritten after the member saw it. Repeatable.
+    #[arg(long, num_args = 1..)]
+    witness: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -95,15 +99,19 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let adapters = adapter_family(&args.dir)?;
     let report = weft_coordinator::verify_with(&args.dir, args.key, adapters.as_ref().map(|a| a as _))
         .with_context(|| format!("{}: verification FAILED", args.dir.display()))?;
+    let witnessed = check_witnesses(&args.dir, &args.witness, report.coordinator_key)
+        .with_context(|| format!("{}: verification FAILED", args.dir.display()))?;
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         #[derive(Serialize)]
         struct Out<'a> {
             #[serde(flatten)]
             report: &'a weft_coordinator::AuditReport,
+            /// The witnessed heads found in the ledger, by file.
+            witnessed: &'a [(PathBuf, u64)],
             seconds: f64,
         }
-        say!("{}", serde_json::to_string_pretty(&Out { report: &report, seconds })?);
+        say!("{}", serde_json::to_string_pretty(&Out { report: &report, witnessed: &witnessed, seconds })?);
         return Ok(());
     }
     let key = report.coordinator_key.map(|k| k.to_string()).unwrap_or_default();
@@ -128,8 +136,34 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             report.refused
         );
     }
+    for (file, seq) in &witnessed {
+        say!("witness {}: entry #{seq} is in the ledger, as the coordinator signed it", file.display());
+    }
     say!("{seconds:.2} s");
     Ok(())
+}
+
+/// Reads a witnessed head (a node's `witnessed-head.json`).
+pub fn read_witness(path: &Path) -> anyhow::Result<WitnessedHead> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading the witnessed head {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a witnessed ledger head", path.display()))
+}
+
+/// Checks each witnessed head against the ledger in `dir`, signed by `key`: the sequence
+/// number of each head found.
+pub fn check_witnesses(dir: &Path, files: &[PathBuf], key: Option<PublicKey>) -> anyhow::Result<Vec<(PathBuf, u64)>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries = checked_entries(dir)?;
+    let key = key.context("the ledger names no coordinator key")?;
+    let mut found = Vec::new();
+    for file in files {
+        let head = read_witness(file)?;
+        head.check(&key, &entries).with_context(|| format!("witness {}", file.display()))?;
+        found.push((file.clone(), head.seq));
+    }
+    Ok(found)
 }
 
 /// Reads and checks every entry (`show` and `prove` never present an unchecked ledger).

@@ -229,6 +229,22 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         kept.push(sovereign);
     }
     let entries = checked_entries(&args.coordinator)?;
+    // The last head the node witnessed must still be in the ledger: proofs from a ledger cut
+    // short after the node saw it would leave rounds out without a word.
+    let witness = args.node_dir.join(weft_net::witness::WITNESS_FILE);
+    let witnessed = if witness.is_file() {
+        let key = match entries.first().map(|e| &e.event) {
+            Some(Event::ConsortiumCreated { coordinator_key, .. }) => *coordinator_key,
+            _ => bail!("{}: the ledger has no genesis", args.coordinator.display()),
+        };
+        let head = crate::ledger::read_witness(&witness)?;
+        head.check(&key, &entries).with_context(|| {
+            format!("{}: the coordinator's ledger does not hold the head this node witnessed", witness.display())
+        })?;
+        Some(witness)
+    } else {
+        None
+    };
     let mut rounds: Vec<u64> = entries
         .iter()
         .filter_map(|e| match &e.event {
@@ -251,6 +267,10 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         copy_kept(dir, &args.out.join(name))?;
     }
     std::fs::write(args.out.join("proofs.json"), serde_json::to_vec_pretty(&proofs)?)?;
+    if let Some(witness) = &witnessed {
+        std::fs::copy(witness, args.out.join(weft_net::witness::WITNESS_FILE))
+            .with_context(|| format!("copying {}", witness.display()))?;
+    }
     say!(
         "{}: {} rounds of artifacts and {} ledger proofs (check each with `weft ledger check-proof`) in {}",
         args.node,

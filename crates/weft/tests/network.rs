@@ -179,6 +179,86 @@ fn three_node_processes_give_the_in_process_bases_bit_for_bit() {
     // Bytes on the wire are reported per node and round: f32 is the canonical safetensors size.
     let report: Value = serde_json::from_slice(&std::fs::read(dir.join("serve.json")).unwrap()).unwrap();
     assert!(report["wire_bytes"]["1"]["node-de"].as_u64().unwrap() > 10_000);
+
+    // Every node kept the last ledger head it was handed: the ledger's own last entry.
+    let witnesses: Vec<PathBuf> = ["node-de", "node-en", "node-fr"]
+        .iter()
+        .map(|n| dir.join("nodes").join(n).join("artifacts").join("witnessed-head.json"))
+        .collect();
+    let last = entries.as_array().unwrap().last().unwrap();
+    for witness in &witnesses {
+        let head: Value = serde_json::from_slice(&std::fs::read(witness).unwrap()).unwrap();
+        assert_eq!((&head["seq"], &head["hash"]), (&last["seq"], &last["hash"]), "{}", witness.display());
+    }
+    let verify = weft().args(["ledger", "verify"]).arg(&storage).arg("--witness").args(&witnesses).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+
+    // The coordinator drops its last round consistently (ledger, rounds, head): the chain still
+    // verifies on its own; a member's witnessed head shows the cut.
+    let cut = tmp.path().join("cut");
+    copy_dir(&storage, &cut);
+    truncate_to_round(&cut, 1);
+    let alone = weft().args(["ledger", "verify"]).arg(&cut).output().unwrap();
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    let witnessed = weft().args(["ledger", "verify"]).arg(&cut).arg("--witness").arg(&witnesses[0]).output().unwrap();
+    assert!(!witnessed.status.success());
+    let stderr = String::from_utf8_lossy(&witnessed.stderr);
+    assert!(
+        stderr.contains(&format!("the coordinator signed entry #{}", last["seq"]))
+            && stderr.contains("its tail was cut off"),
+        "{stderr}"
+    );
+    // `weft node export` refuses to build proofs from the cut ledger.
+    let export = weft()
+        .args(["node", "export"])
+        .arg(dir.join("nodes").join("node-de").join("artifacts"))
+        .arg("--coordinator")
+        .arg(&cut)
+        .args(["--node", "node-de", "--out"])
+        .arg(tmp.path().join("bundle"))
+        .output()
+        .unwrap();
+    assert!(!export.status.success());
+    assert!(String::from_utf8_lossy(&export.stderr).contains("does not hold the head this node witnessed"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Drops every round after `round` from a coordinator's storage as a coordinator hiding them
+/// would: their ledger entries, round and contribution rows, and the head put back.
+fn truncate_to_round(storage: &Path, round: i64) {
+    let db = rusqlite::Connection::open(storage.join("state.sqlite")).unwrap();
+    let lines: Vec<(i64, Vec<u8>)> = db
+        .prepare("SELECT seq, line FROM ledger ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let first_cut = lines
+        .iter()
+        .find(|(_, line)| {
+            let entry: Value = serde_json::from_slice(line).unwrap();
+            entry["event"].get("round_opened").is_some_and(|o| o["round"].as_i64() == Some(round + 1))
+        })
+        .unwrap()
+        .0;
+    let head: Vec<u8> = db.query_row("SELECT head FROM rounds WHERE round = ?1", [round], |r| r.get(0)).unwrap();
+    db.execute("DELETE FROM ledger WHERE seq >= ?1", [first_cut]).unwrap();
+    db.execute("DELETE FROM rounds WHERE round > ?1", [round]).unwrap();
+    db.execute("DELETE FROM contributions WHERE round > ?1", [round]).unwrap();
+    db.execute("UPDATE head SET state = ?1 WHERE id = 1", [head]).unwrap();
 }
 
 #[test]

@@ -96,6 +96,10 @@ impl<M: Measure> Coordinator<M> {
                 tracing::info!(round = self.round, open = ?self.open.as_ref().map(|p| p.round), "continuing from the journal");
             }
         }
+        self.ledger_head = match journal.ledger()?.last() {
+            Some(line) => serde_json::from_slice::<Entry>(line).ok().map(|e| weft_ledger::WitnessedHead::of(&e)),
+            None => None,
+        };
         self.journal = Some(journal);
         Ok(DurableCoordinator(self))
     }
