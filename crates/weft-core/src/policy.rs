@@ -151,7 +151,7 @@ pub struct Policy {
     pub fairness: Fairness,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
     #[error("cap must be in (0, 1], got {0}")]
     Cap(f64),
