@@ -10,12 +10,15 @@ use weft_core::gauntlet::{self, GauntletRules, ItemLosses};
 use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
 use weft_core::policy::Measured;
 use weft_core::quality::LossTable;
-use weft_core::{AdapterFamily, AdapterRound, Aggregator, ContentHash, FullWeights, NodeId, UpdateForm};
+use weft_core::{
+    AdapterFamily, AdapterRound, Aggregator, ContentHash, FullWeights, NodeId, Policy, UpdateForm, VotingRules,
+};
 use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, LanguageCheck, PublicKey};
 
 use crate::aggregation::{self, Accepted, StepRules};
 use crate::head::{ModelPoint, ModelRefs};
 use crate::journal::{Journal, JournalError, SqliteJournal};
+use crate::proposals::ProposalBook;
 use crate::store::{BlobStore, FsBlobStore, StoreError};
 
 /// What a successful verification covered.
@@ -35,6 +38,10 @@ pub struct AuditReport {
     /// Challengers the gauntlet promoted and refused, each verdict recomputed.
     pub promoted: u64,
     pub refused: u64,
+    /// Proposals, votes (each signature checked) and rule changes replayed, every count recomputed.
+    pub proposals: u64,
+    pub votes: u64,
+    pub rule_changes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +109,10 @@ struct Auditor<'a> {
     /// the same.
     items_hash: Option<ContentHash>,
     champion_items: Option<(ContentHash, ItemLosses)>,
+    /// The rules in force: the stored configuration's policy, moved by the proposals that
+    /// passed (`[voting]`); every decision must apply its cap.
+    policy: Option<Policy>,
+    proposals: Option<ProposalBook>,
     report: AuditReport,
 }
 
@@ -128,9 +139,12 @@ pub fn verify_with(
     let journal = SqliteJournal::read(dir)?;
     let lines = journal.ledger()?;
     // The configuration is checked against the genesis's hash at the end (check_state).
-    let gauntlet = match journal.load()? {
-        Some((config, _)) => gauntlet_rules(&config)?,
-        None => None,
+    let (gauntlet, policy, proposals) = match journal.load()? {
+        Some((config, _)) => {
+            let (policy, proposals) = voting_rules(&config)?;
+            (gauntlet_rules(&config)?, policy, proposals)
+        }
+        None => (None, None, None),
     };
     let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
@@ -154,6 +168,8 @@ pub fn verify_with(
         challenger: None,
         items_hash: None,
         champion_items: None,
+        policy,
+        proposals,
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -166,6 +182,9 @@ pub fn verify_with(
             final_base_hash: ContentHash([0; 32]),
             promoted: 0,
             refused: 0,
+            proposals: 0,
+            votes: 0,
+            rule_changes: 0,
         },
     };
     if lines.is_empty() {
@@ -190,6 +209,31 @@ pub fn verify_with(
     report.rounds = auditor.last_closed;
     report.final_base_hash = auditor.now.base_hash;
     Ok(report)
+}
+
+/// The policy a stored configuration pins, and the proposal book when it votes (`[voting]`).
+fn voting_rules(config: &[u8]) -> Result<(Option<Policy>, Option<ProposalBook>), AuditError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
+    let policy: Option<Policy> = match value.get("policy") {
+        Some(policy) => Some(
+            serde_json::from_value(policy.clone())
+                .map_err(|e| AuditError::State(format!("stored configuration's policy: {e}")))?,
+        ),
+        None => None,
+    };
+    let voting: Option<VotingRules> = match value.get("voting") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(rules) => Some(
+            serde_json::from_value(rules.clone())
+                .map_err(|e| AuditError::State(format!("stored configuration's voting: {e}")))?,
+        ),
+    };
+    let book = match (voting, policy) {
+        (Some(voting), Some(policy)) => Some(ProposalBook::new(voting, policy)),
+        _ => None,
+    };
+    Ok((policy, book))
 }
 
 /// The gauntlet rules a stored configuration pins, if any.
@@ -348,6 +392,28 @@ impl Auditor<'_> {
             }
             Event::Decision { .. } => self.decision(entry).map_err(fault)?,
             Event::ChallengerJudged { .. } => self.judged(&entry.event).map_err(fault)?,
+            Event::ProposalMade { .. }
+            | Event::VoteCast { .. }
+            | Event::ProposalTallied { .. }
+            | Event::RulesChanged { .. } => {
+                let book = self.proposals.as_mut().ok_or_else(|| fault("the consortium votes on nothing".into()))?;
+                book.apply(&entry.event).map_err(fault)?;
+                match &entry.event {
+                    Event::ProposalMade { .. } => self.report.proposals += 1,
+                    Event::VoteCast { .. } => self.report.votes += 1,
+                    Event::RulesChanged { round, .. } => {
+                        if self.open.is_some() || *round != self.last_closed + 1 {
+                            return Err(fault(format!(
+                                "changes the rules of round {round}, not at the opening of round {}",
+                                self.last_closed + 1
+                            )));
+                        }
+                        self.policy = Some(book.policy);
+                        self.report.rule_changes += 1;
+                    }
+                    _ => {}
+                }
+            }
             Event::BasePublished { round, previous_base_hash, base_hash, heldout_loss } => {
                 if self.challenger.take().is_some() && self.gauntlet.is_some() {
                     return Err(fault("publishes a base the gauntlet has not judged".into()));
@@ -430,6 +496,11 @@ impl Auditor<'_> {
         let open = self.open.take().ok_or_else(|| format!("round {round} is not open"))?;
         if open.round != *round {
             return Err(format!("decides round {round}, but round {} is open", open.round));
+        }
+        if let Some(policy) = &self.policy {
+            if cap.to_bits() != policy.cap.to_bits() {
+                return Err(format!("applies cap {cap}; the rules in force give {}", policy.cap));
+            }
         }
         let root = merkle_root(&open.leaves);
         if root != *contributions_root || open.leaves.len() != *contributions {

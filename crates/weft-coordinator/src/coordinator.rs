@@ -25,10 +25,12 @@ use weft_core::policy::{Measured, Priorities};
 use weft_core::quality::{mean, relative_gains, Gains, LossTable};
 use weft_core::{
     AdapterFamily, AdapterPlan, AdapterRound, Aggregator, AggregatorError, ContentHash, Contribution, Decision, Delta,
-    FullWeights, ModelState, NodeId, OuterOptimizer, Policy, PolicyError, Rejection, StateError, UpdateForm, Weighting,
+    FullWeights, ModelState, NodeId, OuterOptimizer, Policy, PolicyError, Rejection, RuleChange, StateError,
+    UpdateForm, VotingRules, Weighting,
 };
 use weft_ledger::{
-    CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, Refusal, Signature, WitnessedHead,
+    CheckAttempt, CheckOutcome, ContributionManifest, Event, LanguageCheck, PublicKey, Refusal, Signature, Voter,
+    WitnessedHead,
 };
 
 use crate::aggregation::{self, Accepted, Influence, MoveError, StepRules};
@@ -37,6 +39,7 @@ use crate::head::{ModelHead, ModelPoint, ModelRefs};
 use crate::journal::{Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
 use crate::privacy::PrivacyRules;
+use crate::proposals::{equal_electorate, ProposalBook, ProposalError};
 use crate::record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 use crate::store::{BlobStore, StoreError};
 
@@ -116,6 +119,18 @@ pub enum CoordinatorError {
     Privacy(String),
     #[error("gauntlet: {0}")]
     Gauntlet(String),
+    #[error("voting: {0}")]
+    Voting(String),
+}
+
+/// Why a proposal or vote was not recorded: the member's fault (with a stable code), or the
+/// coordinator's.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposalSubmitError {
+    #[error(transparent)]
+    Refused(#[from] ProposalError),
+    #[error(transparent)]
+    Internal(#[from] CoordinatorError),
 }
 
 /// Why `submit` did not return a receipt: the contribution's fault, or the coordinator's.
@@ -283,6 +298,8 @@ pub struct Coordinator<M: Measure> {
     champion_items: Option<(ContentHash, ItemLosses)>,
     /// The ledger's last entry (durable mode): what nodes are handed to witness.
     ledger_head: Option<WitnessedHead>,
+    /// Class-3 proposals and votes (`[voting]`), with the members who may make and vote them.
+    proposals: Option<(ProposalBook, BTreeMap<String, Voter>)>,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -341,6 +358,7 @@ impl<M: Measure> Coordinator<M> {
             adapters: None,
             champion_items: None,
             ledger_head: None,
+            proposals: None,
         })
     }
 
@@ -431,6 +449,77 @@ impl<M: Measure> Coordinator<M> {
         self.champion_items = Some((self.base_hash(), items));
         self.rules.gauntlet = Some(rules);
         Ok(self)
+    }
+
+    /// Class-3 changes by vote: members (node → ed25519 key; one member, one vote) make
+    /// proposals and vote on them; a change that passes `voting` applies after its time-lock.
+    pub fn with_voting(
+        mut self,
+        voting: VotingRules,
+        members: &BTreeMap<String, PublicKey>,
+    ) -> Result<Self, CoordinatorError> {
+        voting.validate().map_err(|e| CoordinatorError::Voting(e.to_string()))?;
+        if members.is_empty() {
+            return Err(CoordinatorError::Voting("no member may vote".into()));
+        }
+        self.proposals = Some((ProposalBook::new(voting, self.rules.policy), equal_electorate(members)));
+        Ok(self)
+    }
+
+    /// The proposals, open and passed (`None` without `[voting]`).
+    pub fn proposals(&self) -> Option<&ProposalBook> {
+        self.proposals.as_ref().map(|(book, _)| book)
+    }
+
+    /// A member's signed class-3 proposal, recorded (`proposal_made`) once every check passed;
+    /// returns its id. Changes no rule: a passed vote and the time-lock do.
+    pub fn propose(
+        &mut self,
+        proposer: &str,
+        rationale: &str,
+        change: RuleChange,
+        signature: Signature,
+    ) -> Result<ContentHash, ProposalSubmitError> {
+        self.usable()?;
+        let (book, members) = self.proposals.as_ref().ok_or(ProposalError::NoVoting)?;
+        let event = book.propose(self.round, proposer, rationale, change, signature, members)?;
+        let Event::ProposalMade { proposal, .. } = &event else { return Err(ProposalError::NoVoting.into()) };
+        let id = *proposal;
+        self.record_proposal_event(event)?;
+        tracing::info!(proposal = %id.short(), %proposer, "proposal made");
+        Ok(id)
+    }
+
+    /// A member's signed vote on an open proposal, recorded (`vote_cast`).
+    pub fn vote(
+        &mut self,
+        proposal: ContentHash,
+        voter: &str,
+        approve: bool,
+        signature: Signature,
+    ) -> Result<(), ProposalSubmitError> {
+        self.usable()?;
+        let (book, _) = self.proposals.as_ref().ok_or(ProposalError::NoVoting)?;
+        let event = book.vote(self.round, proposal, voter, approve, signature)?;
+        self.record_proposal_event(event)?;
+        tracing::info!(proposal = %proposal.short(), %voter, approve, "vote cast");
+        Ok(())
+    }
+
+    fn record_proposal_event(&mut self, event: Event) -> Result<(), CoordinatorError> {
+        let open = self.open.as_ref().map(|p| p.round);
+        self.commit(open, Rows::default(), vec![event.clone()])?;
+        self.apply_proposal_events(std::slice::from_ref(&event))
+    }
+
+    /// Moves the book by committed events; the rules in force follow it.
+    pub(crate) fn apply_proposal_events(&mut self, events: &[Event]) -> Result<(), CoordinatorError> {
+        let Some((book, _)) = self.proposals.as_mut() else { return Ok(()) };
+        for event in events {
+            book.apply(event).map_err(CoordinatorError::Voting)?;
+        }
+        self.rules.policy = book.policy;
+        Ok(())
     }
 
     pub fn gauntlet(&self) -> Option<&GauntletRules> {
@@ -573,16 +662,25 @@ impl<M: Measure> Coordinator<M> {
         let round = self.round + 1;
         self.begin(round)?;
         let base_hash = self.base_hash();
-        let event = Event::RoundOpened {
+        // Passed changes whose time-lock ends now: the round runs under them.
+        let mut events = self.proposals.as_ref().map(|(book, _)| book.changes_due(round)).unwrap_or_default();
+        let changes = events.clone();
+        events.push(Event::RoundOpened {
             round,
             base_hash,
             config_hash: self.config_hash,
             roster_hash: self.roster_hash,
             adapter: self.adapter_round(),
-        };
-        if let Err(e) = self.commit(Some(round), Rows::default(), vec![event]) {
+        });
+        if let Err(e) = self.commit(Some(round), Rows::default(), events) {
             self.open = None;
             return Err(e);
+        }
+        self.apply_proposal_events(&changes)?;
+        for change in &changes {
+            if let Event::RulesChanged { proposal, policy, .. } = change {
+                tracing::info!(round, proposal = %proposal.short(), cap = policy.cap, floor = policy.floor, quorum = policy.quorum, "rules changed by vote");
+            }
         }
         tracing::info!(round, base = %base_hash.short(), "round opened");
         Ok(Announcement { round, base_hash })
@@ -865,7 +963,10 @@ impl<M: Measure> Coordinator<M> {
             // After the decision, before the publication it allows.
             events.insert(1, event);
         }
+        let tallies = self.proposals.as_ref().map(|(book, _)| book.tallies_due(record.round)).unwrap_or_default();
+        events.extend(tallies.iter().cloned());
         self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
+        self.apply_proposal_events(&tallies)?;
         self.add_to_manifests(&record);
         tracing::info!(round = record.round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
         Ok(record)

@@ -11,6 +11,7 @@ mod head;
 mod journal;
 mod measure;
 mod privacy;
+mod proposals;
 mod record;
 mod store;
 
@@ -19,7 +20,7 @@ pub use audit::{verify, verify_with, AuditError, AuditReport};
 pub use canary::{CanaryError, CanaryRegistry, CanarySet, CanarySpec, Visibility};
 pub use coordinator::{
     gauntlet_seed, roll_back, Announcement, ConfigDifference, Coordinator, CoordinatorError, DurableCoordinator,
-    Member, Receipt, SubmitError,
+    Member, ProposalSubmitError, Receipt, SubmitError,
 };
 pub use governance::{
     reputation_table, CanaryScore, CanaryUse, Governance, GovernanceError, GovernanceRecord, GovernanceSettings,
@@ -29,5 +30,6 @@ pub use head::{ModelHead, ModelPoint, ModelRefs};
 pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
+pub use proposals::{equal_electorate, OpenProposal, ProposalBook, ProposalError};
 pub use record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

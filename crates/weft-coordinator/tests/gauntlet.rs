@@ -3,54 +3,17 @@
 //! the honest round after it is promoted; `verify` recomputes every verdict and names a forged one.
 //! The model is a cheap measure whose items are single parameters, so that rounds are instant.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use weft_coordinator::{
-    verify, AuditError, Coordinator, DurableCoordinator, FsBlobStore, Measure, MeasureError, Member, RoundRecord,
-    SqliteJournal,
-};
-use weft_core::quality::LossTable;
+use weft_coordinator::{verify, AuditError, Coordinator, DurableCoordinator, FsBlobStore, Member, SqliteJournal};
 use weft_core::{
-    Aggregator, ContentHash, Contribution, Delta, GauntletOutcome, GauntletRules, ItemLosses, ModelState, NodeId,
-    OuterOptimizer, Policy, Tensor, Weighting,
+    Aggregator, GauntletOutcome, GauntletRules, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting,
 };
-use weft_ledger::{Chain, Entry, Event, SigningKey};
+use weft_ledger::{Chain, Event};
 
-const LANGUAGES: [&str; 2] = ["a", "b"];
-const ITEMS: usize = 12;
-
-/// Item i of language ℓ scores `0.5 + difficulty + (w − 1)²` on its own parameter: every item
-/// improves as its parameter nears 1, and overshooting is as bad as falling short.
-struct Items;
-
-fn item_loss(w: f32, i: usize) -> f64 {
-    0.5 + (i % 4) as f64 * 0.1 + f64::from(w - 1.0).powi(2)
-}
-
-impl Measure for Items {
-    fn heldout_loss(&mut self, state: &ModelState) -> Result<LossTable, MeasureError> {
-        Ok(self.item_losses(state)?.into_iter().map(|(l, v)| (l, v.iter().sum::<f64>() / v.len() as f64)).collect())
-    }
-
-    fn languages(&self) -> Vec<String> {
-        LANGUAGES.iter().map(|l| l.to_string()).collect()
-    }
-
-    fn item_losses(&mut self, state: &ModelState) -> Result<ItemLosses, MeasureError> {
-        let w = state.get("w").map(|t| t.data().to_vec()).unwrap_or_default();
-        Ok(LANGUAGES
-            .iter()
-            .enumerate()
-            .map(|(k, l)| (l.to_string(), (0..ITEMS).map(|i| item_loss(w[k * ITEMS + i], i)).collect()))
-            .collect())
-    }
-
-    fn items_hash(&self) -> ContentHash {
-        ContentHash([7; 32])
-    }
-}
+mod common;
+use common::{copy_storage, resign, round, Items, ITEMS, LANGUAGES};
 
 fn coordinator(dir: &Path) -> DurableCoordinator<Items> {
     let members = (0..3).map(|k| Member { node: NodeId::new(format!("node-{k}")).unwrap(), language: "a".into() });
@@ -66,27 +29,6 @@ fn coordinator(dir: &Path) -> DurableCoordinator<Items> {
         .unwrap()
         .durable(Box::new(SqliteJournal::open(dir).unwrap()), serde_json::json!({}))
         .unwrap()
-}
-
-/// Every node moves every parameter by `step · (1 − w)` (+ a little of its own, so deltas differ).
-fn round(c: &mut DurableCoordinator<Items>, step: f32) -> RoundRecord {
-    let announcement = c.open_round().unwrap();
-    for k in 0..3 {
-        let w = c.base().get("w").unwrap().data().to_vec();
-        let data = w.iter().map(|v| step * (1.0 - v) + 0.01 * k as f32).collect();
-        let mut delta = ModelState::new();
-        delta.insert("w", Tensor::new(vec![w.len()], data).unwrap());
-        let contribution = Contribution {
-            node: NodeId::new(format!("node-{k}")).unwrap(),
-            round: announcement.round,
-            base_hash: announcement.base_hash,
-            delta: Delta::from_state(delta),
-            token_count: 1,
-            declared: BTreeMap::new(),
-        };
-        c.submit(contribution).unwrap();
-    }
-    c.close_round().unwrap()
 }
 
 #[test]
@@ -113,32 +55,6 @@ fn an_overshooting_round_is_refused_and_the_honest_round_after_it_is_promoted() 
     let report = verify(tmp.path(), None).unwrap();
     assert_eq!((report.promoted, report.refused, report.rounds), (1, 1, 2));
     assert_eq!(report.final_base_hash, honest.base_hash);
-}
-
-/// Rewrites ledger entry `seq` with `change` and re-signs it and every later entry with the
-/// coordinator's own key: the chain then checks, and only the replay can object.
-fn resign(dir: &Path, seq: u64, change: impl Fn(&mut Event)) {
-    let key = SigningKey::from_hex(std::fs::read_to_string(dir.join("coordinator.key")).unwrap().trim()).unwrap();
-    let conn = rusqlite::Connection::open(dir.join("state.sqlite")).unwrap();
-    let lines: Vec<(i64, Vec<u8>)> = conn
-        .prepare("SELECT seq, line FROM ledger ORDER BY seq")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut prev = ContentHash([0; 32]);
-    for (s, line) in lines {
-        let mut entry: Entry = serde_json::from_slice(&line).unwrap();
-        if s as u64 == seq {
-            change(&mut entry.event);
-        }
-        entry.prev = prev;
-        entry.hash = Entry::compute_hash(entry.seq, &entry.prev, &entry.event);
-        entry.signature = key.sign(&entry.hash.0);
-        prev = entry.hash;
-        conn.execute("UPDATE ledger SET line = ?1 WHERE seq = ?2", rusqlite::params![entry.to_line(), s]).unwrap();
-    }
 }
 
 #[test]
@@ -194,15 +110,7 @@ fn verify_recomputes_each_verdict_and_names_the_judgment_that_does_not_replay() 
         ),
     ];
     for (expected, change) in cases {
-        let copy = tempfile::tempdir().unwrap();
-        for name in ["state.sqlite", "coordinator.key"] {
-            std::fs::copy(tmp.path().join(name), copy.path().join(name)).unwrap();
-        }
-        std::fs::create_dir(copy.path().join("blobs")).unwrap();
-        for blob in std::fs::read_dir(tmp.path().join("blobs")).unwrap() {
-            let blob = blob.unwrap();
-            std::fs::copy(blob.path(), copy.path().join("blobs").join(blob.file_name())).unwrap();
-        }
+        let copy = copy_storage(tmp.path());
         resign(copy.path(), judged, change);
         match verify(copy.path(), None) {
             Err(AuditError::Entry { seq, kind: "challenger_judged", detail, .. }) => {

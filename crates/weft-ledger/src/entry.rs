@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use weft_core::{AdapterRound, ContentHash, GauntletRules, GauntletVerdict, ItemLosses, OuterOptimizer};
+use weft_core::{
+    AdapterRound, ContentHash, GauntletRules, GauntletVerdict, ItemLosses, OuterOptimizer, Policy, RuleChange, Tally,
+    VotingRules,
+};
 
 use crate::signing::{PublicKey, Signature};
 
@@ -79,6 +82,14 @@ pub enum CheckOutcome {
     Passed,
     /// These languages rose beyond the tolerance (relative rise each).
     Risen { risen: BTreeMap<String, f64> },
+}
+
+/// A member of a proposal's electorate: the key its vote must be signed with, and its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Voter {
+    pub key: PublicKey,
+    pub weight: f64,
 }
 
 /// What happened. Externally tagged (`{"round_opened": {...}}`) so that parsing never buffers
@@ -201,6 +212,36 @@ pub enum Event {
         challenger_loss: ItemLosses,
         verdict: GauntletVerdict,
     },
+    /// A member proposed a class-3 change of the consortium's rules. `proposal` is
+    /// `weft_core::proposal::proposal_id` of (after_round, proposer, rationale, change), signed
+    /// by the proposer; the electorate (members, their keys and vote weights) is fixed here.
+    ProposalMade {
+        proposal: ContentHash,
+        /// The last closed round when it was made.
+        after_round: u64,
+        proposer: String,
+        rationale: String,
+        change: RuleChange,
+        signature: Signature,
+        voting: VotingRules,
+        electorate: BTreeMap<String, Voter>,
+        /// Votes are counted when this round closes.
+        tally_after_round: u64,
+    },
+    /// A member's signed vote on an open proposal.
+    VoteCast {
+        proposal: ContentHash,
+        /// The last closed round when it was cast.
+        after_round: u64,
+        voter: String,
+        approve: bool,
+        signature: Signature,
+    },
+    /// The count when the proposal's vote closed; a passed change takes effect when
+    /// `effective_round` opens (after the time-lock).
+    ProposalTallied { proposal: ContentHash, round: u64, tally: Tally, effective_round: Option<u64> },
+    /// A passed change took effect: `round` is the first round run under `policy`.
+    RulesChanged { proposal: ContentHash, round: u64, change: RuleChange, policy: Policy },
     BasePublished {
         round: u64,
         previous_base_hash: ContentHash,
@@ -230,6 +271,10 @@ impl Event {
             Event::Evaluation { .. } => "evaluation",
             Event::Decision { .. } => "decision",
             Event::ChallengerJudged { .. } => "challenger_judged",
+            Event::ProposalMade { .. } => "proposal_made",
+            Event::VoteCast { .. } => "vote_cast",
+            Event::ProposalTallied { .. } => "proposal_tallied",
+            Event::RulesChanged { .. } => "rules_changed",
             Event::BasePublished { .. } => "base_published",
             Event::RolledBack { .. } => "rolled_back",
         }
@@ -246,8 +291,12 @@ impl Event {
             | Event::Evaluation { round, .. }
             | Event::Decision { round, .. }
             | Event::ChallengerJudged { round, .. }
+            | Event::ProposalTallied { round, .. }
+            | Event::RulesChanged { round, .. }
             | Event::BasePublished { round, .. } => *round,
-            Event::RolledBack { after_round, .. } => *after_round,
+            Event::RolledBack { after_round, .. }
+            | Event::ProposalMade { after_round, .. }
+            | Event::VoteCast { after_round, .. } => *after_round,
         }
     }
 }

@@ -13,7 +13,7 @@ mod signing;
 mod witness;
 
 pub use chain::{Chain, ChainError, Fault};
-pub use entry::{Accepted, CheckAttempt, CheckOutcome, Entry, Event, LanguageCheck, Refusal, Rejected};
+pub use entry::{Accepted, CheckAttempt, CheckOutcome, Entry, Event, LanguageCheck, Refusal, Rejected, Voter};
 pub use manifest::ContributionManifest;
 pub use merkle::{leaf_hash, merkle_root, InclusionProof, ProofError};
 pub use proof::{ContributionProof, ProofCheckError, ProveError};

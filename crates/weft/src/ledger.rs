@@ -129,6 +129,14 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         report.blob_bytes as f64 / 1e6,
         report.final_base_hash
     );
+    if report.proposals > 0 {
+        say!(
+            "proposals: {} made, {} signed votes checked, {} rule changes applied; every count recomputed",
+            report.proposals,
+            report.votes,
+            report.rule_changes
+        );
+    }
     if report.promoted + report.refused > 0 {
         say!(
             "gauntlet: {} challengers promoted, {} refused; every verdict recomputed from its per-item losses",
@@ -270,6 +278,57 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 for line in crate::table::gauntlet(rules, verdict) {
                     say!("       {line}");
                 }
+            }
+            Event::ProposalMade {
+                proposal,
+                proposer,
+                rationale,
+                change,
+                electorate,
+                tally_after_round,
+                voting,
+                ..
+            } => {
+                say!(
+                    "\n#{seq} PROPOSAL {} by {proposer}: {} — \"{rationale}\"",
+                    proposal.short(),
+                    serde_json::to_string(change)?
+                );
+                say!(
+                    "       {} members may vote until round {tally_after_round} closes; passes with {:.0}% of the votes and {:.0}% turnout, applies {} round(s) after",
+                    electorate.len(),
+                    100.0 * voting.supermajority,
+                    100.0 * voting.quorum,
+                    voting.timelock_rounds
+                );
+            }
+            Event::VoteCast { proposal, voter, approve, .. } => {
+                let side = if *approve { "yes" } else { "no" };
+                say!("#{seq}   {voter:<14} voted {side:<3} on proposal {} (signed)", proposal.short());
+            }
+            Event::ProposalTallied { proposal, round, tally, effective_round } => {
+                let outcome = match effective_round {
+                    Some(at) => format!("PASSED: takes effect when round {at} opens"),
+                    None if !tally.quorum_met => "FAILED: no quorum".to_owned(),
+                    None => "FAILED: no supermajority".to_owned(),
+                };
+                say!(
+                    "#{seq} round {round} proposal {} counted: yes {} · no {} · turnout {:.0}% · approval {:.0}% → {outcome}",
+                    proposal.short(),
+                    tally.yes,
+                    tally.no,
+                    100.0 * tally.turnout,
+                    100.0 * tally.approval
+                );
+            }
+            Event::RulesChanged { proposal, round, policy, .. } => {
+                say!(
+                    "\n#{seq} RULES CHANGED by proposal {} from round {round}: cap {} · floor {} · quorum {}",
+                    proposal.short(),
+                    policy.cap,
+                    policy.floor,
+                    policy.quorum
+                );
             }
             Event::BasePublished { round, base_hash, heldout_loss, .. } => {
                 let losses: Vec<String> = heldout_loss

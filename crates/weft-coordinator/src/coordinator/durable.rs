@@ -96,10 +96,30 @@ impl<M: Measure> Coordinator<M> {
                 tracing::info!(round = self.round, open = ?self.open.as_ref().map(|p| p.round), "continuing from the journal");
             }
         }
-        self.ledger_head = match journal.ledger()?.last() {
+        let lines = journal.ledger()?;
+        self.ledger_head = match lines.last() {
             Some(line) => serde_json::from_slice::<Entry>(line).ok().map(|e| weft_ledger::WitnessedHead::of(&e)),
             None => None,
         };
+        // Proposals, votes, counts and changes are kept in the ledger alone: the book and the
+        // rules in force are the genesis's with every recorded event re-applied.
+        if self.proposals.is_some() {
+            let events: Vec<Event> = lines
+                .iter()
+                .filter_map(|line| serde_json::from_slice::<Entry>(line).ok())
+                .map(|entry| entry.event)
+                .filter(|event| {
+                    matches!(
+                        event,
+                        Event::ProposalMade { .. }
+                            | Event::VoteCast { .. }
+                            | Event::ProposalTallied { .. }
+                            | Event::RulesChanged { .. }
+                    )
+                })
+                .collect();
+            self.apply_proposal_events(&events)?;
+        }
         self.journal = Some(journal);
         Ok(DurableCoordinator(self))
     }
@@ -126,6 +146,9 @@ impl<M: Measure> Coordinator<M> {
         // Likewise the gauntlet: only consortia that adopt through it name its rules.
         if let (Some(rules), Some(map)) = (&self.rules.gauntlet, config.as_object_mut()) {
             map.insert("gauntlet".into(), serde_json::json!(rules));
+        }
+        if let (Some((book, _)), Some(map)) = (&self.proposals, config.as_object_mut()) {
+            map.insert("voting".into(), serde_json::json!(book.voting));
         }
         config
     }
