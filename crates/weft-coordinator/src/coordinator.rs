@@ -40,7 +40,7 @@ use crate::journal::{Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
 use crate::privacy::PrivacyRules;
 use crate::proposals::{equal_electorate, ProposalBook, ProposalError};
-use crate::record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
+use crate::record::{ContributionRecord, CountedProposal, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 use crate::store::{BlobStore, StoreError};
 
 /// A member of the consortium: a node id and the language (jurisdiction) it speaks for.
@@ -471,10 +471,12 @@ impl<M: Measure> Coordinator<M> {
         self.proposals.as_ref().map(|(book, _)| book)
     }
 
-    /// A member's signed class-3 proposal, recorded (`proposal_made`) once every check passed;
-    /// returns its id. Changes no rule: a passed vote and the time-lock do.
+    /// A member's signed class-3 proposal, made after round `after_round` closed (it is part of
+    /// what the member signs), recorded (`proposal_made`) once every check passed; returns its
+    /// id. Changes no rule: a passed vote and the time-lock do.
     pub fn propose(
         &mut self,
+        after_round: u64,
         proposer: &str,
         rationale: &str,
         change: RuleChange,
@@ -482,6 +484,9 @@ impl<M: Measure> Coordinator<M> {
     ) -> Result<ContentHash, ProposalSubmitError> {
         self.usable()?;
         let (book, members) = self.proposals.as_ref().ok_or(ProposalError::NoVoting)?;
+        if after_round != self.round {
+            return Err(ProposalError::StaleRound { signed: after_round, last: self.round }.into());
+        }
         let event = book.propose(self.round, proposer, rationale, change, signature, members)?;
         let Event::ProposalMade { proposal, .. } = &event else { return Err(ProposalError::NoVoting.into()) };
         let id = *proposal;
@@ -965,6 +970,20 @@ impl<M: Measure> Coordinator<M> {
         }
         let tallies = self.proposals.as_ref().map(|(book, _)| book.tallies_due(record.round)).unwrap_or_default();
         events.extend(tallies.iter().cloned());
+        if let Some((book, _)) = &self.proposals {
+            record.proposals_counted = tallies
+                .iter()
+                .filter_map(|event| match event {
+                    Event::ProposalTallied { proposal, tally, effective_round, .. } => Some(CountedProposal {
+                        proposal: *proposal,
+                        change: book.open.get(proposal).map(|p| p.change.clone()).unwrap_or_default(),
+                        tally: *tally,
+                        effective_round: *effective_round,
+                    }),
+                    _ => None,
+                })
+                .collect();
+        }
         self.commit(None, Rows { contribution: None, closed: Some(&record) }, events)?;
         self.apply_proposal_events(&tallies)?;
         self.add_to_manifests(&record);
@@ -1181,6 +1200,7 @@ impl<M: Measure> Coordinator<M> {
             heldout_loss: self.head.base_loss.clone(),
             language_check: None,
             gauntlet: None,
+            proposals_counted: Vec::new(),
         }
     }
 

@@ -31,5 +31,5 @@ pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
 pub use proposals::{equal_electorate, OpenProposal, ProposalBook, ProposalError};
-pub use record::{ContributionRecord, Judgment, ManifestEntry, NodeManifest, RoundRecord};
+pub use record::{ContributionRecord, CountedProposal, Judgment, ManifestEntry, NodeManifest, RoundRecord};
 pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

@@ -31,6 +31,8 @@ pub enum ProposalError {
     Rationale,
     #[error("wrong_voting_rules: {0}")]
     Voting(String),
+    #[error("stale_round: the proposal was signed as made after round {signed}, the last closed round is {last}; sign it again")]
+    StaleRound { signed: u64, last: u64 },
 }
 
 impl ProposalError {
@@ -45,6 +47,7 @@ impl ProposalError {
             ProposalError::InvalidChange(_) => "invalid_change",
             ProposalError::Rationale => "invalid_rationale",
             ProposalError::Voting(_) => "wrong_voting_rules",
+            ProposalError::StaleRound { .. } => "stale_round",
         }
     }
 }

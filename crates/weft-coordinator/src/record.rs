@@ -119,6 +119,19 @@ pub struct RoundRecord {
     /// refused, `base_hash` is still the champion's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gauntlet: Option<Judgment>,
+    /// Class-3 proposals whose vote closed with this round, and their counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proposals_counted: Vec<CountedProposal>,
+}
+
+/// A proposal counted when its vote closed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CountedProposal {
+    pub proposal: ContentHash,
+    pub change: weft_core::RuleChange,
+    pub tally: weft_core::Tally,
+    /// The round the change applies from (`None`: it did not pass).
+    pub effective_round: Option<u64>,
 }
 
 /// The champion–challenger gauntlet on one round's aggregate.

@@ -64,19 +64,21 @@ fn a_voted_cap_change_takes_effect_after_its_time_lock_and_verify_replays_it() {
     let signed = key(0).sign(&proposal_message(&id));
 
     // Refused by name: a non-member, a signature by another key, a change that breaks an invariant.
-    assert_eq!(refusal(c.propose("node-9", rationale, change.clone(), signed)), "not_member");
+    assert_eq!(refusal(c.propose(1, "node-9", rationale, change.clone(), signed)), "not_member");
     assert_eq!(
-        refusal(c.propose("node-0", rationale, change.clone(), key(1).sign(&proposal_message(&id)))),
+        refusal(c.propose(1, "node-0", rationale, change.clone(), key(1).sign(&proposal_message(&id)))),
         "bad_signature"
     );
     let too_big = RuleChange { cap: Some(1.5), ..RuleChange::default() };
     let big_id = proposal_id(1, "node-0", rationale, &too_big);
     assert_eq!(
-        refusal(c.propose("node-0", rationale, too_big, key(0).sign(&proposal_message(&big_id)))),
+        refusal(c.propose(1, "node-0", rationale, too_big, key(0).sign(&proposal_message(&big_id)))),
         "invalid_change"
     );
-    assert_eq!(c.propose("node-0", rationale, change.clone(), signed).unwrap(), id);
-    assert_eq!(refusal(c.propose("node-0", rationale, change.clone(), signed)), "duplicate_proposal");
+    // Signed as made after another round than the last closed one.
+    assert_eq!(refusal(c.propose(0, "node-0", rationale, change.clone(), signed)), "stale_round");
+    assert_eq!(c.propose(1, "node-0", rationale, change.clone(), signed).unwrap(), id);
+    assert_eq!(refusal(c.propose(1, "node-0", rationale, change.clone(), signed)), "duplicate_proposal");
 
     vote(&mut c, id, 0, true).unwrap();
     // The same vote again, or the other side: one member, one vote.
@@ -157,7 +159,7 @@ fn a_proposal_short_of_the_supermajority_changes_nothing() {
     let mut c = coordinator(tmp.path());
     let change = RuleChange { floor: Some(0.01), ..RuleChange::default() };
     let id = proposal_id(0, "node-1", "raise the floor", &change);
-    c.propose("node-1", "raise the floor", change, key(1).sign(&proposal_message(&id))).unwrap();
+    c.propose(0, "node-1", "raise the floor", change, key(1).sign(&proposal_message(&id))).unwrap();
     vote(&mut c, id, 0, true).unwrap();
     vote(&mut c, id, 1, true).unwrap();
     vote(&mut c, id, 2, false).unwrap();

@@ -51,6 +51,7 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
         model: Some(GptConfig { layers: 1, heads: 1, width: 8, context: 8 }),
         privacy: None,
         gauntlet: None,
+        voting: None,
         base: None,
         training: Training { local_steps: 1, batch: 1, lr: 1e-3 },
         policy: PolicySettings {

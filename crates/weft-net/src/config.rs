@@ -82,6 +82,10 @@ pub struct ConsortiumConfig {
     /// it is significantly better on the held-out items; absent: every round's aggregate is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gauntlet: Option<weft_core::GauntletRules>,
+    /// Class-3 changes by vote (`[voting]`): members propose and vote changes of the cap, floor
+    /// and quorum; absent: the rules are those the consortium was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voting: Option<weft_core::VotingRules>,
 }
 
 /// `[privacy]`: what the consortium protects and how.
@@ -687,6 +691,7 @@ mod tests {
             governance: None,
             privacy: None,
             gauntlet: None,
+            voting: None,
         }
     }
 

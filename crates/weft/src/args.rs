@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
-use weft_core::{Aggregator, Fairness, GauntletRules, Weighting};
+use weft_core::{Aggregator, Fairness, GauntletRules, VotingRules, Weighting};
 use weft_model::GptConfig;
 use weft_net::config::{
     DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, SecureAggregationConfig, Training,
@@ -38,6 +38,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub gauntlet: GauntletArgs,
     #[command(flatten)]
+    pub voting: VotingArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -53,6 +55,7 @@ impl RunArgs {
             governance: self.governance.config()?,
             privacy: self.privacy.config(),
             gauntlet: self.gauntlet.rules(),
+            voting: self.voting.rules(),
         })
     }
 }
@@ -271,6 +274,38 @@ impl GauntletArgs {
             margin: self.gauntlet_margin,
             non_inferiority: self.gauntlet_non_inferiority,
             resamples: self.gauntlet_resamples,
+        })
+    }
+}
+
+/// Class-3 changes by vote (`[voting]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct VotingArgs {
+    /// Voting: members change the cap, floor or quorum by signed proposals and votes (`weft
+    /// proposal`), a supermajority of a quorum, applied after a time-lock.
+    #[arg(long)]
+    pub voting: bool,
+    /// Share of the votes cast that must approve, in (0.5, 1].
+    #[arg(long, requires = "voting", default_value_t = VotingRules::default().supermajority)]
+    pub supermajority: f64,
+    /// Share of the members who must vote, in (0, 1].
+    #[arg(long, requires = "voting", default_value_t = VotingRules::default().quorum)]
+    pub voting_quorum: f64,
+    /// Rounds a proposal stays open for votes.
+    #[arg(long, requires = "voting", default_value_t = VotingRules::default().voting_rounds)]
+    pub voting_rounds: u64,
+    /// Rounds between a passed count and the change.
+    #[arg(long, requires = "voting", default_value_t = VotingRules::default().timelock_rounds)]
+    pub timelock_rounds: u64,
+}
+
+impl VotingArgs {
+    pub fn rules(&self) -> Option<VotingRules> {
+        self.voting.then_some(VotingRules {
+            supermajority: self.supermajority,
+            quorum: self.voting_quorum,
+            voting_rounds: self.voting_rounds,
+            timelock_rounds: self.timelock_rounds,
         })
     }
 }

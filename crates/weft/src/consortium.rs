@@ -106,6 +106,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         governance: sections.governance,
         privacy: sections.privacy,
         gauntlet: sections.gauntlet,
+        voting: sections.voting,
     };
     config.validate().map_err(|e| setting_error(e, Source::Flags))?;
     let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;

@@ -42,6 +42,11 @@ pub struct ServeArgs {
     pub linger_secs: u64,
 }
 
+/// The roster's members and the keys they sign with: who may propose and vote.
+fn options_voters(roster: &Roster) -> std::collections::BTreeMap<String, weft_ledger::PublicKey> {
+    roster.node.iter().map(|m| (m.id.to_string(), m.signing_key)).collect()
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config_path = args.dir.join("consortium.toml");
     let config: ConsortiumConfig = read_toml(&config_path)?;
@@ -60,7 +65,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let run = RunSettings::from_config(&config, members)
             .map_err(|e| setting_error(e, Source::ConsortiumToml))
             .with_context(|| config_path.display().to_string())?;
-        let coordinator = run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }))?;
+        let voters = options_voters(&roster);
+        let coordinator =
+            run.coordinator(&data_dir, &storage, serde_json::json!({ "networked": config.name }), &voters)?;
         (coordinator, run.privacy.map(|p| p.rule))
     };
     if coordinator.round() > 0 || coordinator.open_round_state().is_some() {

@@ -13,7 +13,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use weft_coordinator::{
     CanaryRegistry, DurableCoordinator, HeldoutSet, Journal, SqliteJournal, SubmitError, Visibility,
 };
-use weft_core::{ContentHash, NodeId, OuterOptimizer, Weighting};
+use weft_core::{ContentHash, NodeId, OuterOptimizer, RuleChange, Weighting};
+use weft_ledger::SigningKey;
 use weft_durable::write_atomic;
 use weft_net::config::{ConsortiumConfig, KitFiles};
 use weft_net::encoding::Encoding;
@@ -46,6 +47,10 @@ pub struct DemoArgs {
     /// The attack's factor λ (default depends on the attack: see `weft demo --help`).
     #[arg(long)]
     pub attack_scale: Option<f32>,
+    /// With --voting: after round 1 the first node proposes this class-3 change (`cap=0.4`,
+    /// `floor=0.01`, `quorum=0.75`, comma-separated) and every member signs a vote for it.
+    #[arg(long, requires = "voting", value_parser = parse_change)]
+    pub propose: Option<RuleChange>,
     /// Keep every artifact here (nodes' sovereign models, bases, deltas, manifests, records;
     /// with --processes, the whole consortium: kits, the coordinator's storage and ledger).
     #[arg(long)]
@@ -174,7 +179,18 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
     }
 
     let attack_settings = args.attack.map(|kind| (kind, args.attackers, args.attack_scale));
-    let mut coordinator = run.coordinator(data_dir, &storage, serde_json::json!({ "attack": attack_settings }))?;
+    // The members' signing keys (a networked node makes its own; here they follow from the seed).
+    let member_keys: BTreeMap<String, SigningKey> = run
+        .members
+        .iter()
+        .map(|(id, _)| (id.to_string(), {
+            let material = [&b"weft demo member key"[..], &run.seed().to_le_bytes()].concat();
+            SigningKey::from_seed(weft_node::node_secret(&material, id))
+        }))
+        .collect();
+    let voters = member_keys.iter().map(|(id, key)| (id.clone(), key.public())).collect();
+    let mut coordinator =
+        run.coordinator(data_dir, &storage, serde_json::json!({ "attack": attack_settings }), &voters)?;
     if resuming {
         say!("continuing the run in {} after round {}", out.display(), coordinator.round());
     } else {
@@ -191,11 +207,29 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
     drop(genesis);
 
     while coordinator.round() < run.sections.rounds {
+        if let (Some(change), 1) = (&args.propose, coordinator.round()) {
+            if coordinator.proposals().is_some_and(|b| b.open.is_empty() && b.scheduled.is_empty()) {
+                propose_and_vote(&mut coordinator, change, &member_keys)?;
+            }
+        }
         // A round left open by a crash continues; nodes it already heard from are not asked again.
+        let policy_before = *coordinator.policy();
         let (announcement, done) = match coordinator.open_round_state() {
             Some(state) => state,
             None => (coordinator.open_round()?, Default::default()),
         };
+        if *coordinator.policy() != policy_before {
+            say!(
+                "\nround {}: the voted change takes effect after its time-lock: cap {} → {} · floor {} → {} · quorum {} → {}",
+                announcement.round,
+                policy_before.cap,
+                coordinator.policy().cap,
+                policy_before.floor,
+                coordinator.policy().floor,
+                policy_before.quorum,
+                coordinator.policy().quorum
+            );
+        }
         let communities = match run.secure_aggregation {
             Some(_) => Some(coordinator.draw_communities()?),
             None => None,
@@ -256,6 +290,56 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
     };
     let report = Report::build(finished, &mut run.heldout(data_dir)?)?;
     finish(&report, &languages, args.json.as_deref(), args.out.as_deref())
+}
+
+/// `cap=0.4,floor=0.01`: a class-3 change as `--propose` takes it.
+fn parse_change(text: &str) -> Result<RuleChange, String> {
+    let mut change = RuleChange::default();
+    for part in text.split(',') {
+        let (key, value) = part.split_once('=').ok_or_else(|| format!("{part:?} is not KEY=VALUE"))?;
+        let value: f64 = value.trim().parse().map_err(|_| format!("{key}: {value:?} is not a number"))?;
+        match key.trim() {
+            "cap" => change.cap = Some(value),
+            "floor" => change.floor = Some(value),
+            "quorum" => change.quorum = Some(value),
+            other => return Err(format!("{other:?} cannot be changed by vote (cap, floor, quorum can)")),
+        }
+    }
+    Ok(change)
+}
+
+/// The demo's class-3 scenario: the first node proposes `change` after round 1 and every member
+/// signs a vote for it.
+fn propose_and_vote(
+    coordinator: &mut DurableCoordinator<HeldoutSet>,
+    change: &RuleChange,
+    keys: &BTreeMap<String, SigningKey>,
+) -> anyhow::Result<()> {
+    let Some((proposer, key)) = keys.iter().next() else { return Ok(()) };
+    let after = coordinator.round();
+    let rationale = format!("demo: {}", change.describe(coordinator.policy()));
+    let id = weft_core::proposal::proposal_id(after, proposer, &rationale, change);
+    let signature = key.sign(&weft_core::proposal::proposal_message(&id));
+    let id = coordinator.propose(after, proposer, &rationale, change.clone(), signature)?;
+    let voting = coordinator.proposals().map(|b| b.voting).unwrap_or_default();
+    say!(
+        "\nproposal {} by {proposer} (class 3): {} — counted when round {} closes, {:.0}% of the votes and {:.0}% turnout to pass, then a time-lock of {} round(s)",
+        id.short(),
+        change.describe(coordinator.policy()),
+        after + voting.voting_rounds,
+        100.0 * voting.supermajority,
+        100.0 * voting.quorum,
+        voting.timelock_rounds
+    );
+    let mut cast = Vec::new();
+    for (voter, key) in keys {
+        let approve = true;
+        let signature = key.sign(&weft_core::proposal::vote_message(&id, approve));
+        coordinator.vote(id, voter, approve, signature)?;
+        cast.push(format!("{voter} {}", if approve { "yes" } else { "no" }));
+    }
+    say!("  signed votes: {}", cast.join(" · "));
+    Ok(())
 }
 
 /// The summary table, the report files, the final line: the same for both ways of running.
@@ -387,6 +471,7 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         governance: run.sections.governance.clone(),
         privacy: run.sections.privacy,
         gauntlet: run.sections.gauntlet,
+        voting: run.sections.voting,
     };
     weft_net::provision::init(&dir, &config, &run.members)?;
     let served_json = scratch.path().join("served.json");

@@ -14,7 +14,9 @@ use weft_coordinator::{
     SqliteJournal, Visibility,
 };
 use weft_core::gauntlet::GauntletError;
-use weft_core::{Aggregator, GauntletRules, NodeId, OuterOptimizer, Policy};
+use weft_core::proposal::VotingError;
+use weft_core::{Aggregator, GauntletRules, NodeId, OuterOptimizer, Policy, VotingRules};
+use weft_ledger::PublicKey;
 use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
 use weft_net::config::{
     ConsortiumConfig, GovernanceConfig, PolicySettings, PrivacyConfig, SecureAggregationConfig, SettingError, Training,
@@ -38,6 +40,7 @@ pub struct RunSections {
     pub governance: Option<GovernanceConfig>,
     pub privacy: Option<PrivacyConfig>,
     pub gauntlet: Option<GauntletRules>,
+    pub voting: Option<VotingRules>,
 }
 
 impl RunSections {
@@ -57,6 +60,7 @@ impl RunSections {
             governance: config.governance.clone(),
             privacy: config.privacy,
             gauntlet: config.gauntlet,
+            voting: config.voting,
         })
     }
 }
@@ -91,6 +95,12 @@ impl RunSettings {
             rules.validate().map_err(|e| match e {
                 GauntletError::Rule { key, detail } => invalid(key, detail),
                 other => invalid("gauntlet", other.to_string()),
+            })?;
+        }
+        if let Some(rules) = &sections.voting {
+            rules.validate().map_err(|e| match e {
+                VotingError::Rule { key, detail } => invalid(key, detail),
+                other => invalid("voting", other.to_string()),
             })?;
         }
         if members.is_empty() {
@@ -189,11 +199,13 @@ impl RunSettings {
     /// The coordinator of this run, durable in `storage`: the same function for the demo and
     /// for `weft coordinator serve`. `extra` is what else the caller's configuration pins
     /// (it must be the same to continue a run).
+    /// `voters` are the members' ed25519 keys, who may propose and vote under `[voting]`.
     pub fn coordinator(
         &self,
         data_dir: &Path,
         storage: &Path,
         extra: serde_json::Value,
+        voters: &BTreeMap<String, PublicKey>,
     ) -> anyhow::Result<DurableCoordinator<HeldoutSet>> {
         let members: Vec<Member> = match self.secure_aggregation {
             // The roster the coordinator weighs is the communities; which nodes are in which is
@@ -228,6 +240,9 @@ impl RunSettings {
         }
         if let Some(rules) = self.sections.gauntlet {
             coordinator = coordinator.with_gauntlet(rules)?;
+        }
+        if let Some(rules) = self.sections.voting {
+            coordinator = coordinator.with_voting(rules, voters)?;
         }
         let settings = serde_json::json!({
             "model": self.model(),
@@ -310,6 +325,11 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("gauntlet.non_inferiority", "--gauntlet-non-inferiority"),
         ("gauntlet.resamples", "--gauntlet-resamples"),
         ("gauntlet", "--gauntlet (and its settings)"),
+        ("voting.supermajority", "--supermajority"),
+        ("voting.quorum", "--voting-quorum"),
+        ("voting.voting_rounds", "--voting-rounds"),
+        ("voting.timelock_rounds", "--timelock-rounds"),
+        ("voting", "--voting (and its settings)"),
         ("settings.node.privacy", "--privacy (and its settings)"),
         ("roster", "--nodes/--languages"),
         ("settings.extra.attack", "--attack/--attackers/--attack-scale"),

@@ -87,6 +87,23 @@ pub fn round(
             say!("  {line}");
         }
     }
+    for counted in &record.proposals_counted {
+        let t = &counted.tally;
+        let outcome = match counted.effective_round {
+            Some(at) => format!("PASSED: takes effect when round {at} opens"),
+            None if !t.quorum_met => "FAILED: no quorum".to_owned(),
+            None => "FAILED: short of the supermajority".to_owned(),
+        };
+        say!(
+            "  proposal {} ({}) counted: yes {} · no {} · turnout {:.0}% · approval {:.0}% → {outcome}",
+            counted.proposal.short(),
+            serde_json::to_string(&counted.change)?,
+            t.yes,
+            t.no,
+            100.0 * t.turnout,
+            100.0 * t.approval
+        );
+    }
     if let Some(judgment) = &record.gauntlet {
         let word = if judgment.verdict.outcome.promoted() { "PROMOTED" } else { "REFUSED: the champion stays" };
         say!(
