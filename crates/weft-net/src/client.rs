@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use weft_core::Contribution;
-use weft_core::{ContentHash, ModelState};
+use weft_core::{ContentHash, ModelState, RuleChange};
 use weft_ledger::{ContributionManifest, PublicKey, SigningKey};
 use weft_model::{AdamWSettings, AdapterTrainer, AdapterTraining, GptConfig, PrivateTraining};
 use weft_node::{
@@ -621,4 +621,63 @@ pub async fn fetch_base(
         }
     }
     Ok(state)
+}
+
+/// What the coordinator answered to a proposal or a vote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProposalOutcome {
+    pub accepted: bool,
+    /// The refusal's stable code (empty when accepted).
+    pub code: String,
+    pub detail: String,
+    /// The proposal's id (hex).
+    pub proposal: String,
+}
+
+/// Makes a class-3 proposal as this kit's member: signs it for the last closed round and, if a
+/// round closed meanwhile (`stale_round`), signs it again for the new one.
+pub async fn propose(kit: &Kit, change: &RuleChange, rationale: &str) -> Result<ProposalOutcome, NetError> {
+    let mut client = connect(kit).await?;
+    let state = client.heartbeat(proto::HeartbeatRequest {}).await?.into_inner();
+    // While a round is open, the last closed one is the round before it.
+    let open = proto::Phase::try_from(state.phase) == Ok(proto::Phase::Open);
+    let mut after_round = if open { state.round.saturating_sub(1) } else { state.round };
+    let change_json = serde_json::to_string(change).map_err(|e| NetError::Protocol(e.to_string()))?;
+    let node = kit.config.id.to_string();
+    for _ in 0..3 {
+        let id = weft_core::proposal::proposal_id(after_round, &node, rationale, change);
+        let signature = kit.signing.sign(&weft_core::proposal::proposal_message(&id));
+        let request = proto::ProposeRequest {
+            after_round,
+            rationale: rationale.to_owned(),
+            change_json: change_json.clone(),
+            signature: signature.0.to_vec(),
+        };
+        let receipt = client.propose(request).await?.into_inner();
+        if receipt.code == "stale_round" && receipt.last_closed_round != after_round {
+            after_round = receipt.last_closed_round;
+            continue;
+        }
+        return Ok(ProposalOutcome {
+            accepted: receipt.accepted,
+            code: receipt.code,
+            detail: receipt.detail,
+            proposal: if receipt.accepted { receipt.proposal } else { id.to_string() },
+        });
+    }
+    Err(NetError::Protocol("rounds kept closing while the proposal was signed; try again".into()))
+}
+
+/// Votes on a proposal as this kit's member.
+pub async fn vote(kit: &Kit, proposal: ContentHash, approve: bool) -> Result<ProposalOutcome, NetError> {
+    let mut client = connect(kit).await?;
+    let signature = kit.signing.sign(&weft_core::proposal::vote_message(&proposal, approve));
+    let request = proto::VoteRequest { proposal: proposal.to_string(), approve, signature: signature.0.to_vec() };
+    let receipt = client.vote(request).await?.into_inner();
+    Ok(ProposalOutcome {
+        accepted: receipt.accepted,
+        code: receipt.code,
+        detail: receipt.detail,
+        proposal: proposal.to_string(),
+    })
 }

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use tokio_stream::Stream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
-use weft_coordinator::{BlobStore, DurableCoordinator, Measure, RoundRecord, SubmitError};
-use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId, Rejection};
+use weft_coordinator::{BlobStore, DurableCoordinator, Measure, ProposalSubmitError, RoundRecord, SubmitError};
+use weft_core::{AdapterRound, ContentHash, Contribution, Delta, ModelState, NodeId, Rejection, RuleChange};
 use weft_ledger::{ContributionManifest, Signature, WitnessedHead};
 
 use crate::config::{ConsortiumConfig, Fingerprint, Member, Roster, SecureAggregationConfig};
@@ -169,6 +169,13 @@ impl Drop for Progress {
             tracing::warn!(node = %self.node, code = "truncated", "upload refused: the stream broke after {} bytes (the node went away)", self.wire);
         }
     }
+}
+
+/// A 64-byte ed25519 signature from the wire.
+fn signature_of(bytes: &[u8]) -> Result<Signature, Status> {
+    let bytes: [u8; 64] =
+        bytes.try_into().map_err(|_| Status::invalid_argument("malformed_signature: a signature is 64 bytes"))?;
+    Ok(Signature(bytes))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -639,6 +646,33 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn propose(
+        &self,
+        request: Request<proto::ProposeRequest>,
+    ) -> Result<Response<proto::ProposalReceipt>, Status> {
+        let member = self.member(&request)?;
+        let request = request.into_inner();
+        let change: RuleChange = serde_json::from_str(&request.change_json).map_err(|e| {
+            Status::invalid_argument(format!("malformed_proposal: the change is not a rule change: {e}"))
+        })?;
+        let signature = signature_of(&request.signature)?;
+        let proposer = member.id.to_string();
+        self.proposal_step(move |c| c.propose(request.after_round, &proposer, &request.rationale, change, signature))
+            .await
+    }
+
+    async fn vote(&self, request: Request<proto::VoteRequest>) -> Result<Response<proto::ProposalReceipt>, Status> {
+        let member = self.member(&request)?;
+        let request = request.into_inner();
+        let proposal: ContentHash = request
+            .proposal
+            .parse()
+            .map_err(|_| Status::invalid_argument("malformed_vote: the proposal id is not 64 hex digits"))?;
+        let signature = signature_of(&request.signature)?;
+        let voter = member.id.to_string();
+        self.proposal_step(move |c| c.vote(proposal, &voter, request.approve, signature).map(|()| proposal)).await
+    }
+
     async fn upload(
         &self,
         request: Request<Streaming<proto::UploadPart>>,
@@ -673,6 +707,34 @@ impl<M: Measure + Send + 'static> proto::consortium_server::Consortium for Servi
 }
 
 impl<M: Measure + Send + 'static> Service<M> {
+    /// A proposal or vote handed to the engine: recorded, or refused with its code.
+    async fn proposal_step(
+        &self,
+        step: impl FnOnce(&mut DurableCoordinator<M>) -> Result<ContentHash, ProposalSubmitError> + Send + 'static,
+    ) -> Result<Response<proto::ProposalReceipt>, Status> {
+        let (outcome, last_closed) = self
+            .shared
+            .engine
+            .run(move |c| (step(c), c.round()))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut receipt = proto::ProposalReceipt { last_closed_round: last_closed, ..Default::default() };
+        match outcome {
+            Ok(id) => {
+                receipt.accepted = true;
+                receipt.proposal = id.to_string();
+            }
+            Err(ProposalSubmitError::Refused(e)) => {
+                tracing::warn!(code = e.code(), "proposal or vote refused: {e}");
+                receipt.code = e.code().to_owned();
+                receipt.detail = e.to_string();
+            }
+            Err(ProposalSubmitError::Internal(e)) => return Err(Status::internal(e.to_string())),
+        }
+        receipt.ledger_head = self.shared.engine.head();
+        Ok(Response::new(receipt))
+    }
+
     /// One protocol message applied to the open secure round; the round's driver is woken (the
     /// stage may be complete).
     fn secure_step(

@@ -14,8 +14,8 @@ use weft_coordinator::{
     CanaryRegistry, DurableCoordinator, HeldoutSet, Journal, SqliteJournal, SubmitError, Visibility,
 };
 use weft_core::{ContentHash, NodeId, OuterOptimizer, RuleChange, Weighting};
-use weft_ledger::SigningKey;
 use weft_durable::write_atomic;
+use weft_ledger::SigningKey;
 use weft_net::config::{ConsortiumConfig, KitFiles};
 use weft_net::encoding::Encoding;
 use weft_node::{LocalCorpus, Node};
@@ -183,10 +183,12 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
     let member_keys: BTreeMap<String, SigningKey> = run
         .members
         .iter()
-        .map(|(id, _)| (id.to_string(), {
-            let material = [&b"weft demo member key"[..], &run.seed().to_le_bytes()].concat();
-            SigningKey::from_seed(weft_node::node_secret(&material, id))
-        }))
+        .map(|(id, _)| {
+            (id.to_string(), {
+                let material = [&b"weft demo member key"[..], &run.seed().to_le_bytes()].concat();
+                SigningKey::from_seed(weft_node::node_secret(&material, id))
+            })
+        })
         .collect();
     let voters = member_keys.iter().map(|(id, key)| (id.clone(), key.public())).collect();
     let mut coordinator =
@@ -219,15 +221,16 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
             None => (coordinator.open_round()?, Default::default()),
         };
         if *coordinator.policy() != policy_before {
+            let now = coordinator.policy();
+            let change = RuleChange {
+                cap: (now.cap != policy_before.cap).then_some(now.cap),
+                floor: (now.floor != policy_before.floor).then_some(now.floor),
+                quorum: (now.quorum != policy_before.quorum).then_some(now.quorum),
+            };
             say!(
-                "\nround {}: the voted change takes effect after its time-lock: cap {} → {} · floor {} → {} · quorum {} → {}",
+                "\nround {}: the voted change takes effect after its time-lock: {}",
                 announcement.round,
-                policy_before.cap,
-                coordinator.policy().cap,
-                policy_before.floor,
-                coordinator.policy().floor,
-                policy_before.quorum,
-                coordinator.policy().quorum
+                change.describe(&policy_before)
             );
         }
         let communities = match run.secure_aggregation {

@@ -17,6 +17,7 @@ mod model;
 mod node;
 mod output;
 mod privacy;
+mod proposal;
 mod realbase;
 mod report;
 mod reputation;
@@ -63,6 +64,9 @@ enum Command {
     Privacy(privacy::PrivacyArgs),
     /// Print the reputation table (node × topic: N, Ĉ, S, R, w) from a saved governance state.
     Reputation(reputation::ReputationArgs),
+    /// Class-3 changes of the rules (cap, floor, quorum) by signed proposals and votes.
+    #[command(subcommand)]
+    Proposal(proposal::ProposalCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Reputation(args) => reputation::run(args),
         Command::Privacy(args) => privacy::run(args),
+        Command::Proposal(command) => proposal::run(command),
         Command::Simulate(args) => simulate::run(args),
         Command::Ledger(command) => ledger::run(command),
         Command::Consortium(command) => consortium::run(command),

@@ -1017,3 +1017,90 @@ async fn a_member_that_seals_forged_shares_makes_its_community_fail_by_name_not_
     let verify = weft().args(["ledger", "verify"]).arg(dir.join("coordinator")).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
+
+/// Runs `weft` until it succeeds or `within` passes (the coordinator may not listen yet).
+fn weft_until_up(args: &[&std::ffi::OsStr], within: Duration) -> std::process::Output {
+    let started = std::time::Instant::now();
+    loop {
+        let out = weft().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("transport") || started.elapsed() > within {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn members_change_the_cap_by_signed_votes_over_the_network_after_the_time_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("consortium");
+    let nodes = ["node-de", "node-en", "node-fr"];
+    // No node trains: rounds close at their deadline, and proposals and votes come in between.
+    init_with(
+        &dir,
+        free_port(),
+        &["node-de:de", "node-en:en", "node-fr:fr"],
+        6,
+        3,
+        &["--voting", "--voting-rounds", "2"],
+    );
+    let mut coordinator = serve(&dir, "serve");
+    let kit = |n: &str| dir.join("nodes").join(n);
+    let create = weft_until_up(
+        &[
+            "proposal".as_ref(),
+            "create".as_ref(),
+            kit("node-de").as_os_str(),
+            "--cap".as_ref(),
+            "0.4".as_ref(),
+            "--rationale".as_ref(),
+            "no member above 40%".as_ref(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(create.status.success(), "{}", String::from_utf8_lossy(&create.stderr));
+    let stdout = String::from_utf8_lossy(&create.stdout);
+    let id = stdout.split_whitespace().last().unwrap().to_owned();
+    assert_eq!(id.len(), 64, "{stdout}");
+    for node in nodes {
+        let out = weft().args(["proposal", "vote"]).arg(kit(node)).args(["--proposal", &id, "--yes"]).output().unwrap();
+        assert!(out.status.success(), "{node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A second vote from the same member is refused by name.
+    let again =
+        weft().args(["proposal", "vote"]).arg(kit("node-en")).args(["--proposal", &id, "--no"]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already_voted"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(coordinator.wait(Duration::from_secs(90)), "{}", std::fs::read_to_string(dir.join("serve.err")).unwrap());
+
+    let storage = dir.join("coordinator");
+    let verify = weft().args(["ledger", "verify"]).arg(&storage).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(String::from_utf8_lossy(&verify.stdout)
+        .contains("proposals: 1 made, 3 signed votes checked, 1 rule changes applied"));
+    let entries = ledger_entries(&storage);
+    let made = entries.iter().find_map(|e| e["event"].get("proposal_made")).unwrap();
+    let tally_after = made["tally_after_round"].as_u64().unwrap();
+    let changed = entries.iter().find_map(|e| e["event"].get("rules_changed")).unwrap();
+    // Counted when round `tally_after` closed; one round of time-lock; in force from the next.
+    assert_eq!(changed["round"].as_u64().unwrap(), tally_after + 2);
+    for e in &entries {
+        if let Some(decision) = e["event"].get("decision") {
+            let round = decision["round"].as_u64().unwrap();
+            let expected = if round >= tally_after + 2 { 0.4 } else { 0.5 };
+            assert_eq!(decision["cap"].as_f64().unwrap(), expected, "round {round}");
+        }
+    }
+    let show = weft().args(["proposal", "show"]).arg(&storage).output().unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains(&format!("in force since round {}", tally_after + 2))
+            && shown.contains("rules in force: cap 0.4"),
+        "{shown}"
+    );
+}
