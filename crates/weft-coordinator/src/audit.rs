@@ -11,7 +11,8 @@ use weft_core::language_check::{helped_languages, regressions, LanguageSearch, V
 use weft_core::policy::Measured;
 use weft_core::quality::LossTable;
 use weft_core::{
-    AdapterFamily, AdapterRound, Aggregator, ContentHash, FullWeights, NodeId, Policy, UpdateForm, VotingRules,
+    AdapterFamily, AdapterRound, Aggregator, BreakerRules, ContentHash, FullWeights, NodeId, Policy, UpdateForm,
+    VotingRules,
 };
 use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, LanguageCheck, PublicKey};
 
@@ -42,6 +43,8 @@ pub struct AuditReport {
     pub proposals: u64,
     pub votes: u64,
     pub rule_changes: u64,
+    /// Circuit-breaker trips, each recomputed from the recorded losses.
+    pub breaker_trips: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +116,24 @@ struct Auditor<'a> {
     /// passed (`[voting]`); every decision must apply its cap.
     policy: Option<Policy>,
     proposals: Option<ProposalBook>,
+    /// The circuit breaker as configured, the held-out loss of the current base (when the ledger
+    /// or the genesis says it), the watch the coordinator must be running, and a trip whose
+    /// rollback must follow.
+    breaker: Option<BreakerRules>,
+    loss_now: Option<BTreeMap<String, Option<f64>>>,
+    watch: Option<AuditedWatch>,
+    tripped: Option<AuditedWatch>,
+    /// The state before the last decision's step (what a watch started by its publication guards).
+    pre_step: ModelRefs,
     report: AuditReport,
+}
+
+#[derive(Clone)]
+struct AuditedWatch {
+    anchor_round: u64,
+    anchor: ModelRefs,
+    anchor_loss: Option<BTreeMap<String, Option<f64>>>,
+    until: u64,
 }
 
 /// A decision's replayed step awaiting the gauntlet, with what a refusal restores.
@@ -139,13 +159,14 @@ pub fn verify_with(
     let journal = SqliteJournal::read(dir)?;
     let lines = journal.ledger()?;
     // The configuration is checked against the genesis's hash at the end (check_state).
-    let (gauntlet, policy, proposals) = match journal.load()? {
+    let (gauntlet, policy, proposals, breaker) = match journal.load()? {
         Some((config, _)) => {
             let (policy, proposals) = voting_rules(&config)?;
-            (gauntlet_rules(&config)?, policy, proposals)
+            (gauntlet_rules(&config)?, policy, proposals, section::<BreakerRules>(&config, "breaker")?)
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
+    let genesis_loss = journal.head_after(0)?.map(|genesis| finite(&genesis.base_loss));
     let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
         store: &store,
@@ -170,6 +191,11 @@ pub fn verify_with(
         champion_items: None,
         policy,
         proposals,
+        breaker,
+        loss_now: genesis_loss,
+        watch: None,
+        tripped: None,
+        pre_step: ModelRefs { base_hash: ContentHash([0; 32]), outer_state: None, center: None },
         report: AuditReport {
             coordinator_key: None,
             entries: 0,
@@ -185,6 +211,7 @@ pub fn verify_with(
             proposals: 0,
             votes: 0,
             rule_changes: 0,
+            breaker_trips: 0,
         },
     };
     if lines.is_empty() {
@@ -236,6 +263,27 @@ fn voting_rules(config: &[u8]) -> Result<(Option<Policy>, Option<ProposalBook>),
     Ok((policy, book))
 }
 
+/// A section of the stored configuration, if present.
+fn section<T: serde::de::DeserializeOwned>(config: &[u8], key: &str) -> Result<Option<T>, AuditError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
+    match value.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| AuditError::State(format!("stored configuration's {key}: {e}"))),
+    }
+}
+
+/// A loss table as the ledger records it (`null` where not finite).
+fn finite(table: &LossTable) -> BTreeMap<String, Option<f64>> {
+    table.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect()
+}
+
+fn as_table(losses: &BTreeMap<String, Option<f64>>) -> LossTable {
+    losses.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::INFINITY))).collect()
+}
+
 /// The gauntlet rules a stored configuration pins, if any.
 fn gauntlet_rules(config: &[u8]) -> Result<Option<GauntletRules>, AuditError> {
     let value: serde_json::Value =
@@ -283,6 +331,7 @@ impl Auditor<'_> {
                 if let Some(open) = &self.open {
                     return Err(fault(format!("round {} is still open", open.round)));
                 }
+                self.watch_before(*round).map_err(fault)?;
                 if *round != self.last_closed + 1 {
                     return Err(fault(format!("opens round {round} after round {}", self.last_closed)));
                 }
@@ -392,6 +441,7 @@ impl Auditor<'_> {
             }
             Event::Decision { .. } => self.decision(entry).map_err(fault)?,
             Event::ChallengerJudged { .. } => self.judged(&entry.event).map_err(fault)?,
+            Event::BreakerTripped { .. } => self.breaker_tripped(&entry.event).map_err(fault)?,
             Event::ProposalMade { .. }
             | Event::VoteCast { .. }
             | Event::ProposalTallied { .. }
@@ -440,6 +490,16 @@ impl Auditor<'_> {
                         self.now.base_hash
                     )));
                 }
+                // A publication with no watch running starts one, anchored at the base it replaces.
+                if let (Some(rules), None) = (self.breaker, &self.watch) {
+                    self.watch = Some(AuditedWatch {
+                        anchor_round: round.saturating_sub(1),
+                        anchor: self.pre_step,
+                        anchor_loss: self.loss_now.clone(),
+                        until: round + rules.watch_rounds - 1,
+                    });
+                }
+                self.loss_now = Some(heldout_loss.clone());
                 self.now.base_hash = *base_hash;
                 self.closed.insert(*round, self.now);
             }
@@ -447,13 +507,34 @@ impl Auditor<'_> {
                 if self.open.is_some() || *after_round != self.last_closed {
                     return Err(fault("a rollback must follow a closed round".into()));
                 }
-                let Some(target) = self.closed.get(to_round) else {
-                    return Err(fault(format!("round {to_round} never closed")));
-                };
                 let restored = ModelRefs { base_hash: *base_hash, outer_state: *outer_state, center: *center };
-                if *target != restored || *previous_base_hash != self.now.base_hash {
+                match self.tripped.take() {
+                    // The breaker's rollback restores its anchor, and is the round's closing state.
+                    Some(watch) => {
+                        if watch.anchor_round != *to_round || watch.anchor != restored {
+                            return Err(fault(format!(
+                                "the breaker's rollback restores round {to_round}'s {base_hash}; its anchor is round {}'s {}",
+                                watch.anchor_round, watch.anchor.base_hash
+                            )));
+                        }
+                        self.closed.insert(*after_round, restored);
+                        self.loss_now = watch.anchor_loss;
+                        self.base_loss = self.loss_now.clone();
+                    }
+                    None => {
+                        let Some(target) = self.closed.get(to_round) else {
+                            return Err(fault(format!("round {to_round} never closed")));
+                        };
+                        if *target != restored {
+                            return Err(fault(format!("does not restore the state recorded after round {to_round}")));
+                        }
+                        self.loss_now = None;
+                    }
+                }
+                if *previous_base_hash != self.now.base_hash {
                     return Err(fault(format!("does not restore the state recorded after round {to_round}")));
                 }
+                self.watch = None;
                 self.point = Some(ModelPoint::load(self.store, &restored).map_err(|e| fault(e.to_string()))?);
                 // The restored base's losses are not in the rollback entry.
                 self.base_loss = None;
@@ -513,6 +594,7 @@ impl Auditor<'_> {
             return Err("outer-optimizer state or center in differs from the state after the last round".into());
         }
         let champion = self.now;
+        self.pre_step = champion;
         // Every referenced delta is checked byte for byte, once: those not accepted here,
         // accepted ones as the replay streams them (below, for any the replay skips).
         for (node, hash) in &open.received {
@@ -597,6 +679,58 @@ impl Auditor<'_> {
         } else {
             self.closed.insert(*round, self.now);
         }
+        Ok(())
+    }
+
+    /// Before round `round` opens: the watch over the round just closed must not have needed a
+    /// trip (a missing `breaker_tripped` is named), and a watch past its last round ends.
+    fn watch_before(&mut self, round: u64) -> Result<(), String> {
+        let (Some(rules), Some(watch)) = (self.breaker, &self.watch) else { return Ok(()) };
+        let closed = round - 1;
+        if let (Some(anchor), Some(now)) = (&watch.anchor_loss, &self.loss_now) {
+            let risen = regressions(&as_table(anchor), &as_table(now), rules.threshold);
+            if closed <= watch.until && !risen.is_empty() {
+                return Err(format!(
+                    "the circuit breaker should have tripped when round {closed} closed: {risen:?} over round {}'s base",
+                    watch.anchor_round
+                ));
+            }
+        }
+        if closed >= watch.until {
+            self.watch = None;
+        }
+        Ok(())
+    }
+
+    /// A breaker trip: under the configured rules, during the watch, against its anchor, with
+    /// the rises its losses give.
+    fn breaker_tripped(&mut self, event: &Event) -> Result<(), String> {
+        let Event::BreakerTripped { round, anchor_round, rules, anchor_loss, heldout_loss, risen } = event else {
+            return Ok(());
+        };
+        if self.breaker != Some(*rules) {
+            return Err(format!("trips under {rules:?}, the configuration pins {:?}", self.breaker));
+        }
+        let watch = self.watch.take().ok_or("no publication is being watched")?;
+        if *round != self.last_closed || *round > watch.until || *anchor_round != watch.anchor_round {
+            return Err(format!(
+                "trips at round {round} against round {anchor_round}; the watch guards round {}'s base until round {}",
+                watch.anchor_round, watch.until
+            ));
+        }
+        if watch.anchor_loss.as_ref().is_some_and(|known| known != anchor_loss) {
+            return Err("records other losses for the anchor than the ledger holds".into());
+        }
+        if self.loss_now.as_ref().is_some_and(|known| known != heldout_loss) {
+            return Err("records other losses for the current base than its publication".into());
+        }
+        let recomputed: BTreeMap<String, f64> =
+            regressions(&as_table(anchor_loss), &as_table(heldout_loss), rules.threshold).into_iter().collect();
+        if recomputed.is_empty() || recomputed != *risen {
+            return Err(format!("records rises {risen:?}; the losses give {recomputed:?}"));
+        }
+        self.report.breaker_trips += 1;
+        self.tripped = Some(watch);
         Ok(())
     }
 

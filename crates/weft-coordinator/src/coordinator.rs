@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use weft_core::aggregate::OuterError;
 use weft_core::contribution::{self, OpenRound};
-use weft_core::gauntlet::{self, GauntletRules, ItemLosses};
+use weft_core::gauntlet::{self, BreakerRules, GauntletRules, ItemLosses};
 use weft_core::language_check::{helped_languages, regressions, LanguageSearch, Verdict};
 use weft_core::policy::{Measured, Priorities};
 use weft_core::quality::{mean, relative_gains, Gains, LossTable};
@@ -36,7 +36,7 @@ use weft_ledger::{
 use crate::aggregation::{self, Accepted, Influence, MoveError, StepRules};
 use crate::governance::{Governance, GovernanceError};
 use crate::head::{ModelHead, ModelPoint, ModelRefs};
-use crate::journal::{Head, Journal, JournalError, Rows};
+use crate::journal::{BreakerWatch, Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
 use crate::privacy::PrivacyRules;
 use crate::proposals::{equal_electorate, ProposalBook, ProposalError};
@@ -250,6 +250,8 @@ struct Rules {
     probe_scale: f32,
     /// Champion–challenger adoption: a round's aggregate replaces the base only if it passes.
     gauntlet: Option<GauntletRules>,
+    /// The circuit breaker: published bases watched against the base before them.
+    breaker: Option<BreakerRules>,
 }
 
 impl Rules {
@@ -300,6 +302,16 @@ pub struct Coordinator<M: Measure> {
     ledger_head: Option<WitnessedHead>,
     /// Class-3 proposals and votes (`[voting]`), with the members who may make and vote them.
     proposals: Option<(ProposalBook, BTreeMap<String, Voter>)>,
+    /// The circuit breaker's watch: the base before the watched publications (kept whole, to be
+    /// restored at once) and the last round watched.
+    watch: Option<Watch>,
+}
+
+/// What the circuit breaker guards and until when.
+struct Watch {
+    anchor_round: u64,
+    anchor: ModelHead,
+    until: u64,
 }
 
 impl<M: Measure> Coordinator<M> {
@@ -340,7 +352,14 @@ impl<M: Measure> Coordinator<M> {
         Ok(Coordinator {
             roster_ids: roster.keys().cloned().collect(),
             roster,
-            rules: Rules { policy, aggregator: Aggregator::WeightedMean, outer, probe_scale, gauntlet: None },
+            rules: Rules {
+                policy,
+                aggregator: Aggregator::WeightedMean,
+                outer,
+                probe_scale,
+                gauntlet: None,
+                breaker: None,
+            },
             governance: None,
             privacy: None,
             communities: None,
@@ -359,6 +378,7 @@ impl<M: Measure> Coordinator<M> {
             champion_items: None,
             ledger_head: None,
             proposals: None,
+            watch: None,
         })
     }
 
@@ -525,6 +545,15 @@ impl<M: Measure> Coordinator<M> {
         }
         self.rules.policy = book.policy;
         Ok(())
+    }
+
+    /// The circuit breaker ([`BreakerRules`]): a published base is watched for `watch_rounds`
+    /// rounds against the base before it, and a language that rises beyond `threshold` rolls
+    /// the consortium back to that base at once.
+    pub fn with_breaker(mut self, rules: BreakerRules) -> Result<Self, CoordinatorError> {
+        rules.validate().map_err(|e| CoordinatorError::Gauntlet(e.to_string()))?;
+        self.rules.breaker = Some(rules);
+        Ok(self)
     }
 
     pub fn gauntlet(&self) -> Option<&GauntletRules> {
@@ -716,6 +745,12 @@ impl<M: Measure> Coordinator<M> {
             model: self.head.refs,
             base_loss: self.head.base_loss.clone(),
             governance: self.governance.as_ref().map(|g| g.state().clone()),
+            watch: self.watch.as_ref().map(|w| BreakerWatch {
+                anchor_round: w.anchor_round,
+                until: w.until,
+                anchor: w.anchor.refs,
+                anchor_loss: w.anchor.base_loss.clone(),
+            }),
         }
     }
 
@@ -944,10 +979,11 @@ impl<M: Measure> Coordinator<M> {
         // The decision records the state its step reached, promoted or not (verify replays it).
         let refs_out = refs.unwrap_or(refs_in);
         let promoted = judgment.as_ref().is_none_or(|(j, _)| j.verdict.outcome.promoted());
+        let mut replaced = None;
         let influence = match (settled.next, refs) {
             (Some((point, base_loss, influence)), Some(refs)) => {
                 if promoted {
-                    self.head = ModelHead { point, refs, base_loss };
+                    replaced = Some(std::mem::replace(&mut self.head, ModelHead { point, refs, base_loss }));
                 }
                 influence
             }
@@ -967,6 +1003,11 @@ impl<M: Measure> Coordinator<M> {
         if let Some(event) = judged_event {
             // After the decision, before the publication it allows.
             events.insert(1, event);
+        }
+        if let Some((tripped, rolled_back)) = self.watch_after(&record, replaced) {
+            events.push(tripped.clone());
+            events.push(rolled_back);
+            record.breaker = Some(tripped);
         }
         let tallies = self.proposals.as_ref().map(|(book, _)| book.tallies_due(record.round)).unwrap_or_default();
         events.extend(tallies.iter().cloned());
@@ -1109,6 +1150,52 @@ impl<M: Measure> Coordinator<M> {
         Ok((Settled { decision, accepted, next, check: None }, Some(loss)))
     }
 
+    /// The circuit breaker at the close of a round whose publication (if any) replaced
+    /// `replaced`: a publication with no watch running starts one, anchored at the base it
+    /// replaced; a watched round whose base rose beyond the threshold in any language trips — the
+    /// anchor becomes the base again and the events say why. A watch ends after its last round.
+    fn watch_after(&mut self, record: &RoundRecord, replaced: Option<ModelHead>) -> Option<(Event, Event)> {
+        let rules = self.rules.breaker?;
+        if let (Some(anchor), None, true) = (replaced, &self.watch, record.base_changed) {
+            let until = record.round + rules.watch_rounds - 1;
+            self.watch = Some(Watch { anchor_round: record.round.saturating_sub(1), anchor, until });
+        }
+        let watch = self.watch.as_ref()?;
+        let risen = regressions(&watch.anchor.base_loss, &self.head.base_loss, rules.threshold);
+        if risen.is_empty() {
+            if record.round >= watch.until {
+                self.watch = None;
+            }
+            return None;
+        }
+        let watch = self.watch.take()?;
+        tracing::warn!(
+            round = record.round,
+            anchor = watch.anchor_round,
+            ?risen,
+            "circuit breaker tripped: rolling back"
+        );
+        let tripped = Event::BreakerTripped {
+            round: record.round,
+            anchor_round: watch.anchor_round,
+            rules,
+            anchor_loss: finite(&watch.anchor.base_loss),
+            heldout_loss: finite(&self.head.base_loss),
+            risen: risen.into_iter().collect(),
+        };
+        let rolled_back = Event::RolledBack {
+            to_round: watch.anchor_round,
+            after_round: record.round,
+            previous_base_hash: self.head.refs.base_hash,
+            base_hash: watch.anchor.refs.base_hash,
+            outer_state: watch.anchor.refs.outer_state,
+            center: watch.anchor.refs.center,
+        };
+        self.head = watch.anchor;
+        self.champion_items = None;
+        Some((tripped, rolled_back))
+    }
+
     /// The gauntlet on the round's challenger, when the consortium has one and the round moved the
     /// base: both models scored on the held-out items (the champion's scores are kept from the
     /// round it was published), judged with a seed nobody chooses. Changes nothing but the cache.
@@ -1201,6 +1288,7 @@ impl<M: Measure> Coordinator<M> {
             language_check: None,
             gauntlet: None,
             proposals_counted: Vec::new(),
+            breaker: None,
         }
     }
 

@@ -34,6 +34,19 @@ pub struct Head {
     /// Held-out loss of the base, so that a restart need not measure it again.
     pub base_loss: LossTable,
     pub governance: Option<GovernanceState>,
+    /// The circuit breaker's watch: the round whose base it guards (the anchor) and the last
+    /// round watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<BreakerWatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BreakerWatch {
+    pub anchor_round: u64,
+    pub until: u64,
+    /// The anchor's state and held-out loss (what a trip restores).
+    pub anchor: ModelRefs,
+    pub anchor_loss: LossTable,
 }
 
 /// Rows a step adds beside the new head.

@@ -27,7 +27,7 @@ pub use governance::{
     GovernanceState, ReputationRow,
 };
 pub use head::{ModelHead, ModelPoint, ModelRefs};
-pub use journal::{Head, Journal, JournalError, Rows, SqliteJournal};
+pub use journal::{BreakerWatch, Head, Journal, JournalError, Rows, SqliteJournal};
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
 pub use proposals::{equal_electorate, OpenProposal, ProposalBook, ProposalError};

@@ -122,6 +122,10 @@ pub struct RoundRecord {
     /// Class-3 proposals whose vote closed with this round, and their counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proposals_counted: Vec<CountedProposal>,
+    /// The circuit breaker tripped at this round's close (its `breaker_tripped` entry): the base
+    /// in force after the round is the anchor's, not `base_hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<weft_ledger::Event>,
 }
 
 /// A proposal counted when its vote closed.

@@ -45,6 +45,42 @@ impl Default for GauntletRules {
     }
 }
 
+/// The circuit breaker (`[breaker]`): after a base is published, the held-out loss of every
+/// language is watched for `watch_rounds` rounds (the publishing round included) against the
+/// base before it; a rise beyond `threshold` (relative) in any language rolls the consortium back
+/// to that base. It catches what each round's own checks allow: several steps that each stay
+/// within the non-inferiority bound but add up.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerRules {
+    pub watch_rounds: u64,
+    pub threshold: f64,
+}
+
+impl Default for BreakerRules {
+    fn default() -> Self {
+        BreakerRules { watch_rounds: 3, threshold: 0.02 }
+    }
+}
+
+impl BreakerRules {
+    pub fn validate(&self) -> Result<(), GauntletError> {
+        if !(1..=1000).contains(&self.watch_rounds) {
+            return Err(GauntletError::Rule {
+                key: "breaker.watch_rounds",
+                detail: format!("must be in 1..=1000, got {}", self.watch_rounds),
+            });
+        }
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return Err(GauntletError::Rule {
+                key: "breaker.threshold",
+                detail: format!("must be in (0, 1), got {}", self.threshold),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A rule out of range, named by its key.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum GauntletError {

@@ -25,7 +25,7 @@ pub mod update;
 pub use aggregate::{OuterOptimizer, OuterState};
 pub use contribution::{Contribution, NodeId, Rejection, RejectionCode};
 pub use delta::Delta;
-pub use gauntlet::{GauntletOutcome, GauntletRules, GauntletVerdict, ItemLosses};
+pub use gauntlet::{BreakerRules, GauntletOutcome, GauntletRules, GauntletVerdict, ItemLosses};
 pub use hash::ContentHash;
 pub use policy::{Decision, Fairness, Measured, Policy, PolicyError, Priorities, Weighting};
 pub use proposal::{RuleChange, Tally, VotingRules};

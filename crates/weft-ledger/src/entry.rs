@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use weft_core::{
-    AdapterRound, ContentHash, GauntletRules, GauntletVerdict, ItemLosses, OuterOptimizer, Policy, RuleChange, Tally,
-    VotingRules,
+    AdapterRound, BreakerRules, ContentHash, GauntletRules, GauntletVerdict, ItemLosses, OuterOptimizer, Policy,
+    RuleChange, Tally, VotingRules,
 };
 
 use crate::signing::{PublicKey, Signature};
@@ -212,6 +212,18 @@ pub enum Event {
         challenger_loss: ItemLosses,
         verdict: GauntletVerdict,
     },
+    /// The circuit breaker tripped at the close of `round`: a language's held-out loss rose more
+    /// than `threshold` over the base of `anchor_round` (the last base before the watched
+    /// publications). A `rolled_back` to `anchor_round` follows in the same step.
+    BreakerTripped {
+        round: u64,
+        anchor_round: u64,
+        rules: BreakerRules,
+        anchor_loss: BTreeMap<String, Option<f64>>,
+        heldout_loss: BTreeMap<String, Option<f64>>,
+        /// language → relative rise, for every language beyond the threshold.
+        risen: BTreeMap<String, f64>,
+    },
     /// A member proposed a class-3 change of the consortium's rules. `proposal` is
     /// `weft_core::proposal::proposal_id` of (after_round, proposer, rationale, change), signed
     /// by the proposer; the electorate (members, their keys and vote weights) is fixed here.
@@ -271,6 +283,7 @@ impl Event {
             Event::Evaluation { .. } => "evaluation",
             Event::Decision { .. } => "decision",
             Event::ChallengerJudged { .. } => "challenger_judged",
+            Event::BreakerTripped { .. } => "breaker_tripped",
             Event::ProposalMade { .. } => "proposal_made",
             Event::VoteCast { .. } => "vote_cast",
             Event::ProposalTallied { .. } => "proposal_tallied",
@@ -292,6 +305,7 @@ impl Event {
             | Event::Decision { round, .. }
             | Event::ChallengerJudged { round, .. }
             | Event::ProposalTallied { round, .. }
+            | Event::BreakerTripped { round, .. }
             | Event::RulesChanged { round, .. }
             | Event::BasePublished { round, .. } => *round,
             Event::RolledBack { after_round, .. }

@@ -52,6 +52,7 @@ fn init(dir: &Path, nodes: usize, address: &str) -> Result<(), Error> {
         privacy: None,
         gauntlet: None,
         voting: None,
+        breaker: None,
         base: None,
         training: Training { local_steps: 1, batch: 1, lr: 1e-3 },
         policy: PolicySettings {

@@ -86,6 +86,10 @@ pub struct ConsortiumConfig {
     /// and quorum; absent: the rules are those the consortium was created with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voting: Option<weft_core::VotingRules>,
+    /// The circuit breaker (`[breaker]`): published bases watched against the base before them,
+    /// rolled back on a regression beyond the threshold; absent: no watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<weft_core::BreakerRules>,
 }
 
 /// `[privacy]`: what the consortium protects and how.
@@ -692,6 +696,7 @@ mod tests {
             privacy: None,
             gauntlet: None,
             voting: None,
+            breaker: None,
         }
     }
 

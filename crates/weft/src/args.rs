@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::ValueEnum;
 use weft_coordinator::GovernanceSettings;
-use weft_core::{Aggregator, Fairness, GauntletRules, VotingRules, Weighting};
+use weft_core::{Aggregator, BreakerRules, Fairness, GauntletRules, VotingRules, Weighting};
 use weft_model::GptConfig;
 use weft_net::config::{
     DpConfig, GovernanceConfig, OuterKind, PolicySettings, PrivacyConfig, SecureAggregationConfig, Training,
@@ -40,6 +40,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub voting: VotingArgs,
     #[command(flatten)]
+    pub breaker: BreakerArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -56,6 +58,7 @@ impl RunArgs {
             privacy: self.privacy.config(),
             gauntlet: self.gauntlet.rules(),
             voting: self.voting.rules(),
+            breaker: self.breaker.rules(),
         })
     }
 }
@@ -275,6 +278,26 @@ impl GauntletArgs {
             non_inferiority: self.gauntlet_non_inferiority,
             resamples: self.gauntlet_resamples,
         })
+    }
+}
+
+/// The circuit breaker (`[breaker]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct BreakerArgs {
+    /// Circuit breaker: watch each published base for --breaker-rounds rounds against the base
+    /// before it; a language whose held-out loss rises beyond --breaker-threshold rolls it back.
+    #[arg(long)]
+    pub breaker: bool,
+    #[arg(long, requires = "breaker", default_value_t = BreakerRules::default().watch_rounds)]
+    pub breaker_rounds: u64,
+    /// Relative rise of any language's held-out loss that trips the breaker.
+    #[arg(long, requires = "breaker", default_value_t = BreakerRules::default().threshold, allow_negative_numbers = true)]
+    pub breaker_threshold: f64,
+}
+
+impl BreakerArgs {
+    pub fn rules(&self) -> Option<BreakerRules> {
+        self.breaker.then_some(BreakerRules { watch_rounds: self.breaker_rounds, threshold: self.breaker_threshold })
     }
 }
 

@@ -107,6 +107,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         privacy: sections.privacy,
         gauntlet: sections.gauntlet,
         voting: sections.voting,
+        breaker: sections.breaker,
     };
     config.validate().map_err(|e| setting_error(e, Source::Flags))?;
     let roster = weft_net::provision::init(&args.dir, &config, &nodes)?;

@@ -475,6 +475,7 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
         privacy: run.sections.privacy,
         gauntlet: run.sections.gauntlet,
         voting: run.sections.voting,
+        breaker: run.sections.breaker,
     };
     weft_net::provision::init(&dir, &config, &run.members)?;
     let served_json = scratch.path().join("served.json");

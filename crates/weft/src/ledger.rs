@@ -129,6 +129,9 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         report.blob_bytes as f64 / 1e6,
         report.final_base_hash
     );
+    if report.breaker_trips > 0 {
+        say!("circuit breaker: {} trips, each recomputed from the recorded losses", report.breaker_trips);
+    }
     if report.proposals > 0 {
         say!(
             "proposals: {} made, {} signed votes checked, {} rule changes applied; every count recomputed",
@@ -278,6 +281,15 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 for line in crate::table::gauntlet(rules, verdict) {
                     say!("       {line}");
                 }
+            }
+            Event::BreakerTripped { round, anchor_round, rules, risen, .. } => {
+                let rises: Vec<String> = risen.iter().map(|(l, r)| format!("{l} +{:.2}%", 100.0 * r)).collect();
+                say!(
+                    "\n#{seq} CIRCUIT BREAKER at the close of round {round}: {} over round {anchor_round}'s base (threshold {:.1}%, watched {} rounds) — rolling back",
+                    rises.join(", "),
+                    100.0 * rules.threshold,
+                    rules.watch_rounds
+                );
             }
             Event::ProposalMade {
                 proposal,

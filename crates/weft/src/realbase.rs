@@ -274,6 +274,7 @@ pub(crate) struct BaseCoordinator<'a> {
     pub privacy: Option<PrivacyRules>,
     /// Champion–challenger adoption.
     pub gauntlet: Option<weft_core::GauntletRules>,
+    pub breaker: Option<weft_core::BreakerRules>,
 }
 
 impl BaseCoordinator<'_> {
@@ -303,6 +304,9 @@ impl BaseCoordinator<'_> {
         }
         if let Some(rules) = self.gauntlet {
             coordinator = coordinator.with_gauntlet(rules)?;
+        }
+        if let Some(rules) = self.breaker {
+            coordinator = coordinator.with_breaker(rules)?;
         }
         // `ledger verify` rebuilds each round's factors from `base.config` and `adapters`.
         let mut settings = serde_json::json!({
@@ -429,6 +433,9 @@ pub(crate) fn serve_coordinator(
     if consortium.privacy.is_some_and(|p| p.secure_aggregation.is_some()) {
         bail!("[privacy] secure_aggregation runs on the built-in byte model only for now: on a pretrained base it is not built yet");
     }
+    if consortium.voting.is_some() {
+        bail!("[voting] runs on the built-in byte model only for now: on a pretrained base it is not built yet");
+    }
     let policy = consortium.policy.policy().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     let outer = consortium.policy.outer_optimizer().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
     consortium.policy.validate().map_err(|e| setting_error(e, Source::ConsortiumToml))?;
@@ -507,6 +514,7 @@ pub(crate) fn serve_coordinator(
         governance,
         privacy,
         gauntlet: consortium.gauntlet,
+        breaker: consortium.breaker,
     }
     .open(storage)
     .map(|coordinator| (coordinator, privacy.map(|p| p.rule)))
@@ -556,6 +564,9 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         bail!("--base runs in one process, without attacks, for now: drop --processes and --attack");
     }
     let run = args.run_settings(&languages)?;
+    if run.sections.voting.is_some() {
+        bail!("--voting runs on the built-in byte model only for now: on a pretrained base it is not built yet");
+    }
     if run.secure_aggregation.is_some() {
         bail!("--secure-aggregation runs on the built-in byte model only for now: on a pretrained base it is not built yet");
     }
@@ -683,6 +694,7 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
         governance,
         privacy,
         gauntlet: run.sections.gauntlet,
+        breaker: run.sections.breaker,
     }
     .open(&storage)?;
     // The genesis as the journal holds it: a run continued in the same --out starts mid-way.

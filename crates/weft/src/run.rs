@@ -15,7 +15,7 @@ use weft_coordinator::{
 };
 use weft_core::gauntlet::GauntletError;
 use weft_core::proposal::VotingError;
-use weft_core::{Aggregator, GauntletRules, NodeId, OuterOptimizer, Policy, VotingRules};
+use weft_core::{Aggregator, BreakerRules, GauntletRules, NodeId, OuterOptimizer, Policy, VotingRules};
 use weft_ledger::PublicKey;
 use weft_model::{AdamWSettings, ByteGpt, Gpt, GptConfig, ModelFamily};
 use weft_net::config::{
@@ -41,6 +41,7 @@ pub struct RunSections {
     pub privacy: Option<PrivacyConfig>,
     pub gauntlet: Option<GauntletRules>,
     pub voting: Option<VotingRules>,
+    pub breaker: Option<BreakerRules>,
 }
 
 impl RunSections {
@@ -61,6 +62,7 @@ impl RunSections {
             privacy: config.privacy,
             gauntlet: config.gauntlet,
             voting: config.voting,
+            breaker: config.breaker,
         })
     }
 }
@@ -95,6 +97,12 @@ impl RunSettings {
             rules.validate().map_err(|e| match e {
                 GauntletError::Rule { key, detail } => invalid(key, detail),
                 other => invalid("gauntlet", other.to_string()),
+            })?;
+        }
+        if let Some(rules) = &sections.breaker {
+            rules.validate().map_err(|e| match e {
+                GauntletError::Rule { key, detail } => invalid(key, detail),
+                other => invalid("breaker", other.to_string()),
             })?;
         }
         if let Some(rules) = &sections.voting {
@@ -244,6 +252,9 @@ impl RunSettings {
         if let Some(rules) = self.sections.voting {
             coordinator = coordinator.with_voting(rules, voters)?;
         }
+        if let Some(rules) = self.sections.breaker {
+            coordinator = coordinator.with_breaker(rules)?;
+        }
         let settings = serde_json::json!({
             "model": self.model(),
             "seed": self.seed(),
@@ -330,6 +341,9 @@ pub fn setting_name(key: &str, source: Source) -> String {
         ("voting.voting_rounds", "--voting-rounds"),
         ("voting.timelock_rounds", "--timelock-rounds"),
         ("voting", "--voting (and its settings)"),
+        ("breaker.watch_rounds", "--breaker-rounds"),
+        ("breaker.threshold", "--breaker-threshold"),
+        ("breaker", "--breaker (and its settings)"),
         ("settings.node.privacy", "--privacy (and its settings)"),
         ("roster", "--nodes/--languages"),
         ("settings.extra.attack", "--attack/--attackers/--attack-scale"),

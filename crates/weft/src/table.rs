@@ -104,6 +104,14 @@ pub fn round(
             100.0 * t.approval
         );
     }
+    if let Some(weft_ledger::Event::BreakerTripped { anchor_round, risen, rules, .. }) = &record.breaker {
+        let rises: Vec<String> = risen.iter().map(|(l, r)| format!("{l} +{:.2}%", 100.0 * r)).collect();
+        say!(
+            "  CIRCUIT BREAKER: {} over round {anchor_round}'s base (threshold {:.1}%) → rolled back to it",
+            rises.join(", "),
+            100.0 * rules.threshold
+        );
+    }
     if let Some(judgment) = &record.gauntlet {
         let word = if judgment.verdict.outcome.promoted() { "PROMOTED" } else { "REFUSED: the champion stays" };
         say!(

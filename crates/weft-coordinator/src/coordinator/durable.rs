@@ -147,6 +147,9 @@ impl<M: Measure> Coordinator<M> {
         if let (Some(rules), Some(map)) = (&self.rules.gauntlet, config.as_object_mut()) {
             map.insert("gauntlet".into(), serde_json::json!(rules));
         }
+        if let (Some(rules), Some(map)) = (&self.rules.breaker, config.as_object_mut()) {
+            map.insert("breaker".into(), serde_json::json!(rules));
+        }
         if let (Some((book, _)), Some(map)) = (&self.proposals, config.as_object_mut()) {
             map.insert("voting".into(), serde_json::json!(book.voting));
         }
@@ -155,6 +158,11 @@ impl<M: Measure> Coordinator<M> {
 
     fn restore(&mut self, journal: &dyn Journal, head: Head) -> Result<(), CoordinatorError> {
         self.head = load_head(&*self.store, &head)?;
+        if let Some(watch) = &head.watch {
+            let point = ModelPoint::load(&*self.store, &watch.anchor)?;
+            let anchor = ModelHead { point, refs: watch.anchor, base_loss: watch.anchor_loss.clone() };
+            self.watch = Some(super::Watch { anchor_round: watch.anchor_round, anchor, until: watch.until });
+        }
         if let Some(genesis) = journal.head_after(0)? {
             self.genesis_loss = genesis.base_loss;
         }
@@ -249,6 +257,8 @@ impl<M: Measure> DurableCoordinator<M> {
         let journal = c.journal.as_mut().ok_or(CoordinatorError::NotDurable)?;
         let (head, entry) = roll_back(journal.as_mut(), &*c.store, to_round)?;
         c.head = load_head(&*c.store, &head)?;
+        c.watch = None;
+        c.champion_items = None;
         Ok(entry)
     }
 }
@@ -285,6 +295,8 @@ pub fn roll_back(
         model: target.model,
         base_loss: target.base_loss,
         governance: head.governance,
+        // An operator's rollback ends any watch: the base it restores is the one trusted.
+        watch: None,
     };
     let event = Event::RolledBack {
         to_round,
