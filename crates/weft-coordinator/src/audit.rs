@@ -446,6 +446,14 @@ impl Auditor<'_> {
             | Event::VoteCast { .. }
             | Event::ProposalTallied { .. }
             | Event::RulesChanged { .. } => {
+                if let Event::ProposalMade { after_round, .. } | Event::VoteCast { after_round, .. } = &entry.event {
+                    if *after_round != self.last_closed {
+                        return Err(fault(format!(
+                            "says it came after round {after_round}, the last closed round is {}",
+                            self.last_closed
+                        )));
+                    }
+                }
                 let book = self.proposals.as_mut().ok_or_else(|| fault("the consortium votes on nothing".into()))?;
                 book.apply(&entry.event).map_err(fault)?;
                 match &entry.event {

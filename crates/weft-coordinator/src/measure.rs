@@ -168,16 +168,23 @@ mod tests {
 
     #[test]
     fn items_are_whole_lines_that_cover_the_text_in_order() {
-        let line = "a line of text, twenty-odd bytes long\n";
-        let text = line.repeat(40) + "a short tail";
+        // 39-byte lines: 7 make an item (273 bytes).
+        let line = "a line of text, thirty-odd bytes long.\n";
+        let text = line.repeat(40) + "a tail";
         let items = split_items(text.as_bytes());
-        assert!(items.len() > 3);
+        assert_eq!(items.len(), 6);
         assert_eq!(items.concat(), text.as_bytes());
         for item in &items[..items.len() - 1] {
             assert!(item.len() >= ITEM_BYTES && item.ends_with(b"\n"));
         }
-        // The short tail joined the item before it.
-        assert!(items[items.len() - 1].len() >= ITEM_BYTES);
+        // A remainder of at least half an item is an item of its own …
+        assert_eq!(items[5].len(), 5 * 39 + 6);
+        // … a shorter one joins the item before it.
+        let text = line.repeat(35) + "a tail";
+        let items = split_items(text.as_bytes());
+        assert_eq!(items.len(), 5);
+        assert_eq!(items[4].len(), 7 * 39 + 6);
+        assert_eq!(items.concat(), text.as_bytes());
         assert_eq!(split_items(b"one line"), vec![&b"one line"[..]]);
         assert!(split_items(b"").is_empty());
         let cjk = "世界人权宣言\n".repeat(30);

@@ -39,7 +39,8 @@ pub struct GauntletRules {
 }
 
 impl Default for GauntletRules {
-    /// Measured on the demo (docs/gauntlet.md): a small consortium's honest rounds pass.
+    /// Measured on the demo (README, *Upgrades through a gauntlet*): a small consortium's honest
+    /// rounds pass.
     fn default() -> Self {
         GauntletRules { alpha: 0.05, margin: 0.001, non_inferiority: 0.01, resamples: 2000 }
     }

@@ -340,11 +340,13 @@ async fn drive<M: Measure + Send + 'static>(
             view.phase = proto::Phase::Waiting;
             view.deadline = None;
         }
-        let record = shared.engine.run(|engine| engine.close_round()).await??;
-        tracing::info!(round, accepted = record.accepted, base = %record.base_hash.short(), "round closed");
+        // The base in force after the close: the round's, or the anchor a circuit breaker restored.
+        let (record, base_now) =
+            shared.engine.run(|engine| engine.close_round().map(|record| (record, engine.base_hash()))).await??;
+        tracing::info!(round, accepted = record.accepted, base = %base_now.short(), "round closed");
         {
             let mut view = lock(&shared.view);
-            view.base_hash = record.base_hash;
+            view.base_hash = base_now;
             view.submitted.clear();
         }
         seconds.insert(record.round, opened_at.elapsed().as_secs_f64());

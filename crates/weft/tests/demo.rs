@@ -289,3 +289,60 @@ fn nine_languages_keep_moving_and_every_language_gains() {
     let verify = weft(&["ledger", "verify", out.join("coordinator").to_str().unwrap()]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }
+
+#[test]
+fn gauntlet_and_a_voted_cap_show_in_the_demo_report_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let report = demo_json(
+        tmp.path(),
+        "gauntlet.json",
+        &[
+            "--rounds",
+            "3",
+            "--local-steps",
+            "10",
+            "--gauntlet",
+            "--breaker",
+            "--voting",
+            "--propose",
+            "cap=0.3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let rounds = report["rounds"].as_array().unwrap();
+    for round in rounds {
+        // Every round that moved the aggregate was judged, with a test per language.
+        let judgment = &round["gauntlet"];
+        assert_eq!(judgment["verdict"]["tests"].as_object().unwrap().len(), 4, "{round}");
+        let promoted = judgment["verdict"]["outcome"].get("promoted").is_some();
+        assert_eq!(promoted, round["base_changed"] == true, "{judgment}");
+    }
+    // Proposed after round 1, counted when round 2 closed, in force from round 3 (time-lock 1).
+    let counted = &rounds[1]["proposals_counted"][0];
+    assert_eq!(counted["effective_round"], 3, "{counted}");
+    assert_eq!(counted["tally"]["passed"], true);
+    for round in rounds {
+        let largest = round["contributions"].as_array().unwrap().iter().map(|c| f(&c["weight"])).fold(0.0, f64::max);
+        let cap = if round["round"] == 3 { 0.3 } else { 0.5 };
+        assert!(largest <= cap + 1e-12, "round {}: weight {largest} above cap {cap}", round["round"]);
+    }
+    let verify = weft(&["ledger", "verify", out.join("coordinator").to_str().unwrap()]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(stdout.contains("proposals: 1 made, 4 signed votes checked, 1 rule changes applied"), "{stdout}");
+    assert!(stdout.contains("gauntlet: "), "{stdout}");
+    let show = weft(&["proposal", "show", out.join("coordinator").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("in force since round 3"));
+    // A flag out of range is refused by name before anything runs.
+    let bad = weft(&["demo", "--gauntlet", "--gauntlet-alpha", "0.9"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gauntlet-alpha: must be in (0, 0.5], got 0.9"));
+    let bad = weft(&["demo", "--voting", "--propose", "cap=1.5"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("cap must be in (0, 1], got 1.5"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
