@@ -229,6 +229,16 @@ pub fn verify_with(
             detail: "the replayed base differs from the previous one, but no base_published follows".into(),
         });
     }
+    // A watch over the last closed round must not have needed a trip either.
+    if auditor.open.is_none() && auditor.last_closed > 0 {
+        let round = auditor.last_closed + 1;
+        auditor.watch_before(round).map_err(|detail| AuditError::Entry {
+            seq: auditor.chain.len().saturating_sub(1),
+            kind: "end of ledger",
+            round: round - 1,
+            detail,
+        })?;
+    }
     auditor.check_state(&journal)?;
     let mut report = auditor.report;
     report.entries = auditor.chain.len();

@@ -299,7 +299,7 @@ fn gauntlet_and_a_voted_cap_show_in_the_demo_report_and_verify() {
         "gauntlet.json",
         &[
             "--rounds",
-            "3",
+            "4",
             "--local-steps",
             "10",
             "--gauntlet",
@@ -319,13 +319,14 @@ fn gauntlet_and_a_voted_cap_show_in_the_demo_report_and_verify() {
         let promoted = judgment["verdict"]["outcome"].get("promoted").is_some();
         assert_eq!(promoted, round["base_changed"] == true, "{judgment}");
     }
-    // Proposed after round 1, counted when round 2 closed, in force from round 3 (time-lock 1).
+    // Proposed after round 1, counted when round 2 closed, round 3 under the old cap (the
+    // time-lock), in force from round 4.
     let counted = &rounds[1]["proposals_counted"][0];
-    assert_eq!(counted["effective_round"], 3, "{counted}");
+    assert_eq!(counted["effective_round"], 4, "{counted}");
     assert_eq!(counted["tally"]["passed"], true);
     for round in rounds {
         let largest = round["contributions"].as_array().unwrap().iter().map(|c| f(&c["weight"])).fold(0.0, f64::max);
-        let cap = if round["round"] == 3 { 0.3 } else { 0.5 };
+        let cap = if round["round"] == 4 { 0.3 } else { 0.5 };
         assert!(largest <= cap + 1e-12, "round {}: weight {largest} above cap {cap}", round["round"]);
     }
     let verify = weft(&["ledger", "verify", out.join("coordinator").to_str().unwrap()]);
@@ -334,7 +335,7 @@ fn gauntlet_and_a_voted_cap_show_in_the_demo_report_and_verify() {
     assert!(stdout.contains("proposals: 1 made, 4 signed votes checked, 1 rule changes applied"), "{stdout}");
     assert!(stdout.contains("gauntlet: "), "{stdout}");
     let show = weft(&["proposal", "show", out.join("coordinator").to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&show.stdout).contains("in force since round 3"));
+    assert!(String::from_utf8_lossy(&show.stdout).contains("in force since round 4"));
     // A flag out of range is refused by name before anything runs.
     let bad = weft(&["demo", "--gauntlet", "--gauntlet-alpha", "0.9"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--gauntlet-alpha: must be in (0, 0.5], got 0.9"));
