@@ -121,6 +121,8 @@ pub enum CoordinatorError {
     Gauntlet(String),
     #[error("voting: {0}")]
     Voting(String),
+    #[error("circuit breaker: {0}")]
+    Breaker(String),
 }
 
 /// Why a proposal or vote was not recorded: the member's fault (with a stable code), or the
@@ -551,7 +553,7 @@ impl<M: Measure> Coordinator<M> {
     /// rounds against the base before it, and a language that rises beyond `threshold` rolls
     /// the consortium back to that base at once.
     pub fn with_breaker(mut self, rules: BreakerRules) -> Result<Self, CoordinatorError> {
-        rules.validate().map_err(|e| CoordinatorError::Gauntlet(e.to_string()))?;
+        rules.validate().map_err(|e| CoordinatorError::Breaker(e.to_string()))?;
         self.rules.breaker = Some(rules);
         Ok(self)
     }

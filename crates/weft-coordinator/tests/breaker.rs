@@ -3,19 +3,17 @@
 //! the consortium rolls back to the base before them, in the same step, and `verify` recomputes
 //! the trip.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use weft_coordinator::{verify, AuditError, Coordinator, DurableCoordinator, FsBlobStore, Member, SqliteJournal};
 use weft_core::{
-    Aggregator, BreakerRules, Contribution, Delta, GauntletRules, ModelState, NodeId, OuterOptimizer, Policy, Tensor,
-    Weighting,
+    Aggregator, BreakerRules, GauntletRules, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting,
 };
-use weft_ledger::{Chain, Event};
+use weft_ledger::Event;
 
 mod common;
-use common::{copy_storage, resign, Items, ITEMS, LANGUAGES};
+use common::{copy_storage, entry_seq, resign, round_moving, Items, ITEMS, LANGUAGES};
 
 const BREAKER: BreakerRules = BreakerRules { watch_rounds: 3, threshold: 0.05 };
 
@@ -42,23 +40,7 @@ fn coordinator(dir: &Path) -> DurableCoordinator<Items> {
 /// Language a's parameters move half way to 1; language b's drift by `drift` (about 3% more
 /// loss per round at −0.025).
 fn salami_round(c: &mut DurableCoordinator<Items>, drift: f32) -> weft_coordinator::RoundRecord {
-    let announcement = c.open_round().unwrap();
-    for k in 0..3 {
-        let w = c.base().get("w").unwrap().data().to_vec();
-        let data = w.iter().enumerate().map(|(i, v)| if i < ITEMS { 0.5 * (1.0 - v) } else { drift }).collect();
-        let mut delta = ModelState::new();
-        delta.insert("w", Tensor::new(vec![w.len()], data).unwrap());
-        let contribution = Contribution {
-            node: NodeId::new(format!("node-{k}")).unwrap(),
-            round: announcement.round,
-            base_hash: announcement.base_hash,
-            delta: Delta::from_state(delta),
-            token_count: 1,
-            declared: BTreeMap::new(),
-        };
-        c.submit(contribution).unwrap();
-    }
-    c.close_round().unwrap()
+    round_moving(c, |i, v, _| if i < ITEMS { 0.5 * (1.0 - v) } else { drift })
 }
 
 #[test]
@@ -90,16 +72,7 @@ fn small_regressions_that_add_up_trip_the_breaker_and_roll_back_to_the_base_befo
     assert_eq!((report.breaker_trips, report.rollbacks, report.promoted), (1, 1, 2));
 
     // A trip recorded under another threshold than the configuration's does not replay.
-    let journal = SqliteJournal::read(tmp.path()).unwrap();
-    let mut chain = Chain::new(None);
-    let tripped = weft_coordinator::Journal::ledger(&journal)
-        .unwrap()
-        .iter()
-        .map(|l| chain.check(l).unwrap())
-        .find(|e| matches!(e.event, Event::BreakerTripped { .. }))
-        .unwrap()
-        .seq;
-    drop(journal);
+    let tripped = entry_seq(tmp.path(), |e| matches!(e, Event::BreakerTripped { .. }));
     let copy = copy_storage(tmp.path());
     resign(copy.path(), tripped, |e| {
         if let Event::BreakerTripped { rules, .. } = e {

@@ -10,10 +10,10 @@ use weft_coordinator::{verify, AuditError, Coordinator, DurableCoordinator, FsBl
 use weft_core::{
     Aggregator, GauntletOutcome, GauntletRules, ModelState, NodeId, OuterOptimizer, Policy, Tensor, Weighting,
 };
-use weft_ledger::{Chain, Event};
+use weft_ledger::Event;
 
 mod common;
-use common::{copy_storage, resign, round, Items, ITEMS, LANGUAGES};
+use common::{copy_storage, entry_seq, resign, round, Items, ITEMS, LANGUAGES};
 
 fn coordinator(dir: &Path) -> DurableCoordinator<Items> {
     let members = (0..3).map(|k| Member { node: NodeId::new(format!("node-{k}")).unwrap(), language: "a".into() });
@@ -64,16 +64,7 @@ fn verify_recomputes_each_verdict_and_names_the_judgment_that_does_not_replay() 
     round(&mut c, 2.6);
     drop(c);
     verify(tmp.path(), None).unwrap();
-    let lines = SqliteJournal::read(tmp.path()).unwrap();
-    let mut chain = Chain::new(None);
-    let judged = weft_coordinator::Journal::ledger(&lines)
-        .unwrap()
-        .iter()
-        .map(|l| chain.check(l).unwrap())
-        .find(|e| matches!(e.event, Event::ChallengerJudged { .. }))
-        .unwrap()
-        .seq;
-    drop(lines);
+    let judged = entry_seq(tmp.path(), |e| matches!(e, Event::ChallengerJudged { .. }));
     type Forgery = Box<dyn Fn(&mut Event)>;
     let cases: Vec<(&str, Forgery)> = vec![
         (

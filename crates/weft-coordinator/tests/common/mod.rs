@@ -36,6 +36,19 @@ pub fn resign(dir: &Path, seq: u64, change: impl Fn(&mut Event)) {
     }
 }
 
+/// The sequence number of the first ledger entry in `dir` that `matches`.
+pub fn entry_seq(dir: &Path, matches: impl Fn(&Event) -> bool) -> u64 {
+    let journal = weft_coordinator::SqliteJournal::read(dir).unwrap();
+    let mut chain = weft_ledger::Chain::new(None);
+    weft_coordinator::Journal::ledger(&journal)
+        .unwrap()
+        .iter()
+        .map(|l| chain.check(l).unwrap())
+        .find(|e| matches(&e.event))
+        .unwrap()
+        .seq
+}
+
 /// A copy of a coordinator's storage (state, key, blobs) in a new temporary directory.
 pub fn copy_storage(from: &Path) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
@@ -86,10 +99,15 @@ impl Measure for Items {
 
 /// Every node moves every parameter by `step · (1 − w)` (+ a little of its own, so deltas differ).
 pub fn round(c: &mut DurableCoordinator<Items>, step: f32) -> RoundRecord {
+    round_moving(c, |_, v, k| step * (1.0 - v) + 0.01 * k as f32)
+}
+
+/// A round in which node k (of 3) moves parameter i, now at v, by `moved(i, v, k)`.
+pub fn round_moving(c: &mut DurableCoordinator<Items>, moved: impl Fn(usize, f32, usize) -> f32) -> RoundRecord {
     let announcement = c.open_round().unwrap();
     for k in 0..3 {
         let w = c.base().get("w").unwrap().data().to_vec();
-        let data = w.iter().map(|v| step * (1.0 - v) + 0.01 * k as f32).collect();
+        let data = w.iter().enumerate().map(|(i, v)| moved(i, *v, k)).collect();
         let mut delta = ModelState::new();
         delta.insert("w", Tensor::new(vec![w.len()], data).unwrap());
         let contribution = Contribution {
