@@ -17,6 +17,7 @@ use weft_core::{
 use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, LanguageCheck, PublicKey};
 
 use crate::aggregation::{self, Accepted, StepRules};
+use crate::coordinator::finite;
 use crate::head::{ModelPoint, ModelRefs};
 use crate::journal::{Journal, JournalError, SqliteJournal};
 use crate::proposals::ProposalBook;
@@ -161,8 +162,12 @@ pub fn verify_with(
     // The configuration is checked against the genesis's hash at the end (check_state).
     let (gauntlet, policy, proposals, breaker) = match journal.load()? {
         Some((config, _)) => {
-            let (policy, proposals) = voting_rules(&config)?;
-            (gauntlet_rules(&config)?, policy, proposals, section::<BreakerRules>(&config, "breaker")?)
+            let config: serde_json::Value =
+                serde_json::from_slice(&config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
+            let policy = section::<Policy>(&config, "policy")?;
+            let voting = section::<VotingRules>(&config, "voting")?;
+            let proposals = voting.zip(policy).map(|(voting, policy)| ProposalBook::new(voting, policy));
+            (section::<GauntletRules>(&config, "gauntlet")?, policy, proposals, section(&config, "breaker")?)
         }
         None => (None, None, None, None),
     };
@@ -248,36 +253,9 @@ pub fn verify_with(
     Ok(report)
 }
 
-/// The policy a stored configuration pins, and the proposal book when it votes (`[voting]`).
-fn voting_rules(config: &[u8]) -> Result<(Option<Policy>, Option<ProposalBook>), AuditError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
-    let policy: Option<Policy> = match value.get("policy") {
-        Some(policy) => Some(
-            serde_json::from_value(policy.clone())
-                .map_err(|e| AuditError::State(format!("stored configuration's policy: {e}")))?,
-        ),
-        None => None,
-    };
-    let voting: Option<VotingRules> = match value.get("voting") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(rules) => Some(
-            serde_json::from_value(rules.clone())
-                .map_err(|e| AuditError::State(format!("stored configuration's voting: {e}")))?,
-        ),
-    };
-    let book = match (voting, policy) {
-        (Some(voting), Some(policy)) => Some(ProposalBook::new(voting, policy)),
-        _ => None,
-    };
-    Ok((policy, book))
-}
-
 /// A section of the stored configuration, if present.
-fn section<T: serde::de::DeserializeOwned>(config: &[u8], key: &str) -> Result<Option<T>, AuditError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
-    match value.get(key) {
+fn section<T: serde::de::DeserializeOwned>(config: &serde_json::Value, key: &str) -> Result<Option<T>, AuditError> {
+    match config.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone())
             .map(Some)
@@ -285,25 +263,9 @@ fn section<T: serde::de::DeserializeOwned>(config: &[u8], key: &str) -> Result<O
     }
 }
 
-/// A loss table as the ledger records it (`null` where not finite).
-fn finite(table: &LossTable) -> BTreeMap<String, Option<f64>> {
-    table.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect()
-}
-
+/// A loss table as the ledger records it, read back (`null`: not finite).
 fn as_table(losses: &BTreeMap<String, Option<f64>>) -> LossTable {
     losses.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::INFINITY))).collect()
-}
-
-/// The gauntlet rules a stored configuration pins, if any.
-fn gauntlet_rules(config: &[u8]) -> Result<Option<GauntletRules>, AuditError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
-    match value.get("gauntlet") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(rules) => serde_json::from_value(rules.clone())
-            .map(Some)
-            .map_err(|e| AuditError::State(format!("stored configuration's gauntlet: {e}"))),
-    }
 }
 
 impl Auditor<'_> {
@@ -827,9 +789,6 @@ impl Auditor<'_> {
     /// recorded losses, from the recorded gains, must reach every recorded candidate (its α,
     /// priorities and step) and every conclusion. Returns the published step's scale.
     fn replay_check(&mut self, check: &LanguageCheck, open: &OpenRound, inputs: &[Accepted]) -> Result<f64, String> {
-        let as_table = |t: &BTreeMap<String, Option<f64>>| -> LossTable {
-            t.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::INFINITY))).collect()
-        };
         if let Some(known) = &self.base_loss {
             if *known != check.base_loss {
                 return Err("the per-language check starts from other losses than the base's recorded ones".into());

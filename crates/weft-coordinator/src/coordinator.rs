@@ -1380,7 +1380,7 @@ impl<M: Measure> Coordinator<M> {
 }
 
 /// A loss table as JSON can carry it: a non-finite loss as `null`.
-fn finite(table: &LossTable) -> std::collections::BTreeMap<String, Option<f64>> {
+pub(crate) fn finite(table: &LossTable) -> std::collections::BTreeMap<String, Option<f64>> {
     table.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect()
 }
 
