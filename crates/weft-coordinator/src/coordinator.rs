@@ -40,7 +40,10 @@ use crate::journal::{BreakerWatch, Head, Journal, JournalError, Rows};
 use crate::measure::{Measure, MeasureError};
 use crate::privacy::PrivacyRules;
 use crate::proposals::{equal_electorate, ProposalBook, ProposalError};
-use crate::record::{ContributionRecord, CountedProposal, Judgment, ManifestEntry, NodeManifest, RoundRecord};
+use crate::record::{
+    unix_ms, ContributionRecord, ContributionTiming, CountedProposal, Judgment, ManifestEntry, NodeManifest,
+    RoundRecord, RoundTiming,
+};
 use crate::store::{BlobStore, StoreError};
 
 /// A member of the consortium: a node id and the language (jurisdiction) it speaks for.
@@ -184,6 +187,22 @@ struct Settled {
 }
 
 /// The round being collected.
+/// A contribution being taken in: its record, and when taking it in started.
+struct Intake {
+    record: ContributionRecord,
+    started: std::time::Instant,
+}
+
+impl Intake {
+    /// The record, with the intake's duration up to now (just before it is committed).
+    fn finished(mut self) -> ContributionRecord {
+        if let Some(timing) = self.record.timing.as_mut() {
+            timing.intake_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        }
+        self.record
+    }
+}
+
 struct Pending {
     round: u64,
     /// What the round's updates stand for: full-weight deltas, or this round's adapter.
@@ -194,11 +213,14 @@ struct Pending {
     admitted: BTreeMap<NodeId, Admitted>,
     /// Merkle leaves of this round's `contribution_received` ledger entries (durable mode).
     leaves: Vec<ContentHash>,
+    /// When it opened (`None` when reopened after a restart: the time is not kept).
+    opened: Option<std::time::SystemTime>,
 }
 
 impl Pending {
     fn new(round: u64, form: Arc<dyn UpdateForm>) -> Self {
-        Pending { round, form, records: Vec::new(), admitted: BTreeMap::new(), leaves: Vec::new() }
+        let opened = Some(std::time::SystemTime::now());
+        Pending { round, form, records: Vec::new(), admitted: BTreeMap::new(), leaves: Vec::new(), opened }
     }
 
     /// Takes a measured contribution into the round: the one place a node becomes a candidate,
@@ -797,18 +819,35 @@ impl<M: Measure> Coordinator<M> {
         contribution: Contribution,
         signature: Option<Signature>,
     ) -> Result<Receipt, SubmitError> {
+        self.submit_received(contribution, signature, None)
+    }
+
+    /// [`submit_signed`](Self::submit_signed) for an update that crossed the network in
+    /// `wire_bytes` bytes (recorded for operators, as the intake's timing is).
+    pub fn submit_received(
+        &mut self,
+        contribution: Contribution,
+        signature: Option<Signature>,
+        wire_bytes: Option<u64>,
+    ) -> Result<Receipt, SubmitError> {
         self.usable()?;
         let Some(round) = self.open.as_ref().map(|p| p.round) else {
             return Err(SubmitError::Rejected(Rejection::NoOpenRound));
         };
+        let started = std::time::Instant::now();
         let mut record = ContributionRecord::arrived(&contribution, self.roster.get(&contribution.node).cloned());
+        record.wire_bytes = wire_bytes;
+        record.timing =
+            Some(ContributionTiming { received_unix_ms: unix_ms(std::time::SystemTime::now()), intake_ms: 0.0 });
+        let record = Intake { record, started };
+        let mut record = record;
         if let Err(reason) = self.check(&contribution, round) {
             self.refuse(round, &contribution, record, signature, &reason)?;
             return Err(SubmitError::Rejected(reason));
         }
         if let Some(rules) = self.privacy {
             match rules.charge(&contribution, self.rounds_charged(&contribution.node)) {
-                Ok(charge) => record.privacy = Some(charge),
+                Ok(charge) => record.record.privacy = Some(charge),
                 Err(reason) => {
                     self.refuse(round, &contribution, record, signature, &reason)?;
                     return Err(SubmitError::Rejected(reason));
@@ -823,7 +862,7 @@ impl<M: Measure> Coordinator<M> {
         let admitted = Admitted {
             quality,
             gains: measurement.gains.clone().unwrap_or_default(),
-            declared_quality: record.declared_quality(),
+            declared_quality: record.record.declared_quality(),
             delta_hash,
             delta_norm: self.open_form().norm(contribution.delta.state()),
         };
@@ -851,10 +890,11 @@ impl<M: Measure> Coordinator<M> {
         &mut self,
         round: u64,
         contribution: &Contribution,
-        mut record: ContributionRecord,
+        intake: Intake,
         signature: Option<Signature>,
         reason: &Rejection,
     ) -> Result<(), CoordinatorError> {
+        let mut record = intake.finished();
         if self.roster.contains_key(&contribution.node) && !matches!(reason, Rejection::DuplicateNode) {
             if let Some(g) = self.governance.as_mut() {
                 g.failed(&contribution.node);
@@ -884,11 +924,12 @@ impl<M: Measure> Coordinator<M> {
         &mut self,
         round: u64,
         contribution: &Contribution,
-        mut record: ContributionRecord,
+        intake: Intake,
         signature: Option<Signature>,
         admitted: Admitted,
         measurement: Measurement,
     ) -> Result<(), CoordinatorError> {
+        let mut record = intake.finished();
         let heldout = measurement.heldout;
         record.quality = admitted.quality.is_finite().then_some(admitted.quality);
         record.delta_hash = Some(admitted.delta_hash);
@@ -962,6 +1003,7 @@ impl<M: Measure> Coordinator<M> {
     pub fn close_round(&mut self) -> Result<RoundRecord, CoordinatorError> {
         self.usable()?;
         let Some(pending) = self.open.take() else { return Err(CoordinatorError::NoOpenRound) };
+        let closing = std::time::Instant::now();
         let stored = self.settle(&pending).and_then(|settled| {
             let refs = self.store_next(&settled)?;
             Ok((settled, refs))
@@ -1001,6 +1043,11 @@ impl<M: Measure> Coordinator<M> {
             tracing::info!(round = record.round, outcome = %j.verdict.outcome, "gauntlet");
         }
         record.gauntlet = judgment;
+        record.timing = Some(RoundTiming {
+            opened_unix_ms: pending.opened.map(unix_ms),
+            closed_unix_ms: unix_ms(std::time::SystemTime::now()),
+            aggregation_ms: closing.elapsed().as_secs_f64() * 1e3,
+        });
         let mut events = self.round_events(&record, &settled.accepted, refs_in, refs_out, &pending.leaves);
         if let Some(event) = judged_event {
             // After the decision, before the publication it allows.
@@ -1291,6 +1338,7 @@ impl<M: Measure> Coordinator<M> {
             gauntlet: None,
             proposals_counted: Vec::new(),
             breaker: None,
+            timing: None,
         }
     }
 

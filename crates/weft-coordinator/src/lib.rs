@@ -31,5 +31,8 @@ pub use journal::{BreakerWatch, Head, Journal, JournalError, Rows, SqliteJournal
 pub use measure::{HeldoutSet, Measure, MeasureError, SampledDistance};
 pub use privacy::{community_id, community_seed, draw_communities, PrivacyCharge, PrivacyRules};
 pub use proposals::{equal_electorate, OpenProposal, ProposalBook, ProposalError};
-pub use record::{ContributionRecord, CountedProposal, Judgment, ManifestEntry, NodeManifest, RoundRecord};
+pub use record::{
+    unix_ms, ContributionRecord, ContributionTiming, CountedProposal, Judgment, ManifestEntry, NodeManifest,
+    RoundRecord, RoundTiming,
+};
 pub use store::{Blob, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, StoreError};

@@ -44,6 +44,42 @@ pub struct ContributionRecord {
     /// The privacy loss charged for it (consortia with differential privacy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyCharge>,
+    /// Size of the update as f32 values (4 bytes each), whatever its encoding on the wire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_bytes: Option<u64>,
+    /// Bytes of the update as they crossed the network (networked mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes: Option<u64>,
+    /// When it arrived and how long taking it in took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<ContributionTiming>,
+}
+
+/// When a contribution arrived and what taking it in cost. Facts of one coordinator's run, kept
+/// in the journal for operators (the dashboard, `/metrics`) and never in the ledger: replay and
+/// verification must not depend on clocks.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContributionTiming {
+    /// Wall clock at arrival, milliseconds since the Unix epoch.
+    pub received_unix_ms: u64,
+    /// From arrival to its committed outcome: checks, measurement, storing the delta.
+    pub intake_ms: f64,
+}
+
+/// When a round opened and closed and how long its step took (journal only, like
+/// [`ContributionTiming`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundTiming {
+    /// `None` when the coordinator restarted during the round (the opening time is not kept).
+    pub opened_unix_ms: Option<u64>,
+    pub closed_unix_ms: u64,
+    /// Closing the round: deciding, aggregating, the per-language check and the gauntlet.
+    pub aggregation_ms: f64,
+}
+
+/// Milliseconds since the Unix epoch (0 on a clock set before it).
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl ContributionRecord {
@@ -72,6 +108,9 @@ impl ContributionRecord {
             heldout_loss: None,
             gains: None,
             privacy: None,
+            update_bytes: Some(4 * contribution.delta.state().num_values() as u64),
+            wire_bytes: None,
+            timing: None,
         }
     }
 
@@ -126,6 +165,8 @@ pub struct RoundRecord {
     /// in force after the round is the anchor's, not `base_hash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<weft_ledger::Event>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<RoundTiming>,
 }
 
 /// A proposal counted when its vote closed.

@@ -844,6 +844,7 @@ impl<M: Measure + Send + 'static> Service<M> {
         // Decode and submit under the engine's lock: one delta in memory at a time.
         let node = member.id.clone();
         let shared = self.shared.clone();
+        let wire_bytes = *wire;
         let job = move |engine: &mut DurableCoordinator<M>| -> Result<f64, Refusal> {
             // Read on the engine thread: however many uploads finish together, one encoded and
             // one decoded delta are in memory at a time.
@@ -875,7 +876,7 @@ impl<M: Measure + Send + 'static> Service<M> {
                 token_count: manifest.token_count,
                 declared: manifest.declared.clone(),
             };
-            match engine.submit_signed(contribution, Some(signature)) {
+            match engine.submit_received(contribution, Some(signature), Some(wire_bytes)) {
                 Ok(receipt) => {
                     // Recorded here, not by the upload's task: the task may be gone (the node
                     // hung up) while its contribution counts.

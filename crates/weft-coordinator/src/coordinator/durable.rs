@@ -187,6 +187,7 @@ impl<M: Measure> Coordinator<M> {
             }
             if let Some(pending) = self.open.as_mut() {
                 pending.leaves = leaves;
+                pending.opened = None;
             }
         }
         Ok(())
