@@ -225,6 +225,25 @@ impl SqliteJournal {
         })
     }
 
+    /// Runs `read` on one consistent view of the committed state: a read transaction, so a
+    /// running coordinator's commits in the meantime are not half seen (readers beside a live
+    /// coordinator, such as the dashboard).
+    pub fn consistent<T>(&self, read: impl FnOnce(&Self) -> Result<T, JournalError>) -> Result<T, JournalError> {
+        self.conn.execute_batch("BEGIN DEFERRED").map_err(self.sql())?;
+        let out = read(self);
+        // Ends the read transaction; it changed nothing, so there is nothing to lose.
+        let ended = self.conn.execute_batch("COMMIT").map_err(self.sql());
+        let out = out?;
+        ended?;
+        Ok(out)
+    }
+
+    /// The number of ledger entries (cheap: readers poll it to see a step land).
+    pub fn ledger_len(&self) -> Result<u64, JournalError> {
+        let n: i64 = self.conn.query_row("SELECT COUNT(*) FROM ledger", [], |row| row.get(0)).map_err(self.sql())?;
+        Ok(n.max(0) as u64)
+    }
+
     fn last_entry(&self) -> Result<Option<Entry>, JournalError> {
         let line: Option<Vec<u8>> = self
             .conn

@@ -40,6 +40,13 @@ pub struct ServeArgs {
     /// Seconds to keep answering after the last round, so nodes learn it is over.
     #[arg(long, default_value_t = 3)]
     pub linger_secs: u64,
+    /// Also serve the read-only web dashboard (and /metrics) on this address [default when
+    /// given without one: 127.0.0.1:8750]. Anything but loopback needs --dashboard-token.
+    #[arg(long, num_args = 0..=1, default_missing_value = crate::dashboard::DEFAULT_ADDRESS)]
+    pub dashboard: Option<String>,
+    /// The dashboard's access token (at least 16 characters); default: $WEFT_DASHBOARD_TOKEN.
+    #[arg(long, requires = "dashboard")]
+    pub dashboard_token: Option<String>,
 }
 
 /// The roster's members and the keys they sign with: who may propose and vote.
@@ -85,6 +92,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     say!("coordinator listening on {} for {} nodes", options.config.address, options.roster.node.len());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    if let Some(address) = &args.dashboard {
+        // Reads the storage's committed state on its own threads: never the engine's lock.
+        let token = crate::dashboard::token(args.dashboard_token.clone());
+        let listener = runtime.block_on(weft_dashboard::bind(address, token.as_deref()))?;
+        let bound = listener.local_addr().context("the dashboard's address")?;
+        say!("dashboard on http://{bound}/");
+        let options = crate::dashboard::options(&storage, token, true);
+        runtime.spawn(async move {
+            if let Err(e) = weft_dashboard::serve(listener, options).await {
+                tracing::error!("the dashboard stopped: {e}");
+            }
+        });
+    }
     let served = runtime.block_on(weft_net::server::serve(coordinator, options))?;
     for record in &served.rounds {
         let wire: u64 = served.wire_bytes.get(&record.round).map_or(0, |m| m.values().sum());

@@ -292,7 +292,8 @@ fn in_process(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Inst
         network: None,
     };
     let report = Report::build(finished, &mut run.heldout(data_dir)?)?;
-    finish(&report, &languages, args.json.as_deref(), args.out.as_deref())
+    let html = args.out.as_deref().map(|out| (storage.as_path(), out));
+    finish(&report, &languages, args.json.as_deref(), args.out.as_deref(), html)
 }
 
 /// `cap=0.4,floor=0.01`: a class-3 change as `--propose` takes it.
@@ -346,7 +347,14 @@ fn propose_and_vote(
 }
 
 /// The summary table, the report files, the final line: the same for both ways of running.
-fn finish(report: &Report, languages: &[String], json: Option<&Path>, out: Option<&Path>) -> anyhow::Result<()> {
+/// `html`: the coordinator's storage and the directory to write its `report.html` into.
+fn finish(
+    report: &Report,
+    languages: &[String],
+    json: Option<&Path>,
+    out: Option<&Path>,
+    html: Option<(&Path, &Path)>,
+) -> anyhow::Result<()> {
     table::summary(
         &report.initial_heldout_loss,
         &report.final_heldout_loss,
@@ -357,6 +365,10 @@ fn finish(report: &Report, languages: &[String], json: Option<&Path>, out: Optio
     if let Some(out) = out {
         write_atomic(&out.join("report.json"), &bytes)?;
         say!("artifacts kept in {}", out.display());
+    }
+    if let Some((storage, dir)) = html {
+        let page = crate::dashboard::write_report(storage, dir)?;
+        say!("report with charts: {} (browse the run live: weft dashboard {})", page.display(), storage.display());
     }
     if let Some(path) = json {
         std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
@@ -570,7 +582,8 @@ fn processes(args: &DemoArgs, run: &RunSettings, data_dir: &Path, started: Insta
     if args.out.is_some() {
         say!("consortium kept in {} (`weft ledger show {}`)", dir.display(), storage.display());
     }
-    finish(&report, &run.languages(), args.json.as_deref(), None)
+    let html = args.out.as_deref().map(|out| (storage.as_path(), out));
+    finish(&report, &run.languages(), args.json.as_deref(), None, html)
 }
 
 /// Each round's communities as the ledger recorded them, and what became of each: its sum's

@@ -81,7 +81,7 @@ pub fn run(command: LedgerCommand) -> anyhow::Result<()> {
 
 /// The adapters of a run on a real base (`weft demo --base`), from the configuration its
 /// journal stores: the Llama config is all a replay needs to rebuild each round's factors.
-fn adapter_family(dir: &Path) -> anyhow::Result<Option<weft_llama::LlamaAdapters>> {
+pub fn adapter_family(dir: &Path) -> anyhow::Result<Option<weft_llama::LlamaAdapters>> {
     let Ok(journal) = SqliteJournal::read(dir) else { return Ok(None) };
     let Some((config, _)) = journal.load()? else { return Ok(None) };
     let config: serde_json::Value = serde_json::from_slice(&config).context("the journal's configuration")?;

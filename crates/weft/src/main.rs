@@ -9,6 +9,7 @@ mod args;
 mod attack;
 mod consortium;
 mod coordinator;
+mod dashboard;
 mod data;
 mod demo;
 mod inspect;
@@ -67,6 +68,10 @@ enum Command {
     /// Class-3 changes of the rules (cap, floor, quorum) by signed proposals and votes.
     #[command(subcommand)]
     Proposal(proposal::ProposalCommand),
+    /// A read-only web dashboard over a coordinator's storage (live while it runs): rounds,
+    /// contributions and why each was refused, loss per language, reputation, privacy budgets,
+    /// the ledger entry by entry, and Prometheus metrics at /metrics.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,6 +92,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(command) => coordinator::run(command),
         Command::Node(command) => node::run(command),
         Command::Model(command) => model::run(command),
+        Command::Dashboard(args) => dashboard::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

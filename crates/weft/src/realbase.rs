@@ -864,6 +864,8 @@ pub fn run(args: &DemoArgs, base: &str) -> anyhow::Result<()> {
     say!("final base {}  ({seconds:.0} s)", final_hash.short());
     if let Some(kept) = &args.out {
         say!("artifacts in {}; check the ledger with: weft ledger verify {}", kept.display(), storage.display());
+        let page = crate::dashboard::write_report(&storage, kept)?;
+        say!("report with charts: {} (browse the run: weft dashboard {})", page.display(), storage.display());
     }
     let update_values = RoundAdapter::new(&config, &plan.round(1))?.update_values();
     let report = RealBaseReport {
