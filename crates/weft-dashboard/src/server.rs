@@ -164,44 +164,57 @@ pub async fn serve(listener: tokio::net::TcpListener, options: DashboardOptions)
         version: AtomicU64::new(0),
         announce,
     });
+    // The first reading before the first request: a page never finds nothing read yet.
+    let first = shared.clone();
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = None;
+        refresh(&first, &mut seen);
+        seen
+    })
+    .await
+    .unwrap_or(None);
     let watcher = Arc::downgrade(&shared);
     std::thread::Builder::new()
         .name("weft-dashboard-watch".into())
-        .spawn(move || watch_storage(watcher))
+        .spawn(move || watch_storage(watcher, seen))
         .map_err(DashboardError::Serve)?;
     axum::serve(listener, router(shared)).await.map_err(DashboardError::Serve)
 }
 
-/// Polls the storage; reads a snapshot whenever the ledger grew (or first), and starts a
-/// verification of each new ledger length when none runs. Stops when the server is gone.
-fn watch_storage(shared: Weak<Shared>) {
-    let mut seen: Option<u64> = None;
+/// Polls the storage; reads a snapshot whenever the ledger grew, and starts a verification
+/// when one is due. Stops when the server is gone.
+fn watch_storage(shared: Weak<Shared>, mut seen: Option<u64>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let dir = s.options.dir.clone();
-        let rows = SqliteJournal::read(&dir).and_then(|j| j.ledger_len());
-        match rows {
-            Ok(rows) if Some(rows) != seen => match Snapshot::read(&dir) {
-                Ok(snapshot) => {
-                    seen = Some(snapshot.ledger_rows);
-                    tracing::debug!(entries = snapshot.ledger_rows, "dashboard: new state");
-                    *s.current.write().unwrap_or_else(|e| e.into_inner()) =
-                        Current { snapshot: Some(Arc::new(snapshot)), error: None };
-                    s.bump();
-                }
-                Err(e) => note_error(&s, e.to_string()),
-            },
-            Ok(_) => {}
-            Err(e) => note_error(&s, e.to_string()),
-        }
-        let state =
-            read(&s.current).snapshot.as_ref().map(|snap| (snap.ledger_rows, snap.head.round, snap.open.is_some()));
-        if let Some((rows, round, open)) = state {
-            maybe_verify(&s, rows, round, open);
-        }
         let poll = s.options.poll;
         drop(s);
         std::thread::sleep(poll);
+        let Some(s) = shared.upgrade() else { return };
+        refresh(&s, &mut seen);
+    }
+}
+
+/// Reads a new snapshot if the ledger's length is not `seen` (or nothing was read yet), then
+/// starts a verification if one is due.
+fn refresh(s: &Arc<Shared>, seen: &mut Option<u64>) {
+    let dir = &s.options.dir;
+    match SqliteJournal::read(dir).and_then(|j| j.ledger_len()) {
+        Ok(rows) if Some(rows) != *seen => match Snapshot::read(dir) {
+            Ok(snapshot) => {
+                *seen = Some(snapshot.ledger_rows);
+                tracing::debug!(entries = snapshot.ledger_rows, "dashboard: new state");
+                *s.current.write().unwrap_or_else(|e| e.into_inner()) =
+                    Current { snapshot: Some(Arc::new(snapshot)), error: None };
+                s.bump();
+            }
+            Err(e) => note_error(s, e.to_string()),
+        },
+        Ok(_) => {}
+        Err(e) => note_error(s, e.to_string()),
+    }
+    let state = read(&s.current).snapshot.as_ref().map(|snap| (snap.ledger_rows, snap.head.round, snap.open.is_some()));
+    if let Some((rows, round, open)) = state {
+        maybe_verify(s, rows, round, open);
     }
 }
 
