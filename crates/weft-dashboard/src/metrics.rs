@@ -17,7 +17,13 @@ pub fn render(s: &Snapshot, verification: &Verification) -> String {
     let mut out = String::new();
     let closed = s.rounds.len() as f64;
     family(&mut out, "weft_rounds_closed_total", "counter", "Rounds closed.", &[(vec![], closed)]);
-    family(&mut out, "weft_round", "gauge", "The last closed round.", &[(vec![], s.head.round as f64)]);
+    family(
+        &mut out,
+        "weft_last_closed_round",
+        "gauge",
+        "The last closed round (0 before the first).",
+        &[(vec![], s.head.round as f64)],
+    );
     family(
         &mut out,
         "weft_round_open",

@@ -65,6 +65,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| config_path.display().to_string())?;
     let storage = args.dir.join(&config.storage);
     let data_dir = data::data_dir(args.data.clone());
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The dashboard's address and token are checked before the coordinator's storage is
+    // touched. It reads committed state on its own threads, never through the engine's lock.
+    let dashboard = match &args.dashboard {
+        Some(address) => {
+            let token = crate::dashboard::token(args.dashboard_token.clone());
+            let listener = runtime.block_on(weft_dashboard::bind(address, token.as_deref()))?;
+            Some((listener, crate::dashboard::options(&storage, token, true)))
+        }
+        None => None,
+    };
     let (coordinator, dp) = if config.base.is_some() {
         crate::realbase::serve_coordinator(&config, &args.dir, &members, &data_dir, &storage)
             .with_context(|| config_path.display().to_string())?
@@ -91,14 +102,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         roster,
     };
     say!("coordinator listening on {} for {} nodes", options.config.address, options.roster.node.len());
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    if let Some(address) = &args.dashboard {
-        // Reads the storage's committed state on its own threads: never the engine's lock.
-        let token = crate::dashboard::token(args.dashboard_token.clone());
-        let listener = runtime.block_on(weft_dashboard::bind(address, token.as_deref()))?;
+    if let Some((listener, options)) = dashboard {
         let bound = listener.local_addr().context("the dashboard's address")?;
         say!("dashboard on http://{bound}/");
-        let options = crate::dashboard::options(&storage, token, true);
         runtime.spawn(async move {
             if let Err(e) = weft_dashboard::serve(listener, options).await {
                 tracing::error!("the dashboard stopped: {e}");

@@ -368,7 +368,7 @@ fn finish(
     }
     if let Some((storage, dir)) = html {
         let page = crate::dashboard::write_report(storage, dir)?;
-        say!("report with charts: {} (browse the run live: weft dashboard {})", page.display(), storage.display());
+        say!("report with charts: {} (browse the run: weft dashboard {})", page.display(), storage.display());
     }
     if let Some(path) = json {
         std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
