@@ -186,7 +186,6 @@ struct Settled {
     check: Option<LanguageCheck>,
 }
 
-/// The round being collected.
 /// A contribution being taken in: its record, and when taking it in started.
 struct Intake {
     record: ContributionRecord,
@@ -203,6 +202,7 @@ impl Intake {
     }
 }
 
+/// The round being collected.
 struct Pending {
     round: u64,
     /// What the round's updates stand for: full-weight deltas, or this round's adapter.
@@ -839,8 +839,7 @@ impl<M: Measure> Coordinator<M> {
         record.wire_bytes = wire_bytes;
         record.timing =
             Some(ContributionTiming { received_unix_ms: unix_ms(std::time::SystemTime::now()), intake_ms: 0.0 });
-        let record = Intake { record, started };
-        let mut record = record;
+        let mut record = Intake { record, started };
         if let Err(reason) = self.check(&contribution, round) {
             self.refuse(round, &contribution, record, signature, &reason)?;
             return Err(SubmitError::Rejected(reason));

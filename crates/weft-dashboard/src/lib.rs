@@ -36,15 +36,6 @@ pub struct Verified {
     pub replayed: u64,
 }
 
-/// The default verifier: [`weft_coordinator::verify`], full-weight rounds only.
-pub fn verify_full_weights() -> Verifier {
-    Arc::new(|dir: &Path| {
-        weft_coordinator::verify(dir, None)
-            .map(|r| Verified { entries: r.entries, rounds: r.rounds, replayed: r.replayed })
-            .map_err(|e| e.to_string())
-    })
-}
-
 /// The last `ledger verify` the dashboard ran, and whether one runs now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Verification {

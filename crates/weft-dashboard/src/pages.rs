@@ -171,7 +171,8 @@ pub fn timeline(s: &Snapshot, links: Links) -> String {
     for r in &s.rounds {
         let rec = &r.record;
         let refused = rec.contributions.iter().filter(|c| !c.accepted).count();
-        let took = rec.timing.and_then(|t| Some((t.closed_unix_ms - t.opened_unix_ms?) as f64));
+        // Wall-clock times: a clock set back during the round leaves no duration, not a panic.
+        let took = rec.timing.and_then(|t| Some(t.closed_unix_ms.checked_sub(t.opened_unix_ms?)? as f64));
         let _ = write!(
             h,
             r#"<tr class="round" data-round="{n}"><td><a href="{}">{n}</a></td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{refused}</td><td>{}</td><td class="mono">{}</td>"#,

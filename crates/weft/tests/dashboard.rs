@@ -7,29 +7,18 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
+
+mod support;
+use support::{free_port, Running};
 
 fn weft() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_weft"));
     command.env_remove("WEFT_CRASH_AT").env_remove("WEFT_DASHBOARD_TOKEN");
     command
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Kills the process when dropped, so a failed test leaves nothing running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// An HTTP/1.1 response.
@@ -174,7 +163,7 @@ fn a_finished_demo_is_shown_read_only_with_every_parameter_checked() {
     assert!(html.contains(r#"id="loss-chart""#) && html.contains(r#"data-languages="de,en,es,fr""#));
     assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href=\"http"));
     assert!(html.contains(r#"data-decision="non_finite""#), "the NaN attacker's refusal is in the report");
-    assert!(html.contains("passed"), "the report shows the ledger verified");
+    assert!(html.contains(r#"id="verify"><span class="badge ok""#), "the report shows the ledger verified");
 
     let storage = out.join("coordinator");
     let before = tree(&out);

@@ -3,7 +3,7 @@
 //! (weft-net's client) from the test process.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -12,6 +12,9 @@ use weft_net::client::{connect, fetch_base, upload, Kit};
 use weft_net::proto::{self, consortium_client::ConsortiumClient, upload_part::Part};
 use weft_net::refusal::{RefusalCode, RefusalCode as C};
 
+mod support;
+use support::{free_port, Running};
+
 const TINY: &[&str] =
     &["--local-steps", "4", "--layers", "1", "--heads", "2", "--width", "16", "--context", "16", "--batch", "4"];
 
@@ -19,20 +22,6 @@ fn weft() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_weft"));
     command.env_remove("WEFT_CRASH_AT");
     command
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Kills the process when dropped, so a failed test leaves nothing running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 impl Running {
@@ -615,7 +604,8 @@ fn a_site_makes_its_own_keys_and_is_admitted_with_public_material_only() {
 
 /// `weft demo --processes` (a coordinator and one process per node) with canary governance and
 /// a policy other than the default: the same bases, the same reputation table and one report
-/// schema as the in-process demo — the reports differ only in timings and the network section.
+/// schema as the in-process demo — the reports differ only in timings, bytes on the wire and the
+/// network section.
 #[test]
 fn governance_over_the_network_matches_the_in_process_demo() {
     let tmp = tempfile::tempdir().unwrap();
@@ -639,12 +629,30 @@ fn governance_over_the_network_matches_the_in_process_demo() {
     }
     let network = networked.as_object_mut().unwrap().remove("network").expect("a network section");
     assert!(network["wire_bytes"]["1"]["node-de"].as_u64().unwrap() > 0);
-    for report in [&mut local, &mut networked] {
+    for (report, over_the_network) in [(&mut local, false), (&mut networked, true)] {
         let report = report.as_object_mut().unwrap();
         report.remove("seconds").expect("seconds");
-        // Contributions are recorded in arrival order, which the network does not fix.
         for round in report["rounds"].as_array_mut().unwrap() {
-            let contributions = round["contributions"].as_array_mut().unwrap();
+            let number = round["round"].to_string();
+            let round = round.as_object_mut().unwrap();
+            let timing = round.remove("timing").expect("a round's timing");
+            assert!(timing["aggregation_ms"].as_f64().unwrap() > 0.0);
+            assert!(timing["closed_unix_ms"].as_u64().unwrap() >= timing["opened_unix_ms"].as_u64().unwrap());
+            let contributions = round.get_mut("contributions").unwrap().as_array_mut().unwrap();
+            for contribution in contributions.iter_mut() {
+                let contribution = contribution.as_object_mut().unwrap();
+                let timing = contribution.remove("timing").expect("a contribution's timing");
+                assert!(timing["intake_ms"].as_f64().unwrap() > 0.0);
+                // Bytes on the wire only over the network, as the network section counts them.
+                let wire = contribution.remove("wire_bytes");
+                let node = contribution["node"].as_str().unwrap();
+                if over_the_network {
+                    assert_eq!(wire.as_ref(), Some(&network["wire_bytes"][&number][node]), "{node}");
+                } else {
+                    assert_eq!(wire, None);
+                }
+            }
+            // Contributions are recorded in arrival order, which the network does not fix.
             contributions.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         }
     }

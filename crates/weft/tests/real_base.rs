@@ -9,6 +9,9 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 use weft_core::{ModelState, Tensor};
 
+mod support;
+use support::{free_port, Running};
+
 fn weft(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weft")).args(args).output().expect("the weft binary runs")
 }
@@ -125,6 +128,10 @@ fn adapter_rounds_on_a_real_base_replay_and_reproduce() {
     let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(report["rounds"], 2);
     assert_eq!(report["final_base_hash"], first["final_base_hash"]);
+    // The run's report.html: the demo verified the adapter rounds for it (replay needs the family).
+    let html = std::fs::read_to_string(tmp.path().join("one/report.html")).unwrap();
+    assert!(html.contains(r#"id="verify"><span class="badge ok""#), "the report's ledger check did not pass");
+    assert!(html.contains(r#"data-languages="de,es,fr,ja""#), "the report's chart lacks a language");
     let shown = weft(&["ledger", "show", storage.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&shown.stdout).matches("LoRA rank 2").count(), 2);
 
@@ -252,20 +259,6 @@ fn bad_real_base_settings_get_a_clear_error() {
     let out = weft(&["demo", "--base", b, "--out", tmp.path().join("x").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("model.safetensors"), "{}", stderr(&out));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Kills the process when dropped, so a failed test leaves nothing running.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 impl Running {
