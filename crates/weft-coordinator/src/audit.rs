@@ -19,7 +19,7 @@ use weft_ledger::{merkle_root, Chain, ChainError, CheckOutcome, Entry, Event, La
 use crate::aggregation::{self, Accepted, StepRules};
 use crate::coordinator::finite;
 use crate::head::{ModelPoint, ModelRefs};
-use crate::journal::{Journal, JournalError, SqliteJournal};
+use crate::journal::{Head, Journal, JournalError, SqliteJournal};
 use crate::proposals::ProposalBook;
 use crate::store::{BlobStore, FsBlobStore, StoreError};
 
@@ -158,12 +158,15 @@ pub fn verify_with(
     adapters: Option<&dyn AdapterFamily>,
 ) -> Result<AuditReport, AuditError> {
     let journal = SqliteJournal::read(dir)?;
-    let lines = journal.ledger()?;
+    // One read transaction: beside a running coordinator, the ledger, the head and the
+    // configuration must be of the same committed step, or a step landing between the reads
+    // looks like a disagreement.
+    let (lines, stored, genesis) = journal.consistent(|j| Ok((j.ledger()?, j.load()?, j.head_after(0)?)))?;
     // The configuration is checked against the genesis's hash at the end (check_state).
-    let (gauntlet, policy, proposals, breaker) = match journal.load()? {
+    let (gauntlet, policy, proposals, breaker) = match &stored {
         Some((config, _)) => {
             let config: serde_json::Value =
-                serde_json::from_slice(&config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
+                serde_json::from_slice(config).map_err(|e| AuditError::State(format!("stored configuration: {e}")))?;
             let policy = section::<Policy>(&config, "policy")?;
             let voting = section::<VotingRules>(&config, "voting")?;
             let proposals = voting.zip(policy).map(|(voting, policy)| ProposalBook::new(voting, policy));
@@ -171,7 +174,7 @@ pub fn verify_with(
         }
         None => (None, None, None, None),
     };
-    let genesis_loss = journal.head_after(0)?.map(|genesis| finite(&genesis.base_loss));
+    let genesis_loss = genesis.map(|genesis| finite(&genesis.base_loss));
     let store = FsBlobStore::open_existing(dir.join("blobs"))?;
     let mut auditor = Auditor {
         store: &store,
@@ -244,7 +247,7 @@ pub fn verify_with(
             detail,
         })?;
     }
-    auditor.check_state(&journal)?;
+    auditor.check_state(stored.as_ref())?;
     let mut report = auditor.report;
     report.entries = auditor.chain.len();
     report.head = auditor.chain.head();
@@ -881,11 +884,12 @@ impl Auditor<'_> {
     }
 
     /// The state database's head must be what the ledger says.
-    fn check_state(&self, journal: &SqliteJournal) -> Result<(), AuditError> {
-        let Some((config, head)) = journal.load()? else {
+    /// `stored`: the configuration and head read with the ledger.
+    fn check_state(&self, stored: Option<&(Vec<u8>, Head)>) -> Result<(), AuditError> {
+        let Some((config, head)) = stored else {
             return Err(AuditError::State("no consortium in the state database".into()));
         };
-        let config_hash = ContentHash(*blake3::hash(&config).as_bytes());
+        let config_hash = ContentHash(*blake3::hash(config).as_bytes());
         if config_hash != self.config_hash {
             return Err(AuditError::State(format!(
                 "stored configuration hashes to {config_hash}, the genesis records {}",

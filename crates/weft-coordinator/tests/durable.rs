@@ -124,6 +124,41 @@ fn a_durable_run_equals_an_in_memory_run_and_verifies() {
     }
 }
 
+/// `verify` beside a coordinator that keeps committing (the dashboard, or an auditor running
+/// `weft ledger verify` on a live consortium): each check sees one committed step, so every one
+/// passes, whichever step lands while it reads.
+#[test]
+fn verification_beside_a_running_coordinator_sees_one_committed_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut live = durable(&dir, Aggregator::WeightedMean);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let auditor = {
+        let (dir, running) = (dir.clone(), running.clone());
+        std::thread::spawn(move || {
+            let (mut passed, mut failed) = (0u32, Vec::new());
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                match verify(&dir, None) {
+                    Ok(_) => passed += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (passed, failed)
+        })
+    };
+    run(&mut live, 8);
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (passed, failed) = auditor.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} checks failed, e.g. {}",
+        failed.len(),
+        passed as usize + failed.len(),
+        failed[0]
+    );
+    assert!(passed > 0);
+}
+
 #[test]
 fn a_restart_after_any_step_continues_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();

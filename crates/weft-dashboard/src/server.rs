@@ -40,7 +40,7 @@ pub enum DashboardError {
     #[error("dashboard address {address}: {detail}")]
     Address { address: String, detail: String },
     #[error(
-        "the dashboard would listen on {0}, which is reachable from other machines: give it an access token (--dashboard-token or WEFT_DASHBOARD_TOKEN), or listen on 127.0.0.1"
+        "the dashboard would listen on {0}, which is reachable from other machines: give it an access token (--token of `weft dashboard`, --dashboard-token of `coordinator serve`, or WEFT_DASHBOARD_TOKEN), or listen on 127.0.0.1"
     )]
     NeedsToken(SocketAddr),
     #[error("the dashboard's access token is {0} characters long; it needs at least {MIN_TOKEN_LEN}")]
@@ -233,7 +233,10 @@ fn maybe_verify(s: &Arc<Shared>, rows: u64, round: u64, open: bool) {
     let Some(verifier) = s.options.verifier.clone() else { return };
     {
         let mut v = lock(&s.verification);
-        let checked = v.last.as_ref().is_some_and(|l| l.ledger_rows == rows || (open && l.round == round));
+        // A passed check holds for the open round's contributions; a failed one is retried at
+        // the next step.
+        let checked =
+            v.last.as_ref().is_some_and(|l| l.ledger_rows == rows || (open && l.round == round && l.result.is_ok()));
         if v.running.is_some() || checked {
             return;
         }
@@ -356,11 +359,12 @@ fn percent_decode(text: &str) -> Result<String, String> {
 
 /// A whole number in `min..=max`, named in the error.
 fn number(name: &str, value: &str, min: u64, max: u64) -> Result<u64, Problem> {
+    let range = if max == u64::MAX { format!("of at least {min}") } else { format!("from {min} to {max}") };
     value
         .parse::<u64>()
         .ok()
         .filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| Problem::bad(format!("{name} must be a whole number from {min} to {max}, not '{value}'")))
+        .ok_or_else(|| Problem::bad(format!("{name} must be a whole number {range}, not '{value}'")))
 }
 
 fn snapshot(shared: &Shared) -> Result<Arc<Snapshot>, Problem> {

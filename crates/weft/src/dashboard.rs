@@ -56,7 +56,28 @@ pub fn options(dir: &Path, token: Option<String>, verify: bool) -> DashboardOpti
     }
 }
 
+/// The coordinator storage inside a demo's output directory, when `dir` is one (`weft demo --out
+/// OUT` keeps it in OUT/coordinator, with `--processes` in OUT/consortium/coordinator).
+fn storage_inside(dir: &Path) -> Option<PathBuf> {
+    ["coordinator", "consortium/coordinator"]
+        .iter()
+        .map(|inner| dir.join(inner))
+        .find(|storage| storage.join(weft_coordinator::SqliteJournal::DATABASE).is_file())
+}
+
 pub fn run(args: DashboardArgs) -> anyhow::Result<()> {
+    if !args.dir.exists() {
+        anyhow::bail!("{}: no such directory", args.dir.display());
+    }
+    if !args.dir.join(weft_coordinator::SqliteJournal::DATABASE).exists() {
+        if let Some(storage) = storage_inside(&args.dir) {
+            anyhow::bail!(
+                "{} is a run's output directory, not a coordinator's storage: show it with `weft dashboard {}`",
+                args.dir.display(),
+                storage.display()
+            );
+        }
+    }
     // Read once before listening: a wrong directory is an error now, not a page later.
     let snapshot = Snapshot::read(&args.dir).with_context(|| format!("{}: cannot show it", args.dir.display()))?;
     let token = token(args.token);

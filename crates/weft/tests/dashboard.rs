@@ -235,8 +235,14 @@ fn a_finished_demo_is_shown_read_only_with_every_parameter_checked() {
     // Wrong paths and unsafe addresses are refused before anything listens.
     let missing = weft().args(["dashboard"]).arg(tmp.path().join("nothing")).output().unwrap();
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("holds no coordinator state"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such directory"), "{missing:?}");
     assert!(!tmp.path().join("nothing").exists());
+    let not_storage = weft().args(["dashboard"]).arg(tmp.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&not_storage.stderr).contains("holds no coordinator state"), "{not_storage:?}");
+    // The run's directory instead of its coordinator's: the error gives the command to use.
+    let run_dir = weft().args(["dashboard"]).arg(&out).output().unwrap();
+    let said = String::from_utf8_lossy(&run_dir.stderr);
+    assert!(!run_dir.status.success() && said.contains(&format!("weft dashboard {}", storage.display())), "{said}");
     let open = weft().args(["dashboard"]).arg(&storage).args(["--addr", "0.0.0.0:0"]).output().unwrap();
     assert!(String::from_utf8_lossy(&open.stderr).contains("access token"), "{open:?}");
     let short = weft().args(["dashboard"]).arg(&storage).args(["--token", "abc"]).output().unwrap();
