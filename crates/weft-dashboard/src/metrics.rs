@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use weft_coordinator::ContributionRecord;
+
 use crate::snapshot::Snapshot;
 use crate::Verification;
 
@@ -32,20 +34,13 @@ pub fn render(s: &Snapshot, verification: &Verification) -> String {
         &[(vec![], if s.open.is_some() { 1.0 } else { 0.0 })],
     );
 
-    // Contributions by decision: `accepted`, a refusal's code, or `pending` in the open round.
-    let mut by_decision: BTreeMap<String, f64> = BTreeMap::new();
     let mut wire = 0u64;
     let mut update = 0u64;
     let mut intake = Vec::new();
     let closed_contributions = s.rounds.iter().flat_map(|r| r.record.contributions.iter());
     let open_contributions = s.open.iter().flat_map(|o| o.contributions.iter());
+    let (by_decision, pending) = decisions(closed_contributions.clone().chain(open_contributions.clone()));
     for c in closed_contributions.chain(open_contributions) {
-        let decision = match (&c.reason, c.accepted) {
-            (_, true) => "accepted".to_string(),
-            (Some(code), false) => code.as_str().to_string(),
-            (None, false) => "pending".to_string(),
-        };
-        *by_decision.entry(decision).or_default() += 1.0;
         wire += c.wire_bytes.unwrap_or(0);
         update += c.update_bytes.unwrap_or(0);
         if let Some(t) = c.timing {
@@ -57,8 +52,15 @@ pub fn render(s: &Snapshot, verification: &Verification) -> String {
         &mut out,
         "weft_contributions_total",
         "counter",
-        "Contributions received, by decision: accepted, or the refusal's code (pending while the round is open).",
+        "Contributions decided, by decision: accepted, or the refusal's code.",
         &samples,
+    );
+    family(
+        &mut out,
+        "weft_contributions_pending",
+        "gauge",
+        "Contributions the open round has taken in and not yet decided.",
+        &[(vec![], pending as f64)],
     );
     family(
         &mut out,
@@ -154,6 +156,22 @@ pub fn render(s: &Snapshot, verification: &Verification) -> String {
     out
 }
 
+/// Contributions by decision (`accepted` or a refusal's code), and how many are not decided yet.
+/// Undecided ones are counted apart (a gauge): under a label of their own they would leave it when
+/// the round closes, and a counter must never go down.
+fn decisions<'a>(records: impl Iterator<Item = &'a ContributionRecord>) -> (BTreeMap<String, f64>, u64) {
+    let mut by_decision: BTreeMap<String, f64> = BTreeMap::new();
+    let mut pending = 0;
+    for c in records {
+        match (&c.reason, c.accepted) {
+            (_, true) => *by_decision.entry("accepted".into()).or_default() += 1.0,
+            (Some(code), false) => *by_decision.entry(code.as_str().into()).or_default() += 1.0,
+            (None, false) => pending += 1,
+        }
+    }
+    (by_decision, pending)
+}
+
 type Sample = (Vec<(&'static str, String)>, f64);
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[Sample]) {
@@ -234,6 +252,65 @@ mod tests {
             for (bound, n) in &buckets[..ROUND_BUCKETS.len()] {
                 let bound: f64 = bound.parse().unwrap();
                 prop_assert_eq!(*n, values.iter().filter(|v| **v <= bound).count() as u64);
+            }
+        }
+    }
+
+    fn record(node: &str) -> ContributionRecord {
+        let mut delta = weft_core::ModelState::new();
+        delta.insert("w", weft_core::Tensor::new(vec![2], vec![0.1, 0.2]).unwrap());
+        let contribution = weft_core::Contribution {
+            node: weft_core::NodeId::new(node).unwrap(),
+            round: 1,
+            base_hash: weft_core::ContentHash([0; 32]),
+            delta: weft_core::Delta::from_state(delta),
+            token_count: 1,
+            declared: BTreeMap::new(),
+        };
+        ContributionRecord::arrived(&contribution, None)
+    }
+
+    proptest! {
+        /// Whatever the open round's contributions become when it closes, no decision's count
+        /// goes down: `weft_contributions_total` stays a counter.
+        #[test]
+        fn decision_counts_never_go_down_when_a_round_closes(
+            taken_in in prop::collection::vec(prop::option::of(0usize..3), 1..12),
+            outcomes in prop::collection::vec(0usize..3, 12),
+        ) {
+            use weft_core::RejectionCode as Code;
+            let codes = [Code::BelowFloor, Code::NonFinite, Code::CanaryOverfit];
+            // Open: some refused at intake (their code), the others waiting for the close.
+            let open: Vec<ContributionRecord> = taken_in
+                .iter()
+                .enumerate()
+                .map(|(i, refused)| {
+                    let mut r = record(&format!("node-{i}"));
+                    r.reason = refused.map(|k| codes[k]);
+                    r
+                })
+                .collect();
+            // Closed: each waiting one accepted or refused.
+            let closed: Vec<ContributionRecord> = open
+                .iter()
+                .zip(&outcomes)
+                .map(|(r, outcome)| {
+                    let mut r = r.clone();
+                    if r.reason.is_none() {
+                        match outcome {
+                            0 => r.accepted = true,
+                            k => r.reason = Some(codes[*k]),
+                        }
+                    }
+                    r
+                })
+                .collect();
+            let (before, pending) = decisions(open.iter());
+            let (after, still_pending) = decisions(closed.iter());
+            prop_assert_eq!(still_pending, 0);
+            prop_assert_eq!(before.values().sum::<f64>() + pending as f64, after.values().sum::<f64>());
+            for (decision, n) in &before {
+                prop_assert!(after.get(decision).copied().unwrap_or(0.0) >= *n, "{} went down", decision);
             }
         }
     }
